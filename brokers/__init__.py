@@ -1,0 +1,1 @@
+"""A Dramatiq broker over PGMQ (Postgres message queues)."""
