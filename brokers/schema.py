@@ -102,6 +102,13 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def _check_idle(conn: psycopg.Connection) -> None:
+    # Each migration commits on its own; inside a caller's transaction it could not.
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        msg = "Migrations commit one file at a time; call them on a connection that is not inside a transaction"
+        raise MigrationError(msg)
+
+
 def _ensure_table(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
@@ -145,7 +152,7 @@ def apply_migrations(
     """
     if not isinstance(migrations, Iterable):
         migrations = load_migrations(migrations)
-    conn.autocommit = True
+    _check_idle(conn)
     _ensure_table(conn)
     applied: list[str] = []
     for migration in migrations:
@@ -173,7 +180,7 @@ def install_pgmq(conn: psycopg.Connection) -> str:
         ``"sql"`` (the bundled SQL, applied here or before) or ``"external"`` (a ``pgmq`` schema
         installed by someone else, left alone).
     """
-    conn.autocommit = True
+    _check_idle(conn)
     _ensure_table(conn)
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})

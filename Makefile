@@ -1,0 +1,40 @@
+# Nova Email: every target that needs the virtualenv depends on `install`, so each works on a fresh clone.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install migrate test test-fast lint format typecheck clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+migrate: install
+	$(BIN)/nova-email migrate
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not processes" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check nova_email brokers tests bench
+	$(BIN)/ruff format --check nova_email brokers tests bench
+
+format: install
+	$(BIN)/ruff check --fix nova_email brokers tests bench
+	$(BIN)/ruff format nova_email brokers tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,91 @@
+"""The ``nova-email`` console script.
+
+Each subcommand is a small function that loads the settings, sets up logging and calls into the
+package. Errors the user can fix (configuration, database) end the command with one clear line
+and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from loguru import logger
+
+from .config import Settings, load_settings
+from .errors import NovaError
+from .log import setup_logging
+
+__all__ = ["main"]
+
+log = logger.bind(component="CLI")
+
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from . import db
+    from .migrate import migrate
+
+    with db.connect(settings) as conn:
+        migrate(conn)
+    return 0
+
+
+def _db_url(settings: Settings, args: argparse.Namespace) -> int:
+    from . import db
+
+    print(db.database_url(settings))
+    return 0
+
+
+def _db_stop(settings: Settings, args: argparse.Namespace) -> int:
+    from .embedded import stop_embedded_server
+
+    stopped = stop_embedded_server(settings.data_dir)
+    log.info("Embedded PostgreSQL {}", "stopped" if stopped else "was not running")
+    return 0
+
+
+def _fake_nylas(settings: Settings, args: argparse.Namespace) -> int:
+    from .simulator.server import main as simulator_main
+
+    return simulator_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one subparser per command."""
+    parser = argparse.ArgumentParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    add("db-url", _db_url, "print the database URL in use (starts the embedded server if needed)")
+    add("db-stop", _db_stop, "stop the embedded PostgreSQL server")
+    fake = add("fake-nylas", _fake_nylas, "run the local Nylas v3 simulator (see --help after the command)")
+    fake.add_argument("rest", nargs=argparse.REMAINDER, help="simulator options")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nova-email`` script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings)
+        func: Command = args.func
+        return func(settings, args)
+    except NovaError as exc:
+        print(f"nova-email: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Settings, read once from the environment (and an optional ``.env`` file).
+
+Every variable of the original service keeps its name and default. A malformed value stops the
+service at start-up with one line that names the variable, the problem and the expected form.
+Secrets (the Nylas API key, the webhook secret, the password in DATABASE_URL) are kept out of
+reprs and logs; use `Settings.database_url_redacted` when a URL must be shown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "load_settings", "redact_url"]
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+_LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ``***`` (for logs and errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """The service's configuration. Build it with `load_settings`; tests may build it directly."""
+
+    poll_interval_ms: int = 5000
+    batch_size: int = 10
+    visibility_timeout_s: int = 300
+    completion_check_interval_ms: int = 5000
+    enable_auto_recovery: bool = True
+    recovery_check_interval_ms: int = 60000
+    thread_delay_ms: int = 3000
+    message_delay_ms: int = 1000
+    api_delay_ms: int = 200
+    testing_mode: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+    database_url: str | None = attrs.field(default=None, repr=False)
+    nylas_api_key: str = attrs.field(default="", repr=False)
+    nylas_api_uri: str = "https://api.us.nylas.com"
+    nylas_webhook_secret: str = attrs.field(default="", repr=False)
+    data_dir: Path = Path(".nova")
+
+    @property
+    def database_url_redacted(self) -> str | None:
+        """DATABASE_URL without its password, or None when the embedded server is used."""
+        return None if self.database_url is None else redact_url(self.database_url)
+
+
+def _parse_int(name: str, raw: str, *, minimum: int, unit: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        msg = f"{name}={raw!r} is not a whole number of {unit} >= {minimum}; expected e.g. {name}={max(minimum, 1) * 5}"
+        raise ConfigError(msg)
+    return value
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    msg = f"{name}={raw!r} is not a boolean; expected one of true/false, 1/0, yes/no"
+    raise ConfigError(msg)
+
+
+def _parse_choice(name: str, raw: str, choices: set[str]) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in choices:
+        msg = f"{name}={raw!r} is not one of {', '.join(sorted(choices))}"
+        raise ConfigError(msg)
+    return lowered
+
+
+def _parse_http_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        msg = f"{name}={raw!r} is not an http(s) URL; set it to your region's API host, e.g. https://api.us.nylas.com"
+        raise ConfigError(msg)
+    return value
+
+
+def _parse_database_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    scheme = urlsplit(value).scheme if "://" in value else ""
+    if scheme not in {"postgres", "postgresql"}:
+        msg = (
+            f"{name}={redact_url(value)!r} is not a PostgreSQL URL; expected postgresql://user:password@host:5432/db, "
+            "or leave it unset to use the embedded server"
+        )
+        raise ConfigError(msg)
+    return value
+
+
+def _ms(minimum: int = 0) -> Callable[[str, str], int]:
+    return lambda name, raw: _parse_int(name, raw, minimum=minimum, unit="milliseconds")
+
+
+#: Environment variable -> (Settings field, parser).
+_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "POLL_INTERVAL_MS": ("poll_interval_ms", _ms(10)),
+    "BATCH_SIZE": ("batch_size", lambda n, r: _parse_int(n, r, minimum=1, unit="messages")),
+    "VISIBILITY_TIMEOUT": ("visibility_timeout_s", lambda n, r: _parse_int(n, r, minimum=1, unit="seconds")),
+    "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", _ms(100)),
+    "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", _parse_bool),
+    "RECOVERY_CHECK_INTERVAL_MS": ("recovery_check_interval_ms", _ms(100)),
+    "THREAD_DELAY_MS": ("thread_delay_ms", _ms()),
+    "MESSAGE_DELAY_MS": ("message_delay_ms", _ms()),
+    "API_DELAY_MS": ("api_delay_ms", _ms()),
+    "TESTING_MODE": ("testing_mode", _parse_bool),
+    "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
+    "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
+    "DATABASE_URL": ("database_url", _parse_database_url),
+    "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
+    "NYLAS_API_URI": ("nylas_api_uri", _parse_http_url),
+    "NYLAS_WEBHOOK_SECRET": ("nylas_webhook_secret", lambda n, r: r.strip()),
+    "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")) -> Settings:
+    """Read the settings from `environ` (default: the process environment) over an optional ``.env`` file.
+
+    Variables set in the environment win over the file. Empty values count as unset.
+
+    Raises:
+        ConfigError: the first malformed variable, named with its problem and expected form.
+    """
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    for variable, (field, parse) in _VARIABLES.items():
+        raw = merged.get(variable)
+        if raw is not None and raw.strip() != "":
+            values[field] = parse(variable, raw)
+    return Settings(**values)

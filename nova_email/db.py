@@ -1,0 +1,83 @@
+"""How the service reaches PostgreSQL: which server, and a connection pool per process.
+
+This is the only module that knows where the database is. DATABASE_URL wins; without it the
+embedded server (`nova_email.embedded`) is started on demand and reused. The pool is created
+lazily in each process, so a forked Dramatiq worker never shares its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from loguru import logger
+from psycopg_pool import ConnectionPool
+
+from .config import Settings, redact_url
+from .embedded import embedded_server_url
+
+__all__ = ["close_pool", "connect", "connection", "database_url", "get_pool"]
+
+log = logger.bind(component="Database")
+
+#: Connections per worker process; Dramatiq's default is 8 threads, plus the broker's own.
+DEFAULT_POOL_MAX_SIZE = 10
+
+_lock = threading.Lock()
+_pool: ConnectionPool | None = None
+_pool_pid: int | None = None
+_announced: set[str] = set()
+
+
+def database_url(settings: Settings) -> str:
+    """The URL to use: DATABASE_URL, or the embedded server's (started if needed). Logs the choice once."""
+    if settings.database_url is not None:
+        url, where = settings.database_url, f"DATABASE_URL {redact_url(settings.database_url)}"
+    else:
+        url = embedded_server_url(settings.data_dir)
+        where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"
+    if url not in _announced:
+        _announced.add(url)
+        log.info("Using {}", where)
+    return url
+
+
+def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
+    """A single new connection (for commands that need one, such as ``migrate``)."""
+    return psycopg.connect(database_url(settings), **kwargs)  # type: ignore[arg-type]
+
+
+def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> ConnectionPool:
+    """This process's pool, created on first use (and anew after a fork)."""
+    global _pool, _pool_pid
+    with _lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ConnectionPool(
+                database_url(settings),
+                min_size=1,
+                max_size=max_size,
+                kwargs={"autocommit": True},
+                name="nova_email",
+                open=True,
+            )
+            _pool_pid = os.getpid()
+        return _pool
+
+
+@contextmanager
+def connection(settings: Settings) -> Iterator[psycopg.Connection]:
+    """Borrow an autocommit connection from this process's pool; use ``conn.transaction()`` for units of work."""
+    with get_pool(settings).connection() as conn:
+        yield conn
+
+
+def close_pool() -> None:
+    """Close this process's pool (on shutdown)."""
+    global _pool
+    with _lock:
+        if _pool is not None and _pool_pid == os.getpid():
+            _pool.close()
+        _pool = None

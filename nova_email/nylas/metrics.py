@@ -1,0 +1,69 @@
+"""Counts of Nylas API calls per (endpoint, status), for benchmarks and logs.
+
+Every HTTP attempt is counted, including those urllib3 retried, so "API calls per 1,000 messages synced" includes
+the cost of faults. Status ``0`` means no HTTP answer (connection error or timeout).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+from urllib.parse import urlsplit
+
+__all__ = ["NO_RESPONSE", "ApiCallCounter", "endpoint_of", "process_counter"]
+
+#: Status recorded for an attempt that got no HTTP answer.
+NO_RESPONSE = 0
+
+_ENDPOINT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^/v3/grants/[^/]+/threads/?$"), "threads.list"),
+    (re.compile(r"^/v3/grants/[^/]+/threads/[^/]+/?$"), "threads.get"),
+    (re.compile(r"^/v3/grants/[^/]+/messages/?$"), "messages.list"),
+    (re.compile(r"^/v3/grants/[^/]+/messages/[^/]+/?$"), "messages.get"),
+)
+
+
+def endpoint_of(url: str | None) -> str:
+    """Name the endpoint of a URL or path (``threads.list``, ``messages.get``...), ``other`` when unknown."""
+    path = urlsplit(url or "").path
+    for pattern, name in _ENDPOINT_PATTERNS:
+        if pattern.match(path):
+            return name
+    return "other"
+
+
+class ApiCallCounter:
+    """A thread-safe tally of API calls keyed by ``(endpoint, status)``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, int]] = Counter()
+
+    def record(self, endpoint: str, status: int) -> None:
+        """Count one HTTP attempt."""
+        with self._lock:
+            self._counts[(endpoint, status)] += 1
+
+    def snapshot(self) -> dict[tuple[str, int], int]:
+        """A copy of the counts, safe to read while calls continue."""
+        with self._lock:
+            return dict(self._counts)
+
+    def total(self, *, endpoint: str | None = None) -> int:
+        """Number of attempts, for one endpoint or all."""
+        with self._lock:
+            return sum(n for (name, _), n in self._counts.items() if endpoint is None or name == endpoint)
+
+    def reset(self) -> None:
+        """Forget every count (e.g. between benchmark phases)."""
+        with self._lock:
+            self._counts.clear()
+
+
+_process_counter = ApiCallCounter()
+
+
+def process_counter() -> ApiCallCounter:
+    """The counter clients use by default: one per process, so benchmarks read every client's calls at once."""
+    return _process_counter

@@ -1,0 +1,97 @@
+"""Settings: defaults of the original service, one clear line per bad value, secrets never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nova_email.config import Settings, load_settings, redact_url
+from nova_email.errors import ConfigError
+
+
+def test_defaults_are_the_original_services() -> None:
+    settings = load_settings({}, env_file=None)
+    assert (settings.poll_interval_ms, settings.batch_size, settings.visibility_timeout_s) == (5000, 10, 300)
+    assert settings.completion_check_interval_ms == 5000
+    assert settings.enable_auto_recovery is True
+    assert settings.recovery_check_interval_ms == 60000
+    assert (settings.thread_delay_ms, settings.message_delay_ms, settings.api_delay_ms) == (3000, 1000, 200)
+    assert settings.testing_mode is False
+    assert settings.log_level == "info"
+    assert settings.nylas_api_uri == "https://api.us.nylas.com"
+    assert settings.database_url is None
+
+
+def test_environment_values_are_parsed() -> None:
+    settings = load_settings(
+        {
+            "POLL_INTERVAL_MS": "250",
+            "ENABLE_AUTO_RECOVERY": "false",
+            "TESTING_MODE": "yes",
+            "LOG_LEVEL": "DEBUG",
+            "NYLAS_API_URI": "https://api.eu.nylas.com/",
+            "DATABASE_URL": "postgresql://svc:pw@db:5432/mail",
+        },
+        env_file=None,
+    )
+    assert settings.poll_interval_ms == 250
+    assert settings.enable_auto_recovery is False
+    assert settings.testing_mode is True
+    assert settings.log_level == "debug"
+    assert settings.nylas_api_uri == "https://api.eu.nylas.com"
+    assert settings.database_url == "postgresql://svc:pw@db:5432/mail"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("POLL_INTERVAL_MS", "soon", r"POLL_INTERVAL_MS='soon' is not a whole number of milliseconds"),
+        ("BATCH_SIZE", "0", r"BATCH_SIZE='0' is not a whole number of messages >= 1"),
+        ("VISIBILITY_TIMEOUT", "-5", r"VISIBILITY_TIMEOUT='-5' is not a whole number of seconds"),
+        ("ENABLE_AUTO_RECOVERY", "maybe", r"ENABLE_AUTO_RECOVERY='maybe' is not a boolean"),
+        ("LOG_LEVEL", "loud", r"LOG_LEVEL='loud' is not one of"),
+        ("LOG_FORMAT", "xml", r"LOG_FORMAT='xml' is not one of json, text"),
+        ("NYLAS_API_URI", "api.nylas.com", r"NYLAS_API_URI='api.nylas.com' is not an http\(s\) URL"),
+        ("DATABASE_URL", "mysql://u:pw@h/db", r"DATABASE_URL='mysql://u:\*\*\*@h/db' is not a PostgreSQL URL"),
+    ],
+    ids=lambda v: str(v)[:20],
+)
+def test_a_bad_value_fails_with_one_line_naming_the_variable(variable: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_settings({variable: value}, env_file=None)
+    assert "\n" not in str(info.value)
+
+
+def test_the_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("BATCH_SIZE=25\nAPI_DELAY_MS=50\n")
+    settings = load_settings({"API_DELAY_MS": "75"}, env_file=env_file)
+    assert (settings.batch_size, settings.api_delay_ms) == (25, 75)
+
+
+def test_secrets_stay_out_of_the_repr() -> None:
+    settings = Settings(
+        database_url="postgresql://svc:hunter2@db/mail", nylas_api_key="nyk_secret", nylas_webhook_secret="whsec"
+    )
+    text = repr(settings)
+    assert "hunter2" not in text and "nyk_secret" not in text and "whsec" not in text
+    assert settings.database_url_redacted == "postgresql://svc:***@db/mail"
+
+
+def test_a_bad_database_url_error_does_not_echo_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"DATABASE_URL": "mysql://svc:hunter2@db/mail"}, env_file=None)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgresql://u:p@h:5432/d", "postgresql://u:***@h:5432/d"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+        ("postgresql://h/d", "postgresql://h/d"),
+    ],
+)
+def test_redact_url_hides_only_the_password(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
