@@ -1,0 +1,310 @@
+"""Dramatiq rate limits on Postgres: a shared backend, and retries that rate limits do not use up.
+
+:class:`PostgresBackend` is a :class:`dramatiq.rate_limits.RateLimiterBackend`, so Dramatiq's own
+``ConcurrentRateLimiter``, ``WindowRateLimiter``, ``BucketRateLimiter`` and ``Barrier`` work across every process and
+machine that reaches the database, without Redis::
+
+    backend = PostgresBackend(conninfo="postgresql://127.0.0.1/nova")
+    NYLAS_MUTEX = ConcurrentRateLimiter(backend, "nylas-grant-123", limit=4)
+
+    @dramatiq.actor
+    def sync_thread(...):
+        with NYLAS_MUTEX.acquire():    # raises RateLimitExceeded when 4 are already running
+            ...
+
+Each operation is one call of a SQL function from ``brokers/sql/050_rate_limits.sql`` that holds transaction-level
+advisory locks on its keys, so the read-check-write is atomic and never waits on more than the keys it touches.
+
+A ``RateLimitExceeded`` raised by an actor is not a failure: :class:`RateLimitRetries` (a drop-in replacement for
+Dramatiq's ``Retries`` middleware, see :func:`use_rate_limit_retries`) re-enqueues such a message after a short,
+growing, jittered delay without counting it against ``max_retries``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, LiteralString
+
+import dramatiq
+import psycopg
+from dramatiq.common import compute_backoff
+from dramatiq.errors import RateLimitExceeded
+from dramatiq.middleware import Retries
+from dramatiq.rate_limits import RateLimiterBackend
+from loguru import logger
+from psycopg_pool import ConnectionPool
+
+__all__ = ["PostgresBackend", "RateLimitRetries", "use_rate_limit_retries"]
+
+log = logger.bind(component="RateLimits")
+
+#: Connections in the pool a :class:`PostgresBackend` creates from a conninfo (one per worker thread is plenty).
+DEFAULT_MAX_POOL_SIZE = 8
+#: How often, in milliseconds, a backend deletes expired rows (opportunistically, during a normal call).
+DEFAULT_SWEEP_INTERVAL_MS = 60_000
+#: Most expired rows one sweep deletes, so a sweep stays a short statement.
+DEFAULT_SWEEP_LIMIT = 5_000
+#: Longest pause, in milliseconds, between two checks of an event in :meth:`PostgresBackend.wait`; a safety net in
+#: case a notification is missed, e.g. after a reconnect.
+DEFAULT_WAIT_RECHECK_MS = 1_000
+#: First delay, in milliseconds, before a rate-limited message is tried again (doubled, with jitter, each time).
+DEFAULT_RATE_LIMIT_MIN_BACKOFF_MS = 1_000
+#: Longest delay, in milliseconds, before a rate-limited message is tried again.
+DEFAULT_RATE_LIMIT_MAX_BACKOFF_MS = 60_000
+#: The LISTEN/NOTIFY channel that wait_notify() publishes on (the payload is the key).
+NOTIFY_CHANNEL = "pgmq_broker_rate_limits"
+
+#: Set key iff absent or expired.
+_ADD: LiteralString = "select pgmq_broker.rate_limit_add(%(key)s, %(value)s, %(ttl)s)"
+#: Increment key up to a maximum.
+_INCR: LiteralString = "select pgmq_broker.rate_limit_incr(%(key)s, %(amount)s, %(maximum)s, %(ttl)s)"
+#: Decrement key down to a minimum.
+_DECR: LiteralString = "select pgmq_broker.rate_limit_decr(%(key)s, %(amount)s, %(minimum)s, %(ttl)s)"
+#: Increment key unless the sum over keys would pass the maximum.
+_INCR_AND_SUM: LiteralString = (
+    "select pgmq_broker.rate_limit_incr_and_sum(%(key)s, %(keys)s, %(amount)s, %(maximum)s, %(ttl)s)"
+)
+#: Is there a live event on key?
+_EVENT_EXISTS: LiteralString = "select pgmq_broker.rate_limit_value(%(key)s) is not null"
+#: Publish an event on key for ttl ms and wake the listeners.
+_NOTIFY: LiteralString = "select pgmq_broker.rate_limit_notify(%(key)s, %(ttl)s)"
+#: Delete a batch of expired rows.
+_SWEEP: LiteralString = "select pgmq_broker.rate_limit_sweep(%(limit)s)"
+#: Start / stop receiving wait_notify() events on this connection.
+_LISTEN: LiteralString = "listen pgmq_broker_rate_limits"
+_UNLISTEN: LiteralString = "unlisten pgmq_broker_rate_limits"
+
+
+class PostgresBackend(RateLimiterBackend):
+    """A rate limiter backend whose counters live in ``pgmq_broker.rate_limits``.
+
+    Use it wherever Dramatiq's docs use ``RedisBackend``. TTLs are in milliseconds, as in Dramatiq, and are measured
+    with the database clock, so machines with skewed clocks agree.
+
+    Parameters:
+      pool: A pool you own (opened, and closed by you). Each call borrows one connection for one statement.
+      conninfo: Otherwise, a connection string: the backend then opens its own small autocommit pool on first use,
+        re-creates it after a ``fork()`` (a pool is never shared between processes) and closes it in :meth:`close`.
+      max_pool_size: Size of that own pool.
+      sweep_interval_ms: How often expired rows are deleted.
+
+    Raises:
+      ValueError: When neither or both of ``pool`` and ``conninfo`` are given.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: ConnectionPool[Any] | None = None,
+        conninfo: str | None = None,
+        max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
+        sweep_interval_ms: int = DEFAULT_SWEEP_INTERVAL_MS,
+    ) -> None:
+        if (pool is None) == (conninfo is None):
+            msg = (
+                "PostgresBackend needs exactly one of pool= (a psycopg_pool.ConnectionPool you own) "
+                f"or conninfo= (a connection string); got pool={pool!r}, conninfo given: {conninfo is not None}"
+            )
+            raise ValueError(msg)
+        self._given_pool = pool
+        self._conninfo = conninfo
+        self._max_pool_size = max_pool_size
+        self._sweep_interval_s = sweep_interval_ms / 1000
+        self._own_pool: ConnectionPool[Any] | None = None
+        self._own_pool_pid = 0
+        self._lock = threading.Lock()
+        self._next_sweep_at = time.monotonic() + self._sweep_interval_s
+
+    # Dramatiq's interface (untyped upstream); the semantics are those of its Redis and stub backends.
+
+    def add(self, key: str, value: int, ttl: int) -> bool:
+        """Set ``key`` to ``value`` for ``ttl`` ms iff it has no live value. True when set."""
+        return self._call(_ADD, {"key": key, "value": value, "ttl": ttl})
+
+    def incr(self, key: str, amount: int, maximum: int, ttl: int) -> bool:
+        """Add ``amount`` to ``key`` (absent counts as 0) unless that passes ``maximum``. True when incremented."""
+        return self._call(_INCR, {"key": key, "amount": amount, "maximum": maximum, "ttl": ttl})
+
+    def decr(self, key: str, amount: int, minimum: int, ttl: int) -> bool:
+        """Subtract ``amount`` from ``key`` unless that goes below ``minimum``. True when decremented."""
+        return self._call(_DECR, {"key": key, "amount": amount, "minimum": minimum, "ttl": ttl})
+
+    def incr_and_sum(
+        self, key: str, keys: Callable[[], Iterable[str]] | Iterable[str], amount: int, maximum: int, ttl: int
+    ) -> bool:
+        """Add ``amount`` to ``key`` unless ``amount`` plus the live values of ``keys`` passes ``maximum``.
+
+        ``keys`` is a callable returning the keys (Dramatiq 2.x) or, for older callers, the keys themselves.
+        """
+        key_list = list(keys() if callable(keys) else keys)
+        params = {"key": key, "keys": key_list, "amount": amount, "maximum": maximum, "ttl": ttl}
+        return self._call(_INCR_AND_SUM, params)
+
+    def wait(self, key: str, timeout: int | None) -> bool:
+        """Block until an event is published on ``key`` or ``timeout`` ms pass (``None``: forever).
+
+        True when the event exists; it stays visible for the ttl given to :meth:`wait_notify`, as with Redis.
+        Holds one pool connection for the duration of the wait.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        with self._pool().connection() as conn:
+            was_autocommit = conn.autocommit
+            conn.autocommit = True
+            try:
+                # LISTEN before the first check, so an event published in between still wakes us.
+                conn.execute(_LISTEN)
+                while True:
+                    if _fetch_bool(conn, _EVENT_EXISTS, {"key": key}):
+                        return True
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    recheck_s = DEFAULT_WAIT_RECHECK_MS / 1000
+                    pause = recheck_s if remaining is None else min(remaining, recheck_s)
+                    for notify in conn.notifies(timeout=pause):
+                        if notify.payload == key:
+                            break
+            finally:
+                if not conn.closed:
+                    conn.execute(_UNLISTEN)
+                    conn.autocommit = was_autocommit
+
+    def wait_notify(self, key: str, ttl: int) -> None:
+        """Publish an event on ``key`` that lasts ``ttl`` ms and wake every :meth:`wait` on it."""
+        with self._pool().connection() as conn:
+            conn.execute(_NOTIFY, {"key": key, "ttl": ttl})
+
+    def sweep(self, *, limit: int = DEFAULT_SWEEP_LIMIT) -> int:
+        """Delete up to ``limit`` expired rows and return how many. Runs by itself every ``sweep_interval_ms``."""
+        with self._pool().connection() as conn:
+            row = conn.execute(_SWEEP, {"limit": limit}).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """Close the pool this backend opened from a conninfo (a pool passed in is left to its owner)."""
+        with self._lock:
+            pool, self._own_pool = self._own_pool, None
+        if pool is not None and self._own_pool_pid == os.getpid():
+            pool.close()
+
+    def _call(self, query: LiteralString, params: dict[str, Any]) -> bool:
+        with self._pool().connection() as conn:
+            result = _fetch_bool(conn, query, params)
+        self._maybe_sweep()
+        return result
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep_at:
+            return
+        self._next_sweep_at = now + self._sweep_interval_s
+        deleted = self.sweep()
+        if deleted:
+            log.debug("Deleted {} expired rate-limit rows", deleted)
+
+    def _pool(self) -> ConnectionPool[Any]:
+        if self._given_pool is not None:
+            return self._given_pool
+        pid = os.getpid()
+        with self._lock:
+            # A pool inherited through fork() shares its sockets with the parent: never use or close it here.
+            if self._own_pool is None or self._own_pool_pid != pid:
+                assert self._conninfo is not None
+                self._own_pool = ConnectionPool(
+                    self._conninfo,
+                    min_size=1,
+                    max_size=self._max_pool_size,
+                    kwargs={"autocommit": True},
+                    name="rate-limits",
+                    open=True,
+                )
+                self._own_pool_pid = pid
+            return self._own_pool
+
+
+def _fetch_bool(conn: psycopg.Connection[Any], query: LiteralString, params: dict[str, Any]) -> bool:
+    row = conn.execute(query, params).fetchone()
+    return bool(row and row[0])
+
+
+class RateLimitRetries(Retries):
+    """Dramatiq's ``Retries``, except that ``RateLimitExceeded`` re-enqueues the message without using a retry.
+
+    A rate-limited message has not failed: it was simply too early. Dramatiq's ``Retries`` counts it like any
+    error (so a busy limiter can exhaust ``max_retries`` and drop good work) and waits ``min_backoff`` (15 s by
+    default). This middleware instead re-enqueues it after ``rate_limit_min_backoff_ms`` doubled on each
+    consecutive rate-limit, with jitter, up to ``rate_limit_max_backoff_ms``; ``message.options["retries"]`` is left
+    alone and ``message.options["rate_limited"]`` counts the deferrals. Every other exception is handled by
+    ``Retries`` unchanged. Bound the total time with ``AgeLimit``/``max_age`` if needed.
+
+    It must replace ``Retries`` (not sit beside it), e.g. with :func:`use_rate_limit_retries`. Both backoffs are
+    also actor options.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_limit_min_backoff_ms: int = DEFAULT_RATE_LIMIT_MIN_BACKOFF_MS,
+        rate_limit_max_backoff_ms: int = DEFAULT_RATE_LIMIT_MAX_BACKOFF_MS,
+        **retries_options: Any,
+    ) -> None:
+        super().__init__(**retries_options)
+        self.rate_limit_min_backoff_ms = rate_limit_min_backoff_ms
+        self.rate_limit_max_backoff_ms = rate_limit_max_backoff_ms
+
+    @property
+    def actor_options(self) -> set[str]:
+        return set(super().actor_options) | {"rate_limit_min_backoff_ms", "rate_limit_max_backoff_ms"}
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Defer a rate-limited message; hand everything else to ``Retries``."""
+        if not isinstance(exception, RateLimitExceeded):
+            super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
+            return
+        actor = broker.get_actor(message.actor_name)
+        deferrals = int(message.options.get("rate_limited", 0))
+        min_backoff = actor.options.get("rate_limit_min_backoff_ms", self.rate_limit_min_backoff_ms)
+        max_backoff = actor.options.get("rate_limit_max_backoff_ms", self.rate_limit_max_backoff_ms)
+        _, delay = compute_backoff(deferrals, factor=min_backoff, max_backoff=max_backoff)
+        message.options["rate_limited"] = deferrals + 1
+        log.bind(event="rate_limited").info(
+            "Message {} hit a rate limit ({}); trying again in {} ms",
+            message.message_id,
+            exception,
+            delay,
+        )
+        broker.enqueue(message, delay=delay)
+
+
+def use_rate_limit_retries(broker: dramatiq.Broker, middleware: RateLimitRetries | None = None) -> RateLimitRetries:
+    """Put a :class:`RateLimitRetries` in place of the broker's ``Retries`` (same position) and return it.
+
+    Call it right after creating the broker and before declaring actors, like ``broker.add_middleware``. Without a
+    ``middleware`` argument the new one copies the old ``Retries`` settings.
+    """
+    for index, existing in enumerate(broker.middleware):
+        if isinstance(existing, Retries):
+            if middleware is None:
+                middleware = RateLimitRetries(
+                    max_retries=existing.max_retries,
+                    min_backoff=existing.min_backoff,
+                    max_backoff=existing.max_backoff,
+                    retry_when=existing.retry_when,
+                )
+            broker.middleware[index] = middleware
+            break
+    else:
+        middleware = middleware or RateLimitRetries()
+        broker.middleware.append(middleware)
+    broker.actor_options |= middleware.actor_options
+    return middleware
