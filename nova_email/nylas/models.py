@@ -154,8 +154,10 @@ def _build_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(datetime, lambda value: int(value.timestamp()))
 
     def structure_hook_factory(cls: type[Any]) -> Any:
-        overrides = {"from_": override(rename="from")} if cls is Message else {}
-        generated = make_dict_structure_fn(cls, conv, **overrides)
+        if cls is Message:
+            generated = make_dict_structure_fn(cls, conv, from_=override(rename="from"))
+        else:
+            generated = make_dict_structure_fn(cls, conv)
 
         def structure_dropping_nulls(value: Any, type_: type[Any]) -> Any:
             if not isinstance(value, Mapping):
@@ -166,8 +168,9 @@ def _build_converter() -> cattrs.Converter:
         return structure_dropping_nulls
 
     def unstructure_hook_factory(cls: type[Any]) -> Any:
-        overrides = {"from_": override(rename="from")} if cls is Message else {}
-        return make_dict_unstructure_fn(cls, conv, **overrides)
+        if cls is Message:
+            return make_dict_unstructure_fn(cls, conv, from_=override(rename="from"))
+        return make_dict_unstructure_fn(cls, conv)
 
     conv.register_structure_hook_factory(attrs.has, structure_hook_factory)
     conv.register_unstructure_hook_factory(attrs.has, unstructure_hook_factory)
