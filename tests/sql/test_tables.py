@@ -1,0 +1,134 @@
+"""Constraints of the service's tables: documented status values only, per-inbox uniqueness, updated_at."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+
+from .conftest import Inbox
+
+
+@pytest.mark.parametrize(
+    ("statement", "constraint"),
+    [
+        (
+            "insert into flux_inboxes (nylas_grant_id, status) values ('g-bad', 'expired')",
+            "flux_inboxes_status_check",
+        ),
+        (
+            "insert into flux_inboxes (nylas_grant_id, webhook_health_status) values ('g-bad', 'sick')",
+            "flux_inboxes_webhook_health_status_check",
+        ),
+        (
+            "insert into flux_inbox_configurations (inbox_id, backfill_status) values (%(inbox)s, 'queued')",
+            "flux_inbox_configurations_backfill_status_check",
+        ),
+        (
+            "insert into flux_inbox_configurations (inbox_id, backfill_progress) values (%(inbox)s, '[]')",
+            "flux_inbox_configurations_backfill_progress_check",
+        ),
+        (
+            "insert into flux_webhook_notifications (webhook_id, notification_type, status)"
+            " values ('w1', 'message.created', 'done')",
+            "flux_webhook_notifications_status_check",
+        ),
+        (
+            "insert into flux_webhook_notifications (status) values ('pending')",
+            "flux_webhook_notifications_identity_check",
+        ),
+        (
+            "insert into queued_threads (config_id, inbox_id, nylas_thread_id, status)"
+            " values (%(config)s, %(inbox)s, 't1', 'pending')",
+            "queued_threads_status_check",
+        ),
+    ],
+    ids=[
+        "inbox-status",
+        "inbox-webhook-health",
+        "config-backfill-status",
+        "config-progress-not-object",
+        "webhook-status",
+        "webhook-without-id",
+        "queued-thread-status",
+    ],
+)
+def test_undocumented_values_are_rejected_by_a_named_check_constraint(
+    conn: psycopg.Connection, inbox: Inbox, config_id: uuid.UUID, statement: str, constraint: str
+) -> None:
+    with pytest.raises(errors.CheckViolation) as caught:
+        conn.execute(statement, {"inbox": inbox.id, "config": config_id})
+    assert caught.value.diag.constraint_name == constraint
+
+
+def test_the_same_nylas_thread_id_may_exist_once_per_inbox(
+    conn: psycopg.Connection, make_inbox: Callable[..., Inbox]
+) -> None:
+    first, second = make_inbox(), make_inbox()
+    insert = "insert into flux_email_threads (inbox_id, nylas_thread_id) values (%s, 'thr_1') returning id"
+    conn.execute(insert, (first.id,))
+    conn.execute(insert, (second.id,))
+    with pytest.raises(errors.UniqueViolation) as caught:
+        conn.execute(insert, (first.id,))
+    assert caught.value.diag.constraint_name == "flux_email_threads_inbox_id_nylas_thread_id_key"
+
+
+def test_messages_are_unique_per_inbox_and_belong_to_a_thread(conn: psycopg.Connection, inbox: Inbox) -> None:
+    thread = conn.execute(
+        "insert into flux_email_threads (inbox_id, nylas_thread_id) values (%s, 'thr_1') returning id", (inbox.id,)
+    ).fetchone()
+    assert thread is not None
+    insert = "insert into flux_email_messages (thread_id, inbox_id, nylas_message_id) values (%s, %s, 'msg_1')"
+    conn.execute(insert, (thread[0], inbox.id))
+    with pytest.raises(errors.UniqueViolation):
+        conn.execute(insert, (thread[0], inbox.id))
+    with pytest.raises(errors.ForeignKeyViolation):
+        conn.execute(insert.replace("msg_1", "msg_2"), (uuid.uuid4(), inbox.id))
+    row = conn.execute(
+        "select unread, to_recipients, headers, attachments from flux_email_messages where nylas_message_id = 'msg_1'"
+    ).fetchone()
+    assert row == (True, [], [], [])
+
+
+def test_one_configuration_per_inbox(conn: psycopg.Connection, inbox: Inbox, config_id: uuid.UUID) -> None:
+    with pytest.raises(errors.UniqueViolation):
+        conn.execute("insert into flux_inbox_configurations (inbox_id) values (%s)", (inbox.id,))
+
+
+def test_updated_at_moves_on_update_and_created_at_does_not(conn: psycopg.Connection, inbox: Inbox) -> None:
+    # The trigger stamps now(), the transaction time, so two separate transactions are needed to see it move.
+    before = conn.execute("select created_at, updated_at from flux_inboxes where id = %s", (inbox.id,)).fetchone()
+    conn.execute("update flux_inboxes set status = 'auth_expired' where id = %s", (inbox.id,))
+    after = conn.execute("select created_at, updated_at from flux_inboxes where id = %s", (inbox.id,)).fetchone()
+    assert before is not None and after is not None
+    assert after[0] == before[0]
+    assert after[1] > before[1]
+
+
+def test_queued_thread_id_always_equals_the_nylas_thread_id(
+    conn: psycopg.Connection, inbox: Inbox, config_id: uuid.UUID
+) -> None:
+    conn.execute(
+        "insert into queued_threads (config_id, inbox_id, nylas_thread_id) values (%s, %s, 'thr_9')",
+        (config_id, inbox.id),
+    )
+    assert conn.execute("select thread_id from queued_threads").fetchone() == ("thr_9",)
+    with pytest.raises(errors.GeneratedAlways):
+        conn.execute(
+            "insert into queued_threads (config_id, inbox_id, nylas_thread_id, thread_id) values (%s, %s, 'a', 'b')",
+            (config_id, inbox.id),
+        )
+
+
+def test_deleting_an_inbox_removes_everything_that_hangs_off_it(
+    conn: psycopg.Connection, inbox: Inbox, config_id: uuid.UUID
+) -> None:
+    conn.execute("select insert_queued_thread_idempotent(%s, %s, 'thr_1', %s)", (config_id, inbox.id, inbox.grant_id))
+    conn.execute("select initialize_sync_stats(%s)", (config_id,))
+    conn.execute("delete from flux_inboxes where id = %s", (inbox.id,))
+    for table in ("flux_inbox_configurations", "queued_threads", "inbox_sync_stats"):
+        count = conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(table))).fetchone()
+        assert count == (0,), table
