@@ -9,11 +9,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import dramatiq
 import psycopg
 import pytest
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AgeLimit, CurrentMessage, Retries, TimeLimit
 from dramatiq.rate_limits import Barrier, BucketRateLimiter, ConcurrentRateLimiter, WindowRateLimiter
 
-from brokers.rate_limits import PostgresBackend
+from brokers.rate_limits import PostgresBackend, RateLimitRetries, use_rate_limit_retries
 
 
 @pytest.fixture
@@ -282,3 +285,66 @@ def test_window_limit_holds_across_processes(db_url: str, backend: PostgresBacke
     # Then no second admitted more than 4 (an acquisition that straddled a second may belong to either)
     assert all(count <= 4 for count in seconds.values())
     assert max(seconds.values()) + undatable >= 4
+
+
+# --- RateLimitRetries: rate-limited work is deferred without using its retries ---
+
+
+@pytest.fixture
+def stub_broker() -> Iterator[StubBroker]:
+    broker = StubBroker()
+    broker.add_middleware(CurrentMessage())
+    broker.emit_after("process_boot")
+    yield broker
+    broker.flush_all()
+    broker.close()
+
+
+def test_use_rate_limit_retries_replaces_retries_in_place_and_keeps_its_settings() -> None:
+    broker = StubBroker(middleware=[AgeLimit(), Retries(max_retries=3, min_backoff=7), TimeLimit()])
+    installed = use_rate_limit_retries(broker)
+    assert [type(m) for m in broker.middleware] == [AgeLimit, RateLimitRetries, TimeLimit]
+    assert (installed.max_retries, installed.min_backoff) == (3, 7)
+    assert {"rate_limit_min_backoff_ms", "rate_limit_max_backoff_ms"} <= broker.actor_options
+
+
+@pytest.mark.parametrize("retries_middleware", ["RateLimitRetries", "Retries"])
+def test_a_rate_limited_message_runs_once_the_limit_frees_without_using_its_retries(
+    stub_broker: StubBroker, backend: PostgresBackend, retries_middleware: str
+) -> None:
+    # Given an actor with no retries left to give, guarded by a distributed mutex that someone else holds
+    if retries_middleware == "RateLimitRetries":
+        use_rate_limit_retries(
+            stub_broker, RateLimitRetries(rate_limit_min_backoff_ms=20, rate_limit_max_backoff_ms=80)
+        )
+    mutex = ConcurrentRateLimiter(backend, "held-elsewhere", limit=1)
+    assert backend.add("held-elsewhere", 1, ttl=60_000)
+    attempts: list[dict[str, object]] = []
+
+    @dramatiq.actor(broker=stub_broker, max_retries=0)
+    def guarded() -> None:
+        attempts.append(dict(CurrentMessage.get_current_message().options))  # type: ignore[union-attr]
+        with mutex.acquire():
+            attempts[-1]["ran"] = True
+
+    worker = dramatiq.Worker(stub_broker, worker_timeout=50)
+    worker.start()
+    try:
+        # When the message is sent while the mutex is held, then the mutex is released
+        guarded.send()
+        wait_until(lambda: len(attempts) >= 1 and (retries_middleware == "Retries" or len(attempts) >= 3))
+        assert backend.decr("held-elsewhere", 1, minimum=0, ttl=60_000)
+        stub_broker.join(guarded.queue_name, timeout=10_000, fail_fast=False)
+        worker.join()
+    finally:
+        worker.stop()
+    if retries_middleware == "RateLimitRetries":
+        # Then it ran once the mutex was free, deferred several times, its retries untouched
+        assert attempts[-1].get("ran") is True
+        assert attempts[-1].get("retries", 0) == 0
+        assert attempts[-1]["rate_limited"] == len(attempts) - 1 >= 2
+        assert stub_broker.dead_letters == []
+    else:
+        # (whereas Dramatiq's Retries counts the rate limit as a failure and drops the message)
+        assert [attempt.get("ran") for attempt in attempts] == [None]
+        assert len(stub_broker.dead_letters) == 1
