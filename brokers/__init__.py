@@ -1,1 +1,27 @@
-"""A Dramatiq broker over PGMQ (Postgres message queues)."""
+"""A Dramatiq broker over PGMQ (Postgres message queues).
+
+``PGMQBroker`` is the broker; ``brokers.schema.install(conn)`` installs PGMQ and the broker's tables.
+Dead letters are listed, counted, purged and replayed through the broker (see ``brokers.dead_letters``).
+"""
+
+from __future__ import annotations
+
+from .broker import PGMQBroker, QueueMetrics, validate_queue_name
+from .dead_letters import DeadLetter, DeadLetterReason
+from .envelope import foreign_message_id
+from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
+from .listener import channel_name
+
+__all__ = [
+    "DatabaseUnavailable",
+    "DeadLetter",
+    "DeadLetterReason",
+    "InvalidQueueName",
+    "MigrationError",
+    "PGMQBroker",
+    "PGMQBrokerError",
+    "QueueMetrics",
+    "channel_name",
+    "foreign_message_id",
+    "validate_queue_name",
+]

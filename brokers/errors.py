@@ -2,14 +2,19 @@
 
     dramatiq.errors.BrokerError
      └── PGMQBrokerError
-          └── MigrationError      a schema migration failed (the message names the file)
+          ├── MigrationError        a schema migration failed (the message names the file)
+          ├── InvalidQueueName      a Dramatiq queue name PGMQ cannot hold (also a ValueError)
+          └── DatabaseUnavailable   the database cannot be reached (also dramatiq's ConnectionClosed)
+
+``DatabaseUnavailable`` subclasses :class:`dramatiq.errors.ConnectionClosed` so that Dramatiq's worker treats a
+database outage as it treats a lost RabbitMQ or Redis connection: it restarts the consumer instead of dying.
 """
 
 from __future__ import annotations
 
-from dramatiq.errors import BrokerError
+from dramatiq.errors import BrokerError, ConnectionClosed
 
-__all__ = ["MigrationError", "PGMQBrokerError"]
+__all__ = ["DatabaseUnavailable", "InvalidQueueName", "MigrationError", "PGMQBrokerError"]
 
 
 class PGMQBrokerError(BrokerError):
@@ -18,3 +23,24 @@ class PGMQBrokerError(BrokerError):
 
 class MigrationError(PGMQBrokerError):
     """A schema migration could not be applied; fix the named file or the database, then run it again."""
+
+
+class InvalidQueueName(PGMQBrokerError, ValueError):
+    """A Dramatiq queue name that cannot be a PGMQ queue.
+
+    PGMQ folds names to lower case in its table names, limits them to 47 characters, and its insert
+    notifications silently stop working for names with upper-case letters. Use lower-case letters,
+    digits and underscores. The offending name is in ``queue_name``.
+    """
+
+    def __init__(self, message: str, *, queue_name: str) -> None:
+        super().__init__(message)
+        self.queue_name = queue_name
+
+
+class DatabaseUnavailable(PGMQBrokerError, ConnectionClosed):
+    """The database could not be reached or the connection broke; the broker retries with backoff.
+
+    Raised from enqueue, consume, ack and nack. Dramatiq's worker restarts its consumer on it; other callers
+    may retry the call once the database is back. The psycopg error is the ``__cause__``.
+    """

@@ -1,0 +1,176 @@
+"""Visibility leases: keep every fetched, unsettled message hidden from other workers while this process has it.
+
+A PGMQ read hides a message for the visibility timeout. One :class:`LeaseKeeper` thread per process extends
+that timeout for every message the process holds, buffered or running, a third of the way into each period.
+So a job that runs longer than the timeout is never handed to a second live worker, while the messages of a
+process that died come back within one timeout. A lease held longer than ``max_lease_s`` is given up (the job
+is presumed stuck) and the message is allowed to lapse and be redelivered.
+
+A delivery is identified by ``(msg_id, token)`` where the token is PGMQ's ``last_read_at`` of that read, so a
+lease that lapsed and was re-read elsewhere is never extended by its former holder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from datetime import datetime
+
+import attrs
+import psycopg
+from loguru import logger
+
+from . import queries
+
+__all__ = ["Lease", "LeaseKeeper"]
+
+log = logger.bind(component="LeaseKeeper")
+
+#: Extend leases this many times per visibility timeout.
+EXTENSIONS_PER_TIMEOUT = 3
+
+
+@attrs.define(eq=False)
+class Lease:
+    """One delivery of one PGMQ message to this process."""
+
+    queue_name: str
+    msg_id: int
+    token: datetime
+    read_ct: int
+    fetched_at: float = attrs.field(factory=time.monotonic)
+
+
+class LeaseKeeper:
+    """The per-process thread that extends the visibility of every tracked lease.
+
+    Parameters:
+        connect: Returns a context manager yielding a connection (the broker's pool).
+        visibility_timeout_ms: How long each extension hides a message for.
+        max_lease_s: Give up extending a lease after this many seconds.
+        on_tick: Called after every round of extensions (the broker purges archives from it).
+    """
+
+    def __init__(
+        self,
+        *,
+        connect: Callable[[], AbstractContextManager[psycopg.Connection]],
+        visibility_timeout_ms: int,
+        max_lease_s: float,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._vt_ms = visibility_timeout_ms
+        self._max_lease_s = max_lease_s
+        self._on_tick = on_tick
+        self._leases: dict[str, dict[int, Lease]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    @property
+    def interval_s(self) -> float:
+        return self._vt_ms / 1000 / EXTENSIONS_PER_TIMEOUT
+
+    def track(self, leases: Iterable[Lease]) -> None:
+        """Start extending these leases."""
+        with self._lock:
+            for lease in leases:
+                self._leases.setdefault(lease.queue_name, {})[lease.msg_id] = lease
+
+    def forget(self, leases: Iterable[Lease]) -> None:
+        """Stop extending these leases (call it before making a message visible again)."""
+        with self._lock:
+            for lease in leases:
+                held = self._leases.get(lease.queue_name)
+                if held is not None and held.get(lease.msg_id) is lease:
+                    del held[lease.msg_id]
+
+    def is_tracked(self, lease: Lease) -> bool:
+        with self._lock:
+            return self._leases.get(lease.queue_name, {}).get(lease.msg_id) is lease
+
+    def tracked_count(self) -> int:
+        with self._lock:
+            return sum(len(held) for held in self._leases.values())
+
+    def start(self) -> None:
+        """Start the thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="pgmq-lease-keeper", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; the leases it held lapse after the visibility timeout unless settled first."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.extend_all()
+            except Exception:  # a bug here must not end the thread: every lease in the process depends on it
+                log.opt(exception=True).critical("[LeaseKeeper] Unexpected failure while extending leases")
+            if self._on_tick is not None:
+                try:
+                    self._on_tick()
+                except Exception:
+                    log.opt(exception=True).critical("[LeaseKeeper] Unexpected failure in the periodic hook")
+
+    def extend_all(self) -> int:
+        """Extend every tracked lease now; returns how many are still held."""
+        now = time.monotonic()
+        expired: list[Lease] = []
+        with self._lock:
+            snapshot: dict[str, list[Lease]] = {}
+            for queue_name, held in self._leases.items():
+                for lease in list(held.values()):
+                    if now - lease.fetched_at > self._max_lease_s:
+                        expired.append(lease)
+                        del held[lease.msg_id]
+                    else:
+                        snapshot.setdefault(queue_name, []).append(lease)
+        for lease in expired:
+            log.bind(event="lease_given_up").warning(
+                "[LeaseKeeper] Gave up message {} of queue {!r} after {:.0f} s (max lease); it will be redelivered",
+                lease.msg_id,
+                lease.queue_name,
+                now - lease.fetched_at,
+            )
+        held_count = 0
+        for queue_name, leases in snapshot.items():
+            try:
+                with self._connect() as conn:
+                    rows = conn.execute(
+                        queries.EXTEND,
+                        {
+                            "queue": queue_name,
+                            "ids": [lease.msg_id for lease in leases],
+                            "tokens": [lease.token for lease in leases],
+                            "vt_ms": self._vt_ms,
+                        },
+                    ).fetchall()
+            except psycopg.Error as exc:
+                if not self._failing:
+                    log.warning("[LeaseKeeper] Could not extend {} leases: {}", len(leases), exc)
+                self._failing = True
+                continue
+            if self._failing:
+                log.info("[LeaseKeeper] Extending leases again")
+                self._failing = False
+            extended = {row[0] for row in rows}
+            held_count += len(extended)
+            lost = [lease for lease in leases if lease.msg_id not in extended and self.is_tracked(lease)]
+            if lost:
+                self.forget(lost)
+                log.bind(event="lease_lost").warning(
+                    "[LeaseKeeper] Lost the lease of {} messages of queue {!r} (settled or re-read elsewhere)",
+                    len(lost),
+                    queue_name,
+                )
+        return held_count

@@ -1,0 +1,110 @@
+"""One LISTEN connection per process, waking idle consumers when PGMQ announces an insert.
+
+PGMQ notifies channel ``pgmq.q_<queue>.INSERT`` after an insert into a queue whose notifications were enabled
+(by a migration calling ``pgmq_broker.enable_notify``; workers never enable them). Notifications are throttled
+and say nothing about delayed messages becoming due, so consumers poll as well: a notification only shortens
+their wait. Where LISTEN is impossible (transaction-mode poolers) the broker runs with ``listen=False``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psycopg
+from loguru import logger
+from psycopg import sql
+
+from . import queries
+
+__all__ = ["Listener", "channel_name"]
+
+log = logger.bind(component="Listener")
+
+#: How long one wait for notifications lasts before new subscriptions are applied, in seconds.
+WAIT_S = 0.25
+#: Reconnection backoff bounds, in seconds.
+MIN_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 5.0
+
+
+def channel_name(queue_name: str) -> str:
+    """The channel PGMQ notifies on after an insert into `queue_name`."""
+    return f"pgmq.q_{queue_name}.INSERT"
+
+
+class Listener:
+    """A daemon thread holding the process's LISTEN connection.
+
+    Parameters:
+        conninfo: Connection string of the database.
+        connect_kwargs: Extra ``psycopg.connect`` keyword arguments.
+        on_notify: Called with the queue name on every notification, and for every subscribed queue after a
+            reconnection (notifications sent while disconnected are lost).
+    """
+
+    def __init__(self, *, conninfo: str, connect_kwargs: Mapping[str, Any], on_notify: Callable[[str], None]) -> None:
+        self._conninfo = conninfo
+        self._connect_kwargs = {k: v for k, v in connect_kwargs.items() if k != "autocommit"}
+        self._on_notify = on_notify
+        self._queues: set[str] = set()
+        self._listening: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = threading.Event()
+
+    def subscribe(self, queue_name: str) -> None:
+        """Listen to `queue_name`'s inserts from the next wait on (within ``WAIT_S``)."""
+        with self._lock:
+            self._queues.add(queue_name)
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="pgmq-listener", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = MIN_BACKOFF_S
+        outage = False
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs) as conn:
+                    self._listening = set()
+                    if outage:
+                        log.info("[Listener] Listening again")
+                        with self._lock:
+                            queues = set(self._queues)
+                        for queue_name in queues:
+                            self._on_notify(queue_name)
+                    outage = False
+                    backoff = MIN_BACKOFF_S
+                    self.connected.set()
+                    self._listen_loop(conn)
+            except psycopg.Error as exc:
+                self.connected.clear()
+                if not outage:
+                    log.warning("[Listener] Lost the LISTEN connection, reconnecting with backoff: {}", exc)
+                outage = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _listen_loop(self, conn: psycopg.Connection) -> None:
+        prefix, suffix = "pgmq.q_", ".INSERT"
+        while not self._stop.is_set():
+            with self._lock:
+                pending = self._queues - self._listening
+            for queue_name in sorted(pending):
+                conn.execute(sql.SQL(queries.LISTEN).format(channel=sql.Identifier(channel_name(queue_name))))
+                self._listening.add(queue_name)
+            for notify in conn.notifies(timeout=WAIT_S):
+                channel = notify.channel
+                if channel.startswith(prefix) and channel.endswith(suffix):
+                    self._on_notify(channel[len(prefix) : -len(suffix)])

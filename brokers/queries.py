@@ -1,0 +1,90 @@
+"""Every statement the PGMQ broker runs, named. Multi-step work lives in SQL functions (``brokers/sql/001_broker.sql``)."""
+
+from __future__ import annotations
+
+from typing import LiteralString
+
+#: Create a PGMQ queue unless it exists (PGMQ serialises creators with an advisory lock).
+CREATE_QUEUE: LiteralString = "select pgmq.create(%(queue)s)"
+
+#: Send one message, visible after %(delay_ms)s milliseconds of the server's clock.
+SEND: LiteralString = "select pgmq_broker.send(%(queue)s, %(message)s::jsonb, %(delay_ms)s)"
+
+#: Send many messages to one queue in one statement.
+SEND_BATCH: LiteralString = (
+    "select msg_id from pgmq_broker.send_batch(%(queue)s, %(messages)s::jsonb[], %(delay_ms)s) as msg_id"
+)
+
+#: Replace a delivery by its retry, atomically (null when the original is already gone).
+RESEND: LiteralString = (
+    "select pgmq_broker.resend(%(old_queue)s, %(old_msg_id)s, %(queue)s, %(message)s::jsonb, %(delay_ms)s)"
+)
+
+#: Delete the acknowledged ids, then lease up to %(qty)s visible messages.
+FETCH: LiteralString = (
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
+    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s)"
+)
+
+#: Milliseconds until the queue's next message becomes visible.
+NEXT_VISIBLE_IN_MS: LiteralString = "select pgmq_broker.next_visible_in_ms(%(queue)s)"
+
+#: Push the leases of these deliveries forward; returns the ids still held.
+EXTEND: LiteralString = (
+    "select msg_id from pgmq_broker.extend(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(vt_ms)s)"
+    " as msg_id"
+)
+
+#: Make these deliveries visible again after %(delay_ms)s.
+RELEASE: LiteralString = (
+    "select pgmq_broker.release(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(delay_ms)s, %(uncount)s)"
+)
+
+#: Record one delivery as a dead letter and delete it from its queue.
+DEAD_LETTER: LiteralString = (
+    "select pgmq_broker.dead_letter(%(queue)s, %(msg_id)s, %(message)s::jsonb, %(message_id)s, %(actor_name)s,"
+    " %(reason)s, %(error_type)s, %(error_message)s, %(traceback)s, %(attempts)s)"
+)
+
+#: Dead letters, newest last, optionally of one queue.
+LIST_DEAD_LETTERS: LiteralString = (
+    "select id, queue_name, msg_id, message_id, actor_name, message, reason, error_type, error_message,"
+    " traceback, attempts, enqueued_at, dead_at from pgmq_broker.dead_letters"
+    " where %(queue)s::text is null or queue_name = %(queue)s order by id limit %(limit)s"
+)
+
+#: How many dead letters there are, optionally of one queue.
+COUNT_DEAD_LETTERS: LiteralString = (
+    "select count(*) from pgmq_broker.dead_letters where %(queue)s::text is null or queue_name = %(queue)s"
+)
+
+#: Delete dead letters, optionally of one queue and older than %(older_than_s)s seconds.
+PURGE_DEAD_LETTERS: LiteralString = (
+    "delete from pgmq_broker.dead_letters where (%(queue)s::text is null or queue_name = %(queue)s)"
+    " and (%(older_than_s)s::integer is null or dead_at < now() - %(older_than_s)s * interval '1 second')"
+)
+
+#: Send dead letters back to their queues and remove them.
+REPLAY_DEAD_LETTERS: LiteralString = (
+    "select pgmq_broker.replay_dead_letters(%(queue)s::text, %(ids)s::bigint[], %(limit)s::integer)"
+)
+
+#: Drop every message of a queue.
+PURGE_QUEUE: LiteralString = "select pgmq.purge_queue(%(queue)s)"
+
+#: Messages still in a queue, visible or not (what join waits on).
+QUEUE_SIZE: LiteralString = "select count(*) from pgmq.{table}"
+
+#: Depth, delayed, in flight, oldest age and dead letters of a queue.
+QUEUE_METRICS: LiteralString = (
+    "select queued, delayed, in_flight, oldest_age_ms, dead_lettered from pgmq_broker.queue_metrics(%(queue)s)"
+)
+
+#: Delete archived messages older than the retention.
+PURGE_ARCHIVE: LiteralString = "select pgmq_broker.purge_archive(%(queue)s, %(older_than_s)s)"
+
+#: Turn on insert notifications for a queue (creates it when missing); for migrations, not workers.
+ENABLE_NOTIFY: LiteralString = "select pgmq_broker.enable_notify(%(queue)s, %(throttle_ms)s)"
+
+#: Subscribe the listening connection to a queue's insert notifications.
+LISTEN: LiteralString = "listen {channel}"
