@@ -1,0 +1,134 @@
+"""Every SQL statement the service runs, named, each with a one-line purpose.
+
+Multi-step work lives in SQL functions (``sql/``, documented in ``docs/sql-api.md``); these are
+the calls into them and the few plain reads and writes around them.
+"""
+
+from __future__ import annotations
+
+from typing import LiteralString
+
+# -- sync ------------------------------------------------------------------------------------------------------------
+
+#: Insert or update a thread from its Nylas JSON; returns the row id.
+UPSERT_THREAD: LiteralString = "select upsert_nylas_thread(%(inbox_id)s, %(thread)s, %(fetched_at)s)"
+#: Insert or update messages of one thread from their Nylas JSON; returns rows written.
+UPSERT_MESSAGES: LiteralString = (
+    "select upsert_nylas_messages(%(inbox_id)s, %(thread_row_id)s, %(messages)s, %(fetched_at)s)"
+)
+
+# -- inboxes ---------------------------------------------------------------------------------------------------------
+
+#: The inbox's grant and status.
+GET_INBOX: LiteralString = "select id, nylas_grant_id, status from flux_inboxes where id = %(inbox_id)s"
+#: The inbox that owns a grant.
+GET_INBOX_BY_GRANT: LiteralString = (
+    "select id, nylas_grant_id, status from flux_inboxes where nylas_grant_id = %(grant_id)s"
+)
+#: Mark an inbox whose grant expired; no more API calls are made for it.
+MARK_INBOX_AUTH_EXPIRED: LiteralString = """
+update flux_inboxes set status = 'auth_expired', webhook_health_status = 'failing'
+where (id = %(inbox_id)s or nylas_grant_id = %(grant_id)s) and status <> 'auth_expired'
+returning id
+"""
+
+# -- thread sync -----------------------------------------------------------------------------------------------------
+
+#: Claim a tracked thread for this attempt; returns its status before the claim (completed rows are left alone).
+START_THREAD: LiteralString = """
+with previous as (
+    select id, status from queued_threads
+    where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s
+    for update
+)
+update queued_threads q
+set status = case when previous.status = 'completed' then 'completed' else 'processing' end,
+    started_at = case when previous.status = 'completed' then q.started_at else now() end,
+    attempts = q.attempts + case when previous.status = 'completed' then 0 else 1 end
+from previous
+where q.id = previous.id
+returning previous.status
+"""
+#: A tracked thread is done: synced (with its message count) or gone at Nylas (with a note).
+COMPLETE_THREAD: LiteralString = """
+update queued_threads
+set status = 'completed', messages_synced = %(messages)s, processed_at = now(), note = %(note)s, error_message = null
+where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s
+"""
+#: A tracked thread failed for good; the error is kept so operators can see why.
+FAIL_THREAD: LiteralString = """
+update queued_threads
+set status = 'failed', processed_at = now(), error_message = %(error)s
+where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s and status <> 'completed'
+"""
+#: Put a tracked thread back to queued while its job waits (rate limited, re-scheduled).
+REQUEUE_THREAD: LiteralString = """
+update queued_threads set status = 'queued'
+where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s and status = 'processing'
+"""
+
+# -- backfill --------------------------------------------------------------------------------------------------------
+
+#: The configuration's status and checkpoint.
+GET_CONFIG: LiteralString = (
+    "select backfill_status, backfill_progress from flux_inbox_configurations where id = %(config_id)s"
+)
+#: Mark the run as orchestrating and read the checkpoint to resume from.
+START_BACKFILL_RUN: LiteralString = "select start_backfill_run(%(config_id)s)"
+#: Create or recompute the progress counters of a run.
+INITIALIZE_SYNC_STATS: LiteralString = "select initialize_sync_stats(%(config_id)s, 0)"
+#: Record one listed page and its checkpoint in one transaction.
+RECORD_BACKFILL_PAGE: LiteralString = (
+    "select queued, skipped, threads_queued"
+    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s)"
+)
+#: Hand over to thread sync and send every thread job, atomically.
+FINISH_BACKFILL_LISTING: LiteralString = "select finish_backfill_listing(%(config_id)s)"
+#: Record a failed run (status failed, error appended, checkpoint kept).
+RECORD_BACKFILL_FAILURE: LiteralString = "select record_backfill_failure(%(config_id)s, %(error)s)"
+
+# -- webhooks --------------------------------------------------------------------------------------------------------
+
+#: Record an attempt's start or outcome on the audit row.
+ACKNOWLEDGE_WEBHOOK: LiteralString = (
+    "select acknowledge_webhook_notification(%(notification_id)s, %(status)s, %(error)s, %(duration_ms)s, %(attempts)s)"
+)
+#: Is the thread already stored for this inbox?
+THREAD_ROW_ID: LiteralString = (
+    "select id from flux_email_threads where inbox_id = %(inbox_id)s and nylas_thread_id = %(thread_id)s"
+)
+#: A webhook arrived for this inbox.
+TOUCH_INBOX_WEBHOOK: LiteralString = "update flux_inboxes set last_webhook_at = now() where id = %(inbox_id)s"
+
+# -- completion monitor ----------------------------------------------------------------------------------------------
+
+#: Progress of every active backfill (listing or syncing threads), with the direct counts to cross-check the triggers.
+ACTIVE_PROGRESS: LiteralString = """
+select p.config_id, p.backfill_status, p.threads_total, p.threads_queued, p.threads_processing,
+       p.threads_completed, p.threads_failed, p.messages_synced, p.percent_complete, p.sync_started_at,
+       d.total, d.queued, d.processing, d.completed, d.failed, d.messages_synced
+from flux_inbox_configurations c
+cross join lateral get_sync_progress(c.id) p
+cross join lateral get_backfill_stats(c.id) d
+where c.backfill_status in ('backfill', 'thread_sync', 'in_progress')
+order by c.created_at
+"""
+#: Mark a configuration complete when every thread is terminal (checked again under the row lock).
+COMPLETE_BACKFILL_IF_DONE: LiteralString = "select complete_backfill_if_done(%(config_id)s)"
+#: Completed configurations that still have threads waiting: re-open them for thread sync.
+REOPEN_PREMATURE_COMPLETIONS: LiteralString = """
+with reopened as (
+    update flux_inbox_configurations c
+    set backfill_status = 'thread_sync', backfill_completed_at = null
+    where c.backfill_status = 'completed' and c.backfill_started_at is not null
+      and exists (select 1 from queued_threads t where t.config_id = c.id and t.status in ('queued', 'processing'))
+    returning c.id
+), stats as (
+    update inbox_sync_stats s set sync_completed_at = null from reopened r where s.config_id = r.id
+)
+select r.id,
+       (select count(*) from queued_threads t where t.config_id = r.id and t.status in ('queued', 'processing'))
+from reopened r
+"""
+#: Send thread jobs for queued threads never put on the queue (crash recovery); returns how many were sent.
+QUEUE_UNSENT_THREAD_SYNCS: LiteralString = "select queue_unsent_thread_syncs(%(config_id)s, 1000)"
