@@ -86,9 +86,7 @@ def test_wrappers_refuse_names_that_are_not_existing_queues(
     ],
     ids=["array-message", "negative-delay", "negative-vt", "zero-qty", "huge-qty"],
 )
-def test_wrappers_refuse_bad_arguments_with_a_clear_message(
-    conn: psycopg.Connection, call: str, message: str
-) -> None:
+def test_wrappers_refuse_bad_arguments_with_a_clear_message(conn: psycopg.Connection, call: str, message: str) -> None:
     with pytest.raises(errors.InvalidParameterValue, match=message):
         conn.execute(call)
     assert queue_messages(conn, "thread_sync_jobs") == []

@@ -42,7 +42,12 @@ def test_a_webhook_becomes_one_audit_row_and_one_queue_message(conn: psycopg.Con
     assert row is not None
     status, attempts, inbox_id, grant_id, payload, row_msg_id, received_at = row
     assert (status, attempts, inbox_id, grant_id, payload, row_msg_id) == (
-        "pending", 0, inbox.id, inbox.grant_id, body, msg_id,
+        "pending",
+        0,
+        inbox.id,
+        inbox.grant_id,
+        body,
+        msg_id,
     )
     [message] = queue_messages(conn, "nylas_webhook_notifications")
     assert message == {
@@ -109,8 +114,12 @@ def test_concurrent_deliveries_of_one_webhook_make_one_row_and_one_message(
 
 @pytest.mark.parametrize(
     ("webhook_id", "kind", "message"),
-    [(None, "message.created", "webhook_id is empty"), (" ", "message.created", "webhook_id is empty"),
-     ("ntf_1", None, "notification_type is empty"), ("ntf_1", "", "notification_type is empty")],
+    [
+        (None, "message.created", "webhook_id is empty"),
+        (" ", "message.created", "webhook_id is empty"),
+        ("ntf_1", None, "notification_type is empty"),
+        ("ntf_1", "", "notification_type is empty"),
+    ],
     ids=["null-id", "blank-id", "null-type", "empty-type"],
 )
 def test_a_webhook_without_id_or_type_is_refused_and_nothing_is_written(
