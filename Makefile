@@ -38,3 +38,17 @@ typecheck: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The four processors: all in one command (monolithic), or one each. Extra dramatiq options: ARGS="--processes 2".
+ARGS ?=
+.PHONY: run-all run-webhooks run-backfill run-threads run-completion
+run-all: migrate
+	$(BIN)/nova-email run all $(ARGS)
+run-webhooks: migrate
+	$(BIN)/nova-email run webhooks $(ARGS)
+run-backfill: migrate
+	$(BIN)/nova-email run backfill $(ARGS)
+run-threads: migrate
+	$(BIN)/nova-email run threads $(ARGS)
+run-completion: migrate
+	$(BIN)/nova-email run completion $(ARGS)

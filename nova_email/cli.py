@@ -48,6 +48,31 @@ def _db_stop(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``nova-email run`` names -> the queues their workers consume.
+PROCESSORS = {
+    "webhooks": ["nylas_webhook_notifications"],
+    "backfill": ["inbox_backfill_jobs"],
+    "threads": ["thread_sync_jobs"],
+    "completion": ["completion_monitor"],
+}
+PROCESSORS["all"] = [queue for queues in PROCESSORS.values() for queue in queues]
+
+
+def worker_command(name: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``dramatiq`` command line that runs processor `name` (or ``all``)."""
+    return [sys.executable, "-m", "dramatiq", "nova_email.actors", "--queues", *PROCESSORS[name], *extra]
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    command = worker_command(args.processor, args.dramatiq_args)
+    log.info("Starting {} processor: {}", args.processor, " ".join(command[2:]))
+    # exec: dramatiq's own signal handling (graceful SIGTERM/SIGINT) then applies to this process directly.
+    os.execv(command[0], command)
+    return 0  # pragma: no cover
+
+
 def _fake_nylas(settings: Settings, args: argparse.Namespace) -> int:
     from .simulator.server import main as simulator_main
 
@@ -67,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
     add("db-url", _db_url, "print the database URL in use (starts the embedded server if needed)")
     add("db-stop", _db_stop, "stop the embedded PostgreSQL server")
+    run = add("run", _run, "run one processor's workers (webhooks, backfill, threads, completion) or all of them")
+    run.add_argument("processor", choices=sorted(PROCESSORS))
+    run.add_argument("dramatiq_args", nargs=argparse.REMAINDER, help="passed to dramatiq, e.g. --processes 2")
     fake = add("fake-nylas", _fake_nylas, "run the local Nylas v3 simulator (see --help after the command)")
     fake.add_argument("rest", nargs=argparse.REMAINDER, help="simulator options")
     return parser

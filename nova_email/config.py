@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
+_LEGACY_DELAYS_MS = {"thread": 3000, "message": 1000, "api": 200}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
 
 
@@ -51,9 +52,13 @@ class Settings:
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
     recovery_check_interval_ms: int = 60000
-    thread_delay_ms: int = 3000
-    message_delay_ms: int = 1000
-    api_delay_ms: int = 200
+    #: The original's fixed delays; None means "not set": 0 while pacing is on, else the original's default.
+    thread_delay_ms: int | None = None
+    message_delay_ms: int | None = None
+    api_delay_ms: int | None = None
+    nylas_grant_rate: float = 10.0
+    nylas_grant_burst: int = 10
+    nylas_app_rate: float = 0.0
     testing_mode: bool = False
     log_level: str = "info"
     log_format: str = "text"
@@ -62,6 +67,22 @@ class Settings:
     nylas_api_uri: str = "https://api.us.nylas.com"
     nylas_webhook_secret: str = attrs.field(default="", repr=False)
     data_dir: Path = Path(".nova")
+
+    @property
+    def pacing_enabled(self) -> bool:
+        """Whether Nylas calls are paced by the shared token buckets (NYLAS_GRANT_RATE or NYLAS_APP_RATE > 0)."""
+        return self.nylas_grant_rate > 0 or self.nylas_app_rate > 0
+
+    def delay_ms(self, name: str) -> int:
+        """The effective value of a legacy delay (``thread``, ``message`` or ``api``).
+
+        Set explicitly, it is honoured. Unset, it is 0 while pacing is on (pacing replaces fixed sleeps) and the
+        original's default (3000, 1000, 200) when pacing is off.
+        """
+        value: int | None = getattr(self, f"{name}_delay_ms")
+        if value is not None:
+            return value
+        return 0 if self.pacing_enabled else _LEGACY_DELAYS_MS[name]
 
     @property
     def database_url_redacted(self) -> str | None:
@@ -119,6 +140,17 @@ def _parse_database_url(name: str, raw: str) -> str:
     return value
 
 
+def _parse_rate(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        msg = f"{name}={raw!r} is not a rate in calls per second >= 0; expected e.g. {name}=10 (0 turns it off)"
+        raise ConfigError(msg)
+    return value
+
+
 def _ms(minimum: int = 0) -> Callable[[str, str], int]:
     return lambda name, raw: _parse_int(name, raw, minimum=minimum, unit="milliseconds")
 
@@ -141,6 +173,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
     "NYLAS_API_URI": ("nylas_api_uri", _parse_http_url),
     "NYLAS_WEBHOOK_SECRET": ("nylas_webhook_secret", lambda n, r: r.strip()),
+    "NYLAS_GRANT_RATE": ("nylas_grant_rate", _parse_rate),
+    "NYLAS_GRANT_BURST": ("nylas_grant_burst", lambda n, r: _parse_int(n, r, minimum=1, unit="calls")),
+    "NYLAS_APP_RATE": ("nylas_app_rate", _parse_rate),
     "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
 }
 

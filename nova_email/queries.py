@@ -132,3 +132,10 @@ from reopened r
 """
 #: Send thread jobs for queued threads never put on the queue (crash recovery); returns how many were sent.
 QUEUE_UNSENT_THREAD_SYNCS: LiteralString = "select queue_unsent_thread_syncs(%(config_id)s, 1000)"
+
+# -- starting work ---------------------------------------------------------------------------------------------------
+
+#: Queue a backfill through the SQL API (creates the configuration when needed).
+QUEUE_INBOX_BACKFILL: LiteralString = (
+    "select config_id, msg_id from queue_inbox_backfill(%(inbox_id)s, %(config_id)s, %(start_date)s, %(end_date)s)"
+)

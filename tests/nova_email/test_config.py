@@ -16,11 +16,20 @@ def test_defaults_are_the_original_services() -> None:
     assert settings.completion_check_interval_ms == 5000
     assert settings.enable_auto_recovery is True
     assert settings.recovery_check_interval_ms == 60000
-    assert (settings.thread_delay_ms, settings.message_delay_ms, settings.api_delay_ms) == (3000, 1000, 200)
+    assert (settings.nylas_grant_rate, settings.nylas_grant_burst, settings.nylas_app_rate) == (10.0, 10, 0.0)
     assert settings.testing_mode is False
     assert settings.log_level == "info"
     assert settings.nylas_api_uri == "https://api.us.nylas.com"
     assert settings.database_url is None
+
+
+def test_legacy_delays_are_zero_under_pacing_and_the_originals_without() -> None:
+    paced = load_settings({}, env_file=None)
+    unpaced = load_settings({"NYLAS_GRANT_RATE": "0"}, env_file=None)
+    explicit = load_settings({"THREAD_DELAY_MS": "1000", "API_DELAY_MS": "50"}, env_file=None)
+    assert [paced.delay_ms(n) for n in ("thread", "message", "api")] == [0, 0, 0]
+    assert [unpaced.delay_ms(n) for n in ("thread", "message", "api")] == [3000, 1000, 200]
+    assert [explicit.delay_ms(n) for n in ("thread", "message", "api")] == [1000, 0, 50]
 
 
 def test_environment_values_are_parsed() -> None:
@@ -50,6 +59,8 @@ def test_environment_values_are_parsed() -> None:
         ("BATCH_SIZE", "0", r"BATCH_SIZE='0' is not a whole number of messages >= 1"),
         ("VISIBILITY_TIMEOUT", "-5", r"VISIBILITY_TIMEOUT='-5' is not a whole number of seconds"),
         ("ENABLE_AUTO_RECOVERY", "maybe", r"ENABLE_AUTO_RECOVERY='maybe' is not a boolean"),
+        ("NYLAS_GRANT_RATE", "fast", r"NYLAS_GRANT_RATE='fast' is not a rate in calls per second"),
+        ("NYLAS_APP_RATE", "-1", r"NYLAS_APP_RATE='-1' is not a rate"),
         ("LOG_LEVEL", "loud", r"LOG_LEVEL='loud' is not one of"),
         ("LOG_FORMAT", "xml", r"LOG_FORMAT='xml' is not one of json, text"),
         ("NYLAS_API_URI", "api.nylas.com", r"NYLAS_API_URI='api.nylas.com' is not an http\(s\) URL"),

@@ -1,0 +1,177 @@
+"""The service's Dramatiq actors, one set per queue. Importing this module sets up the PGMQ broker.
+
+Run one processor with ``dramatiq nova_email.actors --queues thread_sync_jobs`` (or
+``nylas_webhook_notifications``, ``inbox_backfill_jobs``, ``completion_monitor``), all of them with
+``make run-all``. Enqueue from Python with ``sync_thread.send({...})``; SQL producers put plain JSON
+objects on the queues, which the broker hands to each queue's ``queue_handler`` actor.
+
+Each actor only decodes its payload, opens a connection, calls one processor function and
+translates errors: a bad payload is dead-lettered at once (``throws``), a Nylas 429 is
+re-scheduled after its Retry-After without using an attempt, and when the last attempt fails the
+``on_give_up`` hook leaves the domain row in a terminal state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+
+from . import backfill, completion, db, thread_sync, webhooks
+from .config import load_settings
+from .errors import InvalidJob
+from .jobs import BackfillJob, ThreadSyncJob, WebhookJob, structure_job
+from .log import setup_logging
+from .nylas.errors import RateLimited
+from .worker import build_broker, nylas_client
+
+__all__ = [
+    "BACKFILL_QUEUE",
+    "COMPLETION_QUEUE",
+    "QUEUES",
+    "THREAD_QUEUE",
+    "WEBHOOK_QUEUE",
+    "broker",
+    "check_completion",
+    "process_webhook",
+    "recover_completions",
+    "run_backfill",
+    "settings",
+    "sync_thread",
+]
+
+WEBHOOK_QUEUE = "nylas_webhook_notifications"
+BACKFILL_QUEUE = "inbox_backfill_jobs"
+THREAD_QUEUE = "thread_sync_jobs"
+COMPLETION_QUEUE = "completion_monitor"
+#: Processor name (as in ``nova-email run``) -> its queue.
+QUEUES = {
+    "webhooks": WEBHOOK_QUEUE,
+    "backfill": BACKFILL_QUEUE,
+    "threads": THREAD_QUEUE,
+    "completion": COMPLETION_QUEUE,
+}
+
+settings = load_settings()
+setup_logging(settings)
+broker = build_broker(settings)
+dramatiq.set_broker(broker)
+
+
+def _job_of(message: Any, cls: type[Any]) -> Any | None:
+    try:
+        return structure_job(message.args[0] if message.args else None, cls)
+    except InvalidJob:
+        return None
+
+
+def _error_text(message: Any, exc: BaseException) -> str:
+    attempts = int(message.options.get("retries", 0))
+    return f"gave up after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+
+
+# -- webhooks (3 attempts) -------------------------------------------------------------------------------------------
+
+
+def _webhook_gave_up(message: Any, exc: BaseException) -> None:
+    job = _job_of(message, WebhookJob)
+    if job is not None:
+        with db.connection(settings) as conn:
+            webhooks.record_webhook_error(conn, job, _error_text(message, exc))
+
+
+@dramatiq.actor(
+    queue_name=WEBHOOK_QUEUE,
+    queue_handler=True,
+    max_retries=2,
+    min_backoff=1000,
+    throws=(InvalidJob,),
+    on_give_up=_webhook_gave_up,
+)
+def process_webhook(payload: dict[str, Any]) -> None:
+    """Apply one Nylas webhook event (message.created/updated, thread.replied, grant.expired)."""
+    job = structure_job(payload, WebhookJob)
+    with db.connection(settings) as conn:
+        webhooks.process_webhook(conn, nylas_client(settings), job)
+
+
+# -- backfill (3 attempts, checkpoint kept) --------------------------------------------------------------------------
+
+
+def _backfill_gave_up(message: Any, exc: BaseException) -> None:
+    job = _job_of(message, BackfillJob)
+    if job is not None:
+        with db.connection(settings) as conn:
+            backfill.record_backfill_failure(conn, job, _error_text(message, exc))
+
+
+@dramatiq.actor(
+    queue_name=BACKFILL_QUEUE,
+    queue_handler=True,
+    max_retries=2,
+    min_backoff=2000,
+    throws=(InvalidJob,),
+    on_give_up=_backfill_gave_up,
+)
+def run_backfill(payload: dict[str, Any]) -> None:
+    """Discover an inbox's threads (up to a year), then fan out one thread job each."""
+    job = structure_job(payload, BackfillJob)
+    with db.connection(settings) as conn:
+        backfill.run_backfill(conn, nylas_client(settings), job)
+
+
+# -- thread sync (5 attempts) ----------------------------------------------------------------------------------------
+
+
+def _thread_gave_up(message: Any, exc: BaseException) -> None:
+    job = _job_of(message, ThreadSyncJob)
+    if job is not None:
+        with db.connection(settings) as conn:
+            thread_sync.record_thread_failure(conn, job, _error_text(message, exc))
+
+
+@dramatiq.actor(
+    queue_name=THREAD_QUEUE,
+    queue_handler=True,
+    max_retries=4,
+    min_backoff=1000,
+    throws=(InvalidJob,),
+    on_give_up=_thread_gave_up,
+)
+def sync_thread(payload: dict[str, Any]) -> None:
+    """Fetch one thread and all its messages and upsert them."""
+    job = structure_job(payload, ThreadSyncJob)
+    with db.connection(settings) as conn:
+        try:
+            result = thread_sync.sync_thread(conn, nylas_client(settings), job)
+        except RateLimited:
+            thread_sync.release_thread(conn, job)
+            raise
+    pause_ms = settings.delay_ms("thread") + settings.delay_ms("message") * result.messages
+    if pause_ms:
+        time.sleep(pause_ms / 1000)  # the original's fixed delays, only when explicitly configured
+
+
+# -- completion monitor (periodic) -----------------------------------------------------------------------------------
+
+
+@dramatiq.actor(queue_name=COMPLETION_QUEUE, max_retries=0, periodic_ms=settings.completion_check_interval_ms)
+def check_completion() -> None:
+    """Progress of every active backfill; completes those whose threads are all done."""
+    with db.connection(settings) as conn:
+        completion.check_backfills(conn)
+
+
+def _recover_completions() -> None:
+    with db.connection(settings) as conn:
+        completion.recover_premature_completions(conn)
+
+
+recover_completions = dramatiq.actor(
+    _recover_completions,
+    actor_name="recover_completions",
+    queue_name=COMPLETION_QUEUE,
+    max_retries=0,
+    **({"periodic_ms": settings.recovery_check_interval_ms} if settings.enable_auto_recovery else {}),
+)

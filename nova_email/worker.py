@@ -1,0 +1,85 @@
+"""What a worker process needs besides its actors: the broker with its middleware, and the Nylas client.
+
+`build_broker` is called once when `nova_email.actors` is imported (that is how ``dramatiq
+nova_email.actors`` finds its broker); `nylas_client` and `pool` are per process, created on first
+use, so forked workers never share sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from brokers import PGMQBroker
+from brokers.periodic import PeriodicScheduler
+from brokers.rate_limits import use_rate_limit_retries
+
+from . import db
+from .config import Settings
+from .nylas.client import NylasClient
+from .nylas.pacing import Pacer
+
+__all__ = ["GiveUpHook", "build_broker", "nylas_client"]
+
+_client_lock = threading.Lock()
+_client: tuple[int, NylasClient] | None = None
+
+
+class GiveUpHook(Middleware):
+    """Calls an actor's ``on_give_up(message, exception)`` once its last attempt has failed.
+
+    Dramatiq's Retries marks such a message failed; this runs right after it, in the worker thread, so the
+    domain row (a thread, a webhook audit row) reaches a terminal state before the message is dead-lettered.
+    """
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"on_give_up"}
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        if exception is None or not message.failed:
+            return
+        hook = broker.get_actor(message.actor_name).options.get("on_give_up")
+        if hook is not None:
+            hook(message, exception)
+
+
+def build_broker(settings: Settings) -> PGMQBroker:
+    """The PGMQ broker configured from settings, with rate-limit-aware retries, periodic ticks and give-up hooks."""
+    url = db.database_url(settings)
+    broker = PGMQBroker(
+        url=url,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        poll_interval_ms=settings.poll_interval_ms,
+    )
+    use_rate_limit_retries(broker)
+    broker.add_middleware(PeriodicScheduler(conninfo=url))
+    broker.add_middleware(GiveUpHook())
+    return broker
+
+
+def nylas_client(settings: Settings) -> NylasClient:
+    """This process's Nylas client (one pooled HTTP session), paced through the shared buckets."""
+    global _client
+    with _client_lock:
+        if _client is None or _client[0] != os.getpid():
+            pacer = None
+            if settings.pacing_enabled or settings.delay_ms("api"):
+                pacer = Pacer(
+                    db.get_pool(settings).connection,
+                    grant_rate_per_s=settings.nylas_grant_rate or None,
+                    grant_burst=settings.nylas_grant_burst,
+                    app_rate_per_s=settings.nylas_app_rate or None,
+                    min_interval_ms=settings.delay_ms("api"),
+                )
+            _client = (
+                os.getpid(),
+                NylasClient(api_key=settings.nylas_api_key, api_uri=settings.nylas_api_uri, pacer=pacer),
+            )
+        return _client[1]
