@@ -1,0 +1,49 @@
+"""The module ``dramatiq tests.brokers.cli_app`` loads in the process tests: a PGMQBroker and a few actors.
+
+Settings come from the environment the test sets: BROKER_TEST_DATABASE_URL, BROKER_TEST_VT_S (visibility
+timeout), BROKER_TEST_SLEEP_S (how long `record_slowly` sleeps).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dramatiq
+
+from brokers import PGMQBroker
+
+URL = os.environ["BROKER_TEST_DATABASE_URL"]
+
+broker = PGMQBroker(url=URL, visibility_timeout_s=float(os.environ.get("BROKER_TEST_VT_S", "30")), poll_interval_ms=100)
+dramatiq.set_broker(broker)
+
+_INSERT = "insert into public.broker_test_runs (key) values (%s)"
+
+
+def _record(key: str) -> None:
+    with broker._connection() as conn:
+        conn.execute(_INSERT, [key])
+
+
+@dramatiq.actor(queue_name="cli_fast", max_retries=0)
+def record(key: str) -> None:
+    """Write one row per run."""
+    _record(key)
+
+
+@dramatiq.actor(queue_name="cli_slow", max_retries=0)
+def record_slowly(key: str) -> None:
+    """Write a 'start:' row, sleep, then write the key."""
+    _record(f"start:{key}")
+    time.sleep(float(os.environ.get("BROKER_TEST_SLEEP_S", "5")))
+    _record(key)
+
+
+@dramatiq.actor(queue_name="cli_foreign", queue_handler=True, max_retries=0)
+def handle_foreign(payload: dict[str, object]) -> None:
+    """Take the plain JSON objects SQL producers put on cli_foreign."""
+    _record(f"foreign:{payload['n']}")
+
+
+__all__ = ["broker", "handle_foreign", "record", "record_slowly"]

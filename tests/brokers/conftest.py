@@ -1,0 +1,128 @@
+"""Fixtures for the PGMQ broker's tests: a broker and an in-process worker on the test database, real
+``dramatiq`` CLI processes, and a TCP proxy that can drop the database connections."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dramatiq
+import psycopg
+import pytest
+from dramatiq import Worker
+
+from brokers import PGMQBroker
+
+from .proxy import TCPProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Rows written by the actors of tests/brokers/cli_app.py (and by in-process test actors).
+RUNS_TABLE = """
+create table if not exists public.broker_test_runs (
+    id bigint generated always as identity primary key,
+    key text not null,
+    pid integer not null default pg_backend_pid(),
+    ran_at timestamptz not null default clock_timestamp()
+)
+"""
+
+
+def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def runs_table(conn: psycopg.Connection) -> str:
+    conn.execute(RUNS_TABLE)
+    return "public.broker_test_runs"
+
+
+@pytest.fixture
+def make_broker(db_url: str) -> Iterator[Callable[..., PGMQBroker]]:
+    """Build brokers on the test database (the last one built is the global broker); all closed afterwards."""
+    made: list[PGMQBroker] = []
+
+    def make(**options: object) -> PGMQBroker:
+        options.setdefault("url", db_url)
+        options.setdefault("poll_interval_ms", 100)
+        broker = PGMQBroker(**options)  # type: ignore[arg-type]
+        dramatiq.set_broker(broker)
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., PGMQBroker]) -> PGMQBroker:
+    return make_broker()
+
+
+@pytest.fixture
+def make_worker() -> Iterator[Callable[..., Worker]]:
+    """Start in-process Dramatiq workers; every one is stopped afterwards."""
+    started: list[Worker] = []
+
+    def make(broker: PGMQBroker, *, threads: int = 2, **options: object) -> Worker:
+        worker = Worker(broker, worker_threads=threads, worker_timeout=100, **options)  # type: ignore[arg-type]
+        worker.start()
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        worker.stop(timeout=10_000)
+
+
+@pytest.fixture
+def worker(broker: PGMQBroker, make_worker: Callable[..., Worker]) -> Worker:
+    return make_worker(broker)
+
+
+@pytest.fixture
+def proxy(db_url: str) -> Iterator[TCPProxy]:
+    """A TCP proxy to the test database: ``proxy.stop()`` drops every connection, ``proxy.start()`` resumes."""
+    tcp_proxy = TCPProxy(db_url)
+    tcp_proxy.start()
+    yield tcp_proxy
+    tcp_proxy.stop()
+
+
+@pytest.fixture
+def start_cli(db_url: str, runs_table: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``dramatiq tests.brokers.cli_app`` processes (as dramatiq's own tests do); always terminated."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        full_env = {**os.environ, "BROKER_TEST_DATABASE_URL": db_url, **(env or {})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "tests.brokers.cli_app", *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        if proc.stderr is not None:
+            proc.stderr.close()
