@@ -114,6 +114,13 @@ def _build_converter() -> cattrs.Converter:
 converter = _build_converter()
 
 
+def _describe(exc: BaseException, type_: type | None) -> str:
+    # Our own validators say what is wrong in words; cattrs' default would only say "invalid value".
+    if isinstance(exc, ValueError) and not isinstance(exc, cattrs.BaseValidationError) and str(exc):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
 def structure_job(payload: object, cls: type[J]) -> J:
     """Build a job of type `cls` from a queue payload.
 
@@ -127,7 +134,7 @@ def structure_job(payload: object, cls: type[J]) -> J:
     try:
         return converter.structure(dict(payload), cls)
     except cattrs.BaseValidationError as exc:
-        details = "; ".join(cattrs.transform_error(exc))
+        details = "; ".join(cattrs.transform_error(exc, format_exception=_describe))
         msg = f"Invalid {cls.__name__} payload: {details}"
         raise InvalidJob(msg) from exc
     except (TypeError, ValueError) as exc:
