@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -132,3 +134,20 @@ def test_deleting_an_inbox_removes_everything_that_hangs_off_it(
     for table in ("flux_inbox_configurations", "queued_threads", "inbox_sync_stats"):
         count = conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(table))).fetchone()
         assert count == (0,), table
+
+
+def test_every_function_of_these_migrations_says_what_it_does(conn: psycopg.Connection) -> None:
+    sql_dir = Path(__file__).resolve().parents[2] / "sql"
+    names = {
+        match.group(1)
+        for path in sorted(sql_dir.glob("00[1-7]_*.sql"))
+        for match in re.finditer(r"CREATE OR REPLACE FUNCTION (\w+)\(", path.read_text())
+    }
+    assert len(names) >= 20
+    rows = conn.execute(
+        "select p.proname, obj_description(p.oid, 'pg_proc') from pg_proc p"
+        " where p.pronamespace = 'public'::regnamespace and p.proname = any(%s)",
+        (sorted(names),),
+    ).fetchall()
+    assert {name for name, _ in rows} == names
+    assert [name for name, comment in rows if not comment] == []

@@ -8,6 +8,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
@@ -200,3 +202,57 @@ def test_acknowledge_returns_false_for_missing_or_rejected_notifications(conn: p
     assert conn.execute(ack, (uuid.uuid4(),)).fetchone() == (False,)
     assert conn.execute(ack, (rejected[0],)).fetchone() == (False,)
     assert conn.execute("select status from flux_webhook_notifications").fetchone() == ("rejected",)
+
+
+def test_a_rolled_back_caller_leaves_neither_audit_row_nor_message(conn: psycopg.Connection, inbox: Inbox) -> None:
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), conn.transaction():
+        conn.execute(QUEUE, ("ntf_rb", "message.created", inbox.grant_id, Jsonb({})))
+        raise Abort
+    assert conn.execute("select count(*) from flux_webhook_notifications").fetchone() == (0,)
+    assert queue_messages(conn, "nylas_webhook_notifications") == []
+
+
+def test_an_explicit_inbox_that_does_not_exist_is_a_foreign_key_error(conn: psycopg.Connection) -> None:
+    with pytest.raises(errors.ForeignKeyViolation):
+        conn.execute(
+            "select * from queue_nylas_webhook_notification('ntf_fk', 'message.created', 'g', '{}', %s)",
+            (uuid.uuid4(),),
+        )
+    assert queue_messages(conn, "nylas_webhook_notifications") == []
+
+
+# Postgres text and jsonb cannot hold NUL; everything else a sender could put in a body must round-trip.
+_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=30)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_text, children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(webhook_id=_text, kind=_text, grant_id=st.none() | _text, body=st.dictionaries(_text, _json, max_size=5))
+def test_arbitrary_bodies_are_either_queued_verbatim_or_refused_cleanly(
+    conn: psycopg.Connection, webhook_id: str, kind: str, grant_id: str | None, body: dict[str, Any]
+) -> None:
+    # Examples share the test's database, so start each from an empty audit table and queue.
+    conn.execute("truncate flux_webhook_notifications")
+    conn.execute("select pgmq.purge_queue('nylas_webhook_notifications')")
+    try:
+        row = conn.execute(QUEUE, (webhook_id, kind, grant_id, Jsonb(body))).fetchone()
+    except errors.InvalidParameterValue:
+        assert not webhook_id.strip() or not kind.strip()
+        return
+    assert row is not None
+    message = conn.execute(
+        "select message from pgmq.q_nylas_webhook_notifications where msg_id = %s", (row[1],)
+    ).fetchone()
+    assert message is not None
+    assert (message[0]["webhook_id"], message[0]["notification_type"], message[0]["payload"]) == (
+        webhook_id,
+        kind,
+        body,
+    )
