@@ -1,0 +1,50 @@
+"""Nylas webhook intake over HTTP: verifies each delivery's signature and queues it once, in milliseconds.
+
+Run it with ``nova-email serve-webhooks`` (`server.main`); build the WSGI app alone with `create_app`.
+"""
+
+from __future__ import annotations
+
+# Application
+from .app import DEFAULT_MAX_BODY_BYTES, WEBHOOK_PATH, create_app
+
+# Errors
+from .errors import IntakeError, InvalidWebhookBody
+
+# Metrics
+from .metrics import IntakeMetrics
+
+# Receiving
+from .receiver import Envelope, Receipt, Rejection, parse_envelope, receive
+
+# Serving
+from .server import RunningIntake, main, serve_in_background
+
+# Signatures
+from .signature import SIGNATURE_HEADER, sign, signature_matches
+
+__all__ = [
+    # Application
+    "DEFAULT_MAX_BODY_BYTES",
+    "WEBHOOK_PATH",
+    "create_app",
+    # Errors
+    "IntakeError",
+    "InvalidWebhookBody",
+    # Metrics
+    "IntakeMetrics",
+    # Receiving
+    "Envelope",
+    "Receipt",
+    "Rejection",
+    "parse_envelope",
+    "receive",
+    # Serving
+    "RunningIntake",
+    "main",
+    "serve_in_background",
+    # Signatures
+    "SIGNATURE_HEADER",
+    "sign",
+    "signature_matches",
+]

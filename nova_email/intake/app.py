@@ -1,0 +1,331 @@
+"""The webhook intake as a WSGI application (Falcon): Nylas's challenge, signed deliveries, health and metrics.
+
+Routes:
+    GET  /webhooks/nylas?challenge=X   200 with the bare value X (Nylas's endpoint verification)
+    POST /webhooks/nylas               200 queued (or already queued); 401 bad or missing signature, nothing
+                                       stored; 413 body over the limit, nothing stored; 400 signed but not a
+                                       usable envelope, audited as rejected; 503 no secret set or no database
+    GET  /healthz                      200 while the process serves requests (liveness)
+    GET  /readyz                       200 when the database answers and the webhook functions exist
+    GET  /metrics                      Prometheus text format
+
+The order on POST is fixed: size, then signature, then parsing. Nothing from an unsigned body is parsed or
+stored, so a stranger cannot fill the audit table; a signed body that is not an envelope is kept for audit.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zlib
+from typing import Any
+
+import falcon
+import psycopg
+from loguru import logger
+from psycopg_pool import ConnectionPool
+
+from . import queries
+from .errors import InvalidWebhookBody
+from .metrics import IntakeMetrics
+from .receiver import Receipt, receive, record_rejected
+from .signature import SIGNATURE_HEADER, signature_matches
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_POOL_TIMEOUT_S", "WEBHOOK_PATH", "create_app"]
+
+log = logger.bind(component="Intake")
+
+#: Largest body accepted (after gzip inflation too). Nylas truncates objects over ~1 MB (``*.truncated``
+#: types), so a real delivery stays well under this; anything larger is answered 413 and not stored.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+#: How long a request waits for a pooled connection before answering 503. Nylas gives up after 10 s.
+DEFAULT_POOL_TIMEOUT_S = 5.0
+
+#: Where Nylas delivers: configure the webhook destination as ``https://<host>/webhooks/nylas``.
+WEBHOOK_PATH = "/webhooks/nylas"
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class _Unsigned(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _SignedButInvalid(Exception):
+    def __init__(self, raw: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.raw = raw
+        self.reason = reason
+
+
+def _json(resp: falcon.Response, status: int, document: dict[str, Any]) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(document)
+
+
+def _inflate(raw: bytes, limit: int) -> bytes:
+    """Gunzip `raw`, stopping as soon as the output passes `limit` (so a gzip bomb costs `limit` bytes)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        msg = f"body says Content-Encoding: gzip but is not gzip data ({exc})"
+        raise InvalidWebhookBody(msg) from exc
+    if len(inflated) > limit:
+        raise _BodyTooLarge(len(inflated))
+    if not inflater.eof:
+        msg = "body says Content-Encoding: gzip but the gzip stream is truncated"
+        raise InvalidWebhookBody(msg)
+    return inflated
+
+
+class _DatabaseState:
+    """Logs an outage once and the recovery once, however many requests hit it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down = False
+
+    def failed(self, exc: psycopg.Error) -> None:
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            log.bind(event="database_down").error("Database unavailable, answering 503 until it is back: {}", exc)
+
+    def succeeded(self) -> None:
+        if not self._down:
+            return
+        with self._lock:
+            recovered, self._down = self._down, False
+        if recovered:
+            log.bind(event="database_up").info("Database reachable again")
+
+
+class _Instrumentation:
+    """Falcon middleware: times every request and counts it under its route and outcome."""
+
+    def __init__(self, metrics: IntakeMetrics) -> None:
+        self._metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        outcome = getattr(req.context, "outcome", None) or f"http_{resp.status_code}"
+        elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
+        self._metrics.observe(req.uri_template or "unmatched", outcome, elapsed)
+
+
+class _WebhookResource:
+    def __init__(
+        self, *, pool: ConnectionPool, secret: str, max_body_bytes: int, pool_timeout_s: float, db: _DatabaseState
+    ) -> None:
+        self._pool = pool
+        self._secret = secret
+        self._max_body_bytes = max_body_bytes
+        self._pool_timeout_s = pool_timeout_s
+        self._db = db
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        challenge = req.get_param("challenge")
+        if not challenge:
+            req.context.outcome = "bad_request"
+            _json(resp, 400, {"error": "missing_challenge", "detail": "GET expects ?challenge=<value> from Nylas"})
+            return
+        # Nylas activates the destination only if the body is exactly the value: no quotes, no JSON.
+        req.context.outcome = "challenge"
+        resp.status = 200
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.text = challenge
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self._secret:
+            req.context.outcome = "unconfigured"
+            _json(resp, 503, {"error": "unconfigured", "detail": "NYLAS_WEBHOOK_SECRET is not set on this server"})
+            return
+        try:
+            body = self._authenticated_body(req)
+        except _BodyTooLarge as exc:
+            req.context.outcome = "too_large"
+            log.warning(
+                "Refused a {} byte body from {} (limit {} bytes)", exc.size, req.remote_addr, self._max_body_bytes
+            )
+            detail = f"body is {exc.size} bytes or more; the limit is {self._max_body_bytes}"
+            _json(resp, 413, {"error": "too_large", "detail": detail})
+            return
+        except _Unsigned as exc:
+            req.context.outcome = "unauthorized"
+            log.warning("Refused a POST from {}: {}", req.remote_addr, exc.reason)
+            _json(resp, 401, {"error": "unauthorized", "detail": exc.reason})
+            return
+        except _SignedButInvalid as exc:
+            self._reject(req, resp, exc.raw, exc.reason)
+            return
+        self._queue(req, resp, body)
+
+    def _authenticated_body(self, req: falcon.Request) -> bytes:
+        length = req.content_length
+        if length is not None and length > self._max_body_bytes:
+            raise _BodyTooLarge(length)
+        # req.stream (not bounded_stream) so that chunked bodies, which carry no Content-Length, are read too.
+        raw: bytes = req.stream.read(self._max_body_bytes + 1)
+        if len(raw) > self._max_body_bytes:
+            raise _BodyTooLarge(len(raw))
+        signature = req.get_header(SIGNATURE_HEADER)
+        if not signature:
+            msg = f"no {SIGNATURE_HEADER} header"
+            raise _Unsigned(msg)
+        gzipped = (req.get_header("Content-Encoding") or "").strip().lower() == "gzip"
+        if signature_matches(self._secret, raw, signature):
+            if not gzipped:
+                return raw
+            try:
+                return _inflate(raw, self._max_body_bytes)
+            except InvalidWebhookBody as exc:
+                raise _SignedButInvalid(raw, exc.reason) from exc
+        # Whether Nylas signs compressed deliveries before or after compressing is not documented; accept both.
+        if gzipped:
+            try:
+                inflated = _inflate(raw, self._max_body_bytes)
+            except InvalidWebhookBody:
+                inflated = None
+            if inflated is not None and signature_matches(self._secret, inflated, signature):
+                return inflated
+        msg = f"{SIGNATURE_HEADER} does not match the body"
+        raise _Unsigned(msg)
+
+    def _queue(self, req: falcon.Request, resp: falcon.Response, body: bytes) -> None:
+        try:
+            with self._pool.connection(timeout=self._pool_timeout_s) as conn:
+                result = receive(conn, body)
+        except (psycopg.OperationalError, psycopg.errors.UndefinedFunction) as exc:
+            self._unavailable(req, resp, exc)
+            return
+        self._db.succeeded()
+        if isinstance(result, Receipt):
+            req.context.outcome = "duplicate" if result.duplicate else "accepted"
+            if result.duplicate:
+                log.debug("Webhook already received as {}; nothing queued again", result.notification_id)
+            _json(resp, 200, {"status": req.context.outcome, "notification_id": str(result.notification_id)})
+            return
+        req.context.outcome = "rejected"
+        log.warning("Rejected a signed body as {}: {}", result.notification_id, result.reason)
+        _json(
+            resp,
+            400,
+            {"error": "invalid_body", "detail": result.reason, "notification_id": str(result.notification_id)},
+        )
+
+    def _reject(self, req: falcon.Request, resp: falcon.Response, raw: bytes, reason: str) -> None:
+        try:
+            with self._pool.connection(timeout=self._pool_timeout_s) as conn:
+                notification_id = record_rejected(conn, raw, reason)
+        except (psycopg.OperationalError, psycopg.errors.UndefinedFunction) as exc:
+            self._unavailable(req, resp, exc)
+            return
+        self._db.succeeded()
+        req.context.outcome = "rejected"
+        log.warning("Rejected a signed body as {}: {}", notification_id, reason)
+        _json(resp, 400, {"error": "invalid_body", "detail": reason, "notification_id": str(notification_id)})
+
+    def _unavailable(self, req: falcon.Request, resp: falcon.Response, exc: psycopg.Error) -> None:
+        self._db.failed(exc)
+        req.context.outcome = "unavailable"
+        # Nylas retries failed deliveries, so a 503 during an outage or before `migrate` loses nothing.
+        resp.append_header("Retry-After", "5")
+        detail = (
+            "the webhook SQL functions are missing; run `nova-email migrate`"
+            if isinstance(exc, psycopg.errors.UndefinedFunction)
+            else "the database is unavailable; retry later"
+        )
+        _json(resp, 503, {"error": "unavailable", "detail": detail})
+
+
+class _HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.outcome = "ok"
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.text = "ok"
+
+
+class _ReadyResource:
+    def __init__(self, *, pool: ConnectionPool, secret: str) -> None:
+        self._pool = pool
+        self._secret = secret
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            with self._pool.connection(timeout=2.0) as conn:
+                row = conn.execute(queries.READINESS).fetchone()
+        except psycopg.Error as exc:
+            req.context.outcome = "not_ready"
+            _json(resp, 503, {"status": "not_ready", "database": False, "detail": f"database unavailable: {exc}"})
+            return
+        functions = bool(row and row[0] and row[1])
+        document: dict[str, Any] = {
+            "status": "ready" if functions else "not_ready",
+            "database": True,
+            "functions": functions,
+            # Reported, not required: the challenge must be answerable before Nylas issues the secret.
+            "signing_secret": bool(self._secret),
+        }
+        if not functions:
+            document["detail"] = "the webhook SQL functions are missing; run `nova-email migrate`"
+        req.context.outcome = document["status"]
+        _json(resp, 200 if functions else 503, document)
+
+
+class _MetricsResource:
+    def __init__(self, metrics: IntakeMetrics) -> None:
+        self._metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.outcome = "ok"
+        resp.data, resp.content_type = self._metrics.render()
+
+
+def _log_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
+    req.context.outcome = "error"
+    log.opt(exception=exc).critical("Unexpected error on {} {}", req.method, req.path)
+    _json(resp, 500, {"error": "internal", "detail": "unexpected server error; see the intake's log"})
+
+
+def create_app(
+    *,
+    pool: ConnectionPool,
+    secret: str,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+    metrics: IntakeMetrics | None = None,
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """Build the intake's WSGI application over `pool` (autocommit connections, as `nova_email.db` makes).
+
+    An empty `secret` is allowed so the challenge can be answered before Nylas issues the secret; POSTs then
+    get 503 until NYLAS_WEBHOOK_SECRET is set.
+    """
+    if max_body_bytes < 1:
+        msg = f"max_body_bytes={max_body_bytes!r} must be a positive number of bytes, e.g. {DEFAULT_MAX_BODY_BYTES}"
+        raise ValueError(msg)
+    metrics = metrics or IntakeMetrics()
+    db = _DatabaseState()
+    app = falcon.App(middleware=[_Instrumentation(metrics)])
+    app.add_route(
+        WEBHOOK_PATH,
+        _WebhookResource(pool=pool, secret=secret, max_body_bytes=max_body_bytes, pool_timeout_s=pool_timeout_s, db=db),
+    )
+    app.add_route("/healthz", _HealthResource())
+    app.add_route("/readyz", _ReadyResource(pool=pool, secret=secret))
+    app.add_route("/metrics", _MetricsResource(metrics))
+    app.add_error_handler(Exception, _log_unexpected)
+    return app

@@ -1,0 +1,29 @@
+"""Errors of the webhook intake.
+
+    NovaError (nova_email.errors)
+     └── IntakeError               base of the intake's own errors
+          └── InvalidWebhookBody   a signed body that is not a Nylas envelope (answered 400, audited as rejected)
+
+A missing signing secret at start-up is a `nova_email.errors.ConfigError` naming NYLAS_WEBHOOK_SECRET.
+"""
+
+from __future__ import annotations
+
+from ..errors import NovaError
+
+__all__ = ["IntakeError", "InvalidWebhookBody"]
+
+
+class IntakeError(NovaError):
+    """Base class of the webhook intake's errors."""
+
+
+class InvalidWebhookBody(IntakeError, ValueError):
+    """A correctly signed body that cannot be queued: not UTF-8, not JSON, not an object, or no usable id/type.
+
+    `reason` is the text stored in the audit row's ``error_message`` and returned to the sender.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
