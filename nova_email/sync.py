@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -21,10 +22,20 @@ from .nylas.models import Message, Thread, to_json
 __all__ = ["upsert_messages", "upsert_thread", "upsert_thread_with_messages"]
 
 
+def _compact(value: Any) -> Any:
+    """JSON without null members, as Nylas itself omits absent optional fields."""
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    return value
+
+
 def upsert_thread(conn: psycopg.Connection, inbox_id: uuid.UUID, thread: Thread, *, fetched_at: datetime) -> uuid.UUID:
     """Insert or update one thread's metadata; returns its row id."""
     row = conn.execute(
-        queries.UPSERT_THREAD, {"inbox_id": inbox_id, "thread": Jsonb(to_json(thread)), "fetched_at": fetched_at}
+        queries.UPSERT_THREAD,
+        {"inbox_id": inbox_id, "thread": Jsonb(_compact(to_json(thread))), "fetched_at": fetched_at},
     ).fetchone()
     assert row is not None  # the function always returns the row id
     thread_row_id: uuid.UUID = row[0]
@@ -47,7 +58,7 @@ def upsert_messages(
         {
             "inbox_id": inbox_id,
             "thread_row_id": thread_row_id,
-            "messages": Jsonb([to_json(message) for message in messages]),
+            "messages": Jsonb([_compact(to_json(message)) for message in messages]),
             "fetched_at": fetched_at,
         },
     ).fetchone()

@@ -1,0 +1,143 @@
+"""Thread sync against a real database and the Nylas simulator."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from nova_email import thread_sync
+from nova_email.jobs import ThreadSyncJob
+from nova_email.nylas.client import NylasClient
+from nova_email.simulator.server import SimulatorHandle
+from nova_email.thread_sync import ThreadSyncOutcome
+from tests.mirror import mirror_differences
+from tests.nova_email.conftest import GRANT
+
+
+def make_thread_of(nylas: SimulatorHandle, size: int) -> str:
+    """A thread with exactly `size` messages in the simulated mailbox."""
+    first = nylas.simulator.add_message(GRANT, subject=f"Thread of {size}", emit=False)
+    for _ in range(size - 1):
+        nylas.simulator.add_message(GRANT, thread_id=first["thread_id"], emit=False)
+    return str(first["thread_id"])
+
+
+def track(conn: psycopg.Connection, inbox_id: uuid.UUID, thread_id: str) -> uuid.UUID:
+    """A configuration tracking `thread_id` in queued_threads, as a backfill would leave it."""
+    config = conn.execute("insert into flux_inbox_configurations (inbox_id) values (%s) returning id", [inbox_id])
+    config_id = config.fetchone()[0]  # type: ignore[index]
+    conn.execute("select insert_queued_thread_idempotent(%s, %s, %s, %s)", [config_id, inbox_id, thread_id, GRANT])
+    return config_id  # type: ignore[no-any-return]
+
+
+def queued_row(conn: psycopg.Connection, config_id: uuid.UUID, thread_id: str) -> tuple:
+    row = conn.execute(
+        "select status, messages_synced, note, error_message, attempts from queued_threads"
+        " where config_id = %s and nylas_thread_id = %s",
+        [config_id, thread_id],
+    ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+@pytest.mark.parametrize("size", [1, 50, 300], ids=lambda n: f"{n}-messages")
+def test_a_thread_is_stored_with_every_message_and_every_field(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID, size: int
+) -> None:
+    # Given a thread of `size` messages (300 spans two pages of the message list)
+    thread_id = make_thread_of(nylas, size)
+    config_id = track(conn, inbox_id, thread_id)
+    job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, grant_id=GRANT, config_id=config_id)
+
+    # When it is synced
+    result = thread_sync.sync_thread(conn, client, job)
+
+    # Then the database holds it exactly as Nylas serves it, and the tracked row is completed
+    assert result.outcome is ThreadSyncOutcome.SYNCED and result.messages == size
+    export = nylas.export(GRANT)
+    export["threads"] = [t for t in export["threads"] if t["id"] == thread_id]
+    assert mirror_differences(conn, inbox_id, export) == []
+    assert queued_row(conn, config_id, thread_id)[:2] == ("completed", size)
+
+
+def test_syncing_twice_changes_nothing(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    thread_id = make_thread_of(nylas, 5)
+    job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, grant_id=GRANT)
+    thread_sync.sync_thread(conn, client, job)
+    before = conn.execute("select count(*), max(synced_at) from flux_email_messages").fetchone()
+    thread_sync.sync_thread(conn, client, job)
+    after = conn.execute("select count(*) from flux_email_messages").fetchone()
+    assert before is not None and after is not None and before[0] == after[0] == 5
+
+
+def test_a_missing_grant_is_resolved_from_the_inbox(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    thread_id = make_thread_of(nylas, 2)
+    result = thread_sync.sync_thread(conn, client, ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id))
+    assert result.outcome is ThreadSyncOutcome.SYNCED and result.messages == 2
+
+
+def test_a_thread_deleted_at_nylas_completes_with_a_note(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    config_id = track(conn, inbox_id, "thr_that_was_deleted")
+    job = ThreadSyncJob(thread_id="thr_that_was_deleted", inbox_id=inbox_id, grant_id=GRANT, config_id=config_id)
+    result = thread_sync.sync_thread(conn, client, job)
+    assert result.outcome is ThreadSyncOutcome.DELETED
+    assert queued_row(conn, config_id, "thr_that_was_deleted")[:3] == ("completed", 0, "thread deleted at Nylas")
+
+
+def test_an_expired_grant_marks_the_inbox_and_stops_its_jobs(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    first, second = make_thread_of(nylas, 1), make_thread_of(nylas, 1)
+    config_id = track(conn, inbox_id, first)
+    conn.execute("select insert_queued_thread_idempotent(%s, %s, %s, %s)", [config_id, inbox_id, second, GRANT])
+    nylas.simulator.expire_grant(GRANT, emit=False)
+    calls_before = sum(client.counter.snapshot().values())
+
+    result = thread_sync.sync_thread(
+        conn, client, ThreadSyncJob(thread_id=first, inbox_id=inbox_id, config_id=config_id)
+    )
+    second_result = thread_sync.sync_thread(
+        conn, client, ThreadSyncJob(thread_id=second, inbox_id=inbox_id, config_id=config_id)
+    )
+
+    assert result.outcome is second_result.outcome is ThreadSyncOutcome.GRANT_EXPIRED
+    assert conn.execute("select status from flux_inboxes where id = %s", [inbox_id]).fetchone() == ("auth_expired",)
+    assert queued_row(conn, config_id, first)[0] == queued_row(conn, config_id, second)[0] == "failed"
+    # The second job made no API call at all: the inbox was already known to be expired.
+    assert sum(client.counter.snapshot().values()) - calls_before == 1
+
+
+def test_a_completed_thread_is_not_claimed_again(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    thread_id = make_thread_of(nylas, 3)
+    config_id = track(conn, inbox_id, thread_id)
+    job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, config_id=config_id)
+    thread_sync.sync_thread(conn, client, job)
+    again = thread_sync.sync_thread(conn, client, job)
+    assert again.outcome is ThreadSyncOutcome.ALREADY_COMPLETED
+    assert queued_row(conn, config_id, thread_id)[4] == 1
+
+
+def test_the_last_failure_leaves_the_thread_failed_with_its_error(
+    conn: psycopg.Connection, inbox_id: uuid.UUID
+) -> None:
+    config_id = track(conn, inbox_id, "thr_x")
+    job = ThreadSyncJob(thread_id="thr_x", inbox_id=inbox_id, config_id=config_id)
+    thread_sync.record_thread_failure(conn, job, "gave up after 5 attempt(s): ServerError: 503")
+    assert queued_row(conn, config_id, "thr_x")[0::3] == ("failed", "gave up after 5 attempt(s): ServerError: 503")
+
+
+def test_an_unknown_inbox_is_an_invalid_job(conn: psycopg.Connection, client: NylasClient) -> None:
+    from nova_email.errors import InvalidJob
+
+    with pytest.raises(InvalidJob, match="does not exist"):
+        thread_sync.sync_thread(conn, client, ThreadSyncJob(thread_id="t", inbox_id=uuid.uuid4()))
