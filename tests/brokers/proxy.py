@@ -9,21 +9,23 @@ import contextlib
 import selectors
 import socket
 import threading
-from urllib.parse import urlsplit, urlunsplit
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
 class TCPProxy:
     """Forward 127.0.0.1:<port> to the server of `url`; `url_through` is the URL to hand to clients."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        params = conninfo_to_dict(url)
+        host, port = str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
+        # The embedded server listens on a Unix socket in its data directory; the local server on TCP.
+        self._target: str | tuple[str, int] = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
         probe.close()
-        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{self.port}"
-        self.url_through = urlunsplit(parts._replace(netloc=netloc))
+        self.url_through = make_conninfo(url, host="127.0.0.1", port=str(self.port))
         self._server: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -60,7 +62,7 @@ class TCPProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self._target)
+                upstream = self._connect_upstream()
             except OSError:
                 client.close()
                 continue
@@ -72,11 +74,18 @@ class TCPProxy:
                 self._sockets.update((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
+    def _connect_upstream(self) -> socket.socket:
+        if isinstance(self._target, str):
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self._target)
+            return upstream
+        return socket.create_connection(self._target)
+
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(a, selectors.EVENT_READ, b)
-        selector.register(b, selectors.EVENT_READ, a)
         try:
+            selector.register(a, selectors.EVENT_READ, b)
+            selector.register(b, selectors.EVENT_READ, a)
             while True:
                 for key, _ in selector.select(timeout=1.0):
                     data = key.fileobj.recv(65536)  # type: ignore[union-attr]
@@ -86,7 +95,7 @@ class TCPProxy:
                 with self._lock:
                     if a not in self._sockets:
                         return
-        except OSError:
+        except (OSError, ValueError):  # ValueError: stop() closed a socket under us
             return
         finally:
             selector.close()

@@ -1,0 +1,79 @@
+"""The visibility heartbeat: long jobs are never run twice by live workers; given-up leases lapse."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import dramatiq
+import psycopg
+import pytest
+from dramatiq import Worker
+
+from brokers import PGMQBroker
+from brokers.lease import Lease, LeaseKeeper
+
+from .conftest import wait_until
+
+
+@pytest.mark.slow
+def test_a_job_three_times_longer_than_the_visibility_timeout_runs_once(
+    make_broker: Callable[..., PGMQBroker], make_worker: Callable[..., Worker]
+) -> None:
+    # Given two workers (two brokers, as two processes would have) with one thread each, so each prefetches
+    # two messages and keeps one buffered while the other runs, and a visibility timeout of 0.6 s
+    runs = Counter[int]()
+
+    def slow(n: int) -> None:
+        runs[n] += 1
+        time.sleep(1.8)
+
+    first = make_broker(visibility_timeout_s=0.6, poll_interval_ms=50)
+    dramatiq.actor(slow, queue_name="long_jobs", broker=first)
+    second = make_broker(visibility_timeout_s=0.6, poll_interval_ms=50)
+    dramatiq.actor(slow, queue_name="long_jobs", broker=second)
+
+    first.enqueue_many([first.get_actor("slow").message(n) for n in range(3)])
+    make_worker(first, threads=1)
+    wait_until(lambda: len(runs) >= 1, what="the first job to start")
+    make_worker(second, threads=1)
+
+    # When every job has finished
+    first.join("long_jobs", timeout=15_000)
+
+    # Then each ran exactly once, although each sat or ran for longer than the visibility timeout
+    assert runs == {0: 1, 1: 1, 2: 1}
+
+
+def test_the_keeper_extends_held_leases_and_forgets_lost_ones(broker: PGMQBroker, conn: psycopg.Connection) -> None:
+    conn.execute("select pgmq.create('leases')")
+    conn.execute("select pgmq.send_batch('leases', array['{}'::jsonb, '{}'::jsonb])")
+    rows = conn.execute("select msg_id, last_read_at, read_ct from pgmq.read('leases', 1, 2)").fetchall()
+    leases = [Lease("leases", msg_id, token, read_ct) for msg_id, token, read_ct in rows]
+    keeper = LeaseKeeper(connect=broker._raw_connection, visibility_timeout_ms=60_000, max_lease_s=3600)
+    keeper.track(leases)
+
+    # A lease re-read elsewhere (its token changed) is lost, the other is pushed a minute ahead
+    conn.execute("update pgmq.q_leases set last_read_at = clock_timestamp() where msg_id = %s", [leases[1].msg_id])
+    assert keeper.extend_all() == 1
+    assert keeper.tracked_count() == 1
+    vt_in_s = conn.execute(
+        "select extract(epoch from vt - clock_timestamp()) from pgmq.q_leases where msg_id = %s", [leases[0].msg_id]
+    ).fetchone()[0]  # type: ignore[index]
+    assert 50 < vt_in_s <= 60
+
+
+def test_the_keeper_gives_up_after_the_maximum_lease(broker: PGMQBroker, conn: psycopg.Connection) -> None:
+    conn.execute("select pgmq.create('given_up')")
+    conn.execute("select pgmq.send('given_up', '{}'::jsonb)")
+    msg_id, token, read_ct = conn.execute(
+        "select msg_id, last_read_at, read_ct from pgmq.read('given_up', 1, 1)"
+    ).fetchone()  # type: ignore[misc]
+    keeper = LeaseKeeper(connect=broker._raw_connection, visibility_timeout_ms=60_000, max_lease_s=0.0)
+    keeper.track([Lease("given_up", msg_id, token, read_ct, fetched_at=time.monotonic() - 1)])
+
+    assert keeper.extend_all() == 0
+    assert keeper.tracked_count() == 0
+    # Not extended: it still becomes visible when its first lease ends
+    assert conn.execute("select vt < clock_timestamp() + interval '2 seconds' from pgmq.q_given_up").fetchone()  # type: ignore[misc] == (True,)

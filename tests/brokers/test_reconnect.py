@@ -1,0 +1,129 @@
+"""Database outages, made real with a TCP proxy that drops every connection (as a server restart does)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import dramatiq
+import pytest
+from dramatiq import Worker
+from dramatiq.errors import ConnectionClosed
+from loguru import logger
+
+from brokers import DatabaseUnavailable, PGMQBroker
+
+from .conftest import wait_until
+from .proxy import TCPProxy
+
+
+@pytest.fixture
+def broker_logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    yield lines
+    logger.remove(sink)
+
+
+def test_enqueue_raises_a_connection_error_dramatiq_understands(
+    make_broker: Callable[..., PGMQBroker], proxy: TCPProxy
+) -> None:
+    make_broker(url=proxy.url_through, pool_timeout_s=0.5)  # the global broker the actor below uses
+
+    @dramatiq.actor(queue_name="down")
+    def job() -> None:
+        pass
+
+    job.send()  # creates the queue while the database is reachable
+    proxy.stop()
+    with pytest.raises(DatabaseUnavailable) as info:
+        job.send()
+    assert isinstance(info.value, ConnectionClosed)
+
+    proxy.start()
+    wait_until(lambda: _sends(job), timeout_s=10, what="enqueue to work again")
+
+
+def _sends(actor: dramatiq.Actor[..., None]) -> bool:
+    try:
+        actor.send()
+    except DatabaseUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("settle", ["ack", "nack"])
+def test_ack_and_nack_raise_on_connection_errors_and_succeed_when_retried(
+    make_broker: Callable[..., PGMQBroker], proxy: TCPProxy, settle: str
+) -> None:
+    broker = make_broker(url=proxy.url_through, pool_timeout_s=0.5)
+
+    @dramatiq.actor(queue_name="settle_down")
+    def job() -> None:
+        pass
+
+    job.send()
+    consumer = broker.consume("settle_down", prefetch=1, timeout=100)
+    message = next(consumer)
+    assert message is not None
+
+    # When the database goes away, settling raises the error Dramatiq's worker retries on
+    proxy.stop()
+    if settle == "nack":
+        message.fail()
+    with pytest.raises(DatabaseUnavailable):
+        getattr(consumer, settle)(message)
+
+    # And once it is back, the same call (as the worker repeats it) settles the message
+    proxy.start()
+    wait_until(lambda: _settles(consumer, settle, message), timeout_s=10, what="the retried settlement")
+    assert broker.metrics("settle_down").queued + broker.metrics("settle_down").in_flight == 0
+    assert broker.count_dead_letters("settle_down") == (1 if settle == "nack" else 0)
+    consumer.close()
+
+
+def _settles(consumer: object, settle: str, message: object) -> bool:
+    try:
+        getattr(consumer, settle)(message)
+    except DatabaseUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_database_restart_mid_consume_loses_nothing_and_is_logged_once(
+    make_broker: Callable[..., PGMQBroker],
+    make_worker: Callable[..., Worker],
+    proxy: TCPProxy,
+    broker_logs: list[str],
+) -> None:
+    # Given a worker consuming through a connection that is about to be dropped
+    producer = make_broker()
+    broker = make_broker(url=proxy.url_through, pool_timeout_s=0.5)
+    runs = Counter[int]()
+    lock = threading.Lock()
+
+    def count(n: int) -> None:
+        with lock:
+            runs[n] += 1
+
+    dramatiq.actor(count, queue_name="restart", broker=producer)
+    dramatiq.actor(count, queue_name="restart", broker=broker)
+    producer.enqueue_many([producer.get_actor("count").message(n) for n in range(50)])
+    make_worker(broker)
+    wait_until(lambda: len(runs) == 50, what="the first batch")
+
+    # When the database "restarts" (every connection dropped for a second) while messages keep coming
+    proxy.stop()
+    producer.enqueue_many([producer.get_actor("count").message(n) for n in range(50, 100)])
+    time.sleep(1.0)  # the outage itself: nothing to poll for
+    proxy.start()
+
+    # Then the worker reconnects and every message runs exactly once
+    wait_until(lambda: len(runs) == 100, timeout_s=20, what="the messages sent during the outage")
+    producer.join("restart", timeout=10_000)
+    assert set(runs.values()) == {1}
+    assert sum("Lost the database" in line for line in broker_logs) == 1
+    assert sum("Database reachable again" in line for line in broker_logs) == 1
