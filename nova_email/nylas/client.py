@@ -362,12 +362,17 @@ class NylasClient:
         )
 
     def iter_thread_messages(
-        self, grant_id: str, thread_id: str, *, select: Sequence[str] | None = MESSAGE_SELECT
+        self,
+        grant_id: str,
+        thread_id: str,
+        *,
+        limit: int = MAX_PAGE_LIMIT,
+        select: Sequence[str] | None = MESSAGE_SELECT,
     ) -> Iterator[Message]:
         """Yield every message of a thread, following the cursor, so no long thread is cut short."""
         token: str | None = None
         while True:
-            page = self.list_messages(grant_id, thread_id=thread_id, page_token=token, select=select)
+            page = self.list_messages(grant_id, thread_id=thread_id, page_token=token, limit=limit, select=select)
             yield from page.messages
             if page.next_cursor is None:
                 return
@@ -457,7 +462,8 @@ class NylasClient:
             return errors.InvalidApiKey(self._redact(msg), **fields)
         if status == 401:
             msg = (
-                f"Grant {grant_id!r} is expired or revoked {said}; mark its inbox auth_expired, retrying will not help"
+                f"Grant {grant_id!r} is expired or revoked: {what} was refused {said}; "
+                "mark its inbox auth_expired, retrying will not help"
             )
             return errors.GrantExpired(self._redact(msg), **fields)
         if status in (400, 422):

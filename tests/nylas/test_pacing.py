@@ -1,0 +1,178 @@
+"""The shared pacer on real Postgres: threads and processes together stay within the configured rates."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import responses
+from psycopg_pool import ConnectionPool
+
+from nova_email.nylas import ApiCallCounter, NylasClient, PacingLimitReached, RateLimited, build_session
+from nova_email.nylas.pacing import Pacer
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[ConnectionPool[Any]]:
+    with ConnectionPool(db_url, min_size=1, max_size=6, kwargs={"autocommit": True}, open=True) as p:
+        yield p
+
+
+def assert_within_rate(stamps: list[float], *, rate: float, burst: int) -> None:
+    """No window of calls is denser than the bucket allows (one call of slack for clock and wake-up jitter)."""
+    stamps = sorted(stamps)
+    for i in range(len(stamps)):
+        for j in range(i + 1, len(stamps)):
+            allowed = burst + rate * (stamps[j] - stamps[i]) + 1
+            assert j - i + 1 <= allowed, f"{j - i + 1} calls in {stamps[j] - stamps[i]:.3f} s (rate {rate}/s)"
+
+
+def test_a_rested_grant_bursts_then_is_spaced_at_its_rate(pool: ConnectionPool[Any]) -> None:
+    pacer = Pacer(pool.connection, grant_rate_per_s=20, grant_burst=3)
+
+    waits = [pacer.acquire("g1") for _ in range(6)]
+
+    assert waits[:3] == [0, 0, 0]
+    # One slot every 50 ms: the 4th waits for what is left of the first interval, the next ones for a whole one.
+    assert 0 < waits[3] <= 51 and all(40 <= w <= 51 for w in waits[4:]), waits
+    assert pacer.waited_ms == sum(waits)
+
+
+def test_grants_have_their_own_buckets(pool: ConnectionPool[Any]) -> None:
+    pacer = Pacer(pool.connection, grant_rate_per_s=2, grant_burst=1, max_wait_ms=10_000)
+    pacer.acquire("busy")
+
+    assert pacer.acquire("idle") == 0
+    with pytest.raises(PacingLimitReached):
+        Pacer(pool.connection, grant_rate_per_s=2, grant_burst=1, max_wait_ms=100).acquire("busy")
+
+
+def test_api_delay_ms_is_a_minimum_spacing_without_bursts(pool: ConnectionPool[Any]) -> None:
+    pacer = Pacer(pool.connection, grant_rate_per_s=1000, grant_burst=50, min_interval_ms=60)
+    stamps = []
+
+    for _ in range(5):
+        pacer.acquire("g1")
+        stamps.append(time.monotonic())
+
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert min(gaps) >= 0.055, gaps
+
+
+def test_a_slot_beyond_max_wait_is_handed_back_as_rate_limited_and_not_reserved(pool: ConnectionPool[Any]) -> None:
+    slept: list[float] = []
+    pacer = Pacer(pool.connection, grant_rate_per_s=1, grant_burst=1, max_wait_ms=200, sleep=slept.append)
+    pacer.acquire("g1")
+
+    with pytest.raises(RateLimited) as caught:
+        pacer.acquire("g1")
+
+    assert isinstance(caught.value, PacingLimitReached)
+    assert 800 <= caught.value.retry_after_ms <= 1000 and caught.value.grant_id == "g1"
+    assert slept == []  # nothing slept: the worker thread is free at once
+    with pool.connection() as conn:
+        # Only the first call is reserved: the next slot is one interval after it, not two.
+        (pending_ms,) = conn.execute(
+            "select extract(epoch from tat - clock_timestamp()) * 1000 from nylas_pacing_buckets where key = 'grant:g1'"
+        ).fetchone()
+    assert pending_ms <= 1000
+
+
+def test_the_application_bucket_caps_all_grants_together(pool: ConnectionPool[Any]) -> None:
+    pacer = Pacer(pool.connection, grant_rate_per_s=None, app_rate_per_s=25, app_burst=2)
+    stamps: list[float] = []
+
+    started = time.monotonic()
+    for i in range(12):
+        pacer.acquire(f"grant-{i}")
+        stamps.append(time.monotonic())
+
+    assert time.monotonic() - started >= (12 - 2) / 25 * 0.95
+    assert_within_rate(stamps, rate=25, burst=2)
+
+
+def test_threads_sharing_a_grant_stay_within_its_rate(pool: ConnectionPool[Any]) -> None:
+    rate, burst, per_thread = 50.0, 4, 12
+    pacer = Pacer(pool.connection, grant_rate_per_s=rate, grant_burst=burst)
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(per_thread):
+            pacer.acquire("shared")
+            with lock:
+                stamps.append(time.monotonic())
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(stamps) == 4 * per_thread
+    assert_within_rate(stamps, rate=rate, burst=burst)
+    achieved = (len(stamps) - burst) / (max(stamps) - min(stamps))
+    assert rate * 0.3 <= achieved <= rate * 1.05
+
+
+def _paced_worker(db_url: str, rate: float, burst: int, calls: int, barrier: Any, out: Any) -> None:
+    with ConnectionPool(db_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=True) as pool:
+        pacer = Pacer(pool.connection, grant_rate_per_s=rate, grant_burst=burst)
+        barrier.wait(timeout=60)
+        stamps = []
+        for _ in range(calls):
+            pacer.acquire("multi-process")
+            stamps.append(time.time())
+        out.put(stamps)
+
+
+def test_processes_sharing_a_grant_stay_within_its_rate(db_url: str) -> None:
+    # Given two worker processes pacing the same grant through the same database
+    rate, burst, calls = 40.0, 3, 20
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_paced_worker, args=(db_url, rate, burst, calls, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        # When both have made their calls
+        stamps = [s for _ in procs for s in out.get(timeout=60)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+    # Then the calls of both together never beat the one bucket
+    assert len(stamps) == 2 * calls
+    assert_within_rate(stamps, rate=rate, burst=burst)
+    assert (len(stamps) - burst) / (max(stamps) - min(stamps)) <= rate * 1.05
+
+
+def test_the_client_consults_the_pacer_before_every_call(pool: ConnectionPool[Any]) -> None:
+    slept: list[float] = []
+    pacer = Pacer(pool.connection, grant_rate_per_s=10, grant_burst=1, sleep=slept.append)
+    counter = ApiCallCounter()
+    session = build_session(max_retries=0, counter=counter)
+    client = NylasClient(api_key="k" * 20, api_uri="https://api.test", pacer=pacer, session=session, counter=counter)
+
+    with responses.RequestsMock() as mocked:
+        mocked.get("https://api.test/v3/grants/g/threads/t", json={"data": {"id": "t"}})
+        for _ in range(3):
+            client.get_thread("g", "t")
+
+    # The fake sleep does not wait, so each reservation lands one interval (100 ms) further out.
+    assert len(slept) == 2 and 0.09 <= slept[0] <= 0.1 and 0.19 <= slept[1] <= 0.2
+
+
+def test_the_sql_function_is_usable_alone_by_rate_and_burst(conn: psycopg.Connection[Any]) -> None:
+    waits = [conn.execute("select nylas_pacing_acquire('grant:sql', 4, 2)").fetchone()[0] for _ in range(4)]
+
+    assert waits[:2] == [0, 0]
+    assert 240 <= waits[2] <= 251 and 490 <= waits[3] <= 501
