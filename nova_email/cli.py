@@ -73,12 +73,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-def _fake_nylas(settings: Settings, args: argparse.Namespace) -> int:
-    from .simulator.server import main as simulator_main
-
-    return simulator_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
     parser = argparse.ArgumentParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
@@ -95,13 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", _run, "run one processor's workers (webhooks, backfill, threads, completion) or all of them")
     run.add_argument("processor", choices=sorted(PROCESSORS))
     run.add_argument("dramatiq_args", nargs=argparse.REMAINDER, help="passed to dramatiq, e.g. --processes 2")
-    fake = add("fake-nylas", _fake_nylas, "run the local Nylas v3 simulator (see --help after the command)")
-    fake.add_argument("rest", nargs=argparse.REMAINDER, help="simulator options")
+    # Listed for --help; main() hands its arguments to the simulator's own parser.
+    sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nova-email`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fake-nylas"]:
+        # The simulator parses its own options (including --help).
+        from .simulator.server import main as simulator_main
+
+        return simulator_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
