@@ -43,6 +43,9 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 #: How long a request waits for a pooled connection before answering 503. Nylas gives up after 10 s.
 DEFAULT_POOL_TIMEOUT_S = 5.0
 
+#: Longest wait for a connection on /readyz: a probe must answer before its own timeout (often 1-3 s).
+_READINESS_TIMEOUT_S = 1.0
+
 #: Where Nylas delivers: configure the webhook destination as ``https://<host>/webhooks/nylas``.
 WEBHOOK_PATH = "/webhooks/nylas"
 
@@ -260,13 +263,14 @@ class _HealthResource:
 
 
 class _ReadyResource:
-    def __init__(self, *, pool: ConnectionPool, secret: str) -> None:
+    def __init__(self, *, pool: ConnectionPool, secret: str, timeout_s: float) -> None:
         self._pool = pool
         self._secret = secret
+        self._timeout_s = timeout_s
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
-            with self._pool.connection(timeout=2.0) as conn:
+            with self._pool.connection(timeout=self._timeout_s) as conn:
                 row = conn.execute(queries.READINESS).fetchone()
         except psycopg.Error as exc:
             req.context.outcome = "not_ready"
@@ -325,7 +329,9 @@ def create_app(
         _WebhookResource(pool=pool, secret=secret, max_body_bytes=max_body_bytes, pool_timeout_s=pool_timeout_s, db=db),
     )
     app.add_route("/healthz", _HealthResource())
-    app.add_route("/readyz", _ReadyResource(pool=pool, secret=secret))
+    app.add_route(
+        "/readyz", _ReadyResource(pool=pool, secret=secret, timeout_s=min(pool_timeout_s, _READINESS_TIMEOUT_S))
+    )
     app.add_route("/metrics", _MetricsResource(metrics))
     app.add_error_handler(Exception, _log_unexpected)
     return app
