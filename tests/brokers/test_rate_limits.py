@@ -16,6 +16,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Retries, TimeLimit
 from dramatiq.rate_limits import Barrier, BucketRateLimiter, ConcurrentRateLimiter, WindowRateLimiter
 
+from brokers import PGMQBroker
 from brokers.rate_limits import PostgresBackend, RateLimitRetries, use_rate_limit_retries
 
 
@@ -348,3 +349,36 @@ def test_a_rate_limited_message_runs_once_the_limit_frees_without_using_its_retr
         # (whereas Dramatiq's Retries counts the rate limit as a failure and drops the message)
         assert [attempt.get("ran") for attempt in attempts] == [None]
         assert len(stub_broker.dead_letters) == 1
+
+
+def test_rate_limited_work_on_the_pgmq_broker_is_deferred_not_failed(
+    make_broker: Callable[..., PGMQBroker],
+    make_worker: Callable[..., dramatiq.Worker],
+    backend: PostgresBackend,
+    conn: psycopg.Connection,
+) -> None:
+    # Given a PGMQ broker with RateLimitRetries, and an actor with no retries behind a mutex held elsewhere
+    broker = make_broker()
+    broker.add_middleware(CurrentMessage())
+    use_rate_limit_retries(broker, RateLimitRetries(rate_limit_min_backoff_ms=20, rate_limit_max_backoff_ms=100))
+    mutex = ConcurrentRateLimiter(backend, "pgmq-held", limit=1)
+    assert backend.add("pgmq-held", 1, ttl=60_000)
+    attempts: list[dict[str, object]] = []
+
+    @dramatiq.actor(broker=broker, queue_name="rate_limited", max_retries=0)
+    def guarded() -> None:
+        attempts.append(dict(CurrentMessage.get_current_message().options))  # type: ignore[union-attr]
+        with mutex.acquire():
+            attempts[-1]["ran"] = True
+
+    make_worker(broker)
+    # When it is sent, deferred a few times, and the mutex is then released
+    guarded.send()
+    wait_until(lambda: len(attempts) >= 3)
+    assert backend.decr("pgmq-held", 1, minimum=0, ttl=60_000)
+    wait_until(lambda: attempts[-1].get("ran") is True)
+    broker.join("rate_limited", timeout=10_000)
+    # Then it ran exactly once, its retries untouched, nothing dead-lettered and the queue is empty
+    assert [attempt.get("ran") for attempt in attempts].count(True) == 1
+    assert attempts[-1].get("retries", 0) == 0 and attempts[-1]["rate_limited"] == len(attempts) - 1
+    assert broker.count_dead_letters("rate_limited") == 0
