@@ -57,6 +57,8 @@ def make_broker(db_url: str) -> Iterator[Callable[..., PGMQBroker]]:
         options.setdefault("url", db_url)
         options.setdefault("poll_interval_ms", 100)
         broker = PGMQBroker(**options)  # type: ignore[arg-type]
+        # What the dramatiq CLI does in each worker process (TimeLimit starts its timer thread here).
+        broker.emit_after("process_boot")
         dramatiq.set_broker(broker)
         made.append(broker)
         return broker
