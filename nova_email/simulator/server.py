@@ -145,8 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _control(self, method: str, path: str, query: dict[str, str]) -> tuple[int, Any]:
         simulator = self.server.simulator
-        payload = self._read_json() if method == "POST" else {}
         try:
+            payload = self._read_json() if method == "POST" else {}
             if path == "/_sim/health":
                 return 200, {"status": "ok", "grants": len(simulator.grants)}
             if path == "/_sim/stats":
@@ -272,7 +272,8 @@ def start_in_thread(
     """
     sim = simulator or Simulator(**kwargs)
     server = SimulatorServer((host, port), sim)
-    thread = threading.Thread(target=server.serve_forever, name="fake-nylas", daemon=True)
+    # A short poll interval makes stop() quick; an idle server costs almost nothing either way.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="fake-nylas", daemon=True)
     thread.start()
     return SimulatorHandle(base_url=server.base_url, simulator=sim, server=server, thread=thread)
 

@@ -70,7 +70,9 @@ def query_of(call: responses.Call) -> dict[str, list[str]]:
 # -- requests we send ------------------------------------------------------------------------------------------------
 
 
-def test_every_call_carries_bearer_key_user_agent_and_timeout(mocked: responses.RequestsMock, client: NylasClient) -> None:
+def test_every_call_carries_bearer_key_user_agent_and_timeout(
+    mocked: responses.RequestsMock, client: NylasClient
+) -> None:
     mocked.get(f"{API}/v3/grants/{GRANT}/threads/thr_1", json={"request_id": "r1", "data": thread_json("thr_1")})
 
     client.get_thread(GRANT, "thr_1")
@@ -108,7 +110,9 @@ def test_thread_listing_asks_for_the_window_max_limit_and_stored_fields(
     assert [t.id for t in pages[0].threads] == ["t1"]
 
 
-def test_thread_window_is_capped_to_one_year_before_its_end(mocked: responses.RequestsMock, client: NylasClient) -> None:
+def test_thread_window_is_capped_to_one_year_before_its_end(
+    mocked: responses.RequestsMock, client: NylasClient
+) -> None:
     mocked.get(f"{API}/v3/grants/{GRANT}/threads", json={"data": []})
     before = datetime(2026, 6, 1, tzinfo=UTC)
 

@@ -85,7 +85,8 @@ def test_the_documented_thread_has_aware_dates_and_a_nested_latest_message() -> 
 
 def test_unknown_fields_are_ignored_and_nulls_count_as_absent() -> None:
     message = structure(
-        {"id": "m", "brand_new_field": {"x": 1}, "subject": None, "folders": None, "date": None, "unread": None}, Message
+        {"id": "m", "brand_new_field": {"x": 1}, "subject": None, "folders": None, "date": None, "unread": None},
+        Message,
     )
 
     assert (message.subject, message.folders, message.date, message.unread) == (None, (), None, False)
