@@ -33,6 +33,8 @@ class FaultConfig:
         unordered_threads: list threads in a stable but not date order, as Google does.
         vanish_rate: chance that a message fetched by id is deleted just before (404 after a webhook/list).
         duplicate_webhook_rate: chance that an emitted webhook is delivered a second time (same envelope id).
+        out_of_order_webhook_rate: chance that an emitted webhook is held back and delivered after the next one
+            (or by ``Simulator.flush_webhooks()``).
         seed: seeds the fault dice, so a run's fault sequence is reproducible for a given request order.
     """
 
@@ -47,6 +49,7 @@ class FaultConfig:
     unordered_threads: bool = False
     vanish_rate: float = 0.0
     duplicate_webhook_rate: float = 0.0
+    out_of_order_webhook_rate: float = 0.0
     seed: int = 0
 
     def update(self, changes: dict[str, Any]) -> None:

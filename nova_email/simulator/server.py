@@ -10,6 +10,7 @@ Control API (no API key, no faults), for tests and benchmarks in other processes
     POST /_sim/grants/{gid}/messages/{mid}         {"unread"?, "starred"?, "folders"?}   (emits message.updated)
     DELETE /_sim/grants/{gid}/messages/{mid}       POST /_sim/grants/{gid}/expire | /restore
     GET|POST /_sim/faults                          (read or change FaultConfig fields)
+    POST /_sim/webhooks/flush                      (deliver a webhook held back by out_of_order_webhook_rate)
 
 The stdlib server is enough: it is threaded, speaks HTTP/1.1 keep-alive (so client pooling is exercised) and adds
 no dependency.
@@ -153,6 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
                 calls = simulator.calls.snapshot()
                 rows = [{"endpoint": e, "status": s, "count": n} for (e, s), n in sorted(calls.items())]
                 return 200, {"calls": rows, "total": sum(calls.values())}
+            if path == "/_sim/webhooks/flush" and method == "POST":
+                simulator.flush_webhooks()
+                return 200, {"flushed": True}
             if path == "/_sim/faults":
                 if method == "POST":
                     simulator.faults.update(payload)
@@ -317,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument("--unordered-threads", action="store_true", help="Google-like thread order")
     faults.add_argument("--vanish-rate", type=float, default=0.0, help="messages deleted just before a get")
     faults.add_argument("--duplicate-webhook-rate", type=float, default=0.0)
+    faults.add_argument("--out-of-order-webhook-rate", type=float, default=0.0)
     hooks = p.add_argument_group("webhooks of mutations")
     hooks.add_argument("--webhook-database-url", default=None, help="call queue_nylas_webhook_notification here")
     hooks.add_argument("--webhook-url", default=None, help="POST signed webhooks to this HTTP intake")
@@ -340,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         unordered_threads=args.unordered_threads,
         vanish_rate=args.vanish_rate,
         duplicate_webhook_rate=args.duplicate_webhook_rate,
+        out_of_order_webhook_rate=args.out_of_order_webhook_rate,
         seed=args.seed,
     )
     emitter: WebhookEmitter | None = None

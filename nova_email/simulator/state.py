@@ -143,6 +143,7 @@ class Simulator:
         self._version = 0
         self._mutations = 0
         self._order_cache: dict[tuple[str, str], tuple[int, list[Any]]] = {}
+        self._held: Notification | None = None
         self.grants: dict[str, Grant] = {
             gid: generate_grant(
                 seed=seed,
@@ -488,14 +489,27 @@ class Simulator:
         log.debug("Thread {} of grant {} gains a message mid-listing", thread_id, grant.id)
         self.add_message(grant.id, thread_id=thread_id)
 
+    def flush_webhooks(self) -> None:
+        """Deliver the notification held back by ``out_of_order_webhook_rate``, if any."""
+        with self._lock:
+            held, self._held = self._held, None
+            if held is not None:
+                self._send(held)
+
     def _deliver(self, notes: list[Notification]) -> None:
-        for note in notes:
-            self.emitted.append(note)
-            self._send(note)
-            if self.injector.roll(self.faults.duplicate_webhook_rate):
-                again = note.redelivered()
-                self.emitted.append(again)
-                self._send(again)
+        with self._lock:
+            for note in notes:
+                self.emitted.append(note)
+                if self._held is None and self.injector.roll(self.faults.out_of_order_webhook_rate):
+                    self._held = note  # goes out after the next one: delivery order is not guaranteed (docs c.5)
+                    continue
+                self._send(note)
+                if self._held is not None and self._held is not note:
+                    self.flush_webhooks()
+                if self.injector.roll(self.faults.duplicate_webhook_rate):
+                    again = note.redelivered()
+                    self.emitted.append(again)
+                    self._send(again)
 
     def _send(self, note: Notification) -> None:
         if self.emitter is None:

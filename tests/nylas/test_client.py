@@ -64,7 +64,7 @@ def message_json(message_id: str, **extra: object) -> dict[str, object]:
 
 
 def query_of(call: responses.Call) -> dict[str, list[str]]:
-    return parse_qs(urlsplit(call.request.url).query)
+    return parse_qs(urlsplit(str(call.request.url)).query)
 
 
 # -- requests we send ------------------------------------------------------------------------------------------------
@@ -79,9 +79,9 @@ def test_every_call_carries_bearer_key_user_agent_and_timeout(
 
     request = mocked.calls[0].request
     assert request.headers["Authorization"] == f"Bearer {KEY}"
-    assert request.headers["User-Agent"].startswith("nova-email/")
+    assert str(request.headers["User-Agent"]).startswith("nova-email/")
     assert request.headers["Accept"] == "application/json"
-    assert request.req_kwargs["timeout"] == DEFAULT_TIMEOUT_S
+    assert request.req_kwargs["timeout"] == DEFAULT_TIMEOUT_S  # type: ignore[attr-defined]  # set by responses
 
 
 def test_ids_are_escaped_in_the_path(mocked: responses.RequestsMock, client: NylasClient) -> None:

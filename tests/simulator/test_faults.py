@@ -72,9 +72,10 @@ def test_latency_delays_every_api_answer(sim: SimulatorHandle, http: requests.Se
 def test_unordered_threads_lists_the_same_threads_in_another_order(
     sim: SimulatorHandle, http: requests.Session
 ) -> None:
-    ordered = [t["id"] for t in http.get(threads_url(sim), params={"limit": 200, "select": "id"}).json()["data"]]
+    params = {"limit": "200", "select": "id"}
+    ordered = [t["id"] for t in http.get(threads_url(sim), params=params).json()["data"]]
     sim.faults.unordered_threads = True
-    shuffled = [t["id"] for t in http.get(threads_url(sim), params={"limit": 200, "select": "id"}).json()["data"]]
+    shuffled = [t["id"] for t in http.get(threads_url(sim), params=params).json()["data"]]
 
     assert sorted(ordered) == sorted(shuffled) and ordered != shuffled
 

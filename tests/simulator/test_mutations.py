@@ -139,6 +139,21 @@ def test_duplicate_delivery_repeats_the_envelope_id_with_the_next_attempt(
     assert second.payload["webhook_delivery_attempt"] == 2
 
 
+def test_out_of_order_delivery_sends_a_webhook_after_the_next_one(
+    sim: SimulatorHandle, recorder: RecordingEmitter
+) -> None:
+    sim.faults.out_of_order_webhook_rate = 1.0
+
+    first = sim.simulator.add_message("grant-a", subject="first")
+    assert recorder.notifications == []  # held back
+    second = sim.simulator.add_message("grant-a", subject="second")
+    third = sim.simulator.add_message("grant-a", subject="third")
+    requests.post(f"{sim.base_url}/_sim/webhooks/flush")
+
+    delivered = [n.payload["data"]["object"]["id"] for n in recorder.notifications]
+    assert delivered == [second["id"], first["id"], third["id"]]
+
+
 def test_the_control_api_mutates_over_http(sim: SimulatorHandle, recorder: RecordingEmitter) -> None:
     base = f"{sim.base_url}/_sim"
     threads = sim.simulator.grants["grant-a"].threads.values()
