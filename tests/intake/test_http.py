@@ -10,6 +10,8 @@ from urllib.parse import quote
 import psycopg
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nova_email.intake import RunningIntake, sign
 
@@ -238,3 +240,14 @@ def test_metrics_count_requests_by_outcome_across_workers(server: RunningIntake,
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert count(answer.text, "unauthorized") - count(before, "unauthorized") == 6
     assert 'nova_intake_request_duration_seconds_bucket{le="0.005",route="/webhooks/nylas"}' in answer.text
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=2048) | st.builds(lambda text: text.encode(), st.text(max_size=200)))
+def test_any_signed_body_gets_a_clear_answer_and_the_server_stays_up(
+    server: RunningIntake, http: requests.Session, body: bytes
+) -> None:
+    answer = post_signed(http, server, body)
+
+    assert answer.status_code in {200, 400}, answer.text
+    assert http.get(f"{server.url}/healthz", timeout=5).status_code == 200
