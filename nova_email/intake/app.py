@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import falcon
@@ -29,7 +30,7 @@ from psycopg_pool import ConnectionPool
 from . import queries
 from .errors import InvalidWebhookBody
 from .metrics import IntakeMetrics
-from .receiver import Receipt, receive, record_rejected
+from .receiver import Receipt, Rejection, receive, record_rejected
 from .signature import SIGNATURE_HEADER, signature_matches
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_POOL_TIMEOUT_S", "WEBHOOK_PATH", "create_app"]
@@ -48,6 +49,9 @@ _READINESS_TIMEOUT_S = 1.0
 
 #: Where Nylas delivers: configure the webhook destination as ``https://<host>/webhooks/nylas``.
 WEBHOOK_PATH = "/webhooks/nylas"
+
+
+Outcome = Receipt | Rejection
 
 
 class _BodyTooLarge(Exception):
@@ -173,9 +177,12 @@ class _WebhookResource:
             _json(resp, 401, {"error": "unauthorized", "detail": exc.reason})
             return
         except _SignedButInvalid as exc:
-            self._reject(req, resp, exc.raw, exc.reason)
+            raw, reason = exc.raw, exc.reason
+            self._store(
+                req, resp, lambda conn: Rejection(notification_id=record_rejected(conn, raw, reason), reason=reason)
+            )
             return
-        self._queue(req, resp, body)
+        self._store(req, resp, lambda conn: receive(conn, body))
 
     def _authenticated_body(self, req: falcon.Request) -> bytes:
         length = req.content_length
@@ -208,10 +215,12 @@ class _WebhookResource:
         msg = f"{SIGNATURE_HEADER} does not match the body"
         raise _Unsigned(msg)
 
-    def _queue(self, req: falcon.Request, resp: falcon.Response, body: bytes) -> None:
+    def _store(
+        self, req: falcon.Request, resp: falcon.Response, work: Callable[[psycopg.Connection[Any]], Outcome]
+    ) -> None:
         try:
             with self._pool.connection(timeout=self._pool_timeout_s) as conn:
-                result = receive(conn, body)
+                result = work(conn)
         except (psycopg.OperationalError, psycopg.errors.UndefinedFunction) as exc:
             self._unavailable(req, resp, exc)
             return
@@ -224,23 +233,8 @@ class _WebhookResource:
             return
         req.context.outcome = "rejected"
         log.warning("Rejected a signed body as {}: {}", result.notification_id, result.reason)
-        _json(
-            resp,
-            400,
-            {"error": "invalid_body", "detail": result.reason, "notification_id": str(result.notification_id)},
-        )
-
-    def _reject(self, req: falcon.Request, resp: falcon.Response, raw: bytes, reason: str) -> None:
-        try:
-            with self._pool.connection(timeout=self._pool_timeout_s) as conn:
-                notification_id = record_rejected(conn, raw, reason)
-        except (psycopg.OperationalError, psycopg.errors.UndefinedFunction) as exc:
-            self._unavailable(req, resp, exc)
-            return
-        self._db.succeeded()
-        req.context.outcome = "rejected"
-        log.warning("Rejected a signed body as {}: {}", notification_id, reason)
-        _json(resp, 400, {"error": "invalid_body", "detail": reason, "notification_id": str(notification_id)})
+        document = {"error": "invalid_body", "detail": result.reason, "notification_id": str(result.notification_id)}
+        _json(resp, 400, document)
 
     def _unavailable(self, req: falcon.Request, resp: falcon.Response, exc: psycopg.Error) -> None:
         self._db.failed(exc)
