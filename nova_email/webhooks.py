@@ -3,7 +3,9 @@
 The webhook body is never trusted as data: it may be truncated, transformed, stale or mislabelled
 (docs/nylas-v3.md, e). Only the ids are read from it; the objects are fetched from Nylas, so
 duplicate and out-of-order deliveries converge on the current state. Routing is by base type,
-so ``message.created.truncated`` and friends follow ``message.created``.
+so ``message.created.truncated`` and friends follow ``message.created``. An event on a thread the
+mirror does not hold yet pulls in the whole thread. Events that cannot apply (an unhandled type, an
+unknown grant, an object gone at Nylas, an ``auth_expired`` inbox) end ``ignored`` with the reason.
 
 Every attempt is recorded on the audit row through ``acknowledge_webhook_notification``.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +27,8 @@ from . import queries
 from .jobs import WebhookJob
 from .nylas.client import NylasClient
 from .nylas.errors import GrantExpired, NotFound
-from .sync import upsert_messages, upsert_thread, upsert_thread_with_messages
+from .nylas.models import Message
+from .sync import upsert_thread_with_messages
 from .thread_sync import mark_grant_expired
 
 __all__ = ["WebhookOutcome", "WebhookResult", "process_webhook", "record_webhook_error"]
@@ -34,6 +37,8 @@ log = logger.bind(component="Webhooks")
 
 
 class WebhookOutcome(enum.StrEnum):
+    """The audit row's final status for an event that did not fail."""
+
     PROCESSED = "processed"
     IGNORED = "ignored"
 
@@ -58,86 +63,137 @@ def _object(payload: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _first_string(*candidates: object) -> str | None:
+    """The first candidate that can be a Nylas id."""
     for candidate in candidates:
-        if isinstance(candidate, str) and candidate.strip():
+        # "." and ".." would be resolved away as URL path segments and fetch a list instead of the object.
+        if isinstance(candidate, str) and candidate.strip() and candidate.strip("."):
             return candidate
     return None
 
 
-def _message_id(payload: Mapping[str, Any]) -> str:
+def _message_id(job: WebhookJob) -> str:
+    payload = job.payload
     data = payload.get("data") if isinstance(payload.get("data"), Mapping) else {}
     obj = payload.get("object") if isinstance(payload.get("object"), Mapping) else {}
-    found = _first_string(_object(payload).get("id"), data.get("id"), obj.get("id"), payload.get("id"))  # type: ignore[union-attr]
+    # The original's last resort, the top-level "id", is the v3 envelope's notification id: never a message's.
+    top = payload.get("id") if payload.get("id") != job.webhook_id else None
+    found = _first_string(_object(payload).get("id"), data.get("id"), obj.get("id"), top)  # type: ignore[union-attr]
     if found is None:
         msg = "message id missing from the payload (looked at data.object.id, data.id, object.id, id)"
         raise _Ignored(msg)
     return found
 
 
+def _grant_of(job: WebhookJob) -> str | None:
+    return job.grant_id or _first_string(_object(job.payload).get("grant_id"))
+
+
 def _resolve_inbox(conn: psycopg.Connection, job: WebhookJob) -> tuple[uuid.UUID, str, str]:
-    grant_id = job.grant_id or _first_string(_object(job.payload).get("grant_id"))
+    grant_id = _grant_of(job)
     if job.inbox_id is not None:
         row = conn.execute(queries.GET_INBOX, {"inbox_id": job.inbox_id}).fetchone()
     elif grant_id:
         row = conn.execute(queries.GET_INBOX_BY_GRANT, {"grant_id": grant_id}).fetchone()
     else:
-        msg = "no grant id in the job or the payload"
+        msg = "no grant id in the job or the payload (looked at grant_id, data.object.grant_id)"
         raise _Ignored(msg)
     if row is None:
-        msg = f"no inbox has grant {grant_id!r}"
+        msg = f"no inbox has grant {grant_id!r}; connect the inbox first, later events will then apply"
         raise _Ignored(msg)
-    return row[0], grant_id or row[1], row[2]
+    # The inbox's own grant (never null) is the one to call Nylas with; the payload's only found the inbox.
+    return row[0], row[1], row[2]
 
 
-def _sync_message(
-    conn: psycopg.Connection, client: NylasClient, inbox_id: uuid.UUID, grant_id: str, message_id: str
+def _store_thread(
+    conn: psycopg.Connection,
+    client: NylasClient,
+    inbox_id: uuid.UUID,
+    grant_id: str,
+    thread_id: str,
+    messages: Sequence[Message],
+    *,
+    fetched_at: datetime,
 ) -> None:
-    fetched_at = datetime.now(UTC)
-    try:
-        message = client.get_message(grant_id, message_id)
-    except NotFound as exc:
-        msg = f"message {message_id} no longer exists at Nylas"
-        raise _Ignored(msg) from exc
-    if not message.thread_id:
-        msg = f"message {message_id} has no thread_id at Nylas"
-        raise _Ignored(msg)
-    thread_row = conn.execute(queries.THREAD_ROW_ID, {"inbox_id": inbox_id, "thread_id": message.thread_id}).fetchone()
-    thread = client.get_thread(grant_id, message.thread_id)
-    if thread_row is None:
-        # A message on a thread we do not hold pulls in the whole thread.
-        messages = list(client.iter_thread_messages(grant_id, message.thread_id))
-        upsert_thread_with_messages(conn, inbox_id, thread, messages, fetched_at=fetched_at)
-        return
-    with conn.transaction():
-        thread_row_id = upsert_thread(conn, inbox_id, thread, fetched_at=fetched_at)
-        upsert_messages(conn, inbox_id, thread_row_id, [message], fetched_at=fetched_at)
-
-
-def _sync_thread_metadata(
-    conn: psycopg.Connection, client: NylasClient, inbox_id: uuid.UUID, grant_id: str, payload: Mapping[str, Any]
-) -> None:
-    thread_id = _first_string(_object(payload).get("thread_id"))
-    if thread_id is None:
-        msg = "thread id missing from the payload (looked at data.object.thread_id)"
-        raise _Ignored(msg)
-    fetched_at = datetime.now(UTC)
+    """Write the thread's metadata and `messages`; a thread we do not hold yet comes with all its messages."""
     try:
         thread = client.get_thread(grant_id, thread_id)
+        known = conn.execute(queries.THREAD_ROW_ID, {"inbox_id": inbox_id, "thread_id": thread_id}).fetchone()
+        if known is None:
+            # A thread row without its messages would look current to the next backfill, which would skip it.
+            messages = list(client.iter_thread_messages(grant_id, thread_id))
     except NotFound as exc:
         msg = f"thread {thread_id} no longer exists at Nylas"
         raise _Ignored(msg) from exc
-    upsert_thread(conn, inbox_id, thread, fetched_at=fetched_at)
+    upsert_thread_with_messages(conn, inbox_id, thread, messages, fetched_at=fetched_at)
+
+
+def _fetch_message(client: NylasClient, grant_id: str, message_id: str) -> Message:
+    try:
+        return client.get_message(grant_id, message_id)
+    except NotFound as exc:
+        msg = f"message {message_id} no longer exists at Nylas"
+        raise _Ignored(msg) from exc
+
+
+def _sync_message(
+    conn: psycopg.Connection, client: NylasClient, inbox_id: uuid.UUID, grant_id: str, job: WebhookJob
+) -> None:
+    # Taken before the reads: the version stamp must not be newer than the state it labels.
+    fetched_at = datetime.now(UTC)
+    message_id = _message_id(job)
+    message = _fetch_message(client, grant_id, message_id)
+    if not message.thread_id:
+        msg = f"message {message_id} has no thread_id at Nylas"
+        raise _Ignored(msg)
+    _store_thread(conn, client, inbox_id, grant_id, message.thread_id, [message], fetched_at=fetched_at)
+
+
+def _sync_replied_thread(
+    conn: psycopg.Connection, client: NylasClient, inbox_id: uuid.UUID, grant_id: str, job: WebhookJob
+) -> None:
+    fetched_at = datetime.now(UTC)
+    obj = _object(job.payload)
+    thread_id = _first_string(obj.get("thread_id"))
+    if thread_id is None:
+        reply_id = _first_string(obj.get("message_id"))
+        if reply_id is None:
+            msg = "thread id missing from the payload (looked at data.object.thread_id and data.object.message_id)"
+            raise _Ignored(msg)
+        thread_id = _fetch_message(client, grant_id, reply_id).thread_id
+        if not thread_id:
+            msg = f"reply {reply_id} has no thread_id at Nylas"
+            raise _Ignored(msg)
+    _store_thread(conn, client, inbox_id, grant_id, thread_id, [], fetched_at=fetched_at)
+
+
+def _expire_grant(conn: psycopg.Connection, job: WebhookJob) -> None:
+    grant_id = _grant_of(job)
+    if grant_id is None and job.inbox_id is None:
+        msg = "no grant id in the job or the payload (looked at grant_id, data.object.grant_id)"
+        raise _Ignored(msg)
+    if mark_grant_expired(conn, inbox_id=job.inbox_id, grant_id=grant_id):
+        return
+    row = conn.execute(queries.GET_INBOX_BY_GRANT, {"grant_id": grant_id}).fetchone()
+    if row is None and job.inbox_id is not None:
+        row = conn.execute(queries.GET_INBOX, {"inbox_id": job.inbox_id}).fetchone()
+    if row is None:
+        msg = f"no inbox has grant {grant_id!r}; nothing to mark auth_expired"
+        raise _Ignored(msg)
+    log.info("Grant {} was already expired", grant_id)
+
+
+def _base_type(kind: str) -> str:
+    # message.created.cleaned.transformed.truncated -> message.created (docs/nylas-v3.md, c.2)
+    return ".".join(kind.split(".")[:2])
 
 
 def _apply(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> None:
-    kind = job.notification_type
-    if kind.startswith("grant.expired"):
-        grant_id = job.grant_id or _first_string(_object(job.payload).get("grant_id"))
-        if not mark_grant_expired(conn, inbox_id=job.inbox_id, grant_id=grant_id):
-            log.info("Grant {} was already expired or belongs to no inbox", grant_id)
+    base = _base_type(job.notification_type)
+    if base == "grant.expired":
+        _expire_grant(conn, job)
         return
-    if not (kind.startswith(("message.created", "message.updated", "thread.replied"))):
-        msg = f"notification type {kind!r} is not handled"
+    if base not in {"message.created", "message.updated", "thread.replied"}:
+        msg = f"notification type {job.notification_type!r} is not handled"
         raise _Ignored(msg)
     inbox_id, grant_id, status = _resolve_inbox(conn, job)
     conn.execute(queries.TOUCH_INBOX_WEBHOOK, {"inbox_id": inbox_id})
@@ -145,10 +201,10 @@ def _apply(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> No
         msg = "the inbox is auth_expired; re-authenticate it first"
         raise _Ignored(msg)
     try:
-        if kind.startswith("thread.replied"):
-            _sync_thread_metadata(conn, client, inbox_id, grant_id, job.payload)
+        if base == "thread.replied":
+            _sync_replied_thread(conn, client, inbox_id, grant_id, job)
         else:
-            _sync_message(conn, client, inbox_id, grant_id, _message_id(job.payload))
+            _sync_message(conn, client, inbox_id, grant_id, job)
     except GrantExpired as exc:
         mark_grant_expired(conn, inbox_id=inbox_id, grant_id=grant_id)
         msg = "the grant has expired; the inbox is now auth_expired"
