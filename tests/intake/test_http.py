@@ -224,7 +224,7 @@ def test_health_and_readiness_report_a_working_server(server: RunningIntake, htt
     assert ready.json() == {"status": "ready", "database": True, "functions": True, "signing_secret": True}
 
 
-def test_metrics_count_requests_by_outcome_across_workers(server: RunningIntake, http: requests.Session) -> None:
+def test_metrics_count_requests_by_route_and_outcome(server: RunningIntake, http: requests.Session) -> None:
     def count(text: str, outcome: str) -> float:
         prefix = f'nova_intake_requests_total{{outcome="{outcome}",route="/webhooks/nylas"}} '
         lines = [line for line in text.splitlines() if line.startswith(prefix)]
@@ -239,6 +239,9 @@ def test_metrics_count_requests_by_outcome_across_workers(server: RunningIntake,
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert count(answer.text, "unauthorized") - count(before, "unauthorized") == 6
+    # Whichever worker answers /metrics, it reports the same totals: they are summed over all workers.
+    readings = {count(requests.get(f"{server.url}/metrics", timeout=5).text, "unauthorized") for _ in range(6)}
+    assert readings == {count(answer.text, "unauthorized")}
     assert 'nova_intake_request_duration_seconds_bucket{le="0.005",route="/webhooks/nylas"}' in answer.text
 
 
