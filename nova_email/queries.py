@@ -132,6 +132,19 @@ from reopened r
 """
 #: Send thread jobs for queued threads never put on the queue (crash recovery); returns how many were sent.
 QUEUE_UNSENT_THREAD_SYNCS: LiteralString = "select queue_unsent_thread_syncs(%(config_id)s, 1000)"
+#: Create the stats row if missing and lock it: deltas committed before the lock are then in any count taken after.
+LOCK_SYNC_STATS: LiteralString = """
+insert into inbox_sync_stats as s (config_id) values (%(config_id)s)
+on conflict (config_id) do update set config_id = excluded.config_id
+"""
+#: Set the counters to a direct count of queued_threads, keeping the run's timestamps (after LOCK_SYNC_STATS).
+RECOMPUTE_SYNC_STATS: LiteralString = """
+update inbox_sync_stats s
+set threads_total = d.total, threads_queued = d.queued, threads_processing = d.processing,
+    threads_completed = d.completed, threads_failed = d.failed, messages_synced = d.messages_synced
+from get_backfill_stats(%(config_id)s) d
+where s.config_id = %(config_id)s
+"""
 
 # -- starting work ---------------------------------------------------------------------------------------------------
 
