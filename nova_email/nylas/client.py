@@ -452,7 +452,7 @@ class NylasClient:
         if status == 429:
             delay_ms, given = parse_retry_after_ms(response.headers.get("Retry-After"))
             msg = f"Nylas rate-limited {what} {said}; retry after {delay_ms} ms"
-            log.info("Rate-limited on {} for grant {}; retry after {} ms", endpoint, grant_id, delay_ms)
+            log.debug("Rate-limited on {} for grant {}; retry after {} ms", endpoint, grant_id, delay_ms)
             return errors.RateLimited(self._redact(msg), retry_after_ms=delay_ms, retry_after_given=given, **fields)
         if status == 404:
             msg = f"Nylas found no {what} {said}; it was deleted or moved: treat it as gone"
