@@ -73,7 +73,9 @@ def stored_message(conn: psycopg.Connection, message_id: str) -> dict[str, Any] 
         ).fetchone()
 
 
-def differences_for(conn: psycopg.Connection, nylas: SimulatorHandle, inbox_id: uuid.UUID, *thread_ids: str) -> list:
+def differences_for(
+    conn: psycopg.Connection, nylas: SimulatorHandle, inbox_id: uuid.UUID, *thread_ids: str
+) -> list[str]:
     """Differences between the DB and Nylas, restricted to `thread_ids`."""
     export = nylas.export(GRANT)
     export["threads"] = [t for t in export["threads"] if t["id"] in thread_ids]
