@@ -178,6 +178,9 @@ class PGMQBroker(Broker):
         archive_retention_s: How long archived messages are kept (purged by the heartbeat thread).
         listen: Wake idle consumers with LISTEN/NOTIFY. Turn off behind transaction-mode poolers.
         prepare_statements: Let psycopg prepare hot statements. Turn off behind transaction-mode poolers.
+        async_commit: Commit the consumer's bookkeeping (leases, acks, heartbeats) without waiting for the WAL
+            flush. A server crash may then forget the last few hundred milliseconds of it, which makes those
+            messages run again (never lost). Enqueues and dead letters always commit durably.
         pool_min_size, pool_max_size, pool_timeout_s: The broker's own pool (ignored when `pool` is given).
     """
 
@@ -195,6 +198,7 @@ class PGMQBroker(Broker):
         archive_retention_s: int = DEFAULT_ARCHIVE_RETENTION_S,
         listen: bool = True,
         prepare_statements: bool = True,
+        async_commit: bool = True,
         pool_min_size: int = 1,
         pool_max_size: int = DEFAULT_POOL_MAX_SIZE,
         pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
@@ -213,6 +217,7 @@ class PGMQBroker(Broker):
         self.archive_retention_s = archive_retention_s
         self.listen = listen
         self.prepare_statements = prepare_statements
+        self.async_commit = async_commit
         self.queues: set[str] = set()
         self._given_pool = pool
         self._pool_sizes = (pool_min_size, pool_max_size)
@@ -392,7 +397,7 @@ class PGMQBroker(Broker):
                     self.emit_before("enqueue", message, delay)
                 params = {
                     "queue": queue_name,
-                    "messages": [m.encode().decode("utf-8") for m in chunk],
+                    "messages": "[" + ",".join(m.encode().decode("utf-8") for m in chunk) + "]",
                     "delay_ms": int(delay or 0),
                 }
                 if connection is not None:
@@ -446,6 +451,7 @@ class PGMQBroker(Broker):
                     connect=self._raw_connection,
                     visibility_timeout_ms=self.visibility_timeout_ms,
                     max_lease_s=self.max_lease_s,
+                    async_commit=self.async_commit,
                     on_tick=self._purge_archives if self.archive_on_ack else None,
                 )
             self._keeper.start()
@@ -478,6 +484,7 @@ class PGMQBroker(Broker):
             "archive": self.archive_on_ack,
             "qty": qty,
             "vt_ms": self.visibility_timeout_ms,
+            "async_commit": self.async_commit,
         }
         try:
             with self._connection() as conn:
@@ -635,11 +642,15 @@ class PGMQBroker(Broker):
             dead_lettered=dead,
         )
 
-    def enable_notify(self, queue_name: str, *, throttle_ms: int = 50) -> None:
-        """Create the queue if needed and turn on its insert notifications. For set-up code and migrations."""
+    def enable_notify(self, queue_name: str) -> None:
+        """Create the queue if needed and wake idle workers on its inserts. For set-up code, like a migration.
+
+        Same as ``select pgmq_broker.enable_notify('queue')`` in SQL: one unthrottled notification per insert
+        statement (Postgres folds them per transaction), replacing PGMQ's throttled row trigger if present.
+        """
         validate_queue_name(queue_name)
         with self._connection() as conn:
-            conn.execute(queries.ENABLE_NOTIFY, {"queue": queue_name, "throttle_ms": throttle_ms})
+            conn.execute(queries.ENABLE_NOTIFY, {"queue": queue_name})
         self._created.add(queue_name)
 
     def _purge_archives(self) -> None:

@@ -50,6 +50,7 @@ class LeaseKeeper:
         connect: Returns a context manager yielding a connection (the broker's pool).
         visibility_timeout_ms: How long each extension hides a message for.
         max_lease_s: Give up extending a lease after this many seconds.
+        async_commit: Commit extensions without waiting for the WAL flush (see ``PGMQBroker``).
         on_tick: Called after every round of extensions (the broker purges archives from it).
     """
 
@@ -59,11 +60,13 @@ class LeaseKeeper:
         connect: Callable[[], AbstractContextManager[psycopg.Connection]],
         visibility_timeout_ms: int,
         max_lease_s: float,
+        async_commit: bool = True,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         self._connect = connect
         self._vt_ms = visibility_timeout_ms
         self._max_lease_s = max_lease_s
+        self._async_commit = async_commit
         self._on_tick = on_tick
         self._leases: dict[str, dict[int, Lease]] = {}
         self._lock = threading.Lock()
@@ -153,6 +156,7 @@ class LeaseKeeper:
                             "ids": [lease.msg_id for lease in leases],
                             "tokens": [lease.token for lease in leases],
                             "vt_ms": self._vt_ms,
+                            "async_commit": self._async_commit,
                         },
                     ).fetchall()
             except psycopg.Error as exc:

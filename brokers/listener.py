@@ -1,9 +1,10 @@
 """One LISTEN connection per process, waking idle consumers when PGMQ announces an insert.
 
-PGMQ notifies channel ``pgmq.q_<queue>.INSERT`` after an insert into a queue whose notifications were enabled
-(by a migration calling ``pgmq_broker.enable_notify``; workers never enable them). Notifications are throttled
-and say nothing about delayed messages becoming due, so consumers poll as well: a notification only shortens
-their wait. Where LISTEN is impossible (transaction-mode poolers) the broker runs with ``listen=False``.
+Channel ``pgmq.q_<queue>.INSERT`` is notified after a committed insert into a queue whose notifications were
+enabled (by a migration calling ``pgmq_broker.enable_notify``, or PGMQ's throttled ``pgmq.enable_notify_insert``;
+workers never enable them). Notifications can be throttled or lost while disconnected, and say nothing about
+delayed messages becoming due, so consumers poll as well: a notification only shortens their wait. Where
+LISTEN is impossible (transaction-mode poolers) the broker runs with ``listen=False``.
 """
 
 from __future__ import annotations

@@ -7,12 +7,18 @@ from typing import LiteralString
 #: Create a PGMQ queue unless it exists (PGMQ serialises creators with an advisory lock).
 CREATE_QUEUE: LiteralString = "select pgmq.create(%(queue)s)"
 
-#: Send one message, visible after %(delay_ms)s milliseconds of the server's clock.
-SEND: LiteralString = "select pgmq_broker.send(%(queue)s, %(message)s::jsonb, %(delay_ms)s)"
+#: Send one message, visible after %(delay_ms)s milliseconds of the server's clock. PGMQ's 4-argument send
+#: directly (the hot path): a SQL wrapper function would be re-planned on every call.
+SEND: LiteralString = (
+    "select pgmq.send(%(queue)s, %(message)s::jsonb, null::jsonb,"
+    " clock_timestamp() + %(delay_ms)s * interval '1 millisecond')"
+)
 
-#: Send many messages to one queue in one statement.
+#: Send many messages to one queue in one statement. %(messages)s is one JSON array of the envelopes: a single
+#: text parameter is far cheaper to pass than a jsonb[] whose every element psycopg would have to escape.
 SEND_BATCH: LiteralString = (
-    "select msg_id from pgmq_broker.send_batch(%(queue)s, %(messages)s::jsonb[], %(delay_ms)s) as msg_id"
+    "select msg_id from pgmq_broker.send_batch(%(queue)s,"
+    " array(select jsonb_array_elements(%(messages)s::jsonb)), %(delay_ms)s) as msg_id"
 )
 
 #: Replace a delivery by its retry, atomically (null when the original is already gone).
@@ -23,7 +29,7 @@ RESEND: LiteralString = (
 #: Delete the acknowledged ids, then lease up to %(qty)s visible messages.
 FETCH: LiteralString = (
     "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
-    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s)"
+    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
 )
 
 #: Milliseconds until the queue's next message becomes visible.
@@ -31,7 +37,8 @@ NEXT_VISIBLE_IN_MS: LiteralString = "select pgmq_broker.next_visible_in_ms(%(que
 
 #: Push the leases of these deliveries forward; returns the ids still held.
 EXTEND: LiteralString = (
-    "select msg_id from pgmq_broker.extend(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(vt_ms)s)"
+    "select msg_id from pgmq_broker.extend(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(vt_ms)s,"
+    " %(async_commit)s)"
     " as msg_id"
 )
 
@@ -84,7 +91,7 @@ QUEUE_METRICS: LiteralString = (
 PURGE_ARCHIVE: LiteralString = "select pgmq_broker.purge_archive(%(queue)s, %(older_than_s)s)"
 
 #: Turn on insert notifications for a queue (creates it when missing); for migrations, not workers.
-ENABLE_NOTIFY: LiteralString = "select pgmq_broker.enable_notify(%(queue)s, %(throttle_ms)s)"
+ENABLE_NOTIFY: LiteralString = "select pgmq_broker.enable_notify(%(queue)s)"
 
 #: Subscribe the listening connection to a queue's insert notifications.
 LISTEN: LiteralString = "listen {channel}"

@@ -480,7 +480,7 @@ def test_an_idle_worker_wakes_on_insert_notifications(
 ) -> None:
     # Given notifications enabled and a poll interval far longer than the test
     broker = make_broker(poll_interval_ms=30_000)
-    broker.enable_notify("notified", throttle_ms=0)
+    broker.enable_notify("notified")
     ran = threading.Event()
 
     @dramatiq.actor(queue_name="notified")
