@@ -11,6 +11,8 @@ from .dead_letters import DeadLetter, DeadLetterReason
 from .envelope import foreign_message_id
 from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
 from .listener import channel_name
+from .periodic import PeriodicScheduler, Schedule
+from .rate_limits import PostgresBackend, RateLimitRetries, use_rate_limit_retries
 
 __all__ = [
     "DatabaseUnavailable",
@@ -20,8 +22,13 @@ __all__ = [
     "MigrationError",
     "PGMQBroker",
     "PGMQBrokerError",
+    "PeriodicScheduler",
+    "PostgresBackend",
     "QueueMetrics",
+    "RateLimitRetries",
+    "Schedule",
     "channel_name",
     "foreign_message_id",
+    "use_rate_limit_retries",
     "validate_queue_name",
 ]

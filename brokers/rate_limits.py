@@ -23,6 +23,7 @@ growing, jittered delay without counting it against ``max_retries``.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -240,6 +241,10 @@ class RateLimitRetries(Retries):
     alone and ``message.options["rate_limited"]`` counts the deferrals. Every other exception is handled by
     ``Retries`` unchanged. Bound the total time with ``AgeLimit``/``max_age`` if needed.
 
+    An exception from outside Dramatiq counts as a rate limit too when it carries an integer ``retry_after_ms``
+    attribute (an HTTP 429 with ``Retry-After``, say): the message is then re-enqueued after exactly that delay
+    (with up to 10 % jitter, so deferred jobs do not return as one burst), again without using a retry.
+
     It must replace ``Retries`` (not sit beside it), e.g. with :func:`use_rate_limit_retries`. Both backoffs are
     also actor options.
     """
@@ -268,14 +273,19 @@ class RateLimitRetries(Retries):
         exception: BaseException | None = None,
     ) -> None:
         """Defer a rate-limited message; hand everything else to ``Retries``."""
-        if not isinstance(exception, RateLimitExceeded):
+        retry_after_ms = getattr(exception, "retry_after_ms", None)
+        told = isinstance(retry_after_ms, int) and not isinstance(retry_after_ms, bool) and retry_after_ms >= 0
+        if not told and not isinstance(exception, RateLimitExceeded):
             super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
             return
         actor = broker.get_actor(message.actor_name)
         deferrals = int(message.options.get("rate_limited", 0))
-        min_backoff = actor.options.get("rate_limit_min_backoff_ms", self.rate_limit_min_backoff_ms)
-        max_backoff = actor.options.get("rate_limit_max_backoff_ms", self.rate_limit_max_backoff_ms)
-        _, delay = compute_backoff(deferrals, factor=min_backoff, max_backoff=max_backoff)
+        if told:
+            delay = int(retry_after_ms * (1 + random.random() / 10))  # type: ignore[operator]
+        else:
+            min_backoff = actor.options.get("rate_limit_min_backoff_ms", self.rate_limit_min_backoff_ms)
+            max_backoff = actor.options.get("rate_limit_max_backoff_ms", self.rate_limit_max_backoff_ms)
+            _, delay = compute_backoff(deferrals, factor=min_backoff, max_backoff=max_backoff)
         message.options["rate_limited"] = deferrals + 1
         log.bind(event="rate_limited").info(
             "Message {} hit a rate limit ({}); trying again in {} ms",

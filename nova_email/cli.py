@@ -73,6 +73,12 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:
+    from .intake.server import main as intake_main
+
+    return intake_main(settings, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
     parser = argparse.ArgumentParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
@@ -89,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", _run, "run one processor's workers (webhooks, backfill, threads, completion) or all of them")
     run.add_argument("processor", choices=sorted(PROCESSORS))
     run.add_argument("dramatiq_args", nargs=argparse.REMAINDER, help="passed to dramatiq, e.g. --processes 2")
+    serve = add("serve-webhooks", _serve_webhooks, "receive Nylas webhooks over HTTP into the webhook queue")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
     # Listed for --help; main() hands its arguments to the simulator's own parser.
     sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser

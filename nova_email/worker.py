@@ -59,7 +59,7 @@ def build_broker(settings: Settings) -> PGMQBroker:
         poll_interval_ms=settings.poll_interval_ms,
     )
     use_rate_limit_retries(broker)
-    broker.add_middleware(PeriodicScheduler(conninfo=url))
+    broker.add_middleware(PeriodicScheduler())
     broker.add_middleware(GiveUpHook())
     return broker
 

@@ -30,11 +30,17 @@ BEGIN
             CONTINUE;
         END IF;
         v_listed := nylas_unix_to_timestamptz(v_thread -> 'latest_message_received_date');
-        -- A thread we already hold with nothing newer at Nylas needs no sync (webhooks keep it current).
+        -- A thread we already hold in full (every message it lists is stored) with nothing newer at Nylas needs no
+        -- sync: webhooks keep it current. A row written from thread metadata alone (thread.replied) is not enough.
         IF EXISTS (
             SELECT 1 FROM flux_email_threads t
              WHERE t.inbox_id = v_config.inbox_id AND t.nylas_thread_id = v_thread ->> 'id'
                AND v_listed IS NOT NULL AND t.latest_message_received_date >= v_listed
+               AND jsonb_array_length(t.message_ids) > 0
+               AND NOT EXISTS (
+                   SELECT 1 FROM jsonb_array_elements_text(t.message_ids) AS listed(message_id)
+                    WHERE NOT EXISTS (SELECT 1 FROM flux_email_messages m
+                                       WHERE m.inbox_id = t.inbox_id AND m.nylas_message_id = listed.message_id))
         ) THEN
             v_skipped := v_skipped + 1;
         ELSIF insert_queued_thread_idempotent(p_config_id, v_config.inbox_id, v_thread ->> 'id', v_grant_id) THEN

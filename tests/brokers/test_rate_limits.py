@@ -382,3 +382,40 @@ def test_rate_limited_work_on_the_pgmq_broker_is_deferred_not_failed(
     assert [attempt.get("ran") for attempt in attempts].count(True) == 1
     assert attempts[-1].get("retries", 0) == 0 and attempts[-1]["rate_limited"] == len(attempts) - 1
     assert broker.count_dead_letters("rate_limited") == 0
+
+
+class _TooManyRequests(Exception):
+    """An HTTP client's 429, carrying the server's Retry-After as the broker's protocol asks."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"429, retry after {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+def test_an_exception_carrying_retry_after_ms_is_deferred_by_that_long_without_using_a_retry(
+    stub_broker: StubBroker,
+) -> None:
+    # Given an actor with no retries that is told twice to come back after 300 ms
+    use_rate_limit_retries(stub_broker)
+    runs: list[tuple[float, dict[str, object]]] = []
+
+    @dramatiq.actor(broker=stub_broker, max_retries=0)
+    def throttled() -> None:
+        runs.append((time.monotonic(), dict(CurrentMessage.get_current_message().options)))  # type: ignore[union-attr]
+        if len(runs) < 3:
+            raise _TooManyRequests(300)
+
+    worker = dramatiq.Worker(stub_broker, worker_timeout=20)
+    worker.start()
+    try:
+        throttled.send()
+        wait_until(lambda: len(runs) >= 3)
+        stub_broker.join(throttled.queue_name, timeout=10_000)
+    finally:
+        worker.stop()
+
+    # Then it ran a third time, each deferral at least the server's delay, and no retry was spent
+    gaps = [later[0] - earlier[0] for earlier, later in zip(runs, runs[1:], strict=False)]
+    assert all(0.29 <= gap < 1.5 for gap in gaps), gaps
+    assert runs[-1][1].get("retries", 0) == 0 and runs[-1][1]["rate_limited"] == 2
+    assert stub_broker.dead_letters == []
