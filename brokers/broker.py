@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, LiteralString
 
 import attrs
 import psycopg
@@ -270,15 +270,35 @@ class PGMQBroker(Broker):
             with pool.connection() as conn:
                 yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._outage.lost(exc)
-            try:
-                pool.check()
-            except Exception:
-                log.opt(exception=True).debug("[PGMQBroker] Pool check failed during an outage")
-            msg = f"The database is unavailable ({type(exc).__name__}: {exc}); the broker retries with backoff"
-            raise DatabaseUnavailable(msg) from exc
+            raise self._unavailable(exc, pool) from exc
         if self._outage.since is not None:
             self._outage.recovered()
+
+    def _execute(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
+        """Run one statement on a pooled connection and return its rows: the hot path, without context managers."""
+        pool = self._get_pool()
+        try:
+            conn = pool.getconn()
+            try:
+                cursor = conn.execute(query, params)
+                rows = cursor.fetchall() if cursor.description is not None else []
+            finally:
+                pool.putconn(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise self._unavailable(exc, pool) from exc
+        if self._outage.since is not None:
+            self._outage.recovered()
+        return rows
+
+    def _unavailable(self, exc: BaseException, pool: ConnectionPool) -> DatabaseUnavailable:
+        self._outage.lost(exc)
+        try:
+            # Replace the connections that died with the server now, not one failed call at a time.
+            pool.check()
+        except Exception:
+            log.opt(exception=True).debug("[PGMQBroker] Pool check failed during an outage")
+        msg = f"The database is unavailable ({type(exc).__name__}: {exc}); the broker retries with backoff"
+        return DatabaseUnavailable(msg)
 
     @contextmanager
     def _raw_connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -367,8 +387,7 @@ class PGMQBroker(Broker):
         elif connection is not None:
             connection.execute(queries.SEND, params)
         else:
-            with self._connection() as conn:
-                conn.execute(queries.SEND, params)
+            self._execute(queries.SEND, params)
         self.emit_after("enqueue", message, delay)
         return message
 
@@ -487,8 +506,7 @@ class PGMQBroker(Broker):
             "async_commit": self.async_commit,
         }
         try:
-            with self._connection() as conn:
-                rows = conn.execute(queries.FETCH, params).fetchall()
+            rows = self._execute(queries.FETCH, params)
         except BaseException:
             state.return_acks(acks)
             raise
