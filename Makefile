@@ -52,3 +52,8 @@ run-threads: migrate
 	$(BIN)/nova-email run threads $(ARGS)
 run-completion: migrate
 	$(BIN)/nova-email run completion $(ARGS)
+
+# The whole service on a generated mailbox: embedded PostgreSQL, Nylas simulator, all four processors.
+.PHONY: demo
+demo: install
+	$(BIN)/nova-email demo $(ARGS)

@@ -79,6 +79,12 @@ def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:
     return intake_main(settings, args.host, args.port)
 
 
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(settings, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
     parser = argparse.ArgumentParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", _run, "run one processor's workers (webhooks, backfill, threads, completion) or all of them")
     run.add_argument("processor", choices=sorted(PROCESSORS))
     run.add_argument("dramatiq_args", nargs=argparse.REMAINDER, help="passed to dramatiq, e.g. --processes 2")
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(add("demo", _demo, "run the whole service on a generated mailbox and show it working"))
     serve = add("serve-webhooks", _serve_webhooks, "receive Nylas webhooks over HTTP into the webhook queue")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import LiteralString
 
+from psycopg import sql as psycopg_sql
+
 # -- sync ------------------------------------------------------------------------------------------------------------
 
 #: Insert or update a thread from its Nylas JSON; returns the row id.
@@ -152,3 +154,28 @@ where s.config_id = %(config_id)s
 QUEUE_INBOX_BACKFILL: LiteralString = (
     "select config_id, msg_id from queue_inbox_backfill(%(inbox_id)s, %(config_id)s, %(start_date)s, %(end_date)s)"
 )
+
+# -- demo ------------------------------------------------------------------------------------------------------------
+
+#: Drop the demo database (it is created afresh on every run).
+DROP_DATABASE = psycopg_sql.SQL("drop database if exists {name} with (force)")
+#: Create the demo database.
+CREATE_DATABASE = psycopg_sql.SQL("create database {name}")
+#: The demo's inbox.
+DEMO_CREATE_INBOX: LiteralString = (
+    "insert into flux_inboxes (nylas_grant_id, email, provider) values (%(grant_id)s, %(grant_id)s || '@example.org',"
+    " 'google') returning id"
+)
+#: One row for the progress bar: the backfill's progress and the webhooks still open.
+DEMO_PROGRESS: LiteralString = """
+select p.backfill_status, p.threads_total, p.threads_queued, p.threads_processing, p.threads_completed,
+       p.threads_failed, p.messages_synced,
+       (select count(*) from flux_webhook_notifications where status in ('pending', 'processing')) as webhooks_open
+from get_sync_progress(%(config_id)s) p
+"""
+#: Threads, messages and processed webhooks of the demo inbox.
+DEMO_TOTALS: LiteralString = """
+select (select count(*) from flux_email_threads where inbox_id = %(inbox_id)s),
+       (select count(*) from flux_email_messages where inbox_id = %(inbox_id)s),
+       (select count(*) from flux_webhook_notifications where status = 'processed')
+"""
