@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import LiteralString
 
-#: Create a PGMQ queue unless it exists (PGMQ serialises creators with an advisory lock).
-CREATE_QUEUE: LiteralString = "select pgmq.create(%(queue)s)"
+#: Create a PGMQ queue unless it exists (PGMQ serialises creators with an advisory lock). The existence check comes
+#: first because pgmq.create() needs CREATE on schema pgmq even for an existing queue, which a least-privilege
+#: worker role does not have.
+CREATE_QUEUE: LiteralString = (
+    "select pgmq.create(%(queue)s) where not exists (select from pgmq.meta where queue_name = %(queue)s)"
+)
 
 #: Send one message, visible after %(delay_ms)s milliseconds of the server's clock. PGMQ's 4-argument send
 #: directly (the hot path): a SQL wrapper function would be re-planned on every call.
