@@ -377,13 +377,13 @@ class PGMQBroker(Broker):
         """
         queue_name = message.queue_name
         self._ensure_queue(queue_name)
-        resend = isinstance(message, _PGMQMessageProxy) and self._resendable(message)
-        if resend:
-            message._resend_pending = True  # type: ignore[union-attr]
+        proxy = message if isinstance(message, _PGMQMessageProxy) and self._resendable(message) else None
+        if proxy is not None:
+            proxy._resend_pending = True
         self.emit_before("enqueue", message, delay)
         params = {"queue": queue_name, "message": message.encode().decode("utf-8"), "delay_ms": int(delay or 0)}
-        if resend:
-            self._resend(message, params, connection)  # type: ignore[arg-type]
+        if proxy is not None:
+            self._resend(proxy, params, connection)
         elif connection is not None:
             connection.execute(queries.SEND, params)
         else:
@@ -476,9 +476,10 @@ class PGMQBroker(Broker):
             self._keeper.start()
             if self.listen:
                 if self._listener is None:
-                    self._listener = Listener(
-                        conninfo=pool.conninfo, connect_kwargs=pool.kwargs, on_notify=self._notify
-                    )
+                    # psycopg_pool also accepts callables for both (credentials that rotate).
+                    conninfo = pool.conninfo() if callable(pool.conninfo) else pool.conninfo
+                    kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
+                    self._listener = Listener(conninfo=conninfo, connect_kwargs=kwargs or {}, on_notify=self._notify)
                 self._listener.subscribe(queue_name)
                 self._listener.start()
 
@@ -642,7 +643,7 @@ class PGMQBroker(Broker):
             if row is not None and row[0] == 0:
                 return
             if deadline is not None and time.monotonic() >= deadline:
-                raise QueueJoinTimeout(queue_name)
+                raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
             time.sleep(interval / 1000)
 
     def metrics(self, queue_name: str) -> QueueMetrics:

@@ -20,6 +20,9 @@ __all__ = ["DatabaseUnavailable", "InvalidQueueName", "MigrationError", "PGMQBro
 class PGMQBrokerError(BrokerError):
     """Base class of every error the PGMQ broker raises."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)  # type: ignore[no-untyped-call]  # dramatiq's errors are untyped
+
 
 class MigrationError(PGMQBrokerError):
     """A schema migration could not be applied; fix the named file or the database, then run it again."""

@@ -531,3 +531,84 @@ def test_metrics_report_depth_delay_in_flight_and_age(broker: PGMQBroker) -> Non
     assert (metrics.queued, metrics.delayed, metrics.in_flight, metrics.dead_lettered) == (1, 1, 1, 0)
     assert metrics.oldest_age_ms >= 0
     consumer.close()
+
+
+@pytest.mark.parametrize("async_commit", [True, False], ids=["async-commit", "durable-commit"])
+def test_bookkeeping_commits_either_way(
+    make_broker: Callable[..., PGMQBroker], make_worker: Callable[..., Worker], async_commit: bool
+) -> None:
+    broker = make_broker(async_commit=async_commit)
+    seen: list[int] = []
+
+    @dramatiq.actor(queue_name="commits")
+    def take(n: int) -> None:
+        seen.append(n)
+
+    broker.enqueue_many([take.message(i) for i in range(20)])
+    make_worker(broker)
+    broker.join("commits", timeout=10_000)
+    assert sorted(seen) == list(range(20))
+
+
+def test_a_broker_can_use_a_pool_it_does_not_own(db_url: str) -> None:
+    from psycopg_pool import ConnectionPool
+
+    with ConnectionPool(db_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True) as pool:
+        broker = PGMQBroker(pool=pool, poll_interval_ms=50)
+        dramatiq.set_broker(broker)
+
+        @dramatiq.actor(queue_name="given_pool")
+        def job() -> None:
+            pass
+
+        job.send()
+        consumer = broker.consume("given_pool", prefetch=1, timeout=100)
+        message = next(consumer)
+        assert message is not None
+        consumer.ack(message)
+        broker.close()
+        assert not pool.closed
+        with pool.connection() as conn:
+            assert conn.execute("select count(*) from pgmq.q_given_pool").fetchone() == (0,)
+
+
+def test_a_broker_needs_exactly_one_of_url_and_pool() -> None:
+    with pytest.raises(ValueError, match="exactly one of url"):
+        PGMQBroker()
+
+
+def test_concurrent_processes_declaring_a_new_queue_do_not_collide(
+    make_broker: Callable[..., PGMQBroker], conn: psycopg.Connection
+) -> None:
+    brokers = [make_broker() for _ in range(6)]
+    errors: list[BaseException] = []
+
+    def declare(broker: PGMQBroker) -> None:
+        try:
+            broker._ensure_queue("raced")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=declare, args=(b,)) for b in brokers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert conn.execute("select count(*) from pgmq.meta where queue_name = 'raced'").fetchone() == (1,)
+
+
+def test_enable_notify_is_idempotent_and_replaces_pgmq_row_trigger(
+    broker: PGMQBroker, conn: psycopg.Connection
+) -> None:
+    conn.execute("select pgmq.create('notify_twice')")
+    conn.execute("select pgmq.enable_notify_insert('notify_twice', 250)")
+    broker.enable_notify("notify_twice")
+    broker.enable_notify("notify_twice")
+
+    triggers = [
+        row[0] for row in conn.execute("select tgname from pg_trigger where tgrelid = 'pgmq.q_notify_twice'::regclass")
+    ]
+    assert triggers == ["pgmq_broker_notify_insert"]
+    throttled = "select count(*) from pgmq.notify_insert_throttle where queue_name = 'notify_twice'"
+    assert conn.execute(throttled).fetchone() == (0,)

@@ -77,3 +77,24 @@ def test_the_keeper_gives_up_after_the_maximum_lease(broker: PGMQBroker, conn: p
     assert keeper.tracked_count() == 0
     # Not extended: it still becomes visible when its first lease ends
     assert conn.execute("select vt < clock_timestamp() + interval '2 seconds' from pgmq.q_given_up").fetchone()  # type: ignore[misc] == (True,)
+
+
+def test_a_requeued_message_cannot_be_hidden_again_by_a_heartbeat_in_flight(
+    broker: PGMQBroker, conn: psycopg.Connection
+) -> None:
+    # Given a lease the keeper still holds in its snapshot
+    conn.execute("select pgmq.create('released')")
+    conn.execute("select pgmq.send('released', '{}'::jsonb)")
+    msg_id, token, read_ct = conn.execute(
+        "select msg_id, last_read_at, read_ct from pgmq.read('released', 30, 1)"
+    ).fetchone()  # type: ignore[misc]
+    lease = Lease("released", msg_id, token, read_ct)
+    keeper = LeaseKeeper(connect=broker._raw_connection, visibility_timeout_ms=60_000, max_lease_s=3600)
+    keeper.track([lease])
+
+    # When the message is released (requeued) and only then the heartbeat runs
+    broker._release([lease], uncount=True)
+    keeper.extend_all()
+
+    # Then it stays visible
+    assert conn.execute("select vt <= clock_timestamp() from pgmq.q_released").fetchone() == (True,)
