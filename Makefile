@@ -57,3 +57,13 @@ run-completion: migrate
 .PHONY: demo
 demo: install
 	$(BIN)/nova-email demo $(ARGS)
+
+# Benchmarks print their figures as ratios against peers measured in the same run (see each file's docstring).
+.PHONY: bench bench-broker bench-backfill bench-intake
+bench: bench-broker bench-backfill
+bench-broker: install
+	$(BIN)/python bench/broker.py
+bench-backfill: install
+	$(BIN)/python bench/backfill.py
+bench-intake: install
+	$(BIN)/python bench/intake.py

@@ -1,0 +1,240 @@
+"""Backfill benchmark: how fast a large inbox is synced, and how much of a rate limit the pacing uses.
+
+Scenario 1, throughput: a simulated inbox of 10,000 threads (about 58,000 messages, about two thirds of them in
+the one-year window), no faults, pacing off; ``dramatiq nova_email.actors`` with 2 processes x 8 threads.
+Prints threads/s and messages/s, Nylas API calls per 1,000 messages, and the peak RSS of each worker process.
+
+Scenario 2, pacing: a smaller inbox served by a simulator that allows R calls/s per grant (429 with Retry-After
+above it), with the service paced at the same R per grant. Prints the share of the allowed rate actually used
+(calls answered 200 / (R x elapsed)), and the 429s seen. For comparison, the original's fixed delays
+(THREAD_DELAY_MS 3000 + API_DELAY_MS 200 between calls, one thread at a time) allow at most about
+(2 + m) / (3 + 0.2 x (1 + m)) calls/s for a thread of m messages: with m = 6 that is about 1.8 calls/s.
+
+Usage:
+    .venv/bin/python bench/backfill.py [--threads 10000] [--rate 20] [--rate-threads 400]
+
+The database is a scratch one on BENCH_DATABASE_URL's server (default: the local PostgreSQL at 127.0.0.1:5432),
+migrated with nova_email.migrate and dropped at the end. The simulator runs as its own process
+(``nova-email fake-nylas``), as Nylas would, so it does not share this process's GIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nova_email.migrate import migrate  # noqa: E402
+
+GRANT = "bench-grant"
+DAY_S = 86_400
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def sim_get(base: str, path: str) -> Any:
+    with urllib.request.urlopen(base + path, timeout=30) as response:
+        return json.load(response)
+
+
+class Run:
+    """One scenario: a scratch database, a simulator process, worker processes."""
+
+    def __init__(self, server_url: str, *, threads: int, sim_args: list[str], worker_env: dict[str, str],
+                 processes: int, worker_threads: int) -> None:  # fmt: skip
+        self.name = f"nova_bench_{secrets.token_hex(3)}"
+        self.server_url = server_url
+        self.anchor = int(time.time()) // DAY_S * DAY_S
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'create database "{self.name}"')
+        self.url = with_database(server_url, self.name)
+        with psycopg.connect(self.url) as conn:
+            migrate(conn)
+        port = free_port()
+        self.sim_url = f"http://127.0.0.1:{port}"
+        self.sim = subprocess.Popen(
+            [sys.executable, "-m", "nova_email.cli", "fake-nylas", "--port", str(port), "--grants", GRANT,
+             "--threads", str(threads), "--seed", "1", "--anchor", str(self.anchor), *sim_args],  # fmt: skip
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                sim_get(self.sim_url, "/_sim/health")
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.sim.poll() is not None:
+                    raise RuntimeError("the simulator did not start") from None
+                time.sleep(0.2)
+        env = {**os.environ, "DATABASE_URL": self.url, "NYLAS_API_URI": self.sim_url, "NYLAS_API_KEY": "bench",
+               "COMPLETION_CHECK_INTERVAL_MS": "1000", "LOG_LEVEL": "warning", **worker_env}  # fmt: skip
+        self.log = open(ROOT / ".nova" / "bench-backfill-workers.log", "ab")  # noqa: SIM115
+        self.workers = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", str(processes),
+             "--threads", str(worker_threads)],  # fmt: skip
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.peak_rss: dict[int, int] = {}
+
+    def sample_rss(self) -> None:
+        try:
+            children = psutil.Process(self.workers.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            try:
+                rss = child.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+            self.peak_rss[child.pid] = max(self.peak_rss.get(child.pid, 0), rss)
+
+    def backfill(self, timeout_s: float) -> tuple[float, dict[str, int]]:
+        """Queue the backfill, wait for completion; returns (seconds, totals)."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT])
+            inbox_id = inbox.fetchone()[0]  # type: ignore[index]
+            end = datetime.fromtimestamp(self.anchor, UTC) + timedelta(days=1)
+            started = time.monotonic()
+            config_id = conn.execute(
+                "select config_id from queue_inbox_backfill(%s, null, null, %s)", [inbox_id, end]
+            ).fetchone()[0]  # type: ignore[index]
+            while True:
+                self.sample_rss()
+                row = conn.execute(
+                    "select backfill_status, threads_total, threads_completed, threads_failed, messages_synced"
+                    " from get_sync_progress(%s)",
+                    [config_id],
+                ).fetchone()
+                assert row is not None
+                if row[0] in ("completed", "failed"):
+                    break
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"backfill not done after {timeout_s} s: {row}")
+                time.sleep(0.5)
+            elapsed = time.monotonic() - started
+            messages = conn.execute("select count(*) from flux_email_messages").fetchone()[0]  # type: ignore[index]
+            # The working time: from the request to the last thread synced (without the monitor's detection lag).
+            working = conn.execute(
+                "select extract(epoch from max(q.processed_at) - c.backfill_requested_at) from queued_threads q"
+                " join flux_inbox_configurations c on c.id = q.config_id where c.id = %s group by c.id",
+                [config_id],
+            ).fetchone()
+        return elapsed, {"threads": row[1], "completed": row[2], "failed": row[3], "messages": messages,
+                         "status": row[0], "working_s": float(working[0]) if working else elapsed}  # type: ignore[dict-item]  # fmt: skip
+
+    def calls(self) -> dict[tuple[str, int], int]:
+        stats = sim_get(self.sim_url, "/_sim/stats")
+        return {(c["endpoint"], c["status"]): c["count"] for c in stats["calls"]}
+
+    def close(self) -> None:
+        for process in (self.workers, self.sim):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+        self.log.close()
+        with psycopg.connect(self.server_url, autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{self.name}" with (force)')
+
+
+def throughput(server_url: str, args: argparse.Namespace) -> None:
+    run = Run(server_url, threads=args.threads, sim_args=["--large-body-share", "0.01"],
+              worker_env={"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "0", "MESSAGE_DELAY_MS": "0",
+                          "API_DELAY_MS": "0"},
+              processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
+    try:
+        elapsed, totals = run.backfill(timeout_s=3600)
+        calls = run.calls()
+    finally:
+        run.close()
+    total_calls = sum(calls.values())
+    print(f"\nScenario 1: {args.threads} threads in the mailbox, pacing off, {args.processes} x {args.worker_threads}")
+    print(f"  synced        {totals['completed']} threads, {totals['messages']} messages in {elapsed:.1f} s "
+          f"(status {totals['status']}, {totals['failed']} failed)")  # fmt: skip
+    print(
+        f"  rate          {totals['completed'] / elapsed:.1f} threads/s, {totals['messages'] / elapsed:.1f} messages/s"
+    )
+    print(f"  API calls     {total_calls} ({1000 * total_calls / max(totals['messages'], 1):.0f} per 1,000 messages; "
+          f"by endpoint {dict(sorted(calls.items()))})")  # fmt: skip
+    rss = sorted(run.peak_rss.values())
+    print(f"  peak RSS      {', '.join(f'{r / 2**20:.0f} MiB' for r in rss)} (per worker process)")
+
+
+def pacing(server_url: str, args: argparse.Namespace) -> None:
+    rate = args.rate
+    run = Run(server_url, threads=args.rate_threads,
+              sim_args=["--rate-limit-per-s", str(rate), "--rate-limit-burst", str(int(rate)),
+                        "--large-body-share", "0"],
+              worker_env={"NYLAS_GRANT_RATE": str(rate), "NYLAS_GRANT_BURST": str(int(rate))},
+              processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
+    try:
+        elapsed, totals = run.backfill(timeout_s=3600)
+        calls = run.calls()
+    finally:
+        run.close()
+    ok = sum(n for (_, status), n in calls.items() if status == 200)
+    limited = sum(n for (_, status), n in calls.items() if status == 429)
+    working = totals["working_s"]
+    used = ok / (rate * working)
+    print(
+        f"\nScenario 2: {args.rate_threads} threads, the simulator allows {rate:g} calls/s per grant, pacing {rate:g}/s"
+    )
+    print(f"  synced        {totals['completed']} threads, {totals['messages']} messages in {working:.1f} s "
+          f"(completion seen after {elapsed:.1f} s)")  # fmt: skip
+    print(f"  API rate used {ok / working:.1f} of {rate:g} calls/s allowed = {100 * used:.0f} % "
+          f"({ok} calls answered, {limited} answered 429)")  # fmt: skip
+    original = (2 + 6) / (3 + 0.2 * 7)
+    print(
+        f"  the original  at most ~{original:.1f} calls/s with its fixed delays = {100 * original / rate:.0f} % of {rate:g}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=10_000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--worker-threads", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=20.0, help="allowed calls/s per grant in scenario 2")
+    parser.add_argument("--rate-threads", type=int, default=400)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-pacing", action="store_true")
+    args = parser.parse_args()
+    (ROOT / ".nova").mkdir(exist_ok=True)
+    server_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    if not args.skip_throughput:
+        throughput(server_url, args)
+    if not args.skip_pacing:
+        pacing(server_url, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
