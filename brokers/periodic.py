@@ -131,6 +131,7 @@ class PeriodicScheduler(Middleware):
         self.poll_interval_ms = poll_interval_ms
         self.lease_ms = lease_ms
         self.schedules: dict[str, Schedule] = {}
+        self._active: list[str] = []
         self._given_pool = pool
         self._conninfo = conninfo
         self._broker: PGMQBroker | None = None
@@ -178,6 +179,12 @@ class PeriodicScheduler(Middleware):
             )
             raise TypeError(msg)
         self._broker = broker
+        # A worker that does not consume a periodic actor's queue does not send its ticks: with processors
+        # deployed separately (`--queues ...`), nothing would pile up on a queue that no one here drains.
+        consumed = getattr(worker, "consumer_whitelist", None)
+        self._active = [name for name, s in self.schedules.items() if not consumed or s.queue_name in consumed]
+        if not self._active:
+            return
         with self._pool().connection() as conn:
             for schedule in self.schedules.values():
                 conn.execute(_UPSERT, {**attrs.asdict(schedule), "lease_ms": self.lease_ms})
@@ -185,7 +192,7 @@ class PeriodicScheduler(Middleware):
         self._thread = threading.Thread(target=self._run_scheduler, args=(broker,), name="periodic-scheduler")
         self._thread.daemon = True
         self._thread.start()
-        log.info("Scheduling {} periodic actors, polling every {} ms", len(self.schedules), self.poll_interval_ms)
+        log.info("Scheduling {} periodic actors, polling every {} ms", len(self._active), self.poll_interval_ms)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self._stop.set()
@@ -282,7 +289,7 @@ class PeriodicScheduler(Middleware):
         pgmq_broker = self._broker
         assert pgmq_broker is not None
         with self._pool().connection() as conn, conn.transaction():
-            claimed = conn.execute(_CLAIM_DUE, {"names": list(self.schedules)}).fetchall()
+            claimed = conn.execute(_CLAIM_DUE, {"names": self._active}).fetchall()
             for name, slot_ms, slots_missed, lost_state in claimed:
                 schedule = self.schedules[name]
                 actor = broker.get_actor(schedule.actor_name)
@@ -293,7 +300,7 @@ class PeriodicScheduler(Middleware):
                         "The previous tick of {} was {} but its lease ran out; sending a new one", name, lost_state
                     )
                 if slots_missed:
-                    log.bind(event="slots_missed", schedule=name).info(
+                    log.bind(event="slots_missed", schedule=name).debug(
                         "Skipped {} slots of {} that had no tick", slots_missed, name
                     )
 

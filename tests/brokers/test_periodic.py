@@ -121,6 +121,29 @@ def test_a_periodic_actor_ticks_once_per_slot(ticking: Callable[..., Any], conn:
     assert spanned - len(slots) <= row["slots_missed"]
 
 
+def test_a_worker_that_does_not_consume_the_periodic_queue_sends_no_ticks(
+    make_broker: Callable[..., PGMQBroker], make_worker: Callable[..., Worker], conn: psycopg.Connection
+) -> None:
+    # Given a worker started for another queue only (as `dramatiq mod --queues other` would)
+    broker = make_broker()
+    broker.add_middleware(PeriodicScheduler(poll_interval_ms=50, lease_ms=2_000))
+
+    @dramatiq.actor(broker=broker, queue_name="periodic_elsewhere", periodic_ms=100)
+    def tick() -> None: ...
+
+    @dramatiq.actor(broker=broker, queue_name="periodic_other")
+    def other() -> None: ...
+
+    make_worker(broker, queues={"periodic_other"})
+    other.send()
+    broker.join("periodic_other", timeout=10_000)
+
+    # Then its schedule was never taken up here, so no tick can wait on the queue that nobody here drains
+    assert conn.execute("select count(*) from pgmq_broker.schedules where name = 'tick'").fetchone() == (0,)
+    metrics = broker.metrics("periodic_elsewhere")
+    assert (metrics.queued, metrics.delayed, metrics.in_flight) == (0, 0, 0)
+
+
 def test_a_tick_that_outlasts_its_interval_is_not_overlapped_and_missed_slots_are_not_replayed(
     ticking: Callable[..., Any], conn: psycopg.Connection
 ) -> None:
