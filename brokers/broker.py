@@ -138,15 +138,13 @@ class _Outage:
         with self._lock:
             if self.since is None:
                 self.since = time.monotonic()
-                log.bind(event="database_lost").warning(
-                    "[PGMQBroker] Lost the database, retrying with backoff: {}", exc
-                )
+                log.bind(event="database_lost").warning("Lost the database, retrying with backoff: {}", exc)
 
     def recovered(self) -> None:
         with self._lock:
             if self.since is not None:
                 log.bind(event="database_recovered").info(
-                    "[PGMQBroker] Database reachable again after {:.1f} s", time.monotonic() - self.since
+                    "Database reachable again after {:.1f} s", time.monotonic() - self.since
                 )
                 self.since = None
 
@@ -296,7 +294,7 @@ class PGMQBroker(Broker):
             # Replace the connections that died with the server now, not one failed call at a time.
             pool.check()
         except Exception:
-            log.opt(exception=True).debug("[PGMQBroker] Pool check failed during an outage")
+            log.opt(exception=True).debug("Pool check failed during an outage")
         msg = f"The database is unavailable ({type(exc).__name__}: {exc}); the broker retries with backoff"
         return DatabaseUnavailable(msg)
 
@@ -448,7 +446,7 @@ class PGMQBroker(Broker):
         proxy._consumer._discharge(proxy)
         if row is None or row[0] is None:
             log.warning(
-                "[PGMQBroker] Did not re-enqueue message {}: its delivery {} of {!r} was already settled elsewhere",
+                "Did not re-enqueue message {}: its delivery {} of {!r} was already settled elsewhere",
                 proxy.message_id,
                 lease.msg_id,
                 lease.queue_name,
@@ -541,7 +539,7 @@ class PGMQBroker(Broker):
                 self._keeper_forget([proxy._lease])
                 proxy._consumer._discharge(proxy)
                 log.warning(
-                    "[PGMQBroker] Re-enqueueing message {} failed; its original delivery will run again",
+                    "Re-enqueueing message {} failed; its original delivery will run again",
                     proxy.message_id,
                 )
                 self._release([proxy._lease], uncount=False)
@@ -608,7 +606,7 @@ class PGMQBroker(Broker):
             )
         if recorded:
             log.bind(event="dead_lettered").warning(
-                "[PGMQBroker] Dead-lettered message {} of queue {!r} ({}: {})",
+                "Dead-lettered message {} of queue {!r} ({}: {})",
                 message_id or lease.msg_id,
                 lease.queue_name,
                 why.reason,
@@ -677,7 +675,10 @@ class PGMQBroker(Broker):
             return
         self._last_archive_purge = time.monotonic()
         for queue_name in list(self._created):
-            self.purge_archive(queue_name)
+            try:
+                self.purge_archive(queue_name)
+            except DatabaseUnavailable:
+                return  # the outage is logged once already; the next tick tries again
 
     def purge_archive(self, queue_name: str, *, older_than_s: int | None = None) -> int:
         """Delete archived messages older than `older_than_s` (default: the retention); returns how many."""
@@ -719,11 +720,11 @@ class PGMQBroker(Broker):
                 try:
                     consumer.close()
                 except DatabaseUnavailable as exc:
-                    log.warning("[PGMQBroker] Could not settle queue {!r} on close: {}", state.name, exc)
+                    log.warning("Could not settle queue {!r} on close: {}", state.name, exc)
             try:
                 self._flush_acks(state)
             except DatabaseUnavailable as exc:
-                log.warning("[PGMQBroker] Could not delete acknowledged messages on close: {}", exc)
+                log.warning("Could not delete acknowledged messages on close: {}", exc)
         with self._lock:
             if self._listener is not None:
                 self._listener.stop()

@@ -118,12 +118,12 @@ class LeaseKeeper:
             try:
                 self.extend_all()
             except Exception:  # a bug here must not end the thread: every lease in the process depends on it
-                log.opt(exception=True).critical("[LeaseKeeper] Unexpected failure while extending leases")
+                log.opt(exception=True).critical("Unexpected failure while extending leases")
             if self._on_tick is not None:
                 try:
                     self._on_tick()
                 except Exception:
-                    log.opt(exception=True).critical("[LeaseKeeper] Unexpected failure in the periodic hook")
+                    log.opt(exception=True).critical("Unexpected failure in the periodic hook")
 
     def extend_all(self) -> int:
         """Extend every tracked lease now; returns how many are still held."""
@@ -140,7 +140,7 @@ class LeaseKeeper:
                         snapshot.setdefault(queue_name, []).append(lease)
         for lease in expired:
             log.bind(event="lease_given_up").warning(
-                "[LeaseKeeper] Gave up message {} of queue {!r} after {:.0f} s (max lease); it will be redelivered",
+                "Gave up message {} of queue {!r} after {:.0f} s (max lease); it will be redelivered",
                 lease.msg_id,
                 lease.queue_name,
                 now - lease.fetched_at,
@@ -161,11 +161,11 @@ class LeaseKeeper:
                     ).fetchall()
             except psycopg.Error as exc:
                 if not self._failing:
-                    log.warning("[LeaseKeeper] Could not extend {} leases: {}", len(leases), exc)
+                    log.warning("Could not extend {} leases: {}", len(leases), exc)
                 self._failing = True
                 continue
             if self._failing:
-                log.info("[LeaseKeeper] Extending leases again")
+                log.info("Extending leases again")
                 self._failing = False
             extended = {row[0] for row in rows}
             held_count += len(extended)
@@ -173,7 +173,7 @@ class LeaseKeeper:
             if lost:
                 self.forget(lost)
                 log.bind(event="lease_lost").warning(
-                    "[LeaseKeeper] Lost the lease of {} messages of queue {!r} (settled or re-read elsewhere)",
+                    "Lost the lease of {} messages of queue {!r} (settled or re-read elsewhere)",
                     len(lost),
                     queue_name,
                 )

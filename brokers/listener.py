@@ -80,7 +80,7 @@ class Listener:
                 with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs) as conn:
                     self._listening = set()
                     if outage:
-                        log.info("[Listener] Listening again")
+                        log.info("Listening again")
                         with self._lock:
                             queues = set(self._queues)
                         for queue_name in queues:
@@ -92,7 +92,7 @@ class Listener:
             except psycopg.Error as exc:
                 self.connected.clear()
                 if not outage:
-                    log.warning("[Listener] Lost the LISTEN connection, reconnecting with backoff: {}", exc)
+                    log.warning("Lost the LISTEN connection, reconnecting with backoff: {}", exc)
                 outage = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
