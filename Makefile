@@ -28,6 +28,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check nova_email brokers tests bench
 	$(BIN)/ruff format --check nova_email brokers tests bench
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix nova_email brokers tests bench

@@ -130,7 +130,7 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
                 )
             return False
         # The text comes from files shipped with the package, never from user input.
-        conn.execute(migration.sql.encode())  # type: ignore[arg-type]
+        conn.execute(migration.sql.encode())
         conn.execute(_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
     log.info("Applied {}/{:03d}_{}", namespace, migration.version, migration.name)
     return True

