@@ -36,6 +36,9 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     if parts.password is None:
+        if "@" in url and not parts.netloc:
+            # Userinfo urlsplit could not parse (no scheme, no //) may still hold a password: hide all of it.
+            return "***@" + url.rsplit("@", 1)[1]
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
