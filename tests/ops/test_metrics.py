@@ -1,0 +1,174 @@
+"""Worker metrics: the database gauges on a real database, and Dramatiq's actor metrics served next to them by a
+real ``dramatiq`` process group."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from prometheus_client import generate_latest
+from psycopg.types.json import Jsonb
+
+from nova_email.config import load_settings
+from nova_email.errors import ConfigError
+from nova_email.ops.metrics import MetricsOptions, build_registry
+
+from .conftest import Inbox, make_dead_letter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape(db_url: str, tmp_path: Path) -> str:
+    options = MetricsOptions(port=1, directory=tmp_path / "prom")
+    registry = build_registry(options, lambda: psycopg.connect(db_url, autocommit=True))
+    return generate_latest(registry).decode()
+
+
+def test_scrape_reads_queue_and_backfill_gauges_from_the_database(
+    conn: psycopg.Connection, db_url: str, tmp_path: Path, thread_sync_backfill: uuid.UUID, inbox: Inbox
+) -> None:
+    # Given two thread jobs, one of them taken by a worker, and a dead letter
+    for n in range(2):
+        conn.execute("select flux_pgmq_send('thread_sync_jobs', %s)", [Jsonb({"thread_id": f"t{n}"})])
+    conn.execute("select * from pgmq.read('thread_sync_jobs', 60, 1)")
+    make_dead_letter(conn, "thread_sync_jobs", {"thread_id": "poison"})
+
+    text = _scrape(db_url, tmp_path)
+
+    assert "nova_database_up 1.0" in text
+    assert 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 1.0' in text
+    assert 'nova_queue_messages{queue="thread_sync_jobs",state="in_flight"} 1.0' in text
+    assert 'nova_queue_dead_letters{queue="thread_sync_jobs"} 1.0' in text
+    assert 'nova_queue_messages{queue="inbox_backfill_jobs",state="ready"} 1.0' in text
+    assert 'nova_backfills{status="thread_sync"} 1.0' in text
+    labels = f'config_id="{thread_sync_backfill}",inbox_id="{inbox.id}"'
+    assert f"nova_backfill_percent_complete{{{labels}}} 50.0" in text
+    assert f'nova_backfill_threads{{{labels},status="completed"}} 4.0' in text
+    assert f'nova_backfill_threads{{{labels},status="queued"}} 4.0' in text
+    assert f"nova_backfill_messages_synced{{{labels}}} 12.0" in text
+
+
+def test_scrape_is_fresh_each_time(conn: psycopg.Connection, db_url: str, tmp_path: Path) -> None:
+    assert 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 0.0' in _scrape(db_url, tmp_path)
+    conn.execute("select flux_pgmq_send('thread_sync_jobs', %s)", [Jsonb({"thread_id": "t"})])
+    assert 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 1.0' in _scrape(db_url, tmp_path)
+
+
+def test_scrape_answers_with_database_up_0_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    unreachable = f"postgresql://postgres@127.0.0.1:{_free_port()}/nowhere?connect_timeout=2"
+
+    text = _scrape(unreachable, tmp_path)
+
+    assert "nova_database_up 0.0" in text
+    assert "nova_queue_messages{" not in text
+
+
+def test_metrics_are_off_without_metrics_port_and_a_bad_port_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("METRICS_PORT", raising=False)
+    assert MetricsOptions.from_settings(load_settings(env_file=None)) is None
+
+    monkeypatch.setenv("METRICS_PORT", "9300")
+    monkeypatch.setenv("METRICS_HOST", "0.0.0.0")
+    options = MetricsOptions.from_settings(load_settings(env_file=None))
+    assert options is not None
+    assert (options.port, options.host, options.directory.name) == (9300, "0.0.0.0", "nova-email-metrics-9300")
+
+    monkeypatch.setenv("METRICS_PORT", "http")
+    with pytest.raises(ConfigError, match="METRICS_PORT"):
+        MetricsOptions.from_settings(load_settings(env_file=None))
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+    except OSError:
+        return None
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
+    conn: psycopg.Connection, db_url: str, tmp_path: Path
+) -> None:
+    # Given a dramatiq process group (2 worker processes) with the metrics middleware on a free port
+    port = _free_port()
+    counts_dir = Path(tempfile.gettempdir()) / f"nova-email-metrics-{port}"
+    shutil.rmtree(counts_dir, ignore_errors=True)
+    conn.execute("select pgmq.create('ops_metrics_test')")
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "METRICS_PORT": str(port),
+        "METRICS_HOST": "127.0.0.1",
+        "LOG_LEVEL": "info",
+    }
+    log_path = tmp_path / "workers.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "tests.ops.metrics_app", "--processes", "2", "--threads", "2"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        # When five messages succeed and one fails for good (SQL producers, as any other service would send them)
+        for n in range(5):
+            conn.execute(
+                "select pgmq.send('ops_metrics_test', pgmq_broker.dramatiq_message('ops_metrics_test', 'tick', %s))",
+                [Jsonb([n])],
+            )
+        conn.execute(
+            "select pgmq.send('ops_metrics_test', pgmq_broker.dramatiq_message('ops_metrics_test', 'explode'))"
+        )
+
+        # Then the metrics port shows the actors' counts summed over both processes, and the queue gauges
+        expected = [
+            'dramatiq_messages_total{actor_name="tick",queue_name="ops_metrics_test"} 5.0',
+            'dramatiq_message_errors_total{actor_name="explode",queue_name="ops_metrics_test"} 1.0',
+            'nova_queue_dead_letters{queue="ops_metrics_test"} 1.0',
+            'nova_queue_messages{queue="ops_metrics_test",state="ready"} 0.0',
+            "nova_database_up 1.0",
+        ]
+        deadline = time.monotonic() + 60
+        text = None
+        while time.monotonic() < deadline:
+            text = _get(f"http://127.0.0.1:{port}/metrics")
+            if text is not None and all(line in text for line in expected):
+                break
+            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert text is not None, log_path.read_text(errors="replace")[-3000:]
+        missing = [line for line in expected if line not in text]
+        assert not missing, (missing, log_path.read_text(errors="replace")[-3000:])
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        shutil.rmtree(counts_dir, ignore_errors=True)
+    assert process.returncode == 0, log_path.read_text(errors="replace")[-3000:]
