@@ -164,7 +164,9 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
         assert not missing, (missing, log_path.read_text(errors="replace")[-3000:])
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+            # The main process forwards SIGTERM to its workers and fork; signalling the group would stop each twice
+            # (the second SIGTERM kills a worker).
+            process.send_signal(signal.SIGTERM)
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
