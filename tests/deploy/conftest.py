@@ -1,0 +1,38 @@
+"""Helpers for the deployment tests: the repository's files, and the ``nova-email`` parser that the image's
+entry point runs."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nova_email.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parses_as_nova_email_command(argv: list[str]) -> bool:
+    """Whether `argv` (without the program name) is a command the ``nova-email`` script accepts."""
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="session")
+def console_scripts() -> dict[str, str]:
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        scripts: dict[str, str] = tomllib.load(fh)["project"]["scripts"]
+    return scripts
