@@ -49,7 +49,8 @@ def queue_backfill(conn: psycopg.Connection, inbox: Inbox) -> uuid.UUID:
     """Queue a backfill the way any user would: through queue_inbox_backfill."""
     row = conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox.id]).fetchone()
     assert row is not None
-    return row[0]
+    config_id: uuid.UUID = row[0]
+    return config_id
 
 
 def add_threads(conn: psycopg.Connection, config_id: uuid.UUID, inbox: Inbox, statuses: dict[str, int]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import LiteralString
 
 import psycopg
 import pytest
@@ -141,14 +142,16 @@ def test_retry_of_an_unknown_config_and_of_a_non_uuid_exit_2(
 
 
 @contextmanager
-def _in_background(db_url: str, statements: list[tuple[str, list[object]]], after: threading.Event) -> Iterator[None]:
+def _in_background(
+    db_url: str, statements: Sequence[tuple[LiteralString, Sequence[object]]], after: threading.Event
+) -> Iterator[None]:
     """Run `statements` on their own connection once `after` is set (the progress bar has drawn once)."""
 
     def work() -> None:
         assert after.wait(10)
         with psycopg.connect(db_url, autocommit=True) as conn:
             for query, params in statements:
-                conn.execute(query, params)  # type: ignore[arg-type]
+                conn.execute(query, params)
 
     thread = threading.Thread(target=work)
     thread.start()
