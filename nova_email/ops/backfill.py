@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -18,15 +19,16 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from .. import db
 from .. import queries as service_queries
 from ..config import Settings
 from . import queries
+from .connection import command_connection
 from .progress import BackfillProgress, fetch_progress, render_progress_line
 
 __all__ = [
     "EXIT_FAILED",
     "EXIT_TIMEOUT",
+    "EXIT_USAGE",
     "add_backfill_arguments",
     "queue_backfill",
     "retry_backfill",
@@ -113,7 +115,7 @@ def retry_backfill(
 
 
 def watch_progress(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[[], AbstractContextManager[psycopg.Connection]],
     config_id: uuid.UUID | str,
     *,
     interval_s: float = DEFAULT_INTERVAL_S,
@@ -124,7 +126,7 @@ def watch_progress(
     """Print a progress bar until the backfill completes (0), fails (1) or `timeout_s` passes (124).
 
     `live` redraws one line in place (a terminal); otherwise a line is printed whenever the numbers change.
-    Each refresh opens a short connection, so a database restart only delays the bar.
+    Each refresh opens a short-lived connection from `connect`, so no transaction stays open while watching.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_line = ""
@@ -199,7 +201,7 @@ def run_backfill(settings: Settings, args: argparse.Namespace, *, out: TextIO | 
     out = out or sys.stdout
     config_id: uuid.UUID | str
     try:
-        with db.connect(settings, autocommit=True) as conn:
+        with command_connection(settings) as conn:
             if args.backfill_command == "start":
                 inbox_id = _inbox_id(conn, args.inbox)
                 if inbox_id is None:
@@ -225,7 +227,7 @@ def run_backfill(settings: Settings, args: argparse.Namespace, *, out: TextIO | 
     if args.backfill_command != "progress" and not args.follow:
         return 0
     return watch_progress(
-        lambda: db.connect(settings, autocommit=True),
+        lambda: command_connection(settings),
         config_id,
         interval_s=args.interval,
         timeout_s=args.timeout,

@@ -20,9 +20,9 @@ from psycopg.rows import class_row, dict_row
 from brokers import DeadLetter
 from brokers.dead_letters import replay_dead_letters
 
-from .. import db
 from ..config import Settings
 from . import queries
+from .connection import command_connection
 from .table import format_time, render_table
 
 __all__ = [
@@ -161,5 +161,5 @@ def add_dead_letters_arguments(parser: argparse.ArgumentParser) -> None:
 def run_dead_letters(settings: Settings, args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """Run ``nova-email dead-letters <action>``; exit 0, or 2 for an unknown id or a missing selection."""
     actions = {"list": _list, "show": _show, "replay": _replay}
-    with db.connect(settings, autocommit=True) as conn:
+    with command_connection(settings) as conn:
         return actions[args.dead_letters_command](conn, args, out or sys.stdout)

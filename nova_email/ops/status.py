@@ -18,9 +18,9 @@ import attrs
 import psycopg
 from psycopg.rows import dict_row
 
-from .. import db
 from ..config import Settings
 from . import queries
+from .connection import command_connection
 from .progress import BackfillProgress, fetch_progress
 from .table import format_duration, format_time, render_table
 
@@ -183,7 +183,7 @@ def run_status(settings: Settings, args: argparse.Namespace, *, out: TextIO | No
     """Print the status report; exit status 0."""
     out = out or sys.stdout
     database = settings.database_url_redacted or f"embedded PostgreSQL in {settings.data_dir}"
-    with db.connect(settings, autocommit=True) as conn:
+    with command_connection(settings) as conn:
         report = collect_status(
             conn,
             database=database,

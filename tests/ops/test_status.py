@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -11,8 +13,10 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from nova_email.config import Settings
+from nova_email.errors import DatabaseError
 from nova_email.ops.status import add_status_arguments, collect_status, render_status, run_status
 
+from ..conftest import with_database
 from .conftest import Inbox, make_dead_letter, parse
 
 
@@ -135,3 +139,25 @@ def test_render_status_cuts_long_multi_line_errors_to_one_line(conn: psycopg.Con
     assert len(failure_lines) == 1
     assert "line one line two" in failure_lines[0]
     assert failure_lines[0].endswith("…")
+
+
+def test_status_of_an_unreachable_or_unmigrated_database_says_what_to_do(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    down = Settings(database_url=f"postgresql://nova:pw@127.0.0.1:{free_port}/nova", data_dir=tmp_path)
+    with pytest.raises(DatabaseError, match="cannot connect to postgresql://nova:\\*\\*\\*@.*check DATABASE_URL"):
+        _status(down, capsys)
+
+    empty_db = f"nova_ops_unmigrated_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute(f'create database "{empty_db}"')
+    try:
+        unmigrated = Settings(database_url=with_database(db_url, empty_db), data_dir=tmp_path)
+        with pytest.raises(DatabaseError, match="run `nova-email migrate` first"):
+            _status(unmigrated, capsys)
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute(f'drop database "{empty_db}" with (force)')
