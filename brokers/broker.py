@@ -619,7 +619,7 @@ class PGMQBroker(Broker):
         """Drop every message of a queue (dead letters are kept; see :meth:`purge_dead_letters`)."""
         self._ensure_queue(queue_name)
         with self._connection() as conn:
-            conn.execute(queries.PURGE_QUEUE, {"queue": queue_name})
+            conn.execute(queries.FLUSH_QUEUE, {"queue": queue_name})
 
     def flush_all(self) -> None:
         """Drop every message of every declared queue."""

@@ -80,8 +80,8 @@ REPLAY_DEAD_LETTERS: LiteralString = (
     "select pgmq_broker.replay_dead_letters(%(queue)s::text, %(ids)s::bigint[], %(limit)s::integer)"
 )
 
-#: Drop every message of a queue.
-PURGE_QUEUE: LiteralString = "select pgmq.purge_queue(%(queue)s)"
+#: Drop every message of a queue (DELETE: no TRUNCATE privilege or exclusive lock needed).
+FLUSH_QUEUE: LiteralString = "select pgmq_broker.flush(%(queue)s)"
 
 #: Messages still in a queue, visible or not (what join waits on).
 QUEUE_SIZE: LiteralString = "select count(*) from pgmq.{table}"

@@ -612,3 +612,35 @@ def test_enable_notify_is_idempotent_and_replaces_pgmq_row_trigger(
     assert triggers == ["pgmq_broker_notify_insert"]
     throttled = "select count(*) from pgmq.notify_insert_throttle where queue_name = 'notify_twice'"
     assert conn.execute(throttled).fetchone() == (0,)
+
+
+def test_the_least_privilege_worker_role_can_do_everything_a_worker_does(
+    make_broker: Callable[..., PGMQBroker], make_worker: Callable[..., Worker], db_url: str, conn: psycopg.Connection
+) -> None:
+    # Given a queue created by the owner (a migration) and a broker connected as nova_worker (sql/090_worker_role)
+    if conn.execute("select count(*) from pg_roles where rolname = 'nova_worker'").fetchone() == (0,):
+        pytest.fail("sql/090_worker_role.sql should have created the nova_worker role")
+    conn.execute("select pgmq_broker.enable_notify('least_privilege')")
+    broker = make_broker(url=psycopg.conninfo.make_conninfo(db_url, options="-c role=nova_worker"))
+    ran: list[int] = []
+
+    @dramatiq.actor(queue_name="least_privilege", max_retries=1, min_backoff=10, max_backoff=20)
+    def job(n: int) -> None:
+        ran.append(n)
+        if n == 0:
+            raise ValueError("always fails")
+
+    # When it sends, consumes, retries, dead-letters, flushes and reports
+    broker.enqueue_many([job.message(i) for i in range(3)])
+    make_worker(broker)
+    wait_until(lambda: broker.count_dead_letters("least_privilege") == 1, what="a dead letter")
+    broker.join("least_privilege", timeout=5_000)
+    job.send_with_options(args=(9,), delay=60_000)
+    assert broker.metrics("least_privilege").delayed == 1
+    broker.flush("least_privilege")
+
+    # Then all of it worked under the role's privileges
+    assert sorted(ran) == [0, 0, 1, 2]
+    assert broker.metrics("least_privilege").delayed == 0
+    with broker._connection() as role_conn:
+        assert role_conn.execute("select current_user").fetchone() == ("nova_worker",)
