@@ -281,3 +281,22 @@ def test_eta_is_unknown_before_the_first_thread_and_zero_once_finished() -> None
     assert _progress(threads_completed=0, threads_failed=0).eta_s is None
     assert "ETA -" in render_progress_line(_progress(threads_completed=0, threads_failed=0))
     assert _progress(backfill_status="completed").eta_s == 0.0
+
+
+def test_on_a_terminal_the_bar_is_redrawn_in_place(db_url: str, thread_sync_backfill: uuid.UUID) -> None:
+    out = io.StringIO()
+
+    code = watch_progress(
+        lambda: psycopg.connect(db_url, autocommit=True),
+        thread_sync_backfill,
+        interval_s=0.05,
+        timeout_s=0.3,
+        out=out,
+        live=True,
+    )
+
+    text = out.getvalue()
+    assert code == EXIT_TIMEOUT
+    bar, summary = text.rsplit("\n", 2)[:2]
+    assert bar.count("\r") >= 2 and "\n" not in bar  # several refreshes, all on one line
+    assert summary.startswith("Timed out after 0.3 s")
