@@ -21,8 +21,7 @@ import os
 import re
 import threading
 import time
-import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, LiteralString
 
@@ -38,10 +37,10 @@ from psycopg_pool import ConnectionPool
 
 from . import dead_letters as _dead_letters
 from . import queries
-from .consumer import _PGMQConsumer, _PGMQMessageProxy
-from .dead_letters import DeadLetter, DeadLetterReason, reason_from_exception
+from .consumer import _PGMQConsumer, _PGMQMessageProxy, _QueueState, _Settlement
+from .dead_letters import DeadLetter
 from .errors import DatabaseUnavailable, InvalidQueueName
-from .lease import Lease, LeaseKeeper
+from .lease import LeaseKeeper
 from .listener import Listener
 
 __all__ = ["PGMQBroker", "QueueMetrics", "validate_queue_name"]
@@ -104,29 +103,6 @@ class QueueMetrics:
     dead_lettered: int
 
 
-@attrs.define(eq=False)
-class _QueueState:
-    """Per-process state of one queue, shared by its consumers (Dramatiq may replace a consumer mid-flight)."""
-
-    name: str
-    pending_acks: list[Lease] = attrs.field(factory=list)
-    consumers: weakref.WeakSet[_PGMQConsumer] = attrs.field(factory=weakref.WeakSet)
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
-
-    def add_ack(self, lease: Lease) -> None:
-        with self.lock:
-            self.pending_acks.append(lease)
-
-    def take_acks(self) -> list[Lease]:
-        with self.lock:
-            acks, self.pending_acks = self.pending_acks, []
-        return acks
-
-    def return_acks(self, acks: list[Lease]) -> None:
-        with self.lock:
-            self.pending_acks[:0] = acks
-
-
 class _Outage:
     """Logs a database outage once when it starts and once when it ends."""
 
@@ -157,7 +133,7 @@ class _QueueHandlerOption(Middleware):
         return {"queue_handler"}
 
 
-class PGMQBroker(Broker):
+class PGMQBroker(_Settlement, Broker):
     """A Dramatiq broker over PGMQ queues in Postgres.
 
     Nothing touches the network in ``__init__``: the pool is opened lazily, in the process that first uses it
@@ -259,6 +235,11 @@ class PGMQBroker(Broker):
                 self._keeper = None
                 self._listener = None
             return self._pool
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """This process's connection pool (opened on first use); borrow from it for work next to the broker's."""
+        return self._get_pool()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -486,132 +467,6 @@ class PGMQBroker(Broker):
         if state is not None:
             for consumer in list(state.consumers):
                 consumer.wake()
-
-    def _keeper_track(self, leases: list[Lease]) -> None:
-        if self._keeper is not None:
-            self._keeper.track(leases)
-
-    def _keeper_forget(self, leases: list[Lease]) -> None:
-        if self._keeper is not None:
-            self._keeper.forget(leases)
-
-    def _fetch(self, state: _QueueState, acks: list[Lease], qty: int) -> list[Any]:
-        params = {
-            "queue": state.name,
-            "ack_ids": [lease.msg_id for lease in acks],
-            "archive": self.archive_on_ack,
-            "qty": qty,
-            "vt_ms": self.visibility_timeout_ms,
-            "async_commit": self.async_commit,
-        }
-        try:
-            rows = self._execute(queries.FETCH, params)
-        except BaseException:
-            state.return_acks(acks)
-            raise
-        if acks:
-            self._keeper_forget(acks)
-        return rows
-
-    def _flush_acks(self, state: _QueueState) -> None:
-        acks = state.take_acks()
-        if acks:
-            self._fetch(state, acks, 0)
-
-    def _idle_wait_s(self, queue_name: str) -> float:
-        """How long an idle consumer may wait: until the next delayed message is due, at most the poll interval."""
-        wait_s = self.poll_interval_ms / 1000
-        with self._connection() as conn:
-            row = conn.execute(queries.NEXT_VISIBLE_IN_MS, {"queue": queue_name}).fetchone()
-        if row is not None and row[0] is not None:
-            wait_s = min(wait_s, max(row[0] / 1000, 0.0))
-        return max(wait_s, 0.005)
-
-    # -- settling ---------------------------------------------------------------------------------------------
-
-    def _settle_ack(self, proxy: _PGMQMessageProxy) -> None:
-        state = self._queue_state(proxy._lease.queue_name)
-        if not proxy._settled:
-            proxy._settled = True
-            if proxy._resend_pending:
-                # The retry's re-enqueue failed: keep the original, visible again, rather than delete it.
-                proxy._resend_pending = False
-                self._keeper_forget([proxy._lease])
-                proxy._consumer._discharge(proxy)
-                log.warning(
-                    "Re-enqueueing message {} failed; its original delivery will run again",
-                    proxy.message_id,
-                )
-                self._release([proxy._lease], uncount=False)
-                return
-            state.add_ack(proxy._lease)
-            proxy._consumer._discharge(proxy)
-        # A consumer thread waiting in __next__ deletes the ack with its next fetch; otherwise do it now.
-        if not proxy._consumer._busy or proxy._consumer._closed:
-            self._flush_acks(state)
-
-    def _settle_nack(self, proxy: _PGMQMessageProxy) -> None:
-        if proxy._settled:
-            return
-        from dramatiq.errors import ActorNotFound
-
-        exc = proxy._exception
-        attempts = int(proxy.options.get("retries", 0) or 0) + (0 if proxy.options.get("retries") else 1)
-        reason = "unknown_actor" if isinstance(exc, ActorNotFound) else "failed"
-        why = reason_from_exception(exc, attempts=max(attempts, 1), reason=reason)
-        self._dead_letter_lease(proxy._lease, proxy.encode().decode("utf-8"), proxy.message_id, proxy.actor_name, why)
-        proxy._settled = True
-        self._keeper_forget([proxy._lease])
-        proxy._consumer._discharge(proxy)
-
-    def _settle_requeue(self, proxies: Sequence[_PGMQMessageProxy]) -> None:
-        leases = []
-        for proxy in proxies:
-            if not proxy._settled:
-                proxy._settled = True
-                leases.append(proxy._lease)
-                proxy._consumer._discharge(proxy)
-        self._keeper_forget(leases)
-        self._release(leases, uncount=True)
-
-    def _release(self, leases: list[Lease], *, uncount: bool) -> None:
-        by_queue: dict[str, list[Lease]] = {}
-        for lease in leases:
-            by_queue.setdefault(lease.queue_name, []).append(lease)
-        for queue_name, group in by_queue.items():
-            with self._connection() as conn:
-                conn.execute(
-                    queries.RELEASE,
-                    {
-                        "queue": queue_name,
-                        "ids": [lease.msg_id for lease in group],
-                        "tokens": [lease.token for lease in group],
-                        "delay_ms": 0,
-                        "uncount": uncount,
-                    },
-                )
-
-    def _dead_letter_lease(
-        self, lease: Lease, message: str | None, message_id: str | None, actor_name: str | None, why: DeadLetterReason
-    ) -> None:
-        with self._connection() as conn:
-            recorded = _dead_letters.dead_letter(
-                conn,
-                queue_name=lease.queue_name,
-                msg_id=lease.msg_id,
-                message=message,
-                message_id=message_id,
-                actor_name=actor_name,
-                why=why,
-            )
-        if recorded:
-            log.bind(event="dead_lettered").warning(
-                "Dead-lettered message {} of queue {!r} ({}: {})",
-                message_id or lease.msg_id,
-                lease.queue_name,
-                why.reason,
-                why.error_type,
-            )
 
     # -- queue management -------------------------------------------------------------------------------------
 

@@ -7,27 +7,39 @@ an acknowledgement that frees prefetch room, the next delayed message's due time
 whichever comes first, and returns ``None`` by its timeout so that the worker can notice a shutdown.
 
 Dramatiq calls ``ack``/``nack`` from worker threads while the consumer thread iterates, so everything shared is
-guarded by a lock or an :class:`threading.Event`.
+guarded by a lock or an :class:`threading.Event`. How a delivery ends (ack, nack, requeue, release, a retry's
+resend) lives here too, in the ``_Settlement`` mixin of the broker, with the per-queue state the consumers of
+one queue share (Dramatiq may replace a consumer while messages it fetched are still running).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
+import attrs
+import psycopg
 from dramatiq.broker import Consumer, MessageProxy
+from dramatiq.errors import ActorNotFound
 from dramatiq.message import Message
+from loguru import logger
 
-from .dead_letters import DeadLetterReason
+from . import dead_letters as _dead_letters
+from . import queries
+from .dead_letters import DeadLetterReason, reason_from_exception
 from .envelope import Undecodable, decode_body
-from .lease import Lease
+from .lease import Lease, LeaseKeeper
 
 if TYPE_CHECKING:
-    from .broker import PGMQBroker, _QueueState
+    from .broker import PGMQBroker
+
+log = logger.bind(component="PGMQBroker")
 
 __all__: list[str] = []
 
@@ -167,6 +179,171 @@ class _PGMQConsumer(Consumer):
             with self._lock:
                 self._outstanding.update(proxy._lease.msg_id for proxy in good)
             self._buffer.extend(good)
+
+
+@attrs.define(eq=False)
+class _QueueState:
+    """Per-process state of one queue, shared by its consumers (Dramatiq may replace a consumer mid-flight)."""
+
+    name: str
+    pending_acks: list[Lease] = attrs.field(factory=list)
+    consumers: weakref.WeakSet[_PGMQConsumer] = attrs.field(factory=weakref.WeakSet)
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    def add_ack(self, lease: Lease) -> None:
+        with self.lock:
+            self.pending_acks.append(lease)
+
+    def take_acks(self) -> list[Lease]:
+        with self.lock:
+            acks, self.pending_acks = self.pending_acks, []
+        return acks
+
+    def return_acks(self, acks: list[Lease]) -> None:
+        with self.lock:
+            self.pending_acks[:0] = acks
+
+
+class _Settlement:
+    """How deliveries end: fetched (and acks flushed), acknowledged, dead-lettered, requeued or released.
+
+    A mixin of :class:`~brokers.PGMQBroker`, kept next to the consumer whose lifecycle it implements.
+    """
+
+    if TYPE_CHECKING:
+        _keeper: LeaseKeeper | None
+        _handlers: dict[str, str]
+        max_deliveries: int
+        archive_on_ack: bool
+        async_commit: bool
+        visibility_timeout_ms: int
+        poll_interval_ms: int
+
+        def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]: ...
+        def _execute(self, query: LiteralString, params: dict[str, Any]) -> list[Any]: ...
+        def _queue_state(self, queue_name: str) -> _QueueState: ...
+
+    def _keeper_track(self, leases: list[Lease]) -> None:
+        if self._keeper is not None:
+            self._keeper.track(leases)
+
+    def _keeper_forget(self, leases: list[Lease]) -> None:
+        if self._keeper is not None:
+            self._keeper.forget(leases)
+
+    def _fetch(self, state: _QueueState, acks: list[Lease], qty: int) -> list[Any]:
+        params = {
+            "queue": state.name,
+            "ack_ids": [lease.msg_id for lease in acks],
+            "archive": self.archive_on_ack,
+            "qty": qty,
+            "vt_ms": self.visibility_timeout_ms,
+            "async_commit": self.async_commit,
+        }
+        try:
+            rows = self._execute(queries.FETCH, params)
+        except BaseException:
+            state.return_acks(acks)
+            raise
+        if acks:
+            self._keeper_forget(acks)
+        return rows
+
+    def _flush_acks(self, state: _QueueState) -> None:
+        acks = state.take_acks()
+        if acks:
+            self._fetch(state, acks, 0)
+
+    def _idle_wait_s(self, queue_name: str) -> float:
+        """How long an idle consumer may wait: until the next delayed message is due, at most the poll interval."""
+        wait_s = self.poll_interval_ms / 1000
+        with self._connection() as conn:
+            row = conn.execute(queries.NEXT_VISIBLE_IN_MS, {"queue": queue_name}).fetchone()
+        if row is not None and row[0] is not None:
+            wait_s = min(wait_s, max(row[0] / 1000, 0.0))
+        return max(wait_s, MIN_IDLE_WAIT_S)
+
+    def _settle_ack(self, proxy: _PGMQMessageProxy) -> None:
+        state = self._queue_state(proxy._lease.queue_name)
+        if not proxy._settled:
+            proxy._settled = True
+            if proxy._resend_pending:
+                # The retry's re-enqueue failed: keep the original, visible again, rather than delete it.
+                proxy._resend_pending = False
+                self._keeper_forget([proxy._lease])
+                proxy._consumer._discharge(proxy)
+                log.warning(
+                    "Re-enqueueing message {} failed; its original delivery will run again",
+                    proxy.message_id,
+                )
+                self._release([proxy._lease], uncount=False)
+                return
+            state.add_ack(proxy._lease)
+            proxy._consumer._discharge(proxy)
+        # A consumer thread waiting in __next__ deletes the ack with its next fetch; otherwise do it now.
+        if not proxy._consumer._busy or proxy._consumer._closed:
+            self._flush_acks(state)
+
+    def _settle_nack(self, proxy: _PGMQMessageProxy) -> None:
+        if proxy._settled:
+            return
+        exc = proxy._exception
+        attempts = int(proxy.options.get("retries", 0) or 0) + (0 if proxy.options.get("retries") else 1)
+        reason = "unknown_actor" if isinstance(exc, ActorNotFound) else "failed"
+        why = reason_from_exception(exc, attempts=max(attempts, 1), reason=reason)
+        self._dead_letter_lease(proxy._lease, proxy.encode().decode("utf-8"), proxy.message_id, proxy.actor_name, why)
+        proxy._settled = True
+        self._keeper_forget([proxy._lease])
+        proxy._consumer._discharge(proxy)
+
+    def _settle_requeue(self, proxies: Sequence[_PGMQMessageProxy]) -> None:
+        leases = []
+        for proxy in proxies:
+            if not proxy._settled:
+                proxy._settled = True
+                leases.append(proxy._lease)
+                proxy._consumer._discharge(proxy)
+        self._keeper_forget(leases)
+        self._release(leases, uncount=True)
+
+    def _release(self, leases: list[Lease], *, uncount: bool) -> None:
+        by_queue: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_queue.setdefault(lease.queue_name, []).append(lease)
+        for queue_name, group in by_queue.items():
+            with self._connection() as conn:
+                conn.execute(
+                    queries.RELEASE,
+                    {
+                        "queue": queue_name,
+                        "ids": [lease.msg_id for lease in group],
+                        "tokens": [lease.token for lease in group],
+                        "delay_ms": 0,
+                        "uncount": uncount,
+                    },
+                )
+
+    def _dead_letter_lease(
+        self, lease: Lease, message: str | None, message_id: str | None, actor_name: str | None, why: DeadLetterReason
+    ) -> None:
+        with self._connection() as conn:
+            recorded = _dead_letters.dead_letter(
+                conn,
+                queue_name=lease.queue_name,
+                msg_id=lease.msg_id,
+                message=message,
+                message_id=message_id,
+                actor_name=actor_name,
+                why=why,
+            )
+        if recorded:
+            log.bind(event="dead_lettered").warning(
+                "Dead-lettered message {} of queue {!r} ({}: {})",
+                message_id or lease.msg_id,
+                lease.queue_name,
+                why.reason,
+                why.error_type,
+            )
 
 
 def _own(message: MessageProxy) -> _PGMQMessageProxy:
