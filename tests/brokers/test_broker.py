@@ -644,3 +644,25 @@ def test_the_least_privilege_worker_role_can_do_everything_a_worker_does(
     assert broker.metrics("least_privilege").delayed == 0
     with broker._connection() as role_conn:
         assert role_conn.execute("select current_user").fetchone() == ("nova_worker",)
+
+
+def test_an_open_transaction_that_enqueued_does_not_block_other_producers(
+    broker: PGMQBroker, db_url: str, conn: psycopg.Connection
+) -> None:
+    # PGMQ's own throttled trigger updates one shared row per queue inside the producer's transaction, so a
+    # long transaction that enqueued blocks every other producer of the queue until it ends. Ours does not.
+    broker.enable_notify("busy_producers")
+
+    @dramatiq.actor(queue_name="busy_producers")
+    def job(n: int) -> None:
+        pass
+
+    with psycopg.connect(db_url) as long_transaction:
+        broker.enqueue(job.message(1), connection=long_transaction)
+        time.sleep(0.3)  # longer than any throttle interval
+        conn.execute("set statement_timeout = '2s'")
+        started = time.monotonic()
+        job.send(2)
+        conn.execute("select pgmq.send('busy_producers', '{}'::jsonb)")
+        assert time.monotonic() - started < 1.0
+        long_transaction.rollback()
