@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, Retries
 
 from brokers import PGMQBroker
 from brokers.periodic import PeriodicScheduler
@@ -60,7 +60,9 @@ def build_broker(settings: Settings) -> PGMQBroker:
     )
     use_rate_limit_retries(broker)
     broker.add_middleware(PeriodicScheduler())
-    broker.add_middleware(GiveUpHook())
+    # Dramatiq runs after_* hooks in reverse order: placed before Retries, the hook runs after Retries marked the
+    # message failed (appended last, it ran first and never saw a failed message).
+    broker.add_middleware(GiveUpHook(), before=Retries)
     return broker
 
 
