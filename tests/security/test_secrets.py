@@ -1,0 +1,213 @@
+"""Secrets (the database password, the Nylas API key, the webhook secret) never show in logs, errors or reprs.
+
+The worker tests break things for real so that the error paths run: a database URL whose role does not exist or
+whose server is down, a Nylas API key the simulator refuses, a grant that expires mid-backfill. Their logs (at
+debug level, the most talkative) and every error the database recorded are then searched for the secrets.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from nova_email.config import Settings, load_settings
+from nova_email.errors import ConfigError
+from nova_email.nylas.client import NylasClient
+from nova_email.nylas.errors import NylasError
+from nova_email.simulator.server import start_in_thread
+from tests.chaos.scenario import backfill_status, queue_backfill, worker_env
+from tests.processes import Workers, running_workers, wait_for
+
+DB_PASSWORD = "pw-" + uuid.uuid4().hex
+API_KEY = "nyk_v0_" + uuid.uuid4().hex
+WEBHOOK_SECRET = "whsec-" + uuid.uuid4().hex
+
+
+def recorded_errors(db_url: str) -> str:
+    """Every error text the service and the broker stored, as one string."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "select coalesce(string_agg(t, E'\\n'), '') from ("
+            " select backfill_progress::text as t from flux_inbox_configurations"
+            " union all select error_message from queued_threads"
+            " union all select error_message from flux_webhook_notifications"
+            " union all select concat_ws(' ', error_type, error_message, traceback, message::text)"
+            " from pgmq_broker.dead_letters) errors"
+        ).fetchone()
+    return str(rows[0]) if rows else ""
+
+
+# -- reprs and configuration errors ----------------------------------------------------------------------------------
+
+
+def test_settings_repr_hides_every_secret() -> None:
+    settings = Settings(
+        database_url=f"postgresql://nova:{DB_PASSWORD}@db:5432/nova",
+        nylas_api_key=API_KEY,
+        nylas_webhook_secret=WEBHOOK_SECRET,
+    )
+    for text in (repr(settings), str(settings), str(settings.database_url_redacted)):
+        assert DB_PASSWORD not in text and API_KEY not in text and WEBHOOK_SECRET not in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"mysql://nova:{DB_PASSWORD}@db/nova", f"nova:{DB_PASSWORD}@db/nova", f"http://nova:{DB_PASSWORD}@db:5432/nova"],
+    ids=["wrong-scheme", "no-scheme", "http"],
+)
+def test_a_malformed_database_url_is_reported_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATABASE_URL": url, "NYLAS_API_KEY": API_KEY}, env_file=None)
+    assert "DATABASE_URL" in str(caught.value)
+    assert DB_PASSWORD not in str(caught.value) and API_KEY not in str(caught.value)
+
+
+def test_the_nylas_client_repr_hides_the_api_key() -> None:
+    client = NylasClient(api_key=API_KEY, api_uri="http://127.0.0.1:1")
+    try:
+        assert API_KEY not in repr(client)
+    finally:
+        client.close()
+
+
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    """A hostile or broken upstream that echoes the Authorization header in its error body."""
+
+    def do_GET(self) -> None:
+        echoed = self.headers.get("Authorization")
+        body = json.dumps(
+            {"request_id": "r1", "error": {"type": "api_error", "message": f"bad header {echoed}"}, "echo": echoed}
+        )
+        self.send_response(int(self.path.rsplit("/", 1)[-1]) if self.path[-3:].isdigit() else 500)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@pytest.fixture
+def echo_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status", ["400", "401", "404", "422", "429", "418"])
+def test_an_error_body_that_echoes_the_api_key_does_not_carry_it_into_the_error(echo_server: str, status: str) -> None:
+    client = NylasClient(api_key=API_KEY, api_uri=echo_server, max_retries=0)
+    try:
+        with pytest.raises(NylasError) as caught:
+            client.get_thread("grant-1", status)
+    finally:
+        client.close()
+    assert API_KEY not in str(caught.value)
+    assert API_KEY not in repr(caught.value)
+
+
+# -- worker processes failing for real -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://nova_no_such_role:{DB_PASSWORD}@127.0.0.1:5432/postgres",
+        f"postgresql://nova:{DB_PASSWORD}@127.0.0.1:1/nova",
+    ],
+    ids=["unknown-role", "server-down"],
+)
+def test_workers_that_cannot_reach_the_database_never_log_its_password(tmp_path: Path, url: str) -> None:
+    # Given workers whose DATABASE_URL cannot be used, at debug level
+    env = {"DATABASE_URL": url, "NYLAS_API_KEY": API_KEY, "NYLAS_WEBHOOK_SECRET": WEBHOOK_SECRET, "LOG_LEVEL": "debug"}
+    workers = Workers(env, tmp_path / "workers.log", ["--processes", "1", "--threads", "2"])
+    try:
+        # When they try to connect and report it (or give up)
+        wait_for(
+            lambda: workers.process.poll() is not None or "database" in workers.log().lower(),
+            timeout_s=30,
+            what="the workers to report the unreachable database",
+        )
+        wait_for(lambda: len(workers.log()) > 0, timeout_s=5, what="log output")
+    finally:
+        workers.stop()
+    log = workers.log()
+    # Then the log names the problem but none of the secrets
+    assert "127.0.0.1" in log, log[-2000:]
+    for secret in (DB_PASSWORD, API_KEY, WEBHOOK_SECRET):
+        assert secret not in log
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_a_refused_api_key_and_an_expired_grant_are_logged_and_recorded_without_secrets(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Given a simulator that wants another key than the workers have, for one grant, and a second grant whose
+    # key is right but which expires mid-backfill
+    nylas = start_in_thread(seed=4, grants=["grant-refused", "grant-expiring"], threads_per_grant=120, api_key=API_KEY)
+    try:
+        refused = queue_backfill(db_url, nylas, "grant-refused")
+        env = worker_env(db_url, nylas, NYLAS_API_KEY="wrong-" + API_KEY[6:], LOG_LEVEL="debug")
+        with running_workers(env, tmp_path / "refused.log", processes=1, threads=4) as workers:
+            # When the backfill is refused (the simulator answers 400 token.unauthorized_access)
+            wait_for(
+                lambda: backfill_status(db_url, refused.config_id) == "failed",
+                timeout_s=60,
+                what="the backfill with a refused key to fail",
+            )
+            refused_log = workers.log()
+        expiring = queue_backfill(db_url, nylas, "grant-expiring")
+        env = worker_env(db_url, nylas, NYLAS_API_KEY=API_KEY, LOG_LEVEL="debug", NYLAS_WEBHOOK_SECRET=WEBHOOK_SECRET)
+        with running_workers(env, tmp_path / "expiring.log", processes=1, threads=4) as workers:
+            wait_for(
+                lambda: _threads_synced(db_url, expiring.config_id) >= 10,
+                timeout_s=60,
+                what="the second backfill to start syncing threads",
+            )
+            nylas.simulator.expire_grant("grant-expiring", emit=False)
+            wait_for(
+                lambda: (
+                    _inbox_status(db_url, expiring.inbox_id) == "auth_expired"
+                    or backfill_status(db_url, expiring.config_id) in ("failed", "completed")
+                ),
+                timeout_s=60,
+                what="the expired grant to stop its inbox",
+            )
+            expiring_log = workers.log()
+        errors = recorded_errors(db_url)
+    finally:
+        nylas.stop()
+    # Then the failures are visible (logged and recorded) but no secret is in any of it
+    assert "check NYLAS_API_KEY" in refused_log + errors
+    for secret in (API_KEY, WEBHOOK_SECRET):
+        assert secret not in refused_log
+        assert secret not in expiring_log
+        assert secret not in errors
+
+
+def _threads_synced(db_url: str, config_id: uuid.UUID) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "select count(*) from queued_threads where config_id = %s and status = 'completed'", [config_id]
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _inbox_status(db_url: str, inbox_id: uuid.UUID) -> str:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("select status from flux_inboxes where id = %s", [inbox_id]).fetchone()
+    return str(row[0]) if row else ""
