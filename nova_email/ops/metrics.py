@@ -17,6 +17,7 @@ host needs its own port; its multiprocess files live in a directory named after 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -46,6 +47,7 @@ __all__ = [
     "add_metrics",
     "build_registry",
     "make_metrics_server",
+    "remove_stale_counts",
     "serve_metrics",
 ]
 
@@ -56,6 +58,8 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 #: Seconds a scrape waits for a database connection before reporting ``nova_database_up 0``.
 SCRAPE_CONNECT_TIMEOUT_S = 5
 _MULTIPROC_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+#: prometheus-client names its files <kind>_<pid>.db (e.g. counter_812.db, gauge_livesum_812.db).
+_PID_SUFFIX = re.compile(r"_(\d+)\.db$")
 
 
 @attrs.frozen(kw_only=True)
@@ -252,6 +256,27 @@ def make_metrics_server(options: MetricsOptions, settings: Settings) -> WSGIServ
     return make_server(options.host, options.port, make_wsgi_app(registry), handler_class=_QuietHandler)
 
 
+def remove_stale_counts(directory: Path) -> list[Path]:
+    """Delete the count files of processes that no longer run (an earlier run of the group); returns them.
+
+    Called when the exposition process starts, which the dramatiq command does only once every worker process
+    has booted, so every live worker's files are already there and kept.
+    """
+    removed = []
+    for path in directory.glob("*.db"):
+        match = _PID_SUFFIX.search(path.name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except PermissionError:
+            pass  # alive, under another user
+    return removed
+
+
 def serve_metrics() -> int:
     """Serve the metrics until stopped. Dramatiq runs this in its own process (a "fork") next to the workers."""
     from ..config import load_settings
@@ -270,6 +295,9 @@ def serve_metrics() -> int:
             "Cannot listen on {}:{}: {}; give each worker group its own METRICS_PORT", options.host, options.port, exc
         )
         return 1
+    stale = remove_stale_counts(options.directory)
+    if stale:
+        log.info("Removed {} count file(s) of processes from an earlier run", len(stale))
     log.info("Serving worker metrics on http://{}:{}/metrics", options.host, options.port)
     with server:
         server.serve_forever()

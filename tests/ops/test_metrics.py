@@ -97,6 +97,29 @@ def test_metrics_are_off_without_metrics_port_and_a_bad_port_names_the_variable(
         MetricsOptions.from_settings(load_settings(env_file=None))
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _a_counter_file_with_a_count(tmp_path: Path) -> Path:
+    """A multiprocess counter file holding tick's count of 1000, written by a real prometheus-client in a child."""
+    directory = tmp_path / "old-run"
+    directory.mkdir()
+    script = (
+        "from prometheus_client import Counter; "
+        "Counter('dramatiq_messages_total', 'x', ['queue_name', 'actor_name'])"
+        ".labels('ops_metrics_test', 'tick').inc(1000)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}, check=True
+    )
+    (path,) = directory.glob("counter_*.db")
+    return path
+
+
 def _get(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -114,6 +137,10 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
     port = _free_port()
     counts_dir = Path(tempfile.gettempdir()) / f"nova-email-metrics-{port}"
     shutil.rmtree(counts_dir, ignore_errors=True)
+    # and the count file of a process of an earlier run, which must not be added in
+    counts_dir.mkdir(parents=True)
+    stale = counts_dir / f"counter_{_dead_pid()}.db"
+    shutil.copyfile(_a_counter_file_with_a_count(tmp_path), stale)
     conn.execute("select pgmq.create('ops_metrics_test')")
     env = {
         **os.environ,
@@ -162,6 +189,7 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
         assert text is not None, log_path.read_text(errors="replace")[-3000:]
         missing = [line for line in expected if line not in text]
         assert not missing, (missing, log_path.read_text(errors="replace")[-3000:])
+        assert not stale.exists()
     finally:
         if process.poll() is None:
             # The main process forwards SIGTERM to its workers and fork; signalling the group would stop each twice
