@@ -31,6 +31,7 @@ from dramatiq.middleware.prometheus import Prometheus
 from loguru import logger
 
 from ..config import Settings
+from ..errors import ConfigError
 from . import queries
 from .progress import fetch_progress
 
@@ -81,8 +82,6 @@ class MetricsOptions:
         except ValueError:
             number = -1
         if not 0 < number < 65536:
-            from ..errors import ConfigError
-
             msg = f"METRICS_PORT={port!r} is not a TCP port; expected e.g. METRICS_PORT=9191, or unset it"
             raise ConfigError(msg)
         host = _setting(settings, "metrics_host") or DEFAULT_METRICS_HOST
