@@ -13,6 +13,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -23,6 +25,7 @@ from psycopg.types.json import Jsonb
 from nova_email.config import load_settings
 from nova_email.errors import ConfigError
 from nova_email.ops.metrics import MetricsOptions, build_registry
+from nova_email.ops.status import collect_status
 
 from .conftest import Inbox, make_dead_letter
 
@@ -202,3 +205,23 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
                 process.wait(10)
         shutil.rmtree(counts_dir, ignore_errors=True)
     assert process.returncode == 0, log_path.read_text(errors="replace")[-3000:]
+
+
+def test_status_and_scrape_need_no_more_than_the_least_privilege_worker_role(
+    db_url: str, tmp_path: Path, thread_sync_backfill: uuid.UUID
+) -> None:
+    # The exposition process runs with the workers' DATABASE_URL, whose role may be only nova_worker (sql/090).
+    @contextmanager
+    def as_worker() -> Iterator[psycopg.Connection]:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("set role nova_worker")
+            yield conn
+
+    options = MetricsOptions(port=1, directory=tmp_path / "prom")
+    text = generate_latest(build_registry(options, as_worker)).decode()
+    with as_worker() as conn:
+        report = collect_status(conn, database="test")
+
+    assert "nova_database_up 1.0" in text
+    assert f'config_id="{thread_sync_backfill}"' in text
+    assert [b.config_id for b in report.backfills] == [thread_sync_backfill]
