@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve-webhooks", _serve_webhooks, "receive Nylas webhooks over HTTP into the webhook queue")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    from .ops import (
+        add_backfill_arguments,
+        add_dead_letters_arguments,
+        add_status_arguments,
+        run_backfill,
+        run_dead_letters,
+        run_status,
+    )
+
+    add_status_arguments(add("status", run_status, "queues, active backfills, webhook activity and recent failures"))
+    add_backfill_arguments(add("backfill", run_backfill, "start a backfill, watch its progress, or retry it"))
+    add_dead_letters_arguments(add("dead-letters", run_dead_letters, "list, show or replay dead-lettered messages"))
     # Listed for --help; main() hands its arguments to the simulator's own parser.
     sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser

@@ -70,6 +70,9 @@ class Settings:
     nylas_api_uri: str = "https://api.us.nylas.com"
     nylas_webhook_secret: str = attrs.field(default="", repr=False)
     data_dir: Path = Path(".nova")
+    #: Port of the workers' Prometheus endpoint; None: no metrics endpoint.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @property
     def pacing_enabled(self) -> bool:
@@ -154,6 +157,14 @@ def _parse_rate(name: str, raw: str) -> float:
     return value
 
 
+def _parse_port(name: str, raw: str) -> int:
+    port = _parse_int(name, raw, minimum=1, unit="a TCP port")
+    if port > 65535:
+        msg = f"{name}={raw!r} is not a TCP port (1-65535); expected e.g. {name}=9191"
+        raise ConfigError(msg)
+    return port
+
+
 def _ms(minimum: int = 0) -> Callable[[str, str], int]:
     return lambda name, raw: _parse_int(name, raw, minimum=minimum, unit="milliseconds")
 
@@ -179,6 +190,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NYLAS_GRANT_RATE": ("nylas_grant_rate", _parse_rate),
     "NYLAS_GRANT_BURST": ("nylas_grant_burst", lambda n, r: _parse_int(n, r, minimum=1, unit="calls")),
     "NYLAS_APP_RATE": ("nylas_app_rate", _parse_rate),
+    "METRICS_PORT": ("metrics_port", lambda n, r: _parse_port(n, r)),
+    "METRICS_HOST": ("metrics_host", lambda n, r: r.strip()),
     "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
 }
 

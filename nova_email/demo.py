@@ -157,7 +157,7 @@ def demo(settings: Settings, args: argparse.Namespace) -> DemoSummary:
             return _drive(url, nylas, args, started)
         finally:
             if workers.poll() is None:
-                os.killpg(workers.pid, signal.SIGTERM)
+                workers.send_signal(signal.SIGTERM)  # dramatiq forwards it to its worker processes
                 try:
                     workers.wait(30)
                 except subprocess.TimeoutExpired:

@@ -42,9 +42,13 @@ class Workers:
             time.sleep(0.1)
 
     def stop(self, timeout_s: float = 30) -> int:
-        """SIGTERM (graceful), then SIGKILL of the whole group if it does not exit in time."""
+        """SIGTERM to the main process (graceful), then SIGKILL of the whole group if it does not exit in time.
+
+        Only the main process is signalled: it forwards SIGTERM to its workers, and a worker signalled twice
+        gives up its graceful shutdown.
+        """
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:

@@ -31,7 +31,6 @@ from dramatiq.middleware.prometheus import Prometheus
 from loguru import logger
 
 from ..config import Settings
-from ..errors import ConfigError
 from . import queries
 from .progress import fetch_progress
 
@@ -74,27 +73,10 @@ class MetricsOptions:
     @classmethod
     def from_settings(cls, settings: Settings) -> MetricsOptions | None:
         """The options from METRICS_PORT / METRICS_HOST, or None when METRICS_PORT is unset (metrics off)."""
-        port = _setting(settings, "metrics_port")
-        if port in (None, "", 0, "0"):
+        if settings.metrics_port is None:
             return None
-        try:
-            number = int(port)
-        except ValueError:
-            number = -1
-        if not 0 < number < 65536:
-            msg = f"METRICS_PORT={port!r} is not a TCP port; expected e.g. METRICS_PORT=9191, or unset it"
-            raise ConfigError(msg)
-        host = _setting(settings, "metrics_host") or DEFAULT_METRICS_HOST
-        directory = Path(tempfile.gettempdir()) / f"nova-email-metrics-{number}"
-        return cls(port=number, host=str(host), directory=directory)
-
-
-def _setting(settings: Settings, name: str) -> Any:
-    # Until Settings carries metrics_port / metrics_host, the variables are read here. The exposition process
-    # is forked by the dramatiq command, not by our code, so the environment is the only way to reach it.
-    if hasattr(settings, name):
-        return getattr(settings, name)
-    return os.environ.get(name.upper())
+        directory = Path(tempfile.gettempdir()) / f"nova-email-metrics-{settings.metrics_port}"
+        return cls(port=settings.metrics_port, host=settings.metrics_host, directory=directory)
 
 
 class DatabaseCollector:
