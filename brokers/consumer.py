@@ -280,8 +280,13 @@ class _Settlement:
                 return
             state.add_ack(proxy._lease)
             proxy._consumer._discharge(proxy)
-        # A consumer thread waiting in __next__ deletes the ack with its next fetch; otherwise do it now.
-        if not proxy._consumer._busy or proxy._consumer._closed:
+        # A consumer of the queue iterating in this process (maybe not the one that fetched the message, which
+        # Dramatiq replaces after a connection error) deletes the ack with its next fetch; otherwise do it now.
+        iterating = [consumer for consumer in list(state.consumers) if consumer._busy and not consumer._closed]
+        if iterating:
+            for consumer in iterating:
+                consumer.wake()
+        else:
             self._flush_acks(state)
 
     def _settle_nack(self, proxy: _PGMQMessageProxy) -> None:

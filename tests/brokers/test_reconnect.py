@@ -127,3 +127,50 @@ def test_a_database_restart_mid_consume_loses_nothing_and_is_logged_once(
     assert set(runs.values()) == {1}
     assert sum("Lost the database" in line for line in broker_logs) == 1
     assert sum("Database reachable again" in line for line in broker_logs) == 1
+
+
+@pytest.mark.slow
+def test_a_real_database_restart_mid_consume_loses_nothing(
+    make_broker: Callable[..., PGMQBroker],
+    make_worker: Callable[..., Worker],
+    own_server: tuple[str, Callable[[], None]],
+    broker_logs: list[str],
+) -> None:
+    # Given a worker busy with messages on a server of its own
+    url, restart = own_server
+    producer = make_broker(url=url)
+    broker = make_broker(url=url, pool_timeout_s=0.5)
+    runs = Counter[int]()
+    lock = threading.Lock()
+
+    def slowish(n: int) -> None:
+        time.sleep(0.01)
+        with lock:
+            runs[n] += 1
+
+    dramatiq.actor(slowish, queue_name="restarted", broker=producer)
+    dramatiq.actor(slowish, queue_name="restarted", broker=broker)
+    producer.enqueue_many([producer.get_actor("slowish").message(n) for n in range(200)])
+    make_worker(broker)
+    wait_until(lambda: len(runs) >= 20, what="the worker to be busy")
+
+    # When the server restarts under it, and more messages arrive once it is back
+    restart()
+    wait_until(lambda: _enqueues(producer, 200), timeout_s=20, what="the producer to reconnect")
+    producer.enqueue_many([producer.get_actor("slowish").message(n) for n in range(201, 250)])
+
+    # Then every message runs, once, and the outage and the recovery are each logged once per broker (the
+    # producer's pooled connection died with the server too)
+    wait_until(lambda: len(runs) == 250, timeout_s=30, what="all 250 messages")
+    producer.join("restarted", timeout=10_000)
+    assert set(runs.values()) == {1}
+    assert sum("Lost the database" in line for line in broker_logs) == 2
+    assert sum("Database reachable again" in line for line in broker_logs) == 2
+
+
+def _enqueues(broker: PGMQBroker, n: int) -> bool:
+    try:
+        broker.enqueue(broker.get_actor("slowish").message(n))
+    except DatabaseUnavailable:
+        return False
+    return True
