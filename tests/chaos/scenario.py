@@ -8,6 +8,8 @@ simulator's mailbox field by field, the stats counters equal a recount of ``queu
 
 from __future__ import annotations
 
+import collections
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -150,3 +152,18 @@ def dead_letter_count(db_url: str) -> int:
     with psycopg.connect(db_url) as conn:
         row = conn.execute("select count(*) from pgmq_broker.dead_letters").fetchone()
     return int(row[0]) if row else -1
+
+
+def count_thread_fetches(nylas: SimulatorHandle) -> collections.Counter[str]:
+    """From now on, count the simulator's ``GET /threads/{id}`` answers per thread id (the first call of every sync)."""
+    fetches: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    original = nylas.simulator.get_thread
+
+    def get_thread(grant_id: str, thread_id: str, query: Any) -> dict[str, Any]:
+        with lock:
+            fetches[thread_id] += 1
+        return original(grant_id, thread_id, query)
+
+    nylas.simulator.get_thread = get_thread  # type: ignore[method-assign]
+    return fetches
