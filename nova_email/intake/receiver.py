@@ -72,6 +72,12 @@ def _text_field(envelope: dict[str, Any], key: str) -> str:
     if len(value) > MAX_FIELD_CHARS:
         msg = f"envelope {key!r} is {len(value)} characters long; expected at most {MAX_FIELD_CHARS}"
         raise InvalidWebhookBody(msg)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A "\ud800" escape decodes to a lone surrogate, which no database driver can send.
+        msg = f"envelope {key!r} holds a lone UTF-16 surrogate at character {exc.start}; expected valid Unicode text"
+        raise InvalidWebhookBody(msg) from exc
     return value
 
 
