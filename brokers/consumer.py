@@ -43,6 +43,9 @@ log = logger.bind(component="PGMQBroker")
 
 __all__: list[str] = []
 
+#: Message option: an ack leaves the message on the queue (it reappears after its visibility timeout) instead of
+#: deleting it. Set it from a middleware's ``before_process_message``.
+KEEP_ON_ACK_OPTION = "pgmq_keep_on_ack"
 #: The shortest idle wait, in seconds: stops a consumer from spinning on a visible message another reader holds.
 MIN_IDLE_WAIT_S = 0.005
 
@@ -277,6 +280,12 @@ class _Settlement:
                     proxy.message_id,
                 )
                 self._release([proxy._lease], uncount=False)
+                return
+            if proxy.options.get(KEEP_ON_ACK_OPTION):
+                # Processed but kept: stop extending the lease and leave the message where it is, so it comes
+                # back when its visibility timeout lapses (a dry-run mode for consumers that must not delete).
+                self._keeper_forget([proxy._lease])
+                proxy._consumer._discharge(proxy)
                 return
             state.add_ack(proxy._lease)
             proxy._consumer._discharge(proxy)

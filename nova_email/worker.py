@@ -15,6 +15,7 @@ import dramatiq
 from dramatiq.middleware import Middleware, Retries
 
 from brokers import PGMQBroker
+from brokers.consumer import KEEP_ON_ACK_OPTION
 from brokers.periodic import PeriodicScheduler
 from brokers.rate_limits import use_rate_limit_retries
 
@@ -22,8 +23,9 @@ from . import db
 from .config import Settings
 from .nylas.client import NylasClient
 from .nylas.pacing import Pacer
+from .ops.metrics import add_metrics
 
-__all__ = ["GiveUpHook", "build_broker", "nylas_client"]
+__all__ = ["GiveUpHook", "TestingMode", "build_broker", "nylas_client"]
 
 _client_lock = threading.Lock()
 _client: tuple[int, NylasClient] | None = None
@@ -50,6 +52,20 @@ class GiveUpHook(Middleware):
             hook(message, exception)
 
 
+class TestingMode(Middleware):
+    """TESTING_MODE: webhook jobs are processed but stay on their queue (the original service's dry run).
+
+    The broker leaves a message marked so in place on ack; it becomes visible again after the visibility timeout.
+    """
+
+    def __init__(self, queues: set[str]) -> None:
+        self.queues = queues
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if message.queue_name in self.queues:
+            message.options[KEEP_ON_ACK_OPTION] = True
+
+
 def build_broker(settings: Settings) -> PGMQBroker:
     """The PGMQ broker configured from settings, with rate-limit-aware retries, periodic ticks and give-up hooks."""
     url = db.database_url(settings)
@@ -63,6 +79,9 @@ def build_broker(settings: Settings) -> PGMQBroker:
     # Dramatiq runs after_* hooks in reverse order: placed before Retries, the hook runs after Retries marked the
     # message failed (appended last, it ran first and never saw a failed message).
     broker.add_middleware(GiveUpHook(), before=Retries)
+    add_metrics(broker, settings)
+    if settings.testing_mode:
+        broker.add_middleware(TestingMode({"nylas_webhook_notifications"}))
     return broker
 
 
