@@ -424,7 +424,7 @@ class NylasClient:
             raise self._error_for(response, what=what, grant_id=grant_id, endpoint=endpoint, object_id=object_id)
         try:
             body = response.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than Python's stack
             msg = f"Nylas answered {what} with {response.status_code} but a body that is not JSON"
             raise errors.ResponseShapeError(msg, grant_id=grant_id, details=["$: not JSON"]) from exc
         if not isinstance(body, dict):
@@ -493,7 +493,7 @@ def _read_error_body(response: requests.Response) -> tuple[str | None, str | Non
     request_id = response.headers.get("x-request-id")
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, response.text[:200] or None, None, request_id
     if not isinstance(body, dict):
         return None, None, None, request_id
