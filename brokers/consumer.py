@@ -283,9 +283,11 @@ class _Settlement:
                 return
             if proxy.options.get(KEEP_ON_ACK_OPTION):
                 # Processed but kept: stop extending the lease and leave the message where it is, so it comes
-                # back when its visibility timeout lapses (a dry-run mode for consumers that must not delete).
+                # back after a visibility timeout (a dry-run mode for consumers that must not delete). The
+                # delivery is not counted, or the message would be dead-lettered after max_deliveries runs.
                 self._keeper_forget([proxy._lease])
                 proxy._consumer._discharge(proxy)
+                self._release([proxy._lease], uncount=True, delay_ms=self.visibility_timeout_ms)
                 return
             state.add_ack(proxy._lease)
             proxy._consumer._discharge(proxy)
@@ -320,7 +322,7 @@ class _Settlement:
         self._keeper_forget(leases)
         self._release(leases, uncount=True)
 
-    def _release(self, leases: list[Lease], *, uncount: bool) -> None:
+    def _release(self, leases: list[Lease], *, uncount: bool, delay_ms: int = 0) -> None:
         by_queue: dict[str, list[Lease]] = {}
         for lease in leases:
             by_queue.setdefault(lease.queue_name, []).append(lease)
@@ -332,7 +334,7 @@ class _Settlement:
                         "queue": queue_name,
                         "ids": [lease.msg_id for lease in group],
                         "tokens": [lease.token for lease in group],
-                        "delay_ms": 0,
+                        "delay_ms": delay_ms,
                         "uncount": uncount,
                     },
                 )

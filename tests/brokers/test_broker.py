@@ -666,3 +666,32 @@ def test_an_open_transaction_that_enqueued_does_not_block_other_producers(
         conn.execute("select pgmq.send('busy_producers', '{}'::jsonb)")
         assert time.monotonic() - started < 1.0
         long_transaction.rollback()
+
+
+def test_a_message_kept_on_ack_keeps_coming_back_and_is_never_taken_for_poison(
+    make_broker: Callable[..., PGMQBroker], make_worker: Callable[..., Worker]
+) -> None:
+    from dramatiq.middleware import Middleware
+
+    from brokers.consumer import KEEP_ON_ACK_OPTION
+
+    class Keep(Middleware):
+        def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+            message.options[KEEP_ON_ACK_OPTION] = True
+
+    # Given kept messages and a max_deliveries that a counted redelivery would exceed at once
+    broker = make_broker(visibility_timeout_s=0.3, max_deliveries=1)
+    broker.add_middleware(Keep())
+    runs: list[float] = []
+
+    @dramatiq.actor(queue_name="kept_forever")
+    def dry_run() -> None:
+        runs.append(time.monotonic())
+
+    dry_run.send()
+    make_worker(broker)
+
+    # Then it runs again and again, about one visibility timeout apart, and is never dead-lettered
+    wait_until(lambda: len(runs) >= 3, timeout_s=10, what="three deliveries")
+    assert broker.count_dead_letters("kept_forever") == 0
+    assert all(later - earlier >= 0.25 for earlier, later in zip(runs, runs[1:], strict=False))
