@@ -14,9 +14,11 @@ re-scheduled after its Retry-After without using an attempt, and when the last a
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import dramatiq
+import psycopg
 
 from . import backfill, completion, db, thread_sync, webhooks
 from .config import load_settings
@@ -53,32 +55,32 @@ QUEUES = {
     "completion": COMPLETION_QUEUE,
 }
 
+J = TypeVar("J")
+
 settings = load_settings()
 setup_logging(settings)
 broker = build_broker(settings)
 dramatiq.set_broker(broker)
 
 
-def _job_of(message: Any, cls: type[Any]) -> Any | None:
-    try:
-        return structure_job(message.args[0] if message.args else None, cls)
-    except InvalidJob:
-        return None
+def _give_up(
+    cls: type[J], record: Callable[[psycopg.Connection, J, str], object]
+) -> Callable[[Any, BaseException], None]:
+    """An ``on_give_up`` hook: after the last attempt, `record` the error on the job's domain row."""
 
+    def hook(message: Any, exc: BaseException) -> None:
+        try:
+            job = structure_job(message.args[0] if message.args else None, cls)
+        except InvalidJob:
+            return  # an undecodable payload has no domain row; its dead letter says why
+        attempts = int(message.options.get("retries", 0))
+        with db.connection(settings) as conn:
+            record(conn, job, f"gave up after {attempts} attempt(s): {type(exc).__name__}: {exc}")
 
-def _error_text(message: Any, exc: BaseException) -> str:
-    attempts = int(message.options.get("retries", 0))
-    return f"gave up after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+    return hook
 
 
 # -- webhooks (3 attempts) -------------------------------------------------------------------------------------------
-
-
-def _webhook_gave_up(message: Any, exc: BaseException) -> None:
-    job = _job_of(message, WebhookJob)
-    if job is not None:
-        with db.connection(settings) as conn:
-            webhooks.record_webhook_error(conn, job, _error_text(message, exc))
 
 
 @dramatiq.actor(
@@ -87,7 +89,7 @@ def _webhook_gave_up(message: Any, exc: BaseException) -> None:
     max_retries=2,
     min_backoff=1000,
     throws=(InvalidJob,),
-    on_give_up=_webhook_gave_up,
+    on_give_up=_give_up(WebhookJob, webhooks.record_webhook_error),
 )
 def process_webhook(payload: dict[str, Any]) -> None:
     """Apply one Nylas webhook event (message.created/updated, thread.replied, grant.expired)."""
@@ -99,20 +101,13 @@ def process_webhook(payload: dict[str, Any]) -> None:
 # -- backfill (3 attempts, checkpoint kept) --------------------------------------------------------------------------
 
 
-def _backfill_gave_up(message: Any, exc: BaseException) -> None:
-    job = _job_of(message, BackfillJob)
-    if job is not None:
-        with db.connection(settings) as conn:
-            backfill.record_backfill_failure(conn, job, _error_text(message, exc))
-
-
 @dramatiq.actor(
     queue_name=BACKFILL_QUEUE,
     queue_handler=True,
     max_retries=2,
     min_backoff=2000,
     throws=(InvalidJob,),
-    on_give_up=_backfill_gave_up,
+    on_give_up=_give_up(BackfillJob, backfill.record_backfill_failure),
 )
 def run_backfill(payload: dict[str, Any]) -> None:
     """Discover an inbox's threads (up to a year), then fan out one thread job each."""
@@ -124,20 +119,13 @@ def run_backfill(payload: dict[str, Any]) -> None:
 # -- thread sync (5 attempts) ----------------------------------------------------------------------------------------
 
 
-def _thread_gave_up(message: Any, exc: BaseException) -> None:
-    job = _job_of(message, ThreadSyncJob)
-    if job is not None:
-        with db.connection(settings) as conn:
-            thread_sync.record_thread_failure(conn, job, _error_text(message, exc))
-
-
 @dramatiq.actor(
     queue_name=THREAD_QUEUE,
     queue_handler=True,
     max_retries=4,
     min_backoff=1000,
     throws=(InvalidJob,),
-    on_give_up=_thread_gave_up,
+    on_give_up=_give_up(ThreadSyncJob, thread_sync.record_thread_failure),
 )
 def sync_thread(payload: dict[str, Any]) -> None:
     """Fetch one thread and all its messages and upsert them."""
