@@ -22,7 +22,7 @@ from loguru import logger
 
 from . import queries
 
-__all__ = ["BackfillProgress", "check_backfills", "recover_premature_completions"]
+__all__ = ["BackfillProgress", "check_backfills", "fail_dead_lettered_jobs", "recover_premature_completions"]
 
 log = logger.bind(component="Monitor")
 
@@ -85,6 +85,7 @@ def check_backfills(conn: psycopg.Connection) -> list[BackfillProgress]:
     Call it periodically (the ``check_completion`` actor does). Returns what it saw, one entry per active backfill.
     """
     seen: list[BackfillProgress] = []
+    fail_dead_lettered_jobs(conn)
     for row in conn.execute(queries.ACTIVE_PROGRESS).fetchall():
         config_id, status, *counters = row[:8]
         direct = tuple(int(v) for v in row[10:16])
@@ -117,6 +118,24 @@ def check_backfills(conn: psycopg.Connection) -> list[BackfillProgress]:
             log.success("Config {}... completed: {} threads, {} messages", str(config_id)[:8], completed, messages)
         seen.append(progress)
     return seen
+
+
+def fail_dead_lettered_jobs(conn: psycopg.Connection) -> int:
+    """Give a terminal state to threads and webhooks whose job the broker dead-lettered behind the actors' backs.
+
+    The actors record every failure they see, but a poison message (its worker died ``max_deliveries`` times) or
+    an undecodable body is dead-lettered by the broker before any actor runs. Without this, such a thread would
+    stay ``processing`` and its backfill would never complete. Returns how many rows were failed.
+    """
+    threads = conn.execute(queries.FAIL_DEAD_LETTERED_THREADS).fetchall()
+    webhooks = conn.execute(queries.FAIL_DEAD_LETTERED_WEBHOOKS).fetchall()
+    for config_id, thread_id, reason in threads:
+        log.warning(
+            "Config {}... thread {} failed: its job was dead-lettered ({})", str(config_id)[:8], thread_id, reason
+        )
+    for notification_id, reason in webhooks:
+        log.warning("Webhook {} failed: its job was dead-lettered ({})", notification_id, reason)
+    return len(threads) + len(webhooks)
 
 
 def recover_premature_completions(conn: psycopg.Connection) -> list[uuid.UUID]:

@@ -179,3 +179,37 @@ select (select count(*) from flux_email_threads where inbox_id = %(inbox_id)s),
        (select count(*) from flux_email_messages where inbox_id = %(inbox_id)s),
        (select count(*) from flux_webhook_notifications where status = 'processed')
 """
+
+# -- dead letters the actors never saw -------------------------------------------------------------------------------
+
+#: Tracked threads whose job the broker dead-lettered without running it to the end (a poison message that killed
+#: its worker max_deliveries times, or an undecodable body): mark them failed with the dead letter's reason, so the
+#: backfill can complete. Only dead letters newer than the thread's queueing count (a re-queued thread starts over).
+FAIL_DEAD_LETTERED_THREADS: LiteralString = """
+with lost as (
+    select coalesce(d.message -> 'args' -> 0, d.message) as payload, d.reason, d.error_message, d.dead_at
+    from pgmq_broker.dead_letters d
+    where d.queue_name = 'thread_sync_jobs' and d.reason <> 'failed'
+)
+update queued_threads q
+set status = 'failed', processed_at = now(),
+    error_message = left('job dead-lettered (' || lost.reason || '): ' || coalesce(lost.error_message, ''), 2000)
+from lost
+where q.config_id::text = lost.payload ->> 'config_id' and q.nylas_thread_id = lost.payload ->> 'thread_id'
+  and q.status in ('queued', 'processing') and lost.dead_at > q.queued_at
+returning q.config_id, q.nylas_thread_id, lost.reason
+"""
+#: Webhook audit rows whose job the broker dead-lettered without the actor recording an outcome.
+FAIL_DEAD_LETTERED_WEBHOOKS: LiteralString = """
+with lost as (
+    select coalesce(d.message -> 'args' -> 0, d.message) as payload, d.reason, d.error_message
+    from pgmq_broker.dead_letters d
+    where d.queue_name = 'nylas_webhook_notifications' and d.reason <> 'failed'
+)
+update flux_webhook_notifications w
+set status = 'error', processed_at = now(),
+    error_message = left('job dead-lettered (' || lost.reason || '): ' || coalesce(lost.error_message, ''), 2000)
+from lost
+where w.id::text = lost.payload ->> 'notification_id' and w.status in ('pending', 'processing')
+returning w.id, lost.reason
+"""

@@ -1,0 +1,65 @@
+"""Jobs the broker dead-letters before any actor runs (poison messages) still end their domain rows."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from brokers import PGMQBroker
+from nova_email import completion
+
+
+def poison_and_consume(db_url: str, conn: psycopg.Connection, queue: str) -> None:
+    """Make every message of `queue` look delivered too often, then let a real consumer of the broker fetch them."""
+    conn.execute(f"update pgmq.q_{queue} set read_ct = 10")  # the queue name is one of ours, a literal
+    broker = PGMQBroker(url=db_url, max_deliveries=5, poll_interval_ms=50)
+    try:
+        consumer = broker.consume(queue, prefetch=10, timeout=200)
+        assert next(consumer) is None  # every fetched message was dead-lettered instead of delivered
+        consumer.close()
+    finally:
+        broker.close()
+    reasons = conn.execute("select reason from pgmq_broker.dead_letters where queue_name = %s", [queue]).fetchall()
+    assert reasons and all(r == ("max_deliveries",) for r in reasons)
+
+
+def test_a_poisoned_thread_job_fails_its_thread_and_lets_the_backfill_complete(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    # Given a backfill in thread sync with one thread whose job kept killing its worker
+    inbox_id = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('g-poison') returning id").fetchone()[0]  # type: ignore[index]
+    config_id = conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id]).fetchone()[0]  # type: ignore[index]
+    conn.execute("select start_backfill_run(%s)", [config_id])
+    conn.execute(
+        "select * from record_backfill_page(%s, %s, null, 1)",
+        [config_id, Jsonb([{"id": "thr_poison", "latest_message_received_date": 1_700_000_000}])],
+    )
+    conn.execute("select finish_backfill_listing(%s)", [config_id])
+    conn.execute("update queued_threads set status = 'processing' where config_id = %s", [config_id])
+    poison_and_consume(db_url, conn, "thread_sync_jobs")
+
+    # When the completion monitor ticks
+    completion.check_backfills(conn)
+
+    # Then the thread failed with the dead letter's reason and the backfill completed
+    row = conn.execute("select status, error_message from queued_threads where config_id = %s", [config_id]).fetchone()
+    assert row is not None and row[0] == "failed" and "dead-lettered (max_deliveries)" in row[1]
+    status = conn.execute("select backfill_status from flux_inbox_configurations where id = %s", [config_id])
+    assert status.fetchone() == ("completed",)
+
+
+def test_a_poisoned_webhook_job_marks_its_audit_row_error(db_url: str, conn: psycopg.Connection) -> None:
+    notification_id: uuid.UUID = conn.execute(
+        "select notification_id from queue_nylas_webhook_notification('ntf-poison', 'message.created', 'g', %s)",
+        [Jsonb({"id": "ntf-poison", "type": "message.created", "data": {"object": {"id": "m1"}}})],
+    ).fetchone()[0]  # type: ignore[index]
+    poison_and_consume(db_url, conn, "nylas_webhook_notifications")
+
+    assert completion.fail_dead_lettered_jobs(conn) == 1
+    row = conn.execute("select status, error_message from flux_webhook_notifications where id = %s", [notification_id])
+    status, error = row.fetchone()  # type: ignore[misc]
+    assert status == "error" and "max_deliveries" in error
+    # A second tick changes nothing more
+    assert completion.fail_dead_lettered_jobs(conn) == 0
