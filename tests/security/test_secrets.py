@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -26,6 +30,8 @@ from nova_email.simulator.server import start_in_thread
 from tests.chaos.scenario import backfill_status, queue_backfill, worker_env
 from tests.processes import Workers, running_workers, wait_for
 
+ROOT = Path(__file__).resolve().parents[2]
+NOVA_EMAIL = str(Path(sys.executable).parent / "nova-email")
 DB_PASSWORD = "pw-" + uuid.uuid4().hex
 API_KEY = "nyk_v0_" + uuid.uuid4().hex
 WEBHOOK_SECRET = "whsec-" + uuid.uuid4().hex
@@ -211,3 +217,41 @@ def _inbox_status(db_url: str, inbox_id: uuid.UUID) -> str:
     with psycopg.connect(db_url) as conn:
         row = conn.execute("select status from flux_inboxes where id = %s", [inbox_id]).fetchone()
     return str(row[0]) if row else ""
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{host}"))
+
+
+@pytest.mark.processes
+def test_the_status_command_never_shows_a_secret(db_url: str, conn: psycopg.Connection[Any]) -> None:
+    # Given a failed backfill and a dead letter to report, and settings full of secrets (trust auth ignores the
+    # password, so the command really connects)
+    inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('grant-status') returning id").fetchone()
+    assert inbox is not None
+    config = conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox[0]]).fetchone()
+    assert config is not None
+    conn.execute("select record_backfill_failure(%s, 'Nylas refused the API key; check NYLAS_API_KEY')", [config[0]])
+    env = {
+        **os.environ,
+        "DATABASE_URL": _with_password(db_url, DB_PASSWORD),
+        "NYLAS_API_KEY": API_KEY,
+        "NYLAS_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+    outputs = []
+    for args in (["status"], ["status", "--json"], ["status", "--failures", "50"]):
+        done = subprocess.run([NOVA_EMAIL, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs.append(done.stdout + done.stderr)
+    # And the same command against a database it cannot reach
+    env["DATABASE_URL"] = f"postgresql://nova:{DB_PASSWORD}@127.0.0.1:1/nova"
+    done = subprocess.run([NOVA_EMAIL, "status"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0
+    outputs.append(done.stdout + done.stderr)
+    # Then the reports (failures included) show none of the secrets
+    assert "check NYLAS_API_KEY" in outputs[0] + outputs[1]
+    for output in outputs:
+        for secret in (DB_PASSWORD, API_KEY, WEBHOOK_SECRET):
+            assert secret not in output
