@@ -64,6 +64,7 @@ demo: install
 bench: bench-broker bench-backfill
 bench-broker: install
 	$(BIN)/python bench/broker.py
+	$(BIN)/python bench/backlog.py
 bench-backfill: install
 	$(BIN)/python bench/backfill.py
 bench-intake: install

@@ -66,6 +66,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     database_url: str | None = attrs.field(default=None, repr=False)
+    #: DATABASE_URL goes through a transaction-mode pooler (Supabase's port 6543, PgBouncer in transaction mode):
+    #: no LISTEN/NOTIFY wake-ups (polling only) and no prepared statements.
+    database_transaction_pooler: bool = False
     nylas_api_key: str = attrs.field(default="", repr=False)
     nylas_api_uri: str = "https://api.us.nylas.com"
     nylas_webhook_secret: str = attrs.field(default="", repr=False)
@@ -184,6 +187,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
     "DATABASE_URL": ("database_url", _parse_database_url),
+    "DATABASE_TRANSACTION_POOLER": ("database_transaction_pooler", _parse_bool),
     "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
     "NYLAS_API_URI": ("nylas_api_uri", _parse_http_url),
     "NYLAS_WEBHOOK_SECRET": ("nylas_webhook_secret", lambda n, r: r.strip()),

@@ -59,7 +59,8 @@ def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> Co
                 database_url(settings),
                 min_size=1,
                 max_size=max_size,
-                kwargs={"autocommit": True},
+                # Prepared statements break behind transaction-mode poolers (DATABASE_TRANSACTION_POOLER).
+                kwargs={"autocommit": True, "prepare_threshold": None if settings.database_transaction_pooler else 5},
                 name="nova_email",
                 open=True,
             )

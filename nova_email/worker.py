@@ -73,6 +73,8 @@ def build_broker(settings: Settings) -> PGMQBroker:
         url=url,
         visibility_timeout_s=settings.visibility_timeout_s,
         poll_interval_ms=settings.poll_interval_ms,
+        listen=not settings.database_transaction_pooler,
+        prepare_statements=not settings.database_transaction_pooler,
     )
     use_rate_limit_retries(broker)
     broker.add_middleware(PeriodicScheduler())

@@ -11,21 +11,26 @@ from .conftest import queue_messages
 SERVICE_QUEUES = ["inbox_backfill_jobs", "nylas_webhook_notifications", "thread_sync_jobs"]
 
 
-def test_the_three_service_queues_exist_with_throttled_insert_notifications(conn: psycopg.Connection) -> None:
+def test_the_three_service_queues_exist_with_the_brokers_statement_level_notifications(
+    conn: psycopg.Connection,
+) -> None:
     names = {row[0] for row in conn.execute("select queue_name from flux_pgmq_list_queues()")}
     assert set(SERVICE_QUEUES) <= names
-    throttles = dict(conn.execute("select queue_name, throttle_interval_ms from pgmq.list_notify_insert_throttles()"))
-    assert {name: throttles.get(name) for name in SERVICE_QUEUES} == dict.fromkeys(SERVICE_QUEUES, 250)
+    triggers = {
+        row[0]
+        for row in conn.execute(
+            "select c.relname from pg_trigger t join pg_class c on c.oid = t.tgrelid"
+            " where t.tgname = 'pgmq_broker_notify_insert'"
+        )
+    }
+    assert {f"q_{name}" for name in SERVICE_QUEUES} <= triggers
+    # PGMQ's own row trigger (one shared throttle row updated in every producer's transaction) is gone.
+    assert conn.execute("select count(*) from pgmq.list_notify_insert_throttles()").fetchone() == (0,)
 
 
 def test_sending_to_a_service_queue_notifies_listeners(conn: psycopg.Connection, db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute('listen "pgmq.q_thread_sync_jobs.INSERT"')
-        # Another test may have sent within the last 250 ms; start this one outside the throttle window.
-        conn.execute(
-            "update pgmq.notify_insert_throttle set last_notified_at = to_timestamp(0)"
-            " where queue_name = 'thread_sync_jobs'"
-        )
         conn.execute("select flux_pgmq_send('thread_sync_jobs', '{\"thread_id\": \"t\"}')")
         notices = list(listener.notifies(timeout=5, stop_after=1))
     assert [n.channel for n in notices] == ["pgmq.q_thread_sync_jobs.INSERT"]
