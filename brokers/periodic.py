@@ -309,7 +309,7 @@ class PeriodicScheduler(Middleware):
             return self._given_pool
         if self._conninfo is None:
             assert self._broker is not None, "the scheduler is used before the worker booted"
-            return self._broker._get_pool()
+            return self._broker.pool
         pid = os.getpid()
         with self._lock:
             # A pool inherited through fork() shares its sockets with the parent: never use or close it here.
