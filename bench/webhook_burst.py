@@ -153,7 +153,7 @@ def run(n: int, processes: int, threads: int, log: Path) -> dict[str, Any]:
                     time.sleep(0.2)
                 drain_s = time.perf_counter() - started
                 worker_alive = main.poll() is None
-            statuses = dict(
+            statuses: dict[str, int] = dict(
                 conn.execute("select status, count(*) from flux_webhook_notifications group by 1").fetchall()
             )
             p50, p99, worst = conn.execute(LATENCIES, {"visible_at": visible_at}).fetchone() or (0, 0, 0)

@@ -7,7 +7,7 @@ import http.server
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -94,7 +94,7 @@ def test_every_client_call_over_a_broken_answer_returns_a_model_or_raises_a_nyla
     broken.body, broken.status = body, status
     TRIED[0] += 1
     client = NylasClient(api_key="k", api_uri=f"http://127.0.0.1:{broken.server_address[1]}", max_retries=0)
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: client.get_thread("g", "t"),
         lambda: client.get_message("g", "m"),
         lambda: client.list_threads("g"),

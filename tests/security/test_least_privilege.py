@@ -77,7 +77,7 @@ def test_the_worker_role_cannot_log_in_and_holds_no_power(conn: psycopg.Connecti
 def test_the_worker_role_is_refused_what_workers_do_not_need(worker_url: str, statement: str) -> None:
     with psycopg.connect(worker_url, autocommit=True) as conn:
         with pytest.raises((errors.InsufficientPrivilege, errors.DependentObjectsStillExist)):
-            conn.execute(statement)  # type: ignore[call-overload]
+            conn.execute(statement)
 
 
 def test_the_worker_role_may_use_the_queues_and_the_sql_api(worker_url: str, conn: psycopg.Connection[Any]) -> None:
