@@ -12,7 +12,7 @@ from .envelope import foreign_message_id
 from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
 from .listener import channel_name
 from .periodic import PeriodicScheduler, Schedule
-from .rate_limits import PostgresBackend, RateLimitRetries, use_rate_limit_retries
+from .rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate_limit_retries
 
 __all__ = [
     "DatabaseUnavailable",
@@ -26,6 +26,7 @@ __all__ = [
     "PostgresBackend",
     "QueueMetrics",
     "RateLimitRetries",
+    "RetryAfter",
     "Schedule",
     "channel_name",
     "foreign_message_id",

@@ -38,7 +38,7 @@ from dramatiq.rate_limits import RateLimiterBackend
 from loguru import logger
 from psycopg_pool import ConnectionPool
 
-__all__ = ["PostgresBackend", "RateLimitRetries", "use_rate_limit_retries"]
+__all__ = ["PostgresBackend", "RateLimitRetries", "RetryAfter", "use_rate_limit_retries"]
 
 log = logger.bind(component="RateLimits")
 
@@ -229,6 +229,19 @@ class PostgresBackend(RateLimiterBackend):
 def _fetch_bool(conn: psycopg.Connection[Any], query: LiteralString, params: dict[str, Any]) -> bool:
     row = conn.execute(query, params).fetchone()
     return bool(row and row[0])
+
+
+class RetryAfter(RateLimitExceeded):
+    """Raise it from an actor to re-run the message after `retry_after_ms` without using a retry.
+
+    For a rate limit someone else told you about (an HTTP 429 with ``Retry-After``). It is a
+    ``RateLimitExceeded``, so Dramatiq's worker logs it at debug instead of as an unhandled error, and
+    :class:`RateLimitRetries` re-enqueues the message after exactly that delay.
+    """
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)  # type: ignore[no-untyped-call]
+        self.retry_after_ms = retry_after_ms
 
 
 class RateLimitRetries(Retries):

@@ -14,11 +14,14 @@ re-scheduled after its Retry-After without using an attempt, and when the last a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import dramatiq
 import psycopg
+
+from brokers import RetryAfter
 
 from . import backfill, completion, db, thread_sync, webhooks
 from .config import load_settings
@@ -80,6 +83,15 @@ def _give_up(
     return hook
 
 
+@contextmanager
+def _deferred_on_rate_limit() -> Iterator[None]:
+    """A Nylas 429 (or the shared pacing being full) re-runs the job after Retry-After, without using an attempt."""
+    try:
+        yield
+    except RateLimited as exc:
+        raise RetryAfter(str(exc), retry_after_ms=exc.retry_after_ms) from exc
+
+
 # -- webhooks (3 attempts) -------------------------------------------------------------------------------------------
 
 
@@ -94,7 +106,7 @@ def _give_up(
 def process_webhook(payload: dict[str, Any]) -> None:
     """Apply one Nylas webhook event (message.created/updated, thread.replied, grant.expired)."""
     job = structure_job(payload, WebhookJob)
-    with db.connection(settings) as conn:
+    with db.connection(settings) as conn, _deferred_on_rate_limit():
         webhooks.process_webhook(conn, nylas_client(settings), job)
 
 
@@ -112,7 +124,7 @@ def process_webhook(payload: dict[str, Any]) -> None:
 def run_backfill(payload: dict[str, Any]) -> None:
     """Discover an inbox's threads (up to a year), then fan out one thread job each."""
     job = structure_job(payload, BackfillJob)
-    with db.connection(settings) as conn:
+    with db.connection(settings) as conn, _deferred_on_rate_limit():
         backfill.run_backfill(conn, nylas_client(settings), job)
 
 
@@ -130,7 +142,7 @@ def run_backfill(payload: dict[str, Any]) -> None:
 def sync_thread(payload: dict[str, Any]) -> None:
     """Fetch one thread and all its messages and upsert them."""
     job = structure_job(payload, ThreadSyncJob)
-    with db.connection(settings) as conn:
+    with db.connection(settings) as conn, _deferred_on_rate_limit():
         try:
             result = thread_sync.sync_thread(conn, nylas_client(settings), job)
         except RateLimited:

