@@ -72,6 +72,8 @@ class Settings:
     nylas_api_key: str = attrs.field(default="", repr=False)
     nylas_api_uri: str = "https://api.us.nylas.com"
     nylas_webhook_secret: str = attrs.field(default="", repr=False)
+    #: Connect and read timeout of each Nylas HTTP attempt, in seconds.
+    nylas_timeout_s: float = 30.0
     data_dir: Path = Path(".nova")
     #: Port of the workers' Prometheus endpoint; None: no metrics endpoint.
     metrics_port: int | None = None
@@ -160,6 +162,17 @@ def _parse_rate(name: str, raw: str) -> float:
     return value
 
 
+def _parse_timeout(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 600:
+        msg = f"{name}={raw!r} is not a timeout in seconds between 0 and 600; expected e.g. {name}=30"
+        raise ConfigError(msg)
+    return value
+
+
 def _parse_port(name: str, raw: str) -> int:
     port = _parse_int(name, raw, minimum=1, unit="a TCP port")
     if port > 65535:
@@ -191,6 +204,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
     "NYLAS_API_URI": ("nylas_api_uri", _parse_http_url),
     "NYLAS_WEBHOOK_SECRET": ("nylas_webhook_secret", lambda n, r: r.strip()),
+    "NYLAS_TIMEOUT_S": ("nylas_timeout_s", _parse_timeout),
     "NYLAS_GRANT_RATE": ("nylas_grant_rate", _parse_rate),
     "NYLAS_GRANT_BURST": ("nylas_grant_burst", lambda n, r: _parse_int(n, r, minimum=1, unit="calls")),
     "NYLAS_APP_RATE": ("nylas_app_rate", _parse_rate),

@@ -103,6 +103,11 @@ def nylas_client(settings: Settings) -> NylasClient:
                 )
             _client = (
                 os.getpid(),
-                NylasClient(api_key=settings.nylas_api_key, api_uri=settings.nylas_api_uri, pacer=pacer),
+                NylasClient(
+                    api_key=settings.nylas_api_key,
+                    api_uri=settings.nylas_api_uri,
+                    timeout_s=settings.nylas_timeout_s,
+                    pacer=pacer,
+                ),
             )
         return _client[1]

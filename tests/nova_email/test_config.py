@@ -61,6 +61,7 @@ def test_environment_values_are_parsed() -> None:
         ("ENABLE_AUTO_RECOVERY", "maybe", r"ENABLE_AUTO_RECOVERY='maybe' is not a boolean"),
         ("NYLAS_GRANT_RATE", "fast", r"NYLAS_GRANT_RATE='fast' is not a rate in calls per second"),
         ("NYLAS_APP_RATE", "-1", r"NYLAS_APP_RATE='-1' is not a rate"),
+        ("NYLAS_TIMEOUT_S", "0", r"NYLAS_TIMEOUT_S='0' is not a timeout in seconds"),
         ("LOG_LEVEL", "loud", r"LOG_LEVEL='loud' is not one of"),
         ("LOG_FORMAT", "xml", r"LOG_FORMAT='xml' is not one of json, text"),
         ("NYLAS_API_URI", "api.nylas.com", r"NYLAS_API_URI='api.nylas.com' is not an http\(s\) URL"),
