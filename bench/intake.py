@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from nova_email.config import Settings
+from nova_email.db import with_database
 from nova_email.intake import RunningIntake, serve_in_background, sign
 from nova_email.migrate import migrate
 
@@ -181,10 +181,6 @@ def report(name: str, result: dict[str, Any], conn: psycopg.Connection[Any], exp
         f"{'rows = messages' if rows == messages else 'MISMATCH rows != messages'})",
         flush=True,
     )
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def main() -> int:

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg
@@ -38,6 +37,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
 from nova_email.simulator.server import start_in_thread  # noqa: E402
 
@@ -74,7 +74,7 @@ def scratch_database() -> Iterator[str]:
     name = f"bench_burst_{secrets.token_hex(4)}"
     with psycopg.connect(admin_url(), autocommit=True) as admin:
         admin.execute(f'create database "{name}"')  # name made of a fixed prefix and hex digits
-    url = urlunsplit(urlsplit(admin_url())._replace(path=f"/{name}"))  # the workers' settings want a URL
+    url = with_database(admin_url(), name)  # the workers' settings want a URL
     try:
         with psycopg.connect(url) as conn:
             migrate(conn)

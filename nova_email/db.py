@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from loguru import logger
@@ -19,7 +20,7 @@ from psycopg_pool import ConnectionPool
 from .config import Settings, redact_url
 from .embedded import embedded_server_url
 
-__all__ = ["close_pool", "connect", "connection", "database_url", "get_pool"]
+__all__ = ["close_pool", "connect", "connection", "database_url", "get_pool", "with_database"]
 
 log = logger.bind(component="Database")
 
@@ -30,6 +31,11 @@ _lock = threading.Lock()
 _pool: ConnectionPool | None = None
 _pool_pid: int | None = None
 _announced: set[str] = set()
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` on the same server (for commands that create databases)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def database_url(settings: Settings) -> str:

@@ -26,6 +26,7 @@ from loguru import logger
 
 from . import queries
 from .config import Settings
+from .db import with_database
 from .embedded import embedded_server_url
 from .migrate import migrate
 
@@ -62,17 +63,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="give up after this many seconds")
 
 
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 def _fresh_database(server_url: str, name: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(queries.DROP_DATABASE.format(name=psycopg.sql.Identifier(name)))
         admin.execute(queries.CREATE_DATABASE.format(name=psycopg.sql.Identifier(name)))
-    return _with_database(server_url, name)
+    return with_database(server_url, name)
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:

@@ -11,13 +11,13 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from hypothesis import settings as hypothesis_settings
 
 from nova_email.config import Settings
+from nova_email.db import with_database
 from nova_email.embedded import embedded_server_url
 from nova_email.migrate import migrate
 
@@ -33,11 +33,6 @@ select format('%I.%I', schemaname, tablename) from pg_tables
 where (schemaname in ('public', 'pgmq_broker') and tablename <> 'schema_migrations')
    or (schemaname = 'pgmq' and (tablename like 'q\_%' or tablename like 'a\_%'))
 """
-
-
-def with_database(url: str, dbname: str) -> str:
-    """`url` pointing at another database on the same server."""
-    return urlunsplit(urlsplit(url)._replace(path=f"/{dbname}"))
 
 
 def server_url() -> str:

@@ -13,8 +13,9 @@ import pytest
 
 from brokers import schema
 from brokers.errors import MigrationError
+from nova_email.db import with_database
 from nova_email.migrate import migrate
-from tests.conftest import server_url, with_database
+from tests.conftest import server_url
 
 #: A schema fingerprint: every table and function the migrations create, with their definitions.
 _FINGERPRINT = """

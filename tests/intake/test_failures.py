@@ -11,8 +11,9 @@ import pytest
 import requests
 
 from nova_email.config import Settings
+from nova_email.db import with_database
 from nova_email.intake import serve_in_background
-from tests.conftest import server_url, with_database
+from tests.conftest import server_url
 
 from .conftest import SECRET, envelope, post_signed
 

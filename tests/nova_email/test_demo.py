@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, server_url, with_database
+from nova_email.db import with_database
+from tests.conftest import ROOT, server_url
 
 
 @pytest.mark.processes
