@@ -29,6 +29,7 @@ from .config import Settings
 from .db import with_database
 from .embedded import embedded_server_url
 from .migrate import migrate
+from .ops.progress import fetch_progress, render_progress_line
 
 __all__ = ["DemoSummary", "add_demo_arguments", "run_demo"]
 
@@ -68,30 +69,6 @@ def _fresh_database(server_url: str, name: str) -> str:
         admin.execute(queries.DROP_DATABASE.format(name=psycopg.sql.Identifier(name)))
         admin.execute(queries.CREATE_DATABASE.format(name=psycopg.sql.Identifier(name)))
     return with_database(server_url, name)
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = int(width * done / total) if total else 0
-    return "#" * filled + "-" * (width - filled)
-
-
-def _progress_line(row: dict[str, Any], started: float) -> str:
-    total, completed, failed = row["threads_total"], row["threads_completed"], row["threads_failed"]
-    done = completed + failed
-    elapsed = max(time.monotonic() - started, 1e-6)
-    rate = done / elapsed
-    eta = f"{(total - done) / rate:4.0f}s" if rate > 0 and total else "   ?"
-    return (
-        f"\r[{_bar(done, total)}] {done:>5}/{total:<5} threads | {row['threads_queued']:>5} queued | "
-        f"{row['messages_synced']:>6} messages | {rate:6.1f} threads/s | ETA {eta} | {row['backfill_status']:<11}"
-    )
-
-
-def _progress(conn: psycopg.Connection, config_id: object) -> dict[str, Any]:
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        row = cur.execute(queries.DEMO_PROGRESS, {"config_id": config_id}).fetchone()
-    assert row is not None
-    return row
 
 
 def _send_webhooks(simulator: Any) -> None:
@@ -173,21 +150,21 @@ def _drive(url: str, nylas: Any, args: argparse.Namespace, started: float) -> De
         # On a terminal the bar redraws in place; in a log (CI) it prints a line every couple of seconds.
         live, last_print = sys.stdout.isatty(), 0.0
         while True:
-            row = _progress(conn, config_id)
+            progress = fetch_progress(conn, [config_id])[0]
+            line = render_progress_line(progress)
             if live:
-                sys.stdout.write(_progress_line(row, started))
+                sys.stdout.write(f"\r{line}   ")
                 sys.stdout.flush()
             elif time.monotonic() - last_print >= 2:
-                print(_progress_line(row, started).lstrip("\r"), flush=True)
+                print(line, flush=True)
                 last_print = time.monotonic()
-            total, done = row["threads_total"], row["threads_completed"] + row["threads_failed"]
-            if not sent_webhooks and total and done >= total // 3:
+            if not sent_webhooks and progress.threads_total and progress.threads_done >= progress.threads_total // 3:
                 _send_webhooks(nylas.simulator)
                 sent_webhooks = True
-            finished = row["backfill_status"] in {"completed", "failed"}
-            if finished and sent_webhooks and row["webhooks_open"] == 0:
+            open_webhooks = conn.execute(queries.DEMO_OPEN_WEBHOOKS).fetchone()
+            if progress.finished and sent_webhooks and open_webhooks == (0,):
                 break
-            if finished and not sent_webhooks:
+            if progress.finished and not sent_webhooks:
                 _send_webhooks(nylas.simulator)
                 sent_webhooks = True
             if time.monotonic() > deadline:
@@ -195,7 +172,7 @@ def _drive(url: str, nylas: Any, args: argparse.Namespace, started: float) -> De
                 break
             time.sleep(0.25)
         if not live:
-            print(_progress_line(row, started).lstrip("\r"), flush=True)
+            print(line, flush=True)
         totals = conn.execute(queries.DEMO_TOTALS, {"inbox_id": inbox_id}).fetchone()
     assert totals is not None
     return DemoSummary(
@@ -204,5 +181,5 @@ def _drive(url: str, nylas: Any, args: argparse.Namespace, started: float) -> De
         api_calls=sum(nylas.simulator.calls.snapshot().values()),
         webhooks_processed=totals[2],
         seconds=time.monotonic() - started,
-        status=row["backfill_status"],
+        status=progress.backfill_status,
     )
