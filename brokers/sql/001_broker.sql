@@ -30,16 +30,23 @@ comment on column pgmq_broker.dead_letters.reason is
 create index if not exists dead_letters_queue_name_idx on pgmq_broker.dead_letters (queue_name, id);
 create index if not exists dead_letters_dead_at_idx on pgmq_broker.dead_letters (dead_at);
 
-
 -- Delete (or archive) the acknowledged ids, then hide up to p_qty visible messages for p_vt_ms milliseconds
 -- and return them. last_read_at doubles as the lease token: it is unique per delivery.
+-- The consumer's bookkeeping (leases, acks, extensions, releases) may commit asynchronously: after a server
+-- crash the last few hundred milliseconds of it can be lost, which only makes those messages run again
+-- (at-least-once, as any lapse would). Enqueues and dead letters always commit durably.
+-- set_config(..., true) lasts until the end of the calling transaction, so these functions must be called
+-- in their own (autocommit) transaction when p_async_commit is true, as the broker does.
 create or replace function pgmq_broker.fetch(
-    p_queue text, p_ack_ids bigint[], p_archive boolean, p_qty integer, p_vt_ms integer
+    p_queue text, p_ack_ids bigint[], p_archive boolean, p_qty integer, p_vt_ms integer, p_async_commit boolean
 ) returns table (msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb)
 language plpgsql volatile as $$
 declare
     v_qtable text := pgmq.format_table_name(p_queue, 'q');
 begin
+    if p_async_commit then
+        perform set_config('synchronous_commit', 'off', true);
+    end if;
     if cardinality(p_ack_ids) > 0 then
         if p_archive then
             perform pgmq.archive(p_queue, p_ack_ids);
@@ -91,10 +98,13 @@ $$;
 -- (msg_id, last_read_at), so a lease that lapsed and was re-read by another worker is never extended.
 -- Returns the ids that were extended; the caller treats the others as lost.
 create or replace function pgmq_broker.extend(
-    p_queue text, p_ids bigint[], p_tokens timestamptz[], p_vt_ms integer
+    p_queue text, p_ids bigint[], p_tokens timestamptz[], p_vt_ms integer, p_async_commit boolean
 ) returns setof bigint
 language plpgsql volatile as $$
 begin
+    if p_async_commit then
+        perform set_config('synchronous_commit', 'off', true);
+    end if;
     return query execute format(
         $q$
         update pgmq.%I m
@@ -109,6 +119,8 @@ $$;
 
 -- Make the listed deliveries visible again after p_delay_ms. With p_uncount the delivery is not counted
 -- towards max_deliveries (a message requeued at shutdown never ran). Returns how many were released.
+-- Releasing also clears last_read_at, the lease token, so that a heartbeat already in flight for this
+-- delivery cannot hide the message again.
 create or replace function pgmq_broker.release(
     p_queue text, p_ids bigint[], p_tokens timestamptz[], p_delay_ms integer, p_uncount boolean
 ) returns integer
@@ -120,7 +132,8 @@ begin
         $q$
         update pgmq.%I m
         set vt = clock_timestamp() + $3 * interval '1 millisecond',
-            read_ct = case when $4 then greatest(m.read_ct - 1, 0) else m.read_ct end
+            read_ct = case when $4 then greatest(m.read_ct - 1, 0) else m.read_ct end,
+            last_read_at = null
         from unnest($1, $2) as l(msg_id, token)
         where m.msg_id = l.msg_id and m.last_read_at = l.token
         $q$, pgmq.format_table_name(p_queue, 'q'))
@@ -245,25 +258,46 @@ language sql volatile as $$
     );
 $$;
 
--- Create the queue when missing and turn on PGMQ's insert notifications for it, so idle workers wake at once.
--- Call it from a migration, once per queue (workers never do it). The trigger is re-created
--- INITIALLY DEFERRED: the throttle row is then touched at commit, so a long transaction that enqueues
--- does not hold that row, and thereby every other producer of the queue, until it ends.
-create or replace function pgmq_broker.enable_notify(p_queue text, p_throttle_ms integer default 50)
-returns void
+-- Insert notifications without PGMQ's throttle row.
+--
+-- PGMQ's own trigger (pgmq.enable_notify_insert) is FOR EACH ROW and updates one shared throttle row per
+-- notification: a batch of 500 messages runs it 500 times, and concurrent producers queue on that row.
+-- This trigger runs once per INSERT statement and only calls pg_notify on PGMQ's channel
+-- ('pgmq.q_<queue>.INSERT'). Postgres folds identical notifications of one transaction into one and delivers
+-- them at commit, so a transaction that enqueues 10,000 messages wakes listeners once, after it commits.
+
+create or replace function pgmq_broker.notify_insert() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('pgmq.' || TG_TABLE_NAME || '.' || TG_OP, null);
+    return null;
+end;
+$$;
+
+-- Create the queue when missing and wake idle workers on its inserts. Call it from a migration, once per
+-- queue (workers never do it). Idempotent. Replaces PGMQ's row trigger if pgmq.enable_notify_insert set one.
+create or replace function pgmq_broker.enable_notify(p_queue text) returns void
 language plpgsql volatile as $$
+declare
+    v_qtable text := pgmq.format_table_name(p_queue, 'q');
 begin
     perform pgmq.create(p_queue);
-    perform pgmq.enable_notify_insert(p_queue, p_throttle_ms);
-    execute format('drop trigger if exists trigger_notify_queue_insert_listeners on pgmq.%I',
-                   pgmq.format_table_name(p_queue, 'q'));
+    perform pgmq.disable_notify_insert(p_queue);
+    execute format('drop trigger if exists pgmq_broker_notify_insert on pgmq.%I', v_qtable);
     execute format(
-        $q$
-        create constraint trigger trigger_notify_queue_insert_listeners
-        after insert on pgmq.%I
-        deferrable initially deferred for each row
-        execute procedure pgmq.notify_queue_listeners()
-        $q$, pgmq.format_table_name(p_queue, 'q'));
+        'create trigger pgmq_broker_notify_insert after insert on pgmq.%I
+         for each statement execute function pgmq_broker.notify_insert()',
+        v_qtable
+    );
+end;
+$$;
+
+-- Stop waking workers on the queue's inserts (they still poll).
+create or replace function pgmq_broker.disable_notify(p_queue text) returns void
+language plpgsql volatile as $$
+begin
+    execute format('drop trigger if exists pgmq_broker_notify_insert on pgmq.%I', pgmq.format_table_name(p_queue, 'q'));
+    perform pgmq.disable_notify_insert(p_queue);
 end;
 $$;
 
@@ -298,5 +332,19 @@ begin
         from pgmq.%I
         $q$, pgmq.format_table_name(p_queue, 'q'))
     using p_queue;
+end;
+$$;
+
+-- Drop every message of a queue with DELETE rather than PGMQ's purge_queue (TRUNCATE): it needs only the DML
+-- privileges a least-privilege worker role has, and does not take an ACCESS EXCLUSIVE lock that would wait
+-- for, and then block, every consumer and producer of the queue. Returns how many messages were dropped.
+create or replace function pgmq_broker.flush(p_queue text) returns bigint
+language plpgsql volatile as $$
+declare
+    v_count bigint;
+begin
+    execute format('delete from pgmq.%I', pgmq.format_table_name(p_queue, 'q'));
+    get diagnostics v_count = row_count;
+    return v_count;
 end;
 $$;
