@@ -210,6 +210,27 @@ def _unix(value: datetime) -> int:
     return int(value.timestamp())
 
 
+def _path(grant_id: str, collection: str, object_id: str | None = None) -> str:
+    """``/v3/grants/{grant}/{collection}[/{object}]`` with each id quoted as one path segment."""
+    path = f"/v3/grants/{quote(grant_id, safe='')}/{collection}"
+    return path if object_id is None else f"{path}/{quote(object_id, safe='')}"
+
+
+def _list_params(
+    limit: int, page_token: str | None, select: Sequence[str] | None, filters: Mapping[str, object]
+) -> dict[str, Any]:
+    """Query parameters of a list call: the filters that are set (datetimes as unix seconds), cursor and fields."""
+    params: dict[str, Any] = {"limit": limit}
+    for name, value in filters.items():
+        if value is not None:
+            params[name] = _unix(value) if isinstance(value, datetime) else value
+    if page_token:
+        params["page_token"] = page_token
+    if select:
+        params["select"] = ",".join(select)
+    return params
+
+
 class NylasClient:
     """Talks to the Nylas v3 API for one application (API key). Thread-safe; keep one per process.
 
@@ -254,13 +275,13 @@ class NylasClient:
 
     def get_thread(self, grant_id: str, thread_id: str) -> Thread:
         """Fetch one thread. Raises ``NotFound`` when it was deleted."""
-        path = f"/v3/grants/{quote(grant_id, safe='')}/threads/{quote(thread_id, safe='')}"
+        path = _path(grant_id, "threads", thread_id)
         body = self._get(path, {}, grant_id=grant_id, endpoint="threads.get", object_id=thread_id)
         return structure(body.get("data"), Thread, where="$.data", grant_id=grant_id)
 
     def get_message(self, grant_id: str, message_id: str, *, select: Sequence[str] | None = None) -> Message:
         """Fetch one message with its body. Raises ``NotFound`` when it was deleted."""
-        path = f"/v3/grants/{quote(grant_id, safe='')}/messages/{quote(message_id, safe='')}"
+        path = _path(grant_id, "messages", message_id)
         params = {"select": ",".join(select)} if select else {}
         body = self._get(path, params, grant_id=grant_id, endpoint="messages.get", object_id=message_id)
         return structure(body.get("data"), Message, where="$.data", grant_id=grant_id)
@@ -278,16 +299,9 @@ class NylasClient:
         select: Sequence[str] | None = THREAD_SELECT,
     ) -> ThreadPage:
         """Fetch one page of threads; prefer ``iter_threads``, which follows the cursor."""
-        params: dict[str, Any] = {"limit": limit}
-        if latest_message_after is not None:
-            params["latest_message_after"] = _unix(latest_message_after)
-        if latest_message_before is not None:
-            params["latest_message_before"] = _unix(latest_message_before)
-        if page_token:
-            params["page_token"] = page_token
-        if select:
-            params["select"] = ",".join(select)
-        path = f"/v3/grants/{quote(grant_id, safe='')}/threads"
+        filters = {"latest_message_after": latest_message_after, "latest_message_before": latest_message_before}
+        params = _list_params(limit, page_token, select, filters)
+        path = _path(grant_id, "threads")
         body = self._get(path, params, grant_id=grant_id, endpoint="threads.list")
         items, cursor = self._page_of(body, grant_id=grant_id)
         threads = tuple(
@@ -340,18 +354,9 @@ class NylasClient:
         select: Sequence[str] | None = MESSAGE_SELECT,
     ) -> MessagePage:
         """Fetch one page of messages (newest first); prefer ``iter_thread_messages``."""
-        params: dict[str, Any] = {"limit": limit}
-        if thread_id is not None:
-            params["thread_id"] = thread_id
-        if received_after is not None:
-            params["received_after"] = _unix(received_after)
-        if received_before is not None:
-            params["received_before"] = _unix(received_before)
-        if page_token:
-            params["page_token"] = page_token
-        if select:
-            params["select"] = ",".join(select)
-        path = f"/v3/grants/{quote(grant_id, safe='')}/messages"
+        filters = {"thread_id": thread_id, "received_after": received_after, "received_before": received_before}
+        params = _list_params(limit, page_token, select, filters)
+        path = _path(grant_id, "messages")
         body = self._get(path, params, grant_id=grant_id, endpoint="messages.list", object_id=thread_id)
         items, cursor = self._page_of(body, grant_id=grant_id)
         messages = tuple(
