@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,11 +72,29 @@ def _empty_tables_after_test(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "db_url" not in request.fixturenames:
         return
-    url = request.getfixturevalue("db_url")
+    empty_tables(request.getfixturevalue("db_url"))
+
+
+def empty_tables(url: str, attempts: int = 20) -> None:
+    """Truncate every table, retrying while workers a module keeps running hold row locks in another order.
+
+    TRUNCATE takes its exclusive locks table by table; a live worker's transaction that already holds one of them
+    and waits on another is a deadlock Postgres resolves by cancelling one side. When that side is ours, try again.
+    """
     with psycopg.connect(url, autocommit=True) as conn:
         tables = [row[0] for row in conn.execute(_TABLES_TO_EMPTY)]
-        if tables:
-            conn.execute(f"truncate {', '.join(tables)} restart identity cascade")  # names quoted by format(%I)
+        if not tables:
+            return
+        statement = f"truncate {', '.join(tables)} restart identity cascade"  # names quoted by format(%I)
+        for attempt in range(1, attempts + 1):
+            try:
+                conn.execute("set lock_timeout = '2s'")
+                conn.execute(statement)
+                return
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
+                if attempt == attempts:
+                    raise
+                time.sleep(0.05 * attempt)
 
 
 @pytest.fixture
