@@ -29,6 +29,14 @@ def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) ->
         raise ValueError(msg)
 
 
+def _object_id(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    _non_empty(instance, attribute, value)
+    if not value.strip("."):
+        # As a URL path segment, "." or ".." would be resolved away and name another resource.
+        msg = f"{attribute.name} {value!r} cannot be a Nylas id"
+        raise ValueError(msg)
+
+
 @attrs.frozen(kw_only=True)
 class WebhookJob:
     """A Nylas webhook event to apply (queue ``nylas_webhook_notifications``)."""
@@ -57,7 +65,7 @@ class BackfillJob:
 class ThreadSyncJob:
     """Fetch one thread and its messages (queue ``thread_sync_jobs``); ``grant_id`` may be missing."""
 
-    thread_id: str = attrs.field(validator=_non_empty)
+    thread_id: str = attrs.field(validator=_object_id)
     inbox_id: uuid.UUID
     grant_id: str | None = None
     config_id: uuid.UUID | None = None

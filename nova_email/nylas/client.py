@@ -211,9 +211,20 @@ def _unix(value: datetime) -> int:
 
 
 def _path(grant_id: str, collection: str, object_id: str | None = None) -> str:
-    """``/v3/grants/{grant}/{collection}[/{object}]`` with each id quoted as one path segment."""
-    path = f"/v3/grants/{quote(grant_id, safe='')}/{collection}"
-    return path if object_id is None else f"{path}/{quote(object_id, safe='')}"
+    """``/v3/grants/{grant}/{collection}[/{object}]`` with each id quoted as one path segment.
+
+    Raises:
+        InvalidObjectId: an id is empty or dots only, which URL normalisation would resolve to another resource.
+    """
+    path = f"/v3/grants/{_segment(grant_id)}/{collection}"
+    return path if object_id is None else f"{path}/{_segment(object_id)}"
+
+
+def _segment(object_id: str) -> str:
+    if not object_id.strip("."):
+        msg = f"{object_id!r} cannot be a Nylas id; the job or event that carried it is malformed"
+        raise errors.InvalidObjectId(msg)
+    return quote(object_id, safe="")
 
 
 def _list_params(

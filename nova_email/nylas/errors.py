@@ -3,6 +3,7 @@
 Hierarchy::
 
     NylasError                      base: anything the client could not do
+    ├── InvalidObjectId             an id that cannot be a URL path segment ("", ".", ".."); nothing was sent
     ├── NylasConnectionError        no HTTP answer after the transport retries (DNS, reset, timeout)
     ├── ResponseShapeError          a 2xx answer whose JSON breaks the documented shapes
     └── NylasHTTPError              an HTTP error status (status, request_id, grant_id, object_id, error_type)
@@ -23,6 +24,7 @@ __all__ = [
     "BadRequest",
     "GrantExpired",
     "InvalidApiKey",
+    "InvalidObjectId",
     "NotFound",
     "NylasConnectionError",
     "NylasError",
@@ -36,6 +38,13 @@ __all__ = [
 
 class NylasError(Exception):
     """Base class of every error the Nylas client raises."""
+
+
+class InvalidObjectId(NylasError, ValueError):
+    """An id that cannot name one object in a URL path (empty, "." or ".."); nothing was sent.
+
+    The job or event that carried it is malformed: fix its producer. Retrying cannot help.
+    """
 
 
 class NylasConnectionError(NylasError):

@@ -52,6 +52,7 @@ def test_a_backfill_job_keeps_aware_dates() -> None:
             r"badly formed hexadecimal UUID string @ \$.inbox_id",
         ),
         ({"thread_id": "  ", "inbox_id": INBOX}, ThreadSyncJob, "thread_id must be a non-empty string"),
+        ({"thread_id": "..", "inbox_id": INBOX}, ThreadSyncJob, "thread_id '..' cannot be a Nylas id"),
         ({"notification_type": "message.created", "payload": "x"}, WebhookJob, r"expected dict @ \$.payload"),
         (
             {"inbox_id": INBOX, "config_id": CONFIG, "start_date": "2025-01-01T00:00:00", "end_date": "x"},
@@ -59,7 +60,7 @@ def test_a_backfill_job_keeps_aware_dates() -> None:
             r"\$.start_date",
         ),
     ],
-    ids=["list", "missing", "wrong-type", "bad-uuid", "blank", "payload-not-object", "naive-date"],
+    ids=["list", "missing", "wrong-type", "bad-uuid", "blank", "dot-segment", "payload-not-object", "naive-date"],
 )
 def test_a_malformed_payload_is_an_invalid_job_naming_the_field(payload: Any, cls: type, expected: str) -> None:
     with pytest.raises(InvalidJob, match=expected):

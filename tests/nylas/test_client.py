@@ -20,6 +20,7 @@ from nova_email.nylas import (
     BadRequest,
     GrantExpired,
     InvalidApiKey,
+    InvalidObjectId,
     NotFound,
     NylasClient,
     NylasConnectionError,
@@ -90,6 +91,17 @@ def test_ids_are_escaped_in_the_path(mocked: responses.RequestsMock, client: Nyl
     message = client.get_message("a/b", "m?1")
 
     assert message.id == "m?1"
+
+
+@pytest.mark.parametrize(("grant", "object_id"), [(GRANT, ".."), (GRANT, "."), ("..", "m1"), ("", "m1")])
+def test_ids_that_url_normalisation_would_resolve_away_are_refused_before_any_request(
+    mocked: responses.RequestsMock, client: NylasClient, grant: str, object_id: str
+) -> None:
+    # "/messages/.." would reach "/v3/grants/{grant}/" instead of a message; nothing may be sent
+    with pytest.raises(InvalidObjectId, match="cannot be a Nylas id"):
+        client.get_message(grant, object_id)
+
+    assert len(mocked.calls) == 0
 
 
 def test_thread_listing_asks_for_the_window_max_limit_and_stored_fields(
