@@ -187,14 +187,20 @@ with lost as (
     select coalesce(d.message -> 'args' -> 0, d.message) as payload, d.reason, d.error_message, d.dead_at
     from pgmq_broker.dead_letters d
     where d.queue_name = 'thread_sync_jobs' and d.reason <> 'failed'
+), keyed as (
+    -- Cast only what is a UUID: a dead letter's payload can be anything (an undecodable body, too).
+    select case when payload ->> 'config_id' ~* '^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$'
+                then (payload ->> 'config_id')::uuid end as config_id,
+           payload ->> 'thread_id' as thread_id, reason, error_message, dead_at
+    from lost
 )
 update queued_threads q
 set status = 'failed', processed_at = now(),
-    error_message = left('job dead-lettered (' || lost.reason || '): ' || coalesce(lost.error_message, ''), 2000)
-from lost
-where q.config_id::text = lost.payload ->> 'config_id' and q.nylas_thread_id = lost.payload ->> 'thread_id'
-  and q.status in ('queued', 'processing') and lost.dead_at > q.queued_at
-returning q.config_id, q.nylas_thread_id, lost.reason
+    error_message = left('job dead-lettered (' || keyed.reason || '): ' || coalesce(keyed.error_message, ''), 2000)
+from keyed
+where q.config_id = keyed.config_id and q.nylas_thread_id = keyed.thread_id
+  and q.status in ('queued', 'processing') and keyed.dead_at > q.queued_at
+returning q.config_id, q.nylas_thread_id, keyed.reason
 """
 #: Webhook audit rows whose job the broker dead-lettered without the actor recording an outcome.
 FAIL_DEAD_LETTERED_WEBHOOKS: LiteralString = """
@@ -202,11 +208,16 @@ with lost as (
     select coalesce(d.message -> 'args' -> 0, d.message) as payload, d.reason, d.error_message
     from pgmq_broker.dead_letters d
     where d.queue_name = 'nylas_webhook_notifications' and d.reason <> 'failed'
+), keyed as (
+    select case when payload ->> 'notification_id' ~* '^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$'
+                then (payload ->> 'notification_id')::uuid end as notification_id,
+           reason, error_message
+    from lost
 )
 update flux_webhook_notifications w
 set status = 'error', processed_at = now(),
-    error_message = left('job dead-lettered (' || lost.reason || '): ' || coalesce(lost.error_message, ''), 2000)
-from lost
-where w.id::text = lost.payload ->> 'notification_id' and w.status in ('pending', 'processing')
-returning w.id, lost.reason
+    error_message = left('job dead-lettered (' || keyed.reason || '): ' || coalesce(keyed.error_message, ''), 2000)
+from keyed
+where w.id = keyed.notification_id and w.status in ('pending', 'processing')
+returning w.id, keyed.reason
 """

@@ -8,7 +8,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from brokers import PGMQBroker
-from nova_email import completion
+from nova_email import completion, queries
 
 
 def poison_and_consume(db_url: str, conn: psycopg.Connection, queue: str) -> None:
@@ -63,3 +63,38 @@ def test_a_poisoned_webhook_job_marks_its_audit_row_error(db_url: str, conn: psy
     assert status == "error" and "max_deliveries" in error
     # A second tick changes nothing more
     assert completion.fail_dead_lettered_jobs(conn) == 0
+
+
+def test_malformed_dead_letters_beside_a_real_one_neither_fail_the_tick_nor_match_anything(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    # Given dead letters whose bodies are anything at all, and one webhook job that was really lost
+    notification_id = conn.execute(
+        "select notification_id from queue_nylas_webhook_notification('ntf-lost', 'message.created', 'g', %s)",
+        [Jsonb({"id": "ntf-lost", "type": "message.created", "data": {"object": {"id": "m1"}}})],
+    ).fetchone()[0]  # type: ignore[index]
+    poison_and_consume(db_url, conn, "nylas_webhook_notifications")
+    for body in ["[]", '"text"', "null", '{"config_id": "not-a-uuid", "thread_id": "t"}', '{"notification_id": 7}']:
+        for queue in ("thread_sync_jobs", "nylas_webhook_notifications"):
+            conn.execute(
+                "insert into pgmq_broker.dead_letters (queue_name, message, reason) values (%s, %s::jsonb, 'undecodable')",
+                [queue, body],
+            )
+
+    # When the monitor reconciles, then only the real one is failed
+    assert completion.fail_dead_lettered_jobs(conn) == 1
+    row = conn.execute("select status from flux_webhook_notifications where id = %s", [notification_id]).fetchone()
+    assert row == ("error",)
+
+
+def test_the_dead_letter_scan_reads_only_the_unrecorded_ones_through_their_index(conn: psycopg.Connection) -> None:
+    # Given many dead letters of jobs that failed in an actor (recorded by the actor itself)
+    conn.execute(
+        "insert into pgmq_broker.dead_letters (queue_name, message, reason)"
+        " select 'thread_sync_jobs', jsonb_build_object('thread_id', 't' || i), 'failed' from generate_series(1, 20000) i"
+    )
+    conn.execute("analyze pgmq_broker.dead_letters")
+
+    plan = "\n".join(r[0] for r in conn.execute("explain " + queries.FAIL_DEAD_LETTERED_THREADS))
+
+    assert "dead_letters_unrecorded_idx" in plan, plan
