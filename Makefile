@@ -62,7 +62,11 @@ demo: install
 # Benchmarks print their figures as ratios against peers measured in the same run (see each file's docstring).
 .PHONY: bench bench-broker bench-backfill bench-intake
 bench: bench-broker bench-backfill
-bench-broker: install
+# The broker benchmark measures procrastinate too, so it installs the bench extra first.
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+bench-broker: install $(VENV)/.bench-installed
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/backlog.py
 bench-backfill: install

@@ -2,15 +2,15 @@
 
 Figures (no-op actor, 20,000 messages, ``dramatiq`` with 2 processes x 8 threads):
     enqueue single      ``actor.send`` in a loop                    vs a raw ``pgmq.send`` loop with psycopg
-                        (best of five rounds, alternated: the machine is shared)
+                        (medians of 30 alternated rounds of 100: WAL flushes are noisy)
     enqueue batched     ``broker.enqueue_many`` (batches of 500, and of 100) vs raw ``pgmq.send_batch`` of 100
     processing          drain rate of 20,000 queued messages       vs Dramatiq's RedisBroker on 127.0.0.1:6379
     idle pickup         send -> actor start on an idle worker, p50 / p99 (LISTEN/NOTIFY wake-up)
     ceiling             a raw PGMQ batched send/read/delete loop with psycopg (100 per call, one connection)
 
-Procrastinate (when installed) runs the same no-op job on the same database with 2 workers of the same
-concurrency; when it is not installed, its figure from the project issue (~0.9k msgs/s) is printed as a
-reference instead.
+Procrastinate runs the same no-op job on the same database with 2 workers of the same concurrency
+(``make bench-broker`` installs it: the ``bench`` extra); when it is missing, its figure from the project issue
+(~0.9k msgs/s) is printed as a reference instead.
 
 Usage:
     .venv/bin/python bench/broker.py [--messages 20000] [--processes 2] [--threads 8] [--skip-redis]
@@ -139,10 +139,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def single_sends(url: str, broker: PGMQBroker, actor: dramatiq.Actor[..., Any], n: int) -> tuple[float, float]:
-    """(raw ``pgmq.send`` loop, ``actor.send`` loop) rates, best of five rounds run alternately.
+def single_sends(
+    url: str, broker: PGMQBroker, actor: dramatiq.Actor[..., Any], n: int, rounds: int = 30
+) -> tuple[float, float]:
+    """(raw ``pgmq.send`` loop, ``actor.send`` loop) rates: the medians of `rounds` rounds of `n` sends each.
 
-    Alternating the two puts them under the same load from whatever else the shared machine is doing.
+    One send per commit is bound by the WAL flush, whose latency swings widely on a shared disk. Alternating short
+    rounds puts both loops under the same conditions, and medians ignore the rounds a flush storm hit.
     """
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("select pgmq.create('bench_raw')")
@@ -156,13 +159,14 @@ def single_sends(url: str, broker: PGMQBroker, actor: dramatiq.Actor[..., Any], 
             for i in range(n):
                 actor.send(i)
 
-        raw = ours = 0.0
-        for _ in range(5):
-            raw = max(raw, rate(n, timed(raw_loop)))
-            ours = max(ours, rate(n, timed(actor_loop)))
+        raw: list[float] = []
+        ours: list[float] = []
+        for _ in range(rounds):
+            raw.append(rate(n, timed(raw_loop)))
+            ours.append(rate(n, timed(actor_loop)))
         conn.execute("select pgmq.purge_queue('bench_raw')")
     broker.flush(actor.queue_name)
-    return raw, ours
+    return statistics.median(raw), statistics.median(ours)
 
 
 def raw_batched_loop(url: str, n: int, batch: int = 100) -> tuple[float, float]:
@@ -231,7 +235,7 @@ def bench_pgmq(url: str, n: int, processes: int, threads: int, latency_samples: 
     noop_actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=NOOP_QUEUE)
     results: dict[str, float] = {}
 
-    results["raw_single"], results["enqueue_single"] = single_sends(url, broker, noop_actor, min(n, 1000))
+    results["raw_single"], results["enqueue_single"] = single_sends(url, broker, noop_actor, min(n, 100))
     # Best of three: the machine is shared, and the least disturbed run is the figure.
     for key, batch_size in (("enqueue_batched", 500), ("enqueue_batched_100", 100)):
         best = 0.0
