@@ -23,6 +23,7 @@ import psycopg
 from loguru import logger
 
 from . import queries
+from .background import BackgroundThread
 
 __all__ = ["Lease", "LeaseKeeper"]
 
@@ -43,8 +44,10 @@ class Lease:
     fetched_at: float = attrs.field(factory=time.monotonic)
 
 
-class LeaseKeeper:
+class LeaseKeeper(BackgroundThread):
     """The per-process thread that extends the visibility of every tracked lease.
+
+    Once stopped, the leases it held lapse after the visibility timeout unless settled first.
 
     Parameters:
         connect: Returns a context manager yielding a connection (the broker's pool).
@@ -53,6 +56,8 @@ class LeaseKeeper:
         async_commit: Commit extensions without waiting for the WAL flush (see ``PGMQBroker``).
         on_tick: Called after every round of extensions (the broker purges archives from it).
     """
+
+    thread_name = "pgmq-lease-keeper"
 
     def __init__(
         self,
@@ -63,6 +68,7 @@ class LeaseKeeper:
         async_commit: bool = True,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__()
         self._connect = connect
         self._vt_ms = visibility_timeout_ms
         self._max_lease_s = max_lease_s
@@ -70,8 +76,6 @@ class LeaseKeeper:
         self._on_tick = on_tick
         self._leases: dict[str, dict[int, Lease]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._failing = False
 
     @property
@@ -99,19 +103,6 @@ class LeaseKeeper:
     def tracked_count(self) -> int:
         with self._lock:
             return sum(len(held) for held in self._leases.values())
-
-    def start(self) -> None:
-        """Start the thread (idempotent)."""
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="pgmq-lease-keeper", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread; the leases it held lapse after the visibility timeout unless settled first."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -18,6 +18,7 @@ from loguru import logger
 from psycopg import sql
 
 from . import queries
+from .background import BackgroundThread
 
 __all__ = ["Listener", "channel_name"]
 
@@ -35,7 +36,7 @@ def channel_name(queue_name: str) -> str:
     return f"pgmq.q_{queue_name}.INSERT"
 
 
-class Listener:
+class Listener(BackgroundThread):
     """A daemon thread holding the process's LISTEN connection.
 
     Parameters:
@@ -45,32 +46,22 @@ class Listener:
             reconnection (notifications sent while disconnected are lost).
     """
 
+    thread_name = "pgmq-listener"
+
     def __init__(self, *, conninfo: str, connect_kwargs: Mapping[str, Any], on_notify: Callable[[str], None]) -> None:
+        super().__init__()
         self._conninfo = conninfo
         self._connect_kwargs = {k: v for k, v in connect_kwargs.items() if k != "autocommit"}
         self._on_notify = on_notify
         self._queues: set[str] = set()
         self._listening: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.connected = threading.Event()
 
     def subscribe(self, queue_name: str) -> None:
         """Listen to `queue_name`'s inserts from the next wait on (within ``WAIT_S``)."""
         with self._lock:
             self._queues.add(queue_name)
-
-    def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="pgmq-listener", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         backoff = MIN_BACKOFF_S
