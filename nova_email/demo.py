@@ -1,11 +1,11 @@
 """``make demo``: the whole service on one machine, in under a minute, with nothing configured.
 
-It starts (or reuses) the embedded PostgreSQL, migrates a fresh ``nova_demo`` database, serves a
+It starts the embedded PostgreSQL (or uses the one running), migrates a fresh ``nova_demo`` database, serves a
 generated mailbox from the Nylas simulator, starts all four processors as real ``dramatiq``
 worker processes, queues a backfill through the same SQL function any user would call, draws a
 live progress bar from ``inbox_sync_stats``, sends a few webhooks mid-run (a new message, a
 read-state change, a reply) and prints a summary. Everything it started is stopped at the end,
-and on Ctrl-C.
+and on Ctrl-C: the workers, the simulator, and the embedded server unless it was already running.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from loguru import logger
 from . import queries
 from .config import Settings
 from .db import with_database
-from .embedded import embedded_server_url
+from .embedded import embedded_server_running, embedded_server_url, stop_embedded_server
 from .migrate import migrate
 from .ops.progress import fetch_progress, render_progress_line
 
@@ -96,10 +96,19 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 def demo(settings: Settings, args: argparse.Namespace) -> DemoSummary:
     """Start everything, backfill the generated mailbox, and stop everything; see the module docstring."""
+    own_server = args.server_url is None and not embedded_server_running(settings.data_dir)
+    try:
+        server_url = args.server_url or embedded_server_url(settings.data_dir)
+        return _demo(settings, args, server_url)
+    finally:
+        if own_server and stop_embedded_server(settings.data_dir):
+            print(f"Stopped the embedded PostgreSQL the demo started ({settings.data_dir / 'pgdata'})")
+
+
+def _demo(settings: Settings, args: argparse.Namespace, server_url: str) -> DemoSummary:
     from .simulator.server import start_in_thread
     from .simulator.webhooks import SqlIntakeEmitter
 
-    server_url = args.server_url or embedded_server_url(settings.data_dir)
     url = _fresh_database(server_url, args.database)
     with psycopg.connect(url) as conn:
         migrate(conn)

