@@ -9,10 +9,11 @@ reprs and logs; use `Settings.database_url_redacted` when a URL must be shown.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from dotenv import dotenv_values
@@ -29,20 +30,33 @@ _LEGACY_DELAYS_MS = {"thread": 3000, "message": 1000, "api": 200}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
 
 
+#: ``scheme://user:password@``: libpq ends the userinfo at the first ``@`` before any ``/``, so a password may hold
+#: ``?`` or ``#``, which `urllib.parse.urlsplit` would take for the query or the fragment.
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:)[^@/]*@")
+#: A ``name=value`` parameter of a URL's query string (libpq takes ``?password=`` there too).
+_QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^&=]*)=)[^&]*")
+#: ``password=value`` in a key=value connection string: unquoted up to whitespace, or single-quoted with ``\'``.
+_CONNINFO_PASSWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|\S*)", re.IGNORECASE)
+
+
+def _redact_query_parameter(match: re.Match[str]) -> str:
+    if unquote(match["name"]).strip().lower() == "password":
+        return f"{match['head']}***"
+    return match[0]
+
+
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by ``***`` (for logs and errors)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        if "@" in url and not parts.netloc:
-            # Userinfo urlsplit could not parse (no scheme, no //) may still hold a password: hide all of it.
-            return "***@" + url.rsplit("@", 1)[1]
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """`url` with every password replaced by ``***`` (for logs and errors).
+
+    Covers the userinfo (``postgresql://user:***@host``), a ``password=`` query parameter and, for a libpq
+    key=value connection string, its ``password=`` pair. Anything else is left as it was.
+    """
+    if "://" not in url:
+        redacted = _CONNINFO_PASSWORD.sub(lambda m: f"{m['head']}***", url)
+        # Userinfo without a scheme (user:password@host) may still hold a password: hide all of it.
+        return "***@" + redacted.rsplit("@", 1)[1] if "@" in redacted else redacted
+    redacted = _URL_PASSWORD.sub(r"\g<head>***@", url)
+    return _QUERY_PARAMETER.sub(_redact_query_parameter, redacted)
 
 
 @attrs.frozen(kw_only=True)
@@ -141,6 +155,14 @@ def _parse_http_url(name: str, raw: str) -> str:
 
 def _parse_database_url(name: str, raw: str) -> str:
     value = raw.strip()
+    if "://" not in value and "=" in value:
+        # Not echoed, even redacted: a quoting mistake could leave part of the password outside `redact_url`'s reach.
+        msg = (
+            f"{name} looks like a key=value connection string (not shown: it may hold a password); write it as a URL, "
+            "postgresql://user:password@host:5432/db (percent-encode special characters in the password), "
+            "or leave it unset to use the embedded server"
+        )
+        raise ConfigError(msg)
     scheme = urlsplit(value).scheme if "://" in value else ""
     if scheme not in {"postgres", "postgresql"}:
         msg = (

@@ -17,7 +17,7 @@ import psycopg
 from loguru import logger
 from psycopg_pool import ConnectionPool
 
-from .config import Settings, redact_url
+from .config import Settings
 from .embedded import embedded_server_url
 
 __all__ = ["close_pool", "connect", "connection", "database_url", "get_pool", "with_database"]
@@ -41,7 +41,7 @@ def with_database(url: str, name: str) -> str:
 def database_url(settings: Settings) -> str:
     """The URL to use: DATABASE_URL, or the embedded server's (started if needed). Logs the choice once."""
     if settings.database_url is not None:
-        url, where = settings.database_url, f"DATABASE_URL {redact_url(settings.database_url)}"
+        url, where = settings.database_url, f"DATABASE_URL {settings.database_url_redacted}"
     else:
         url = embedded_server_url(settings.data_dir)
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"

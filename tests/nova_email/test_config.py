@@ -103,6 +103,9 @@ def test_a_bad_database_url_error_does_not_echo_the_password() -> None:
         ("postgresql://u:p@h:5432/d", "postgresql://u:***@h:5432/d"),
         ("postgresql://u@h/d", "postgresql://u@h/d"),
         ("postgresql://h/d", "postgresql://h/d"),
+        ("postgresql://u@h/d?sslmode=require&password=p", "postgresql://u@h/d?sslmode=require&password=***"),
+        ("postgresql://u@h/d?application_name=password", "postgresql://u@h/d?application_name=password"),
+        ("host=h password=p user=u", "host=h password=*** user=u"),
     ],
 )
 def test_redact_url_hides_only_the_password(url: str, redacted: str) -> None:

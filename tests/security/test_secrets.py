@@ -21,8 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from loguru import logger
 
-from nova_email.config import Settings, load_settings
+from nova_email import db
+from nova_email.config import Settings, load_settings, redact_url
 from nova_email.errors import ConfigError
 from nova_email.nylas.client import NylasClient
 from nova_email.nylas.errors import NylasError
@@ -74,6 +76,64 @@ def test_a_malformed_database_url_is_reported_without_its_password(url: str) -> 
         load_settings({"DATABASE_URL": url, "NYLAS_API_KEY": API_KEY}, env_file=None)
     assert "DATABASE_URL" in str(caught.value)
     assert DB_PASSWORD not in str(caught.value) and API_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        f"host=db password={DB_PASSWORD} user=svc",
+        f"host=db user=svc password = '{DB_PASSWORD} with spaces'",
+        f"host=db password='{DB_PASSWORD}",
+        f"postgres:{DB_PASSWORD}@db password={DB_PASSWORD}",
+    ],
+    ids=["plain", "quoted", "unterminated-quote", "userinfo-too"],
+)
+def test_a_key_value_database_url_is_refused_without_echoing_it(conninfo: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATABASE_URL": conninfo}, env_file=None)
+    message = str(caught.value)
+    assert "DATABASE_URL" in message and "key=value" in message and "postgresql://" in message
+    assert DB_PASSWORD not in message and DB_PASSWORD not in repr(caught.value)
+    # redact_url, shared by every log line that shows a URL, hides it too
+    assert DB_PASSWORD not in redact_url(conninfo)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"?password={DB_PASSWORD}",
+        f"?sslmode=require&password={DB_PASSWORD}&connect_timeout=5",
+        f"?pass%77ord={DB_PASSWORD}",
+    ],
+    ids=["only", "among-others", "percent-encoded-name"],
+)
+def test_a_password_in_the_query_string_stays_out_of_the_log_and_the_redacted_url(query: str) -> None:
+    # Given a DATABASE_URL carrying its password as a query parameter (libpq accepts that)
+    url = f"postgresql://nova@db.invalid:5432/nova-{uuid.uuid4().hex}{query}"
+    settings = load_settings({"DATABASE_URL": url}, env_file=None)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", level="DEBUG")
+    try:
+        # When the service announces which database it uses
+        assert db.database_url(settings) == url
+    finally:
+        logger.remove(sink)
+    # Then neither that line nor the redacted URL shows the password, but both still say where the database is
+    assert any("db.invalid" in line for line in lines), lines
+    for text in [*lines, str(settings.database_url_redacted), repr(settings)]:
+        assert DB_PASSWORD not in text
+    assert "password=***" in str(settings.database_url_redacted).replace("pass%77ord", "password")
+
+
+@pytest.mark.parametrize(
+    "password",
+    [DB_PASSWORD + "?x=1", DB_PASSWORD + "#frag", "a:" + DB_PASSWORD],
+    ids=["question-mark", "hash", "colon"],
+)
+def test_a_password_with_url_delimiters_is_redacted_whole(password: str) -> None:
+    # libpq ends the userinfo at the first @, so ? # : may sit in a password that urlsplit would cut short.
+    redacted = redact_url(f"postgresql://nova:{password}@db:5432/nova")
+    assert redacted == "postgresql://nova:***@db:5432/nova"
 
 
 def test_the_nylas_client_repr_hides_the_api_key() -> None:
