@@ -82,6 +82,13 @@ def test_the_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     assert (settings.batch_size, settings.api_delay_ms) == (25, 75)
 
 
+def test_copying_the_env_example_keeps_the_legacy_delays_off_while_paced() -> None:
+    # `cp .env.example .env` must not bring back the original's sleeps that pacing replaces.
+    settings = load_settings({}, env_file=Path(__file__).resolve().parents[2] / ".env.example")
+    assert settings.pacing_enabled
+    assert [settings.delay_ms(name) for name in ("thread", "message", "api")] == [0, 0, 0]
+
+
 def test_secrets_stay_out_of_the_repr() -> None:
     settings = Settings(
         database_url="postgresql://svc:hunter2@db/mail", nylas_api_key="nyk_secret", nylas_webhook_secret="whsec"
