@@ -60,8 +60,8 @@ demo: install
 	$(BIN)/nova-email demo $(ARGS)
 
 # Benchmarks print their figures as ratios against peers measured in the same run (see each file's docstring).
-.PHONY: bench bench-broker bench-backfill bench-intake
-bench: bench-broker bench-backfill
+.PHONY: bench bench-broker bench-backfill bench-intake bench-burst
+bench: bench-broker bench-backfill bench-intake bench-burst
 # The broker benchmark measures procrastinate too, so it installs the bench extra first.
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
@@ -73,3 +73,5 @@ bench-backfill: install
 	$(BIN)/python bench/backfill.py
 bench-intake: install
 	$(BIN)/python bench/intake.py
+bench-burst: install
+	$(BIN)/python bench/webhook_burst.py
