@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from loguru import logger
 
-from .config import Settings, load_settings
+from .config import Settings, load_settings, redact_url
 from .errors import NovaError
 from .log import setup_logging
 
@@ -36,7 +36,8 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 def _db_url(settings: Settings, args: argparse.Namespace) -> int:
     from . import db
 
-    print(db.database_url(settings))
+    url = db.database_url(settings)
+    print(url if args.show_password else redact_url(url))
     return 0
 
 
@@ -96,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
-    add("db-url", _db_url, "print the database URL in use (starts the embedded server if needed)")
+    db_url = add(
+        "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"
+    )
+    db_url.add_argument(
+        "--show-password", action="store_true", help="print the password too, for scripts that connect with the URL"
+    )
     add("db-stop", _db_stop, "stop the embedded PostgreSQL server")
     run = add("run", _run, "run one processor's workers (webhooks, backfill, threads, completion) or all of them")
     run.add_argument("processor", choices=sorted(PROCESSORS))

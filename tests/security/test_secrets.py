@@ -286,6 +286,28 @@ def _with_password(url: str, password: str) -> str:
 
 
 @pytest.mark.processes
+def test_the_db_url_command_hides_the_password_unless_asked() -> None:
+    # Given a DATABASE_URL with a password in its userinfo and in its query string (db-url does not connect)
+    url = f"postgresql://nova:{DB_PASSWORD}@db.invalid:5432/nova?sslmode=require&password={DB_PASSWORD}"
+    env = {**os.environ, "DATABASE_URL": url, "NYLAS_API_KEY": API_KEY}
+
+    def db_url(*flags: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [NOVA_EMAIL, "db-url", *flags], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    # When it is printed plainly, and for a script that needs the password
+    plain, revealed = db_url(), db_url("--show-password")
+    # Then only the flag shows the password, and the log lines never do
+    assert plain.stdout.strip() == "postgresql://nova:***@db.invalid:5432/nova?sslmode=require&password=***"
+    assert DB_PASSWORD not in plain.stderr
+    assert revealed.stdout.strip() == url
+    assert DB_PASSWORD not in revealed.stderr
+
+
+@pytest.mark.processes
 def test_the_status_command_never_shows_a_secret(db_url: str, conn: psycopg.Connection[Any]) -> None:
     # Given a failed backfill and a dead letter to report, and settings full of secrets (trust auth ignores the
     # password, so the command really connects)
