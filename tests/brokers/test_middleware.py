@@ -1,10 +1,11 @@
-"""Dramatiq's own middleware, unchanged, on the PGMQ broker: time and age limits, callbacks, pipelines,
+"""Dramatiq's own middleware, unchanged, on the PGMQ broker: retry_when, time and age limits, callbacks, pipelines,
 groups, CurrentMessage, shutdown notifications and Prometheus."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,53 @@ from dramatiq.middleware import prometheus as dramatiq_prometheus
 from brokers import PGMQBroker
 
 from .conftest import wait_until
+
+
+def test_a_retry_when_predicate_decides_which_failures_are_retried(broker: PGMQBroker, worker: Worker) -> None:
+    # Given an actor that retries connection errors only, up to three times, whatever max_retries says
+    decisions: list[tuple[str, int, str]] = []
+    runs: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def transient_only(retries: int, exception: BaseException) -> bool:
+        with lock:
+            decisions.append((str(exception), retries, type(exception).__name__))
+        return isinstance(exception, ConnectionError) and retries < 3
+
+    @dramatiq.actor(queue_name="retry_when", max_retries=0, min_backoff=10, max_backoff=20, retry_when=transient_only)
+    def call(kind: str) -> None:
+        with lock:
+            runs[kind] += 1
+            attempt = runs[kind]
+        if kind == "recovers" and attempt < 3:
+            raise ConnectionError(kind)
+        if kind == "always_down":
+            raise ConnectionError(kind)
+        if kind == "bad_input":
+            raise ValueError(kind)
+
+    # When one call recovers on its third attempt, one never does, and one fails on bad input
+    for kind in ("recovers", "always_down", "bad_input"):
+        call.send(kind)
+    wait_until(lambda: broker.count_dead_letters("retry_when") == 2, what="two dead letters")
+    broker.join("retry_when", timeout=5_000)
+
+    # Then the predicate saw each failure with the retries so far (carried through the broker's re-enqueues)
+    assert sorted(decisions) == [
+        ("always_down", 0, "ConnectionError"),
+        ("always_down", 1, "ConnectionError"),
+        ("always_down", 2, "ConnectionError"),
+        ("always_down", 3, "ConnectionError"),
+        ("bad_input", 0, "ValueError"),
+        ("recovers", 0, "ConnectionError"),
+        ("recovers", 1, "ConnectionError"),
+    ]
+    # The recovered call ran until it succeeded; the others were dead-lettered once the predicate said no
+    assert runs == {"recovers": 3, "always_down": 4, "bad_input": 1}
+    letters = {letter.error_message: letter for letter in broker.dead_letters("retry_when")}
+    assert sorted(letters) == ["always_down", "bad_input"]
+    assert (letters["always_down"].error_type, letters["always_down"].attempts) == ("ConnectionError", 4)
+    assert (letters["bad_input"].error_type, letters["bad_input"].attempts) == ("ValueError", 1)
 
 
 def test_time_limited_actors_are_interrupted_and_dead_lettered(broker: PGMQBroker, worker: Worker) -> None:
