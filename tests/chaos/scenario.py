@@ -53,6 +53,13 @@ def queue_backfill(db_url: str, nylas: SimulatorHandle, grant_id: str) -> Backfi
     )
 
 
+def backfill_threads(db_url: str, config_id: uuid.UUID) -> int:
+    """How many threads the backfill discovered in its window (its queued_threads rows)."""
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("select count(*) from queued_threads where config_id = %s", [config_id]).fetchone()
+    return int(row[0]) if row else 0
+
+
 def worker_env(db_url: str, nylas: SimulatorHandle, **overrides: str) -> dict[str, str]:
     """The workers' environment: no pacing and no legacy delays unless overridden, quick polls and checks."""
     env = {

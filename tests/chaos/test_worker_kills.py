@@ -11,7 +11,7 @@ import pytest
 from nova_email.simulator.faults import FaultConfig
 from nova_email.simulator.server import start_in_thread
 from tests.chaos.fleet import Fleet
-from tests.chaos.scenario import backfill_status, queue_backfill, run_problems, worker_env
+from tests.chaos.scenario import backfill_status, backfill_threads, queue_backfill, run_problems, worker_env
 from tests.processes import wait_for
 
 GRANT = "grant-kills"
@@ -74,6 +74,7 @@ def test_twenty_kill_9s_during_a_backfill_lose_and_duplicate_nothing(db_url: str
         assert status_after_kills != "completed", f"the backfill finished before the 20th kill ({completed_s:.0f} s)"
         assert fleet.restarts >= KILLS - 2, fleet.restarts
         assert run_problems(db_url, nylas, backfill) == []
+        assert backfill_threads(db_url, backfill.config_id) >= 2000, "the issue asks for a 2,000+ thread backfill"
         log = fleet.log()
         assert log.count("exited unexpectedly") >= KILLS - 2
         print(
