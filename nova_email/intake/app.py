@@ -257,19 +257,24 @@ class _HealthResource:
 
 
 class _ReadyResource:
-    def __init__(self, *, pool: ConnectionPool, secret: str, timeout_s: float) -> None:
+    def __init__(self, *, pool: ConnectionPool, secret: str, timeout_s: float, db: _DatabaseState) -> None:
         self._pool = pool
         self._secret = secret
         self._timeout_s = timeout_s
+        self._db = db
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
             with self._pool.connection(timeout=self._timeout_s) as conn:
                 row = conn.execute(queries.READINESS).fetchone()
         except psycopg.Error as exc:
+            # A database error can name the host, port and user: log it (once per outage), never answer with it.
+            self._db.failed(exc)
             req.context.outcome = "not_ready"
-            _json(resp, 503, {"status": "not_ready", "database": False, "detail": f"database unavailable: {exc}"})
+            detail = "database unavailable; see the intake's log"
+            _json(resp, 503, {"status": "not_ready", "database": False, "detail": detail})
             return
+        self._db.succeeded()
         functions = bool(row and row[0] and row[1])
         document: dict[str, Any] = {
             "status": "ready" if functions else "not_ready",
@@ -323,9 +328,8 @@ def create_app(
         _WebhookResource(pool=pool, secret=secret, max_body_bytes=max_body_bytes, pool_timeout_s=pool_timeout_s, db=db),
     )
     app.add_route("/healthz", _HealthResource())
-    app.add_route(
-        "/readyz", _ReadyResource(pool=pool, secret=secret, timeout_s=min(pool_timeout_s, _READINESS_TIMEOUT_S))
-    )
+    readiness_timeout_s = min(pool_timeout_s, _READINESS_TIMEOUT_S)
+    app.add_route("/readyz", _ReadyResource(pool=pool, secret=secret, timeout_s=readiness_timeout_s, db=db))
     app.add_route("/metrics", _MetricsResource(metrics))
     app.add_error_handler(Exception, _log_unexpected)
     return app

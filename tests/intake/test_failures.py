@@ -3,6 +3,7 @@ Each case starts its own server (about a second each)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,23 +35,38 @@ def test_without_a_secret_the_challenge_is_answered_and_deliveries_get_503(db_ur
         assert conn.execute("select count(*) from flux_webhook_notifications").fetchone() == (0,)
 
 
-def test_without_a_database_deliveries_get_503_with_retry_after_and_the_server_stays_up(tmp_path: Path) -> None:
+def test_without_a_database_deliveries_get_503_with_retry_after_and_the_server_stays_up(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     # Port 1 on loopback refuses connections at once: an outage, not a slow network.
+    password = "pw-" + uuid.uuid4().hex
     settings = Settings(
-        database_url="postgresql://postgres@127.0.0.1:1/nowhere",
+        database_url=f"postgresql://nova_intake:{password}@127.0.0.1:1/nowhere",
         nylas_webhook_secret=SECRET,
         data_dir=tmp_path,
-        log_level="critical",
+        log_level="error",
     )
     with serve_in_background(settings, pool_timeout_s=0.3) as server, requests.Session() as http:
+        ready = http.get(f"{server.url}/readyz", timeout=10)
         deliveries = [post_signed(http, server, envelope(f"ntf_outage_{index}")) for index in range(3)]
         health = http.get(f"{server.url}/healthz", timeout=5)
-        ready = http.get(f"{server.url}/readyz", timeout=10)
+    log = capfd.readouterr().err  # the server's stderr: it inherits the test's file descriptors
 
     assert [answer.status_code for answer in deliveries] == [503, 503, 503]
     assert deliveries[0].headers["Retry-After"] == "5"
     assert health.status_code == 200
-    assert (ready.status_code, ready.json()["database"]) == (503, False)
+    # Any caller may ask /readyz: it says where to look, not where the database is or who logs in
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "status": "not_ready",
+        "database": False,
+        "detail": "database unavailable; see the intake's log",
+    }
+    for leak in ("127.0.0.1", "nova_intake", password, "nowhere"):
+        assert leak not in ready.text
+    # The log has the outage once, for /readyz and the deliveries together, and no password
+    assert log.count("Database unavailable") == 1, log
+    assert password not in log
 
 
 @pytest.fixture
