@@ -1,7 +1,8 @@
-"""Counts of Nylas API calls per (endpoint, status), for benchmarks and logs.
+"""Counts of Nylas API calls per (endpoint, status), for benchmarks, logs and the workers' Prometheus metrics.
 
 Every HTTP attempt is counted, including those urllib3 retried, so "API calls per 1,000 messages synced" includes
-the cost of faults. Status ``0`` means no HTTP answer (connection error or timeout).
+the cost of faults. Status ``0`` means no HTTP answer (connection error or timeout). Listeners added with
+``ApiCallCounter.add_listener`` see each attempt too (``nova_email.ops.metrics`` forwards them to Prometheus).
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-__all__ = ["NO_RESPONSE", "ApiCallCounter", "endpoint_of", "process_counter"]
+__all__ = ["NO_RESPONSE", "ApiCallCounter", "CallListener", "endpoint_of", "process_counter"]
+
+#: Called with ``(endpoint, status)`` for every attempt a counter records.
+CallListener = Callable[[str, int], None]
 
 #: Status recorded for an attempt that got no HTTP answer.
 NO_RESPONSE = 0
@@ -39,11 +44,24 @@ class ApiCallCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, int]] = Counter()
+        self._listeners: tuple[CallListener, ...] = ()
+
+    def add_listener(self, listener: CallListener) -> None:
+        """Call `listener(endpoint, status)` for every attempt recorded from now on; adding it twice does nothing.
+
+        Use it to export the counts elsewhere (a Prometheus counter) without the client knowing about it.
+        """
+        with self._lock:
+            if listener not in self._listeners:
+                self._listeners = (*self._listeners, listener)
 
     def record(self, endpoint: str, status: int) -> None:
-        """Count one HTTP attempt."""
+        """Count one HTTP attempt and tell the listeners."""
         with self._lock:
             self._counts[(endpoint, status)] += 1
+            listeners = self._listeners
+        for listener in listeners:
+            listener(endpoint, status)
 
     def snapshot(self) -> dict[tuple[str, int], int]:
         """A copy of the counts, safe to read while calls continue."""

@@ -7,7 +7,9 @@ server: one HTTP process per worker group (a Dramatiq "fork", started by the ``d
 the workers) serves the actor metrics together with gauges read from Postgres **on each scrape**: queue depth,
 delayed and in-flight messages, oldest message age and dead letters per queue, and thread counts, messages
 and percent complete per active backfill. A database outage turns ``nova_database_up`` to 0; the scrape
-still answers.
+still answers. Each worker process also counts its Nylas API calls, retried attempts included, as
+``nylas_api_calls_total{endpoint,status}`` (status 0: no HTTP answer), in the same multiprocess files, so the
+scrape adds up every process.
 
 Wiring: ``add_metrics(broker, settings)`` in ``nova_email.worker.build_broker``. Configuration: METRICS_PORT
 (unset: no metrics) and METRICS_HOST (default 127.0.0.1; 0.0.0.0 in containers). Each worker group on one
@@ -31,11 +33,13 @@ from dramatiq.middleware.prometheus import Prometheus
 from loguru import logger
 
 from ..config import Settings
+from ..nylas.metrics import ApiCallCounter, process_counter
 from . import queries
 from .progress import fetch_progress
 
 if TYPE_CHECKING:
     import dramatiq
+    from prometheus_client import Counter
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -46,6 +50,7 @@ __all__ = [
     "WorkerMetrics",
     "add_metrics",
     "build_registry",
+    "export_api_calls",
     "make_metrics_server",
     "remove_stale_counts",
     "serve_metrics",
@@ -169,12 +174,36 @@ def _enable_multiprocess(directory: Path) -> None:
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
+def export_api_calls(counter: ApiCallCounter, registry: CollectorRegistry | None = None) -> Counter:
+    """Count every attempt `counter` records from now on in the Prometheus counter ``nylas_api_calls_total``.
+
+    ``WorkerMetrics`` calls it in each worker process once multiprocess mode is on, so the counts land in the
+    group's shared files and the exposition process adds them up.
+    """
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import Counter as PrometheusCounter
+
+    calls = PrometheusCounter(
+        "nylas_api_calls",
+        "Nylas API calls by endpoint and HTTP status, retried attempts included (status 0: no answer).",
+        ["endpoint", "status"],
+        registry=registry if registry is not None else CollectorRegistry(),
+    )
+
+    def count(endpoint: str, status: int) -> None:
+        calls.labels(endpoint, str(status)).inc()
+
+    counter.add_listener(count)
+    return calls
+
+
 class WorkerMetrics(Prometheus):
     """Dramatiq's Prometheus middleware, counting into `options.directory` and served by `serve_metrics`."""
 
     def __init__(self, options: MetricsOptions) -> None:
         super().__init__()
         self.options = options
+        self._api_calls: Counter | None = None
 
     @property
     def forks(self) -> list[Callable[[], int]]:
@@ -190,6 +219,8 @@ class WorkerMetrics(Prometheus):
         # A process of an earlier run with the same pid (containers reuse pids) may have left live gauges.
         multiprocess.mark_process_dead(os.getpid(), str(self.options.directory))  # type: ignore[no-untyped-call]
         super().after_process_boot(broker)  # type: ignore[no-untyped-call]
+        if self._api_calls is None:
+            self._api_calls = export_api_calls(process_counter())
 
 
 def add_metrics(broker: dramatiq.Broker, settings: Settings) -> bool:

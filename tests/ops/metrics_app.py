@@ -1,4 +1,5 @@
-"""A worker app for the metrics test: the PGMQ broker with `add_metrics`, one actor that works, one that fails.
+"""A worker app for the metrics test: the PGMQ broker with `add_metrics`, one actor that works, one that fails,
+and one that asks Nylas (a simulator) for a thread.
 
 Run as ``dramatiq tests.ops.metrics_app`` with DATABASE_URL and METRICS_PORT set.
 """
@@ -9,6 +10,8 @@ import dramatiq
 
 from brokers import PGMQBroker
 from nova_email.config import load_settings
+from nova_email.nylas.client import NylasClient
+from nova_email.nylas.errors import NotFound
 from nova_email.ops.metrics import add_metrics
 
 QUEUE = "ops_metrics_test"
@@ -29,3 +32,15 @@ def tick(n: int) -> int:
 def explode() -> None:
     msg = "exploded on purpose"
     raise RuntimeError(msg)
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def fetch_thread(api_uri: str, grant_id: str, thread_id: str) -> None:
+    # The default counter, as the service's own client uses: the process's.
+    client = NylasClient(api_key="metrics-test", api_uri=api_uri, max_retries=0)
+    try:
+        client.get_thread(grant_id, thread_id)
+    except NotFound:
+        pass
+    finally:
+        client.close()

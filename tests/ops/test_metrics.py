@@ -1,5 +1,5 @@
-"""Worker metrics: the database gauges on a real database, and Dramatiq's actor metrics served next to them by a
-real ``dramatiq`` process group."""
+"""Worker metrics: the database gauges on a real database, the Nylas API call counts, and Dramatiq's actor metrics
+served next to them by a real ``dramatiq`` process group."""
 
 from __future__ import annotations
 
@@ -19,13 +19,17 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from psycopg.types.json import Jsonb
 
 from nova_email.config import load_settings
 from nova_email.errors import ConfigError
-from nova_email.ops.metrics import MetricsOptions, build_registry
+from nova_email.nylas.client import NylasClient
+from nova_email.nylas.errors import NotFound, ServerError
+from nova_email.nylas.metrics import ApiCallCounter
+from nova_email.ops.metrics import MetricsOptions, build_registry, export_api_calls
 from nova_email.ops.status import collect_status
+from nova_email.simulator.server import serve_in_thread, start_in_thread
 
 from .conftest import Inbox, make_dead_letter
 
@@ -100,6 +104,36 @@ def test_metrics_are_off_without_metrics_port_and_a_bad_port_names_the_variable(
         MetricsOptions.from_settings(load_settings(env_file=None))
 
 
+def test_every_nylas_api_attempt_is_counted_by_endpoint_and_status_in_prometheus() -> None:
+    # Given a client whose counter is exported to Prometheus (exporting twice must not count twice)
+    counter = ApiCallCounter()
+    registry = CollectorRegistry()
+    export_api_calls(counter, registry)
+    export_api_calls(counter, CollectorRegistry())
+    with serve_in_thread(seed=1, grants=["g"], threads_per_grant=2, large_body_share=0.0) as nylas:
+        thread_id = next(iter(nylas.simulator.grants["g"].threads))
+        client = NylasClient(api_key="k", api_uri=nylas.base_url, max_retries=1, counter=counter)
+        try:
+            # When one call succeeds, one finds nothing, and one meets a server error twice (its retry included)
+            client.get_thread("g", thread_id)
+            with pytest.raises(NotFound):
+                client.get_thread("g", "thr_gone")
+            nylas.faults.error_rate = 1.0
+            with pytest.raises(ServerError):
+                client.get_thread("g", thread_id)
+        finally:
+            client.close()
+
+    # Then each attempt is in nylas_api_calls_total, labelled as the client counted it
+    text = generate_latest(registry).decode()
+    calls = counter.snapshot()
+    assert calls[("threads.get", 200)] == 1
+    assert calls[("threads.get", 404)] == 1
+    assert sum(n for (_, status), n in calls.items() if status >= 500) == 2
+    for (endpoint, status), n in calls.items():
+        assert f'nylas_api_calls_total{{endpoint="{endpoint}",status="{status}"}} {float(n)}' in text
+
+
 def _dead_pid() -> int:
     """The pid of a process that has exited."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -133,7 +167,7 @@ def _get(url: str) -> str | None:
 
 @pytest.mark.processes
 @pytest.mark.slow
-def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
+def test_a_worker_group_serves_actor_metrics_api_calls_and_database_gauges_on_its_port(
     conn: psycopg.Connection, db_url: str, tmp_path: Path
 ) -> None:
     # Given a dramatiq process group (2 worker processes) with the metrics middleware on a free port
@@ -152,6 +186,8 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
         "METRICS_HOST": "127.0.0.1",
         "LOG_LEVEL": "info",
     }
+    nylas = start_in_thread(seed=2, grants=["g"], threads_per_grant=3, large_body_share=0.0)
+    thread_ids = list(nylas.simulator.grants["g"].threads)
     log_path = tmp_path / "workers.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -172,10 +208,21 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
         conn.execute(
             "select pgmq.send('ops_metrics_test', pgmq_broker.dramatiq_message('ops_metrics_test', 'explode'))"
         )
+        # and six Nylas calls, four of them for threads that exist, two for one that does not
+        for thread_id in [*thread_ids, thread_ids[0], "thr_gone", "thr_gone"]:
+            conn.execute(
+                "select pgmq.send('ops_metrics_test',"
+                " pgmq_broker.dramatiq_message('ops_metrics_test', 'fetch_thread', %s))",
+                [Jsonb([nylas.base_url, "g", thread_id])],
+            )
 
-        # Then the metrics port shows the actors' counts summed over both processes, and the queue gauges
+        # Then the metrics port shows the actors' and the API calls' counts summed over both processes, and the
+        # queue gauges
         expected = [
             'dramatiq_messages_total{actor_name="tick",queue_name="ops_metrics_test"} 5.0',
+            'dramatiq_messages_total{actor_name="fetch_thread",queue_name="ops_metrics_test"} 6.0',
+            'nylas_api_calls_total{endpoint="threads.get",status="200"} 4.0',
+            'nylas_api_calls_total{endpoint="threads.get",status="404"} 2.0',
             'dramatiq_message_errors_total{actor_name="explode",queue_name="ops_metrics_test"} 1.0',
             'nova_queue_dead_letters{queue="ops_metrics_test"} 1.0',
             'nova_queue_messages{queue="ops_metrics_test",state="ready"} 0.0',
@@ -203,6 +250,7 @@ def test_a_worker_group_serves_actor_metrics_and_database_gauges_on_its_port(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
+        nylas.stop()
         shutil.rmtree(counts_dir, ignore_errors=True)
     assert process.returncode == 0, log_path.read_text(errors="replace")[-3000:]
 
