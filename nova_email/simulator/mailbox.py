@@ -73,6 +73,11 @@ class SimMessage:
         """Whether the mailbox owner sent it (it then counts for latest_message_sent_date, not received)."""
         return "SENT" in self.folders
 
+    @property
+    def draft(self) -> bool:
+        """Whether it is an unsent draft (served as ``object: "draft"``, never by ``/messages``)."""
+        return "DRAFT" in self.folders
+
     def opening_and_body(self) -> tuple[str, str]:
         """(first paragraph, HTML body); regenerated from ``body_seed`` unless a mutation stored a body."""
         rng = random.Random(self.body_seed)
@@ -90,11 +95,15 @@ class SimMessage:
 
 @attrs.define(slots=True, kw_only=True)
 class SimThread:
-    """A thread: its messages in date order (oldest first)."""
+    """A thread: its messages in date order (oldest first), and unsent drafts (not messages: ``/messages`` skips them).
+
+    A thread of drafts only has no messages at all, the one way a thread with zero messages exists at Nylas.
+    """
 
     id: str
     grant_id: str
     messages: list[SimMessage] = attrs.field(factory=list)
+    drafts: list[SimMessage] = attrs.field(factory=list)
 
     @property
     def latest_received(self) -> int | None:
@@ -253,7 +262,7 @@ def _participants(pairs: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
 def message_json(message: SimMessage, *, with_body: bool = True) -> dict[str, Any]:
     """The message as Nylas returns it (docs b.5)."""
     data: dict[str, Any] = {
-        "object": "message",
+        "object": "draft" if message.draft else "message",
         "id": message.id,
         "grant_id": message.grant_id,
         "thread_id": message.thread_id,
@@ -278,30 +287,36 @@ def message_json(message: SimMessage, *, with_body: bool = True) -> dict[str, An
 
 
 def thread_json(thread: SimThread, *, with_latest_body: bool = True) -> dict[str, Any]:
-    """The thread as Nylas returns it (docs b.4), derived from its messages."""
+    """The thread as Nylas returns it (docs b.4), derived from its messages and drafts.
+
+    Dates and ``message_ids`` come from messages only; subject, snippet, participants, folders and
+    ``latest_draft_or_message`` from drafts too (unconfirmed: which fields Nylas derives from drafts).
+    """
     messages = thread.messages
+    # A stable sort on the date alone keeps the messages' own order, so a thread without drafts is unchanged.
+    items = sorted((*messages, *thread.drafts), key=lambda m: m.date)
     participants: dict[str, tuple[str, str]] = {}
     folders: dict[str, None] = {}
-    for m in messages:
+    for m in items:
         for name, email in (*m.from_, *m.to, *m.cc):
             participants.setdefault(email, (name, email))
         folders.update(dict.fromkeys(m.folders))
     sent_dates = [m.date for m in messages if m.sent]
-    latest = messages[-1] if messages else None
+    latest = items[-1] if items else None
     return {
         "object": "thread",
         "id": thread.id,
         "grant_id": thread.grant_id,
-        "subject": messages[0].subject if messages else "",
+        "subject": items[0].subject if items else "",
         "snippet": latest.snippet() if latest else "",
         "participants": _participants(participants.values()),
         "message_ids": [m.id for m in messages],
-        "draft_ids": [],
+        "draft_ids": [d.id for d in thread.drafts],
         "folders": list(folders),
         "unread": any(m.unread for m in messages),
-        "starred": any(m.starred for m in messages),
-        "has_attachments": any(m.attachments for m in messages),
-        "has_drafts": False,
+        "starred": any(m.starred for m in items),
+        "has_attachments": any(m.attachments for m in items),
+        "has_drafts": bool(thread.drafts),
         "earliest_message_date": messages[0].date if messages else None,
         "latest_message_received_date": thread.latest_received,
         "latest_message_sent_date": max(sent_dates) if sent_dates else None,

@@ -404,6 +404,51 @@ class Simulator:
             self._deliver(notes)
         return data
 
+    def add_draft(
+        self,
+        grant_id: str,
+        *,
+        thread_id: str | None = None,
+        subject: str | None = None,
+        body: str | None = None,
+        date: int | None = None,
+    ) -> dict[str, Any]:
+        """Save an unsent draft in ``thread_id``, or in a new thread, which then has no messages at all.
+
+        A draft shows in its thread's ``draft_ids``, ``has_drafts`` and ``latest_draft_or_message``, never in
+        ``/messages``. No webhook is emitted. Returns the draft JSON (``object: "draft"``).
+        """
+        with self._lock:
+            grant = self._grant(grant_id)
+            self._mutations += 1
+            rng = random.Random(f"{self.seed}:{grant_id}:mutation:{self._mutations}")
+            if thread_id is None:
+                thread = SimThread(id=f"thr_draft{self._mutations}_{uuid.uuid4().hex[:10]}", grant_id=grant_id)
+                grant.threads[thread.id] = thread
+            elif thread_id in grant.threads:
+                thread = grant.threads[thread_id]
+            else:
+                msg = f"unknown thread {thread_id!r} in grant {grant_id!r}"
+                raise KeyError(msg)
+            topic = thread.messages[0].subject if thread.messages else (subject or "Draft")
+            when = date if date is not None else int(time.time())
+            draft = build_message(
+                rng,
+                grant,
+                thread.id,
+                message_id=f"drf_new{self._mutations}_{uuid.uuid4().hex[:10]}",
+                subject=subject or (f"Re: {topic}" if thread.messages else topic),
+                sender=(grant.id, grant.email),
+                recipients=(rng.choice(grant.contacts),) if grant.contacts else (),
+                date=when,
+                anchor=max(self.anchor, when),
+            )
+            draft.body = body
+            draft.folders = ("DRAFT",)
+            thread.drafts.append(draft)
+            self._version += 1
+            return message_json(draft)
+
     def update_message(
         self,
         grant_id: str,
@@ -441,7 +486,7 @@ class Simulator:
         return self.update_message(grant_id, message_id, unread=False, emit=emit)
 
     def delete_message(self, grant_id: str, message_id: str, *, emit: bool = True) -> None:
-        """Delete a message (its thread too when it was the last one) and emit ``message.deleted``."""
+        """Delete a message (its thread too when nothing, not even a draft, is left) and emit ``message.deleted``."""
         with self._lock:
             grant = self._grant(grant_id)
             message = grant.messages.pop(message_id, None)
@@ -449,7 +494,7 @@ class Simulator:
                 return
             thread = grant.threads[message.thread_id]
             thread.messages.remove(message)
-            if not thread.messages:
+            if not thread.messages and not thread.drafts:
                 del grant.threads[thread.id]
             self._version += 1
             obj = {"object": "message", "id": message_id, "grant_id": grant_id, "thread_id": message.thread_id}

@@ -17,7 +17,9 @@ from tests.nova_email.conftest import GRANT
 
 
 def make_thread_of(nylas: SimulatorHandle, size: int) -> str:
-    """A thread with exactly `size` messages in the simulated mailbox."""
+    """A thread with exactly `size` messages in the simulated mailbox; of 0, a thread holding only a draft."""
+    if size == 0:
+        return str(nylas.simulator.add_draft(GRANT, subject="Thread of 0")["thread_id"])
     first = nylas.simulator.add_message(GRANT, subject=f"Thread of {size}", emit=False)
     for _ in range(size - 1):
         nylas.simulator.add_message(GRANT, thread_id=first["thread_id"], emit=False)
@@ -42,11 +44,11 @@ def queued_row(conn: psycopg.Connection, config_id: uuid.UUID, thread_id: str) -
     return tuple(row)
 
 
-@pytest.mark.parametrize("size", [1, 50, 300], ids=lambda n: f"{n}-messages")
+@pytest.mark.parametrize("size", [0, 1, 50, 300], ids=lambda n: f"{n}-messages")
 def test_a_thread_is_stored_with_every_message_and_every_field(
     conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID, size: int
 ) -> None:
-    # Given a thread of `size` messages (300 spans two pages of the message list)
+    # Given a thread of `size` messages (0: only a draft; 300 spans two pages of the message list)
     thread_id = make_thread_of(nylas, size)
     config_id = track(conn, inbox_id, thread_id)
     job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, grant_id=GRANT, config_id=config_id)
@@ -58,7 +60,17 @@ def test_a_thread_is_stored_with_every_message_and_every_field(
     assert result.outcome is ThreadSyncOutcome.SYNCED and result.messages == size
     export = nylas.export(GRANT)
     export["threads"] = [t for t in export["threads"] if t["id"] == thread_id]
+    if size == 0:
+        # With no received message, latest_message_received_date falls back to the draft's date, as in the original
+        drafts = nylas.simulator.grants[GRANT].threads[thread_id].drafts
+        export["threads"][0]["latest_message_received_date"] = drafts[-1].date
     assert mirror_differences(conn, inbox_id, export) == []
+    stored = conn.execute(
+        "select count(*) from flux_email_messages m join flux_email_threads t on t.id = m.thread_id"
+        " where t.nylas_thread_id = %s",
+        [thread_id],
+    ).fetchone()
+    assert stored == (size,)
     assert queued_row(conn, config_id, thread_id)[:2] == ("completed", size)
 
 

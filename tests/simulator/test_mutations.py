@@ -127,6 +127,36 @@ def test_deleting_a_message_makes_it_404_and_emits_message_deleted(
     assert recorder.types() == ["message.deleted"]
 
 
+def test_a_thread_of_drafts_only_has_no_messages_and_is_served_with_its_draft(
+    sim: SimulatorHandle, http: requests.Session, recorder: RecordingEmitter
+) -> None:
+    draft = sim.simulator.add_draft("grant-a", subject="Unsent thoughts")
+    thread_id = draft["thread_id"]
+
+    thread = api_get(sim, http, f"grant-a/threads/{thread_id}").json()["data"]
+    messages = api_get(sim, http, f"grant-a/messages?thread_id={thread_id}").json()["data"]
+
+    assert draft["object"] == "draft" and draft["folders"] == ["DRAFT"]
+    assert thread["message_ids"] == [] and messages == []
+    assert thread["draft_ids"] == [draft["id"]] and thread["has_drafts"] is True
+    assert thread["latest_draft_or_message"]["object"] == "draft" and thread["subject"] == "Unsent thoughts"
+    assert thread["earliest_message_date"] is None and thread["latest_message_received_date"] is None
+    assert api_get(sim, http, f"grant-a/messages/{draft['id']}").status_code == 404
+    assert recorder.types() == []
+
+
+def test_deleting_the_last_message_keeps_a_thread_that_still_has_a_draft(
+    sim: SimulatorHandle, http: requests.Session
+) -> None:
+    added = sim.simulator.add_message("grant-a", subject="Soon a draft only", emit=False)
+    sim.simulator.add_draft("grant-a", thread_id=added["thread_id"])
+
+    sim.simulator.delete_message("grant-a", added["id"], emit=False)
+
+    thread = api_get(sim, http, f"grant-a/threads/{added['thread_id']}").json()["data"]
+    assert thread["message_ids"] == [] and len(thread["draft_ids"]) == 1
+
+
 def test_duplicate_delivery_repeats_the_envelope_id_with_the_next_attempt(
     sim: SimulatorHandle, recorder: RecordingEmitter
 ) -> None:
