@@ -1,7 +1,8 @@
 """The module ``dramatiq tests.brokers.cli_app`` loads in the process tests: a PGMQBroker and a few actors.
 
 Settings come from the environment the test sets: BROKER_TEST_DATABASE_URL, BROKER_TEST_VT_S (visibility
-timeout), BROKER_TEST_SLEEP_S (how long `record_slowly` sleeps).
+timeout), BROKER_TEST_SLEEP_S (how long `record_slowly` sleeps). Each run writes a row with its key and the
+worker process's pid to public.broker_test_runs.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ URL = os.environ["BROKER_TEST_DATABASE_URL"]
 broker = PGMQBroker(url=URL, visibility_timeout_s=float(os.environ.get("BROKER_TEST_VT_S", "30")), poll_interval_ms=100)
 dramatiq.set_broker(broker)
 
-_INSERT = "insert into public.broker_test_runs (key) values (%s)"
+_INSERT = "insert into public.broker_test_runs (key, pid) values (%s, %s)"
 
 
 def _record(key: str) -> None:
     with broker._connection() as conn:
-        conn.execute(_INSERT, [key])
+        conn.execute(_INSERT, [key, os.getpid()])
 
 
 @dramatiq.actor(queue_name="cli_fast", max_retries=0)

@@ -25,12 +25,12 @@ from .proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Rows written by the actors of tests/brokers/cli_app.py (and by in-process test actors).
+#: Rows written by the actors of tests/brokers/cli_app.py: each run's key and the worker process (os.getpid()).
 RUNS_TABLE = """
 create table if not exists public.broker_test_runs (
     id bigint generated always as identity primary key,
     key text not null,
-    pid integer not null default pg_backend_pid(),
+    pid integer not null,
     ran_at timestamptz not null default clock_timestamp()
 )
 """

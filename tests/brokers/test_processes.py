@@ -96,14 +96,19 @@ def test_a_stopped_worker_finishes_its_job_and_requeues_the_rest_at_once(
 def test_two_processes_competing_for_10000_messages_run_each_exactly_once(
     broker: PGMQBroker, start_cli: StartCli, conn: psycopg.Connection
 ) -> None:
+    # Given 10,000 messages, and two worker processes started on them
     broker.enqueue_many([message("cli_fast", "record", f"m{i}") for i in range(10_000)])
     start_cli("--queues", "cli_fast", "--processes", "2", "--threads", "4")
 
+    # When they have drained the queue
     wait_until(lambda: len(runs(conn)) >= 10_000, timeout_s=120, what="10,000 runs")
     broker.join("cli_fast", timeout=10_000)
+
+    # Then each message ran exactly once, and both processes took part (pid is the worker's os.getpid())
     rows = conn.execute(
         "select count(*), count(distinct key), count(distinct pid) from public.broker_test_runs"
     ).fetchone()
     assert rows is not None
-    total, distinct, _ = rows
+    total, distinct, worker_pids = rows
     assert (total, distinct) == (10_000, 10_000)
+    assert worker_pids >= 2
