@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,6 +39,53 @@ def test_a_backfill_job_keeps_aware_dates() -> None:
         BackfillJob,
     )
     assert job.start_date == datetime(2025, 11, 29, 15, 18, 47, 123456, tzinfo=UTC)
+
+
+def backfill_payload(start: datetime, end: datetime) -> dict[str, Any]:
+    return {"inbox_id": INBOX, "config_id": CONFIG, "start_date": start.isoformat(), "end_date": end.isoformat()}
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        (datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC), "end_date .* is before start_date"),
+        (datetime(2024, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC), "longer than 365 days"),
+        (datetime(2025, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 3, tzinfo=UTC), "longer than 365 days"),
+    ],
+    ids=["inverted", "two-years", "365-days-and-3-hours"],
+)
+def test_a_backfill_window_that_queue_inbox_backfill_would_refuse_is_an_invalid_job(
+    start: datetime, end: datetime, expected: str
+) -> None:
+    # An inverted window would ask Nylas for threads after its "before" and finish with none, silently
+    with pytest.raises(InvalidJob, match=expected):
+        structure_job(backfill_payload(start, end), BackfillJob)
+
+
+@pytest.mark.parametrize("length", [timedelta(0), timedelta(days=365)], ids=["empty-window", "365-days"])
+def test_a_backfill_window_within_365_days_is_read(length: timedelta) -> None:
+    end = datetime(2026, 11, 29, 15, 18, 47, tzinfo=UTC)
+    job = structure_job(backfill_payload(end - length, end), BackfillJob)
+    assert job.end_date - job.start_date == length
+
+
+@pytest.mark.parametrize("time_zone", ["UTC", "America/New_York"])
+def test_every_window_queue_inbox_backfill_produces_is_a_valid_job(conn: psycopg.Connection, time_zone: str) -> None:
+    # Given a session time zone with daylight saving, where "365 days" is not 365 * 24 hours
+    conn.execute("select set_config('TimeZone', %s, false)", [time_zone])
+    inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('g-window') returning id").fetchone()
+    assert inbox is not None
+    # When the SQL producer caps a window at 365 days, ending just after New York left daylight saving time
+    row = conn.execute(
+        "select msg_id from queue_inbox_backfill(%s, null, '2024-01-01T00:00:00Z', '2026-11-01T17:00:00Z')", [inbox[0]]
+    ).fetchone()
+    assert row is not None
+    message = conn.execute("select message from pgmq.q_inbox_backfill_jobs where msg_id = %s", [row[0]]).fetchone()
+    assert message is not None
+
+    # Then the worker reads it as a job
+    job = structure_job(message[0], BackfillJob)
+    assert timedelta(days=364) < job.end_date - job.start_date < timedelta(days=366)
 
 
 @pytest.mark.parametrize(
