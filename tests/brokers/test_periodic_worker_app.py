@@ -3,7 +3,8 @@
 It holds no tests: pytest only imports it, and without PERIODIC_TEST_DATABASE_URL it declares nothing. In a worker
 process, the environment the test sets chooses PERIODIC_TEST_INTERVAL_MS (the tick interval), PERIODIC_TEST_TICK_MS
 (how long a tick works), PERIODIC_TEST_LEASE_MS and PERIODIC_TEST_HANG_FIRST (the first tick ever hangs for a
-minute, to be killed). Each tick writes a row to public.periodic_test_ticks.
+minute, to be killed). Each tick writes a row to public.periodic_test_ticks, and each process writes one to
+public.periodic_test_boots once its worker and scheduler have started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 
 import dramatiq
 import psycopg
-from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware import CurrentMessage, Middleware
 
 from brokers import PGMQBroker
 from brokers.periodic import SLOT_OPTION, PeriodicScheduler
@@ -30,10 +31,30 @@ create table if not exists public.periodic_test_ticks (
     finished_at timestamptz
 )
 """
+#: Created by the tests before the workers start.
+BOOTS_TABLE = """
+create table if not exists public.periodic_test_boots (
+    pid integer primary key,
+    booted_at timestamptz not null default clock_timestamp()
+)
+"""
+
+
+class _RecordBoot(Middleware):
+    """Records that this process is up; added before the scheduler so that its after hook runs after the scheduler's."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("insert into public.periodic_test_boots (pid) values (%s)", [os.getpid()])
+
 
 if URL is not None:
     broker = PGMQBroker(url=URL, poll_interval_ms=50)
     broker.add_middleware(CurrentMessage())
+    broker.add_middleware(_RecordBoot(URL))
     broker.add_middleware(
         PeriodicScheduler(poll_interval_ms=100, lease_ms=int(os.environ.get("PERIODIC_TEST_LEASE_MS", "3000")))
     )
