@@ -1,12 +1,15 @@
-"""The workers run under the least-privilege role ``nova_worker`` (sql/090_worker_role.sql) and still do all their work.
+"""The workers run under the least-privilege role ``nova_worker`` (sql/090_worker_role.sql, narrowed by
+sql/091_worker_role_narrow.sql) and still do all their work.
 
 A login role that holds nothing but ``nova_worker`` runs a whole backfill with live webhooks through real dramatiq
 processes; the result must equal the mailbox exactly. The same role must be refused everything the workers do not
-need: DDL, TRUNCATE, other schemas, creating roles or databases.
+need: DDL, TRUNCATE, deleting the service's rows, the broker's admin functions (flush, replay, purge), tables the
+owner creates later in public, other schemas, creating roles or databases.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,8 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
+from brokers import queries as broker_queries
+from nova_email.intake import queries as intake_queries
 from nova_email.simulator.server import start_in_thread
 from nova_email.simulator.webhooks import SqlIntakeEmitter
 from tests.chaos.scenario import backfill_status, queue_backfill, run_problems, worker_env
@@ -72,12 +77,57 @@ def test_the_worker_role_cannot_log_in_and_holds_no_power(conn: psycopg.Connecti
         "create role h9_forbidden",
         "delete from pgmq_broker.schema_migrations",
         "alter role nova_worker login",
+        # No worker deletes a row of the service's tables
+        "delete from flux_inboxes",
+        "delete from flux_email_messages",
+        "delete from flux_email_threads",
+        "delete from queued_threads",
+        "delete from flux_webhook_notifications",
+        # The broker's admin functions and tables are the owner's
+        "select pgmq_broker.flush('thread_sync_jobs')",
+        "select pgmq_broker.purge_archive('thread_sync_jobs', 0)",
+        "select pgmq_broker.replay_dead_letters(null, null, 10)",
+        "delete from pgmq_broker.dead_letters",
+        "select pgmq_broker.enable_notify('thread_sync_jobs')",
+        "select pgmq_broker.disable_notify('thread_sync_jobs')",
+        "update pgmq.meta set queue_name = queue_name",
+        "update pgmq.notify_insert_throttle set queue_name = queue_name",
     ],
 )
 def test_the_worker_role_is_refused_what_workers_do_not_need(worker_url: str, statement: str) -> None:
     with psycopg.connect(worker_url, autocommit=True) as conn:
         with pytest.raises((errors.InsufficientPrivilege, errors.DependentObjectsStillExist)):
             conn.execute(statement)
+
+
+def test_the_worker_role_cannot_reach_what_the_owner_creates_later_in_public(
+    worker_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # Given a table, a sequence and a function another application creates in public after the migrations
+    name = f"h9_later_{secrets.token_hex(4)}"
+    table, sequence, function = (sql.Identifier(name + suffix) for suffix in ("", "_seq", "_fn"))
+    conn.execute(sql.SQL("create table public.{} (id int)").format(table))
+    conn.execute(sql.SQL("create sequence public.{}").format(sequence))
+    conn.execute(sql.SQL("create function public.{}() returns int language sql as 'select 1'").format(function))
+    conn.execute(sql.SQL("revoke execute on function public.{}() from public").format(function))
+    try:
+        # Then the worker role can neither read nor write them, nor call the function
+        statements = [
+            sql.SQL("select * from public.{}").format(table),
+            sql.SQL("insert into public.{} values (1)").format(table),
+            sql.SQL("update public.{} set id = 2").format(table),
+            sql.SQL("delete from public.{}").format(table),
+            sql.SQL("select nextval('public.{}')").format(sequence),
+            sql.SQL("select public.{}()").format(function),
+        ]
+        with psycopg.connect(worker_url, autocommit=True) as worker:
+            for statement in statements:
+                with pytest.raises(errors.InsufficientPrivilege):
+                    worker.execute(statement)
+    finally:
+        conn.execute(sql.SQL("drop function public.{}()").format(function))
+        conn.execute(sql.SQL("drop sequence public.{}").format(sequence))
+        conn.execute(sql.SQL("drop table public.{}").format(table))
 
 
 def test_the_worker_role_may_use_the_queues_and_the_sql_api(worker_url: str, conn: psycopg.Connection[Any]) -> None:
@@ -87,6 +137,24 @@ def test_the_worker_role_may_use_the_queues_and_the_sql_api(worker_url: str, con
         read = worker.execute("select msg_id from flux_pgmq_read('thread_sync_jobs', 30, 1)").fetchone()
         assert read == msg_id
         assert worker.execute("select flux_pgmq_delete('thread_sync_jobs', %s)", [msg_id[0]]).fetchone() == (True,)
+        # The broker's first use of an existing queue in a process (pgmq.create is never reached)
+        worker.execute(broker_queries.CREATE_QUEUE, {"queue": "thread_sync_jobs"})
+        assert worker.execute(broker_queries.QUEUE_METRICS, {"queue": "thread_sync_jobs"}).fetchone() is not None
+
+
+def test_the_webhook_intake_works_under_the_worker_role(worker_url: str, conn: psycopg.Connection[Any]) -> None:
+    # `nova-email serve-webhooks` runs with the workers' DATABASE_URL: both of its SQL functions must work
+    payload = json.dumps({"id": "wh-least-privilege", "type": "message.created", "data": {"object": {"grant_id": "g"}}})
+    params = {"webhook_id": "wh-least-privilege", "notification_type": "message.created", "payload": payload}
+    with psycopg.connect(worker_url, autocommit=True) as worker:
+        first = worker.execute(intake_queries.QUEUE_WEBHOOK, params).fetchone()
+        again = worker.execute(intake_queries.QUEUE_WEBHOOK, params).fetchone()
+        rejected = worker.execute(intake_queries.RECORD_REJECTED, {"raw_body": "{", "error": "not JSON"}).fetchone()
+    assert first is not None and first[2] is False
+    assert again == (first[0], first[1], True)
+    assert rejected is not None
+    statuses = conn.execute("select status from flux_webhook_notifications order by status").fetchall()
+    assert statuses == [("pending",), ("rejected",)]
 
 
 @pytest.mark.slow
