@@ -415,6 +415,7 @@ class PGMQBroker(_Settlement, Broker):
         self, proxy: _PGMQMessageProxy, params: dict[str, Any], connection: psycopg.Connection[Any] | None
     ) -> None:
         lease = proxy._lease
+        lease.settling = True
         params = {**params, "old_queue": lease.queue_name, "old_msg_id": lease.msg_id}
         if connection is not None:
             row = connection.execute(queries.RESEND, params).fetchone()

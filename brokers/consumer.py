@@ -289,6 +289,7 @@ class _Settlement:
                 proxy._consumer._discharge(proxy)
                 self._release([proxy._lease], uncount=True, delay_ms=self.visibility_timeout_ms)
                 return
+            proxy._lease.settling = True
             state.add_ack(proxy._lease)
             proxy._consumer._discharge(proxy)
         # A consumer of the queue iterating in this process (maybe not the one that fetched the message, which
@@ -307,6 +308,7 @@ class _Settlement:
         attempts = int(proxy.options.get("retries", 0) or 0) + (0 if proxy.options.get("retries") else 1)
         reason = "unknown_actor" if isinstance(exc, ActorNotFound) else "failed"
         why = reason_from_exception(exc, attempts=max(attempts, 1), reason=reason)
+        proxy._lease.settling = True
         self._dead_letter_lease(proxy._lease, proxy.encode().decode("utf-8"), proxy.message_id, proxy.actor_name, why)
         proxy._settled = True
         self._keeper_forget([proxy._lease])

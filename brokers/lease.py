@@ -42,6 +42,9 @@ class Lease:
     token: datetime
     read_ct: int
     fetched_at: float = attrs.field(factory=time.monotonic)
+    #: Set before a settlement deletes the message (an ack, which stays leased until its deferred delete, a dead
+    #: letter, a retry's resend); the settlement forgets the lease only after the delete.
+    settling: bool = False
 
 
 class LeaseKeeper(BackgroundThread):
@@ -163,6 +166,9 @@ class LeaseKeeper(BackgroundThread):
             lost = [lease for lease in leases if lease.msg_id not in extended and self.is_tracked(lease)]
             if lost:
                 self.forget(lost)
+                # A settling lease's row is gone because its settlement deleted it, not because it was lost.
+                lost = [lease for lease in lost if not lease.settling]
+            if lost:
                 log.bind(event="lease_lost").warning(
                     "Lost the lease of {} messages of queue {!r} (settled or re-read elsewhere)",
                     len(lost),

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import dramatiq
 import psycopg
 import pytest
 from dramatiq import Worker
+from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.lease import Lease, LeaseKeeper
 
 from .conftest import wait_until
+
+
+@pytest.fixture
+def lost_lease_warnings() -> Iterator[list[str]]:
+    """The keeper's "Lost the lease" warnings logged during the test."""
+    lines: list[str] = []
+    sink = logger.add(
+        lambda m: lines.append(m.record["message"]),
+        level="WARNING",
+        filter=lambda record: record["extra"].get("event") == "lease_lost",
+    )
+    yield lines
+    logger.remove(sink)
 
 
 @pytest.mark.slow
@@ -46,7 +60,9 @@ def test_a_job_three_times_longer_than_the_visibility_timeout_runs_once(
     assert runs == {0: 1, 1: 1, 2: 1}
 
 
-def test_the_keeper_extends_held_leases_and_forgets_lost_ones(broker: PGMQBroker, conn: psycopg.Connection) -> None:
+def test_the_keeper_extends_held_leases_and_forgets_lost_ones(
+    broker: PGMQBroker, conn: psycopg.Connection, lost_lease_warnings: list[str]
+) -> None:
     conn.execute("select pgmq.create('leases')")
     conn.execute("select pgmq.send_batch('leases', array['{}'::jsonb, '{}'::jsonb])")
     rows = conn.execute("select msg_id, last_read_at, read_ct from pgmq.read('leases', 1, 2)").fetchall()
@@ -62,6 +78,51 @@ def test_the_keeper_extends_held_leases_and_forgets_lost_ones(broker: PGMQBroker
         "select extract(epoch from vt - clock_timestamp()) from pgmq.q_leases where msg_id = %s", [leases[0].msg_id]
     ).fetchone()[0]  # type: ignore[index]
     assert 50 < vt_in_s <= 60
+    assert lost_lease_warnings == ["Lost the lease of 1 messages of queue 'leases' (settled or re-read elsewhere)"]
+
+
+@pytest.mark.parametrize("settle", ["ack", "nack", "resend"])
+def test_a_heartbeat_between_a_settlements_delete_and_its_forget_reports_no_lost_lease(
+    broker: PGMQBroker, monkeypatch: pytest.MonkeyPatch, lost_lease_warnings: list[str], settle: str
+) -> None:
+    # Given a message this process holds, its lease tracked by the keeper
+    @dramatiq.actor(queue_name="settling", broker=broker)
+    def job() -> None: ...
+
+    job.send()
+    consumer = broker.consume("settling", prefetch=1, timeout=100)
+    message = next(consumer)
+    assert message is not None
+    keeper = broker._keeper
+    assert keeper is not None and keeper.tracked_count() == 1
+
+    # When a heartbeat runs after the settlement deleted the message and before it forgets the lease
+    heartbeats: list[int] = []
+    forget = keeper.forget
+
+    def heartbeat_then_forget(leases: Iterable[Lease]) -> None:
+        leases = list(leases)
+        if leases and not heartbeats:
+            heartbeats.append(-1)
+            heartbeats[0] = keeper.extend_all()
+        forget(leases)
+
+    monkeypatch.setattr(keeper, "forget", heartbeat_then_forget)
+    if settle == "ack":
+        consumer.ack(message)
+    elif settle == "nack":
+        message.fail()
+        consumer.nack(message)
+    else:
+        broker.enqueue(message)  # what Retries does: the new message replaces the delivery
+
+    # Then the heartbeat found the message gone and took it for the settlement, not for a lost lease
+    assert heartbeats == [0]
+    assert keeper.tracked_count() == 0
+    assert lost_lease_warnings == []
+    metrics = broker.metrics("settling")
+    assert (metrics.queued, metrics.dead_lettered) == {"ack": (0, 0), "nack": (0, 1), "resend": (1, 0)}[settle]
+    consumer.close()
 
 
 def test_the_keeper_gives_up_after_the_maximum_lease(broker: PGMQBroker, conn: psycopg.Connection) -> None:
