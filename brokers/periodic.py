@@ -99,6 +99,10 @@ class PeriodicScheduler(Middleware):
         the scheduler then opens its own small autocommit pool in each worker process (never shared across
         ``fork()``) and closes it at worker shutdown.
       pool: Or a pool you own (autocommit connections), used as is.
+      prepare_statements: Let psycopg prepare the hot statements on the pool built from ``conninfo`` (its default).
+        Turn it off behind a transaction-mode pooler (PgBouncer ``pool_mode = transaction``): its connections then
+        run with ``prepare_threshold=None``. The broker's pool follows the broker's own ``prepare_statements``, and
+        a pool passed in is configured by its owner.
       poll_interval_ms: How often each process claims due schedules and renews its leases. A tick is sent at most
         this long after its slot starts.
       lease_ms: How long a tick may go unrenewed before it is presumed lost; how long a killed worker can delay the
@@ -113,6 +117,7 @@ class PeriodicScheduler(Middleware):
         *,
         conninfo: str | None = None,
         pool: ConnectionPool[Any] | None = None,
+        prepare_statements: bool = True,
         poll_interval_ms: int = DEFAULT_POLL_INTERVAL_MS,
         lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
@@ -134,6 +139,7 @@ class PeriodicScheduler(Middleware):
         self._active: list[str] = []
         self._given_pool = pool
         self._conninfo = conninfo
+        self._prepare_statements = prepare_statements
         self._broker: PGMQBroker | None = None
         self._own_pool: ConnectionPool[Any] | None = None
         self._own_pool_pid = 0
@@ -315,8 +321,11 @@ class PeriodicScheduler(Middleware):
             # A pool inherited through fork() shares its sockets with the parent: never use or close it here.
             if self._own_pool is None or self._own_pool_pid != pid:
                 assert self._conninfo is not None
+                kwargs: dict[str, Any] = {"autocommit": True}
+                if not self._prepare_statements:
+                    kwargs["prepare_threshold"] = None
                 self._own_pool = ConnectionPool(
-                    self._conninfo, min_size=1, max_size=4, kwargs={"autocommit": True}, name="periodic", open=True
+                    self._conninfo, min_size=1, max_size=4, kwargs=kwargs, name="periodic", open=True
                 )
                 self._own_pool_pid = pid
             return self._own_pool

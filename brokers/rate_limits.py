@@ -90,6 +90,10 @@ class PostgresBackend(RateLimiterBackend):
       conninfo: Otherwise, a connection string: the backend then opens its own small autocommit pool on first use,
         re-creates it after a ``fork()`` (a pool is never shared between processes) and closes it in :meth:`close`.
       max_pool_size: Size of that own pool.
+      prepare_statements: Let psycopg prepare the hot statements on that own pool (its default). Turn it off behind
+        a transaction-mode pooler (PgBouncer ``pool_mode = transaction``), as for ``PGMQBroker``: its connections
+        then run with ``prepare_threshold=None``. A pool passed in is configured by its owner. (:meth:`wait` needs
+        LISTEN, which such a pooler does not carry either.)
       sweep_interval_ms: How often expired rows are deleted.
 
     Raises:
@@ -102,6 +106,7 @@ class PostgresBackend(RateLimiterBackend):
         pool: ConnectionPool[Any] | None = None,
         conninfo: str | None = None,
         max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
+        prepare_statements: bool = True,
         sweep_interval_ms: int = DEFAULT_SWEEP_INTERVAL_MS,
     ) -> None:
         if (pool is None) == (conninfo is None):
@@ -113,6 +118,7 @@ class PostgresBackend(RateLimiterBackend):
         self._given_pool = pool
         self._conninfo = conninfo
         self._max_pool_size = max_pool_size
+        self._prepare_statements = prepare_statements
         self._sweep_interval_s = sweep_interval_ms / 1000
         self._own_pool: ConnectionPool[Any] | None = None
         self._own_pool_pid = 0
@@ -214,11 +220,14 @@ class PostgresBackend(RateLimiterBackend):
             # A pool inherited through fork() shares its sockets with the parent: never use or close it here.
             if self._own_pool is None or self._own_pool_pid != pid:
                 assert self._conninfo is not None
+                kwargs: dict[str, Any] = {"autocommit": True}
+                if not self._prepare_statements:
+                    kwargs["prepare_threshold"] = None
                 self._own_pool = ConnectionPool(
                     self._conninfo,
                     min_size=1,
                     max_size=self._max_pool_size,
-                    kwargs={"autocommit": True},
+                    kwargs=kwargs,
                     name="rate-limits",
                     open=True,
                 )

@@ -19,7 +19,7 @@ from dramatiq import Worker
 from dramatiq.middleware import CurrentMessage
 
 from brokers import PGMQBroker
-from brokers.periodic import SCHEDULE_OPTION, SLOT_OPTION, PeriodicScheduler
+from brokers.periodic import _RENEW, SCHEDULE_OPTION, SLOT_OPTION, PeriodicScheduler
 
 from .test_periodic_worker_app import BOOTS_TABLE, TICKS_TABLE
 
@@ -56,6 +56,27 @@ def test_the_scheduler_takes_at_most_one_connection_source(db_url: str) -> None:
     pool: ConnectionPool[Any] = ConnectionPool(db_url, open=False)
     with pytest.raises(ValueError, match="at most one of conninfo= and pool="):
         PeriodicScheduler(conninfo=db_url, pool=pool)
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepare=on", "prepare=off"])
+def test_prepare_statements_false_keeps_the_schedulers_own_pool_free_of_prepared_statements(
+    db_url: str, prepare: bool
+) -> None:
+    # Given a scheduler with a pool of its own, as behind a transaction-mode pooler when prepare is off
+    scheduler = PeriodicScheduler(conninfo=db_url, prepare_statements=prepare)
+    pool = scheduler._pool()
+    try:
+        # When its connection renews leases more often than psycopg's prepare threshold
+        with pool.connection() as conn:
+            for _ in range(10):
+                conn.execute(_RENEW, {"names": ["none"], "tokens": [0]})
+            threshold = conn.prepare_threshold
+            row = conn.execute("select count(*) from pg_prepared_statements").fetchone()
+    finally:
+        pool.close()
+    # Then with prepare_statements=False nothing was prepared on the server (otherwise psycopg's default applies)
+    assert row is not None
+    assert (threshold, row[0] > 0) == ((5, True) if prepare else (None, False))
 
 
 def test_an_actor_becomes_periodic_by_option_or_by_registration(make_broker: Callable[..., PGMQBroker]) -> None:

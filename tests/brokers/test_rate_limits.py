@@ -129,6 +129,24 @@ def test_a_backend_needs_exactly_one_connection_source(db_url: str) -> None:
         PostgresBackend()
 
 
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepare=on", "prepare=off"])
+def test_prepare_statements_false_keeps_the_own_pool_free_of_prepared_statements(db_url: str, prepare: bool) -> None:
+    # Given a backend on a one-connection pool of its own, as behind a transaction-mode pooler when prepare is off
+    backend = PostgresBackend(conninfo=db_url, max_pool_size=1, prepare_statements=prepare)
+    try:
+        # When it runs the same statement more often than psycopg's prepare threshold
+        for _ in range(10):
+            backend.add("prepared", 1, 60_000)
+        with backend._pool().connection() as conn:
+            threshold = conn.prepare_threshold
+            row = conn.execute("select count(*) from pg_prepared_statements").fetchone()
+    finally:
+        backend.close()
+    # Then with prepare_statements=False nothing was prepared on the server (otherwise psycopg's default applies)
+    assert row is not None
+    assert (threshold, row[0] > 0) == ((5, True) if prepare else (None, False))
+
+
 # --- Dramatiq's rate limiters on this backend, under concurrency ---
 
 
