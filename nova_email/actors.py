@@ -76,9 +76,12 @@ def _give_up(
             job = structure_job(message.args[0] if message.args else None, cls)
         except InvalidJob:
             return  # an undecodable payload has no domain row; its dead letter says why
-        attempts = int(message.options.get("retries", 0))
+        if isinstance(exc, InvalidJob):
+            error = f"invalid job, not retried: {exc}"  # `throws`: the one attempt was not counted as a retry
+        else:
+            error = f"gave up after {int(message.options.get('retries', 0))} attempt(s): {type(exc).__name__}: {exc}"
         with db.connection(settings) as conn:
-            record(conn, job, f"gave up after {attempts} attempt(s): {type(exc).__name__}: {exc}")
+            record(conn, job, error)
 
     return hook
 

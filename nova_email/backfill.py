@@ -18,6 +18,7 @@ from loguru import logger
 from psycopg.types.json import Jsonb
 
 from . import queries
+from .errors import InvalidJob
 from .jobs import BackfillJob
 from .nylas.client import NylasClient
 from .nylas.errors import GrantExpired
@@ -49,7 +50,11 @@ class BackfillResult:
 
 def record_backfill_failure(conn: psycopg.Connection, job: BackfillJob, error: str) -> None:
     """Mark the run ``failed`` with the error; the checkpoint stays, so a retry or a new run resumes."""
-    conn.execute(queries.RECORD_BACKFILL_FAILURE, {"config_id": job.config_id, "error": error[:2000]})
+    try:
+        conn.execute(queries.RECORD_BACKFILL_FAILURE, {"config_id": job.config_id, "error": error[:2000]})
+    except psycopg.errors.NoDataFound:
+        # No configuration, no run to mark: the job's dead letter is the only record, and says why.
+        log.warning("Backfill of config {} failed, but the configuration does not exist: {}", job.config_id, error)
 
 
 def run_backfill(
@@ -58,14 +63,18 @@ def run_backfill(
     """List the inbox's threads in the job's window, record them, and start thread sync.
 
     Raises:
+        InvalidJob: the job names a configuration that does not exist (never made, or deleted with its inbox).
         RateLimited, ServerError, NylasConnectionError: transient; the checkpoint is saved, retry the job.
     """
     started = time.monotonic()
     params = {"config_id": job.config_id}
     row = conn.execute(queries.GET_CONFIG, params).fetchone()
     if row is None:
-        log.warning("Backfill job for config {} ignored: the configuration no longer exists", job.config_id)
-        return BackfillResult(config_id=str(job.config_id), outcome="config_missing")
+        msg = (
+            f"Backfill job names configuration {job.config_id}, which does not exist (never created, or deleted "
+            "with its inbox); queue backfills with queue_inbox_backfill"
+        )
+        raise InvalidJob(msg)
     if row[0] in _FINISHED:
         log.info("Backfill job for config {} ignored: the run already reached {}", job.config_id, row[0])
         return BackfillResult(config_id=str(job.config_id), outcome="already_done")

@@ -7,7 +7,9 @@ so ``message.created.truncated`` and friends follow ``message.created``. An even
 mirror does not hold yet pulls in the whole thread. Events that cannot apply (an unhandled type, an
 unknown grant, an object gone at Nylas, an ``auth_expired`` inbox) end ``ignored`` with the reason.
 
-Every attempt is recorded on the audit row through ``acknowledge_webhook_notification``.
+Every attempt is recorded on the audit row through ``acknowledge_webhook_notification``. A job with
+no audit row (not made by ``queue_nylas_webhook_notification``) is an ``InvalidJob``: its outcome
+could be recorded nowhere, so it is dead-lettered with the reason instead of being applied unseen.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import psycopg
 from loguru import logger
 
 from . import queries
+from .errors import InvalidJob
 from .jobs import WebhookJob
 from .nylas.client import NylasClient
 from .nylas.errors import GrantExpired, NotFound
@@ -213,10 +216,11 @@ def _apply(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> No
 
 def _acknowledge(
     conn: psycopg.Connection, job: WebhookJob, status: str, *, error: str | None = None, duration_ms: int | None = None
-) -> None:
+) -> bool:
+    """Record `status` on the job's audit row; False when there is no such row (or it was rejected)."""
     if job.notification_id is None:
-        return
-    conn.execute(
+        return False
+    row = conn.execute(
         queries.ACKNOWLEDGE_WEBHOOK,
         {
             "notification_id": job.notification_id,
@@ -225,18 +229,37 @@ def _acknowledge(
             "duration_ms": duration_ms,
             "attempts": None,
         },
-    )
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _require_audit_row(conn: psycopg.Connection, job: WebhookJob) -> None:
+    """Start the attempt on the audit row; a job without one could never show its outcome, so it is refused."""
+    if job.notification_id is None:
+        msg = (
+            f"Webhook job {job.webhook_id!r} ({job.notification_type}) has no notification_id, so no audit row "
+            "would record its outcome; enqueue webhooks with queue_nylas_webhook_notification, which writes both"
+        )
+        raise InvalidJob(msg)
+    if not _acknowledge(conn, job, "processing"):
+        msg = (
+            f"Webhook job names notification {job.notification_id}, which has no audit row in "
+            "flux_webhook_notifications (or a rejected one); enqueue webhooks with queue_nylas_webhook_notification"
+        )
+        raise InvalidJob(msg)
 
 
 def process_webhook(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> WebhookResult:
     """Apply one webhook event and record the attempt on its audit row.
 
     Raises:
+        InvalidJob: the job has no audit row to record on (it did not come from
+            ``queue_nylas_webhook_notification``); nothing is applied.
         RateLimited, ServerError, NylasConnectionError, psycopg.Error: transient; the attempt is recorded as
             ``error`` and the job should be retried.
     """
     started = time.monotonic()
-    _acknowledge(conn, job, "processing")
+    _require_audit_row(conn, job)
     try:
         _apply(conn, client, job)
     except _Ignored as exc:

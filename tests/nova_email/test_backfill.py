@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 
 from nova_email import backfill
+from nova_email.errors import InvalidJob
 from nova_email.jobs import BackfillJob, ThreadSyncJob, structure_job
 from nova_email.nylas.client import NylasClient
 from nova_email.nylas.errors import ServerError
@@ -173,6 +175,21 @@ def test_a_job_delivered_again_after_the_hand_over_does_nothing(
     again = backfill.run_backfill(conn, client, job)
     assert again.outcome == "already_done"
     assert len(thread_jobs(conn)) == sent
+
+
+def test_a_job_for_an_unknown_configuration_is_an_invalid_job_and_calls_nothing(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a job whose configuration is gone (deleted with its inbox, or never made by queue_inbox_backfill)
+    orphan = attrs.evolve(job, config_id=uuid.uuid4())
+
+    # When it runs, it is refused with the reason (the actor dead-letters it) before any API call
+    with pytest.raises(InvalidJob, match=f"configuration {orphan.config_id}, which does not exist"):
+        backfill.run_backfill(conn, client, orphan)
+    assert sum(client.counter.snapshot().values()) == 0
+
+    # And recording its failure (the give-up hook does) finds no run to mark, without raising
+    backfill.record_backfill_failure(conn, orphan, "invalid job, not retried: configuration does not exist")
 
 
 def test_threads_already_stored_and_current_are_skipped(

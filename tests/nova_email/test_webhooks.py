@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from nova_email import thread_sync, webhooks
+from nova_email.errors import InvalidJob
 from nova_email.jobs import ThreadSyncJob, WebhookJob, structure_job
 from nova_email.nylas.client import NylasClient
 from nova_email.nylas.errors import ServerError
@@ -574,6 +575,39 @@ def test_giving_up_records_the_error_text_on_the_audit_row(conn: psycopg.Connect
     row = audit(conn, job)
     assert (row["status"], row["error_message"]) == ("error", "gave up after 3 attempt(s): ServerError: 503")
     assert row["processed_at"] is not None
+
+
+@pytest.mark.parametrize(
+    "notification_id",
+    [None, uuid.UUID("00000000-0000-4000-8000-000000000001"), "rejected"],
+    ids=["no-notification-id", "unknown-notification-id", "rejected-notification"],
+)
+def test_a_job_without_an_audit_row_is_an_invalid_job_and_changes_nothing(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID, notification_id: Any
+) -> None:
+    # Given a webhook job that did not come from queue_nylas_webhook_notification: its outcome has nowhere to go
+    if notification_id == "rejected":
+        row = conn.execute("select record_rejected_webhook('{}', 'bad signature')").fetchone()
+        assert row is not None
+        notification_id = row[0]
+    data = nylas.simulator.add_message(GRANT)
+    note = last_emitted(nylas, "message.created")
+    job = WebhookJob(
+        notification_id=notification_id,
+        webhook_id=note.id,
+        notification_type=note.type,
+        grant_id=GRANT,
+        payload=note.payload,
+    )
+
+    audit_rows = "select id, status, attempts, error_message from flux_webhook_notifications order by id"
+    before = conn.execute(audit_rows).fetchall()
+
+    # When it is processed, it is refused with the way to enqueue it properly, and nothing is applied
+    with pytest.raises(InvalidJob, match="enqueue webhooks with queue_nylas_webhook_notification"):
+        webhooks.process_webhook(conn, client, job)
+    assert stored_message(conn, data["id"]) is None and api_calls(client) == 0
+    assert conn.execute(audit_rows).fetchall() == before
 
 
 # -- arbitrary bodies ------------------------------------------------------------------------------------------------
