@@ -116,9 +116,11 @@ class _Outage:
                 self.since = time.monotonic()
                 log.bind(event="database_lost").warning("Lost the database, retrying with backoff: {}", exc)
 
-    def recovered(self) -> None:
+    def recovered(self, started_at: float) -> None:
+        """Log the end of the outage, if a call that `started_at` (monotonic) after it began succeeded."""
         with self._lock:
-            if self.since is not None:
+            # A call already under way when the server went down may still finish; that proves nothing.
+            if self.since is not None and started_at > self.since:
                 log.bind(event="database_recovered").info(
                     "Database reachable again after {:.1f} s", time.monotonic() - self.since
                 )
@@ -245,17 +247,19 @@ class PGMQBroker(_Settlement, Broker):
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled autocommit connection; connection failures become :class:`DatabaseUnavailable`."""
         pool = self._get_pool()
+        started_at = time.monotonic()
         try:
             with pool.connection() as conn:
                 yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self._unavailable(exc, pool) from exc
         if self._outage.since is not None:
-            self._outage.recovered()
+            self._outage.recovered(started_at)
 
     def _execute(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
         """Run one statement on a pooled connection and return its rows: the hot path, without context managers."""
         pool = self._get_pool()
+        started_at = time.monotonic()
         try:
             conn = pool.getconn()
             try:
@@ -266,7 +270,7 @@ class PGMQBroker(_Settlement, Broker):
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self._unavailable(exc, pool) from exc
         if self._outage.since is not None:
-            self._outage.recovered()
+            self._outage.recovered(started_at)
         return rows
 
     def _unavailable(self, exc: BaseException, pool: ConnectionPool) -> DatabaseUnavailable:

@@ -14,6 +14,7 @@ from dramatiq.errors import ConnectionClosed
 from loguru import logger
 
 from brokers import DatabaseUnavailable, PGMQBroker
+from brokers.broker import _Outage
 
 from .conftest import wait_until
 from .proxy import TCPProxy
@@ -174,3 +175,25 @@ def _enqueues(broker: PGMQBroker, n: int) -> bool:
     except DatabaseUnavailable:
         return False
     return True
+
+
+def test_a_call_already_under_way_when_the_database_went_away_does_not_end_the_outage(
+    broker_logs: list[str],
+) -> None:
+    # Given an outage noticed by one call while another, started before it, is still running
+    outage = _Outage()
+    started_before = time.monotonic()
+    outage.lost(ConnectionError("terminating connection due to administrator command"))
+
+    # When that older call succeeds (its backend answered before the server went down), then a newer one does
+    outage.recovered(started_before)
+    still_down = outage.since is not None
+    outage.recovered(time.monotonic())
+
+    # Then only the newer call ends the outage: one line for the loss, one for the recovery
+    assert still_down
+    assert outage.since is None
+    assert [line.split(",")[0].split(" after")[0] for line in broker_logs] == [
+        "Lost the database",
+        "Database reachable again",
+    ]
