@@ -6,6 +6,11 @@ costs no round trip of its own while the worker is busy. An idle consumer waits 
 an acknowledgement that frees prefetch room, the next delayed message's due time, or the poll interval,
 whichever comes first, and returns ``None`` by its timeout so that the worker can notice a shutdown.
 
+A consumer rides out a database outage by itself: a fetch that fails keeps its acknowledgements for the next one
+and waits with a growing pause, still returning ``None`` by its timeout, instead of raising ``ConnectionClosed``
+to Dramatiq's consumer thread (which would log a critical line and rebuild the consumer every few seconds). The
+broker logs the outage once when it starts and once when it ends.
+
 Dramatiq calls ``ack``/``nack`` from worker threads while the consumer thread iterates, so everything shared is
 guarded by a lock or an :class:`threading.Event`. How a delivery ends (ack, nack, requeue, release, a retry's
 resend) lives here too, in the ``_Settlement`` mixin of the broker, with the per-queue state the consumers of
@@ -34,6 +39,7 @@ from . import dead_letters as _dead_letters
 from . import queries
 from .dead_letters import DeadLetterReason, reason_from_exception
 from .envelope import Undecodable, decode_body
+from .errors import DatabaseUnavailable
 from .lease import Lease, LeaseKeeper
 
 if TYPE_CHECKING:
@@ -48,6 +54,11 @@ __all__: list[str] = []
 KEEP_ON_ACK_OPTION = "pgmq_keep_on_ack"
 #: The shortest idle wait, in seconds: stops a consumer from spinning on a visible message another reader holds.
 MIN_IDLE_WAIT_S = 0.005
+#: First pause, in seconds, of a consumer whose fetch failed because the database is unavailable; doubled on each
+#: further failure.
+OUTAGE_MIN_BACKOFF_S = 0.5
+#: Longest pause, in seconds, between two fetch attempts of a consumer during a database outage.
+OUTAGE_MAX_BACKOFF_S = 5.0
 
 
 class _PGMQMessageProxy(MessageProxy):
@@ -80,6 +91,8 @@ class _PGMQConsumer(Consumer):
         self._wakeup = threading.Event()
         self._busy = False
         self._closed = False
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
         self._state.consumers.add(self)
         broker._start_consuming(queue_name)
 
@@ -131,18 +144,34 @@ class _PGMQConsumer(Consumer):
         while True:
             if self._buffer:
                 return self._buffer.popleft()
+            now = time.monotonic()
+            if now < self._retry_at:
+                # Backing off in an outage: notifications and acks wait for the next attempt. Never past the
+                # deadline, so that the worker still notices a shutdown.
+                time.sleep(max(0.0, min(self._retry_at, deadline) - now))
+                if self._retry_at > deadline:
+                    return None
+                continue
             # Cleared before looking, so a notification or ack that lands after the fetch still wakes the wait.
             self._wakeup.clear()
             room = self.prefetch - self.outstanding_count
             acks = self._state.take_acks()
             wait_s = deadline - time.monotonic()
-            if room > 0 or acks:
-                rows = self._broker._fetch(self._state, acks, max(room, 0))
-                if rows:
-                    self._accept(rows)
-                    continue
-                if room > 0:
-                    wait_s = min(wait_s, self._broker._idle_wait_s(self.queue_name))
+            try:
+                if room > 0 or acks:
+                    rows = self._broker._fetch(self._state, acks, max(room, 0))
+                    if rows:
+                        self._accept(rows)
+                        self._backoff_s = 0.0
+                        continue
+                    if room > 0:
+                        wait_s = min(wait_s, self._broker._idle_wait_s(self.queue_name))
+            except DatabaseUnavailable:
+                # _fetch put the acks back; the broker logged the outage (once).
+                self._backoff_s = min(max(self._backoff_s * 2, OUTAGE_MIN_BACKOFF_S), OUTAGE_MAX_BACKOFF_S)
+                self._retry_at = time.monotonic() + self._backoff_s
+                continue
+            self._backoff_s = 0.0
             woke = self._wakeup.wait(max(0.0, wait_s))
             if not woke and time.monotonic() >= deadline:
                 return None

@@ -7,7 +7,8 @@
           └── DatabaseUnavailable   the database cannot be reached (also dramatiq's ConnectionClosed)
 
 ``DatabaseUnavailable`` subclasses :class:`dramatiq.errors.ConnectionClosed` so that Dramatiq's worker treats a
-database outage as it treats a lost RabbitMQ or Redis connection: it restarts the consumer instead of dying.
+database outage as it treats a lost RabbitMQ or Redis connection: it retries a failed ack or nack instead of
+dying. (The broker's consumer does not raise it: it waits for the database by itself.)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class InvalidQueueName(PGMQBrokerError, ValueError):
 class DatabaseUnavailable(PGMQBrokerError, ConnectionClosed):
     """The database could not be reached or the connection broke; the broker retries with backoff.
 
-    Raised from enqueue, consume, ack and nack. Dramatiq's worker restarts its consumer on it; other callers
-    may retry the call once the database is back. The psycopg error is the ``__cause__``.
+    Raised from enqueue, consume, ack and nack; iterating a consumer backs off and returns ``None`` instead.
+    Dramatiq's worker retries an ack or nack on it; other callers may retry the call once the database is back.
+    The psycopg error is the ``__cause__``.
     """

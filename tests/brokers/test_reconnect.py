@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import dramatiq
 import pytest
 from dramatiq import Worker
+from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.errors import ConnectionClosed
 from loguru import logger
 
@@ -91,6 +92,55 @@ def _settles(consumer: object, settle: str, message: object) -> bool:
     except DatabaseUnavailable:
         return False
     return True
+
+
+def test_a_consumer_rides_out_an_outage_and_deletes_its_acks_once_the_database_is_back(
+    make_broker: Callable[..., PGMQBroker], proxy: TCPProxy, broker_logs: list[str]
+) -> None:
+    # Given a consumer holding the first of two messages, through a connection about to be dropped
+    broker = make_broker(url=proxy.url_through, pool_timeout_s=0.5)
+
+    @dramatiq.actor(queue_name="ride_out")
+    def job() -> None:
+        pass
+
+    job.send()
+    job.send()
+    consumer = broker.consume("ride_out", prefetch=1, timeout=100)
+    first = next(consumer)
+    assert first is not None
+
+    # When the database goes away as the message is acknowledged (the ack waits for the next fetch), and the
+    # worker keeps iterating the consumer
+    proxy.stop()
+    with pytest.raises(DatabaseUnavailable):
+        consumer.ack(first)
+    for _ in range(3):
+        asked_at = time.monotonic()
+        # Then each iteration returns nothing instead of raising, soon enough for the worker to notice a shutdown
+        assert next(consumer) is None
+        assert time.monotonic() - asked_at < 1.5
+
+    # And once the database is back, the consumer delivers the second message and has deleted the first
+    proxy.start()
+    second = _next_message(consumer, timeout_s=10)
+    assert second.message_id != first.message_id
+    metrics = broker.metrics("ride_out")
+    assert (metrics.queued, metrics.in_flight) == (0, 1)
+    consumer.ack(second)
+    consumer.close()
+    assert broker.metrics("ride_out").in_flight == 0
+    assert sum("Lost the database" in line for line in broker_logs) == 1
+    assert sum("Database reachable again" in line for line in broker_logs) == 1
+
+
+def _next_message(consumer: Consumer, *, timeout_s: float) -> MessageProxy:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        message = next(consumer)
+        if message is not None:
+            return message
+    raise AssertionError(f"no message within {timeout_s} s")
 
 
 @pytest.mark.slow
