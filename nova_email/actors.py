@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import dramatiq
 import psycopg
+from dramatiq.middleware import CurrentMessage
 
 from brokers import RetryAfter
 
@@ -86,6 +87,12 @@ def _give_up(
     return hook
 
 
+def _attempt() -> int | None:
+    """This run's attempt number (1 for the first); a rate-limit deferral does not advance it."""
+    message = CurrentMessage.get_current_message()
+    return None if message is None else int(message.options.get("retries", 0)) + 1
+
+
 @contextmanager
 def _deferred_on_rate_limit() -> Iterator[None]:
     """A Nylas 429 (or the shared pacing being full) re-runs the job after Retry-After, without using an attempt."""
@@ -110,7 +117,7 @@ def process_webhook(payload: dict[str, Any]) -> None:
     """Apply one Nylas webhook event (message.created/updated, thread.replied, grant.expired)."""
     job = structure_job(payload, WebhookJob)
     with db.connection(settings) as conn, _deferred_on_rate_limit():
-        webhooks.process_webhook(conn, nylas_client(settings), job)
+        webhooks.process_webhook(conn, nylas_client(settings), job, attempt=_attempt())
 
 
 # -- backfill (3 attempts, checkpoint kept) --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from . import queries
 from .errors import InvalidJob
 from .jobs import WebhookJob
 from .nylas.client import NylasClient
-from .nylas.errors import GrantExpired, NotFound
+from .nylas.errors import GrantExpired, NotFound, RateLimited
 from .nylas.models import Message
 from .sync import upsert_thread_with_messages
 from .thread_sync import mark_grant_expired
@@ -215,9 +215,15 @@ def _apply(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> No
 
 
 def _acknowledge(
-    conn: psycopg.Connection, job: WebhookJob, status: str, *, error: str | None = None, duration_ms: int | None = None
+    conn: psycopg.Connection,
+    job: WebhookJob,
+    status: str,
+    *,
+    error: str | None = None,
+    duration_ms: int | None = None,
+    attempts: int | None = None,
 ) -> bool:
-    """Record `status` on the job's audit row; False when there is no such row (or it was rejected)."""
+    """Record `status` (and `attempts`, when given) on the job's audit row; False when there is no such row."""
     if job.notification_id is None:
         return False
     row = conn.execute(
@@ -227,13 +233,13 @@ def _acknowledge(
             "status": status,
             "error": error,
             "duration_ms": duration_ms,
-            "attempts": None,
+            "attempts": attempts,
         },
     ).fetchone()
     return bool(row and row[0])
 
 
-def _require_audit_row(conn: psycopg.Connection, job: WebhookJob) -> None:
+def _require_audit_row(conn: psycopg.Connection, job: WebhookJob, attempt: int | None) -> None:
     """Start the attempt on the audit row; a job without one could never show its outcome, so it is refused."""
     if job.notification_id is None:
         msg = (
@@ -241,7 +247,7 @@ def _require_audit_row(conn: psycopg.Connection, job: WebhookJob) -> None:
             "would record its outcome; enqueue webhooks with queue_nylas_webhook_notification, which writes both"
         )
         raise InvalidJob(msg)
-    if not _acknowledge(conn, job, "processing"):
+    if not _acknowledge(conn, job, "processing", attempts=attempt):
         msg = (
             f"Webhook job names notification {job.notification_id}, which has no audit row in "
             "flux_webhook_notifications (or a rejected one); enqueue webhooks with queue_nylas_webhook_notification"
@@ -249,17 +255,26 @@ def _require_audit_row(conn: psycopg.Connection, job: WebhookJob) -> None:
         raise InvalidJob(msg)
 
 
-def process_webhook(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> WebhookResult:
+def process_webhook(
+    conn: psycopg.Connection, client: NylasClient, job: WebhookJob, *, attempt: int | None = None
+) -> WebhookResult:
     """Apply one webhook event and record the attempt on its audit row.
+
+    Parameters:
+        attempt: which attempt this run is (1 for the first), recorded as the row's ``attempts``. Pass it from
+            the job's retry count: a run deferred by a rate limit then leaves ``attempts`` as before. Without it,
+            every run, deferred or not, counts one more.
 
     Raises:
         InvalidJob: the job has no audit row to record on (it did not come from
             ``queue_nylas_webhook_notification``); nothing is applied.
-        RateLimited, ServerError, NylasConnectionError, psycopg.Error: transient; the attempt is recorded as
-            ``error`` and the job should be retried.
+        RateLimited: too early, not failed: re-run the job after ``retry_after_ms`` without counting an attempt.
+            The audit row stays ``processing`` with a note, its ``attempts`` back to ``attempt - 1``.
+        ServerError, NylasConnectionError, psycopg.Error: transient; the attempt is recorded as ``error`` and the
+            job should be retried.
     """
     started = time.monotonic()
-    _require_audit_row(conn, job)
+    _require_audit_row(conn, job, attempt)
     try:
         _apply(conn, client, job)
     except _Ignored as exc:
@@ -267,6 +282,14 @@ def process_webhook(conn: psycopg.Connection, client: NylasClient, job: WebhookJ
         _acknowledge(conn, job, "ignored", error=str(exc), duration_ms=duration_ms)
         log.info("Ignored {} {}: {}", job.notification_type, job.webhook_id, exc)
         return WebhookResult(outcome=WebhookOutcome.IGNORED, reason=str(exc), duration_ms=duration_ms)
+    except RateLimited as exc:
+        # Not an error and not an attempt: the run gives its number back (acknowledge's status list has no
+        # "waiting" state to return to, so the row stays processing, with the note saying until when).
+        note = f"deferred by a rate limit, not an attempt; runs again in {exc.retry_after_ms} ms: {exc}"
+        given_back = None if attempt is None else attempt - 1
+        _acknowledge(conn, job, "processing", error=note[:2000], attempts=given_back)
+        log.info("Deferred {} {}: {}", job.notification_type, job.webhook_id, exc)
+        raise
     except Exception as exc:
         record_webhook_error(conn, job, f"{type(exc).__name__}: {exc}", started=started)
         raise

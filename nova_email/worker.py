@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Middleware, Retries
+from dramatiq.middleware import CurrentMessage, Middleware, Retries
 
 from brokers import PGMQBroker
 from brokers.consumer import KEEP_ON_ACK_OPTION
@@ -77,6 +77,7 @@ def build_broker(settings: Settings) -> PGMQBroker:
         prepare_statements=not settings.database_transaction_pooler,
     )
     use_rate_limit_retries(broker)
+    broker.add_middleware(CurrentMessage())  # lets an actor read its attempt number (retries + 1)
     broker.add_middleware(PeriodicScheduler())
     # Dramatiq runs after_* hooks in reverse order: placed before Retries, the hook runs after Retries marked the
     # message failed (appended last, it ran first and never saw a failed message).

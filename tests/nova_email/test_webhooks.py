@@ -24,7 +24,7 @@ from nova_email import thread_sync, webhooks
 from nova_email.errors import InvalidJob
 from nova_email.jobs import ThreadSyncJob, WebhookJob, structure_job
 from nova_email.nylas.client import NylasClient
-from nova_email.nylas.errors import ServerError
+from nova_email.nylas.errors import RateLimited, ServerError
 from nova_email.nylas.metrics import ApiCallCounter
 from nova_email.nylas.models import Thread
 from nova_email.simulator import webhooks as sim_webhooks
@@ -96,8 +96,10 @@ def api_calls(client: NylasClient) -> int:
     return sum(client.counter.snapshot().values())
 
 
-def processed(conn: psycopg.Connection, client: NylasClient, job: WebhookJob) -> webhooks.WebhookResult:
-    result = webhooks.process_webhook(conn, client, job)
+def processed(
+    conn: psycopg.Connection, client: NylasClient, job: WebhookJob, *, attempt: int | None = None
+) -> webhooks.WebhookResult:
+    result = webhooks.process_webhook(conn, client, job, attempt=attempt)
     assert result.outcome is WebhookOutcome.PROCESSED, result.reason
     return result
 
@@ -563,6 +565,37 @@ def test_a_transient_failure_is_recorded_as_error_and_the_retry_succeeds(
         processed(conn, client, job)
     finally:
         client.close()
+    row = audit(conn, job)
+    assert (row["status"], row["attempts"], row["error_message"]) == ("processed", 2, None)
+    assert stored_message(conn, data["id"]) is not None
+
+
+def test_a_rate_limited_run_is_deferred_without_using_an_attempt_or_showing_error(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    # Given a webhook whose first attempt failed, and whose grant is now over its Nylas rate limit (429s)
+    data = nylas.simulator.add_message(GRANT, thread_id=any_thread(nylas))
+    job = deliver(conn, last_emitted(nylas, "message.created"))
+    nylas.faults.error_rate = 1.0
+    with pytest.raises(ServerError):
+        webhooks.process_webhook(conn, client, job, attempt=1)
+    nylas.faults.error_rate = 0.0
+    nylas.faults.rate_limit_per_s, nylas.faults.rate_limit_burst = 0.001, 0
+
+    # When the second attempt runs into the limit twice (the actor re-runs it after Retry-After; Dramatiq's retry
+    # count, and so `attempt`, stays the same)
+    for _ in range(2):
+        with pytest.raises(RateLimited):
+            webhooks.process_webhook(conn, client, job, attempt=2)
+
+        # Then the audit row is not 'error', says why it waits, and still counts only the one real attempt
+        row = audit(conn, job)
+        assert (row["status"], row["attempts"]) == ("processing", 1)
+        assert row["error_message"].startswith("deferred by a rate limit, not an attempt; runs again in")
+
+    # And once the limit is lifted, the second attempt is the second one counted
+    nylas.faults.rate_limit_per_s = None
+    processed(conn, client, job, attempt=2)
     row = audit(conn, job)
     assert (row["status"], row["attempts"], row["error_message"]) == ("processed", 2, None)
     assert stored_message(conn, data["id"]) is not None

@@ -1,0 +1,106 @@
+"""What only a running worker does, through real ``dramatiq nova_email.actors`` processes and the Nylas simulator.
+
+The processors' tests call them directly. Here: Dramatiq's retries with each actor's ``max_retries`` (3 webhook,
+3 backfill, 5 thread attempts), the give-up hook that leaves each domain row terminal before the job is
+dead-lettered, rate-limit deferrals that use no attempt, and TESTING_MODE keeping processed webhooks on their queue.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from nova_email.simulator.server import SimulatorHandle, start_in_thread
+from tests.chaos.scenario import worker_env
+from tests.processes import Workers, running_workers, wait_for
+
+GRANT = "grant-workers"
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.fixture
+def nylas() -> Iterator[SimulatorHandle]:
+    handle = start_in_thread(seed=23, grants=[GRANT], threads_per_grant=5, large_body_share=0.0)
+    yield handle
+    handle.stop()
+
+
+def make_inbox(conn: psycopg.Connection, grant_id: str) -> uuid.UUID:
+    row = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [grant_id]).fetchone()
+    assert row is not None
+    inbox_id: uuid.UUID = row[0]
+    return inbox_id
+
+
+def queue_new_message_webhook(conn: psycopg.Connection, nylas: SimulatorHandle) -> tuple[uuid.UUID, str]:
+    """A new message in the mailbox, its message.created webhook queued through the SQL intake."""
+    data = nylas.simulator.add_message(GRANT, thread_id=sorted(nylas.simulator.grants[GRANT].threads)[0])
+    note = next(n for n in reversed(nylas.simulator.emitted) if n.type == "message.created")
+    row = conn.execute(
+        "select notification_id from queue_nylas_webhook_notification(%s, %s, %s, %s)",
+        [note.id, note.type, note.grant_id, Jsonb(note.payload)],
+    ).fetchone()
+    assert row is not None
+    return row[0], str(data["id"])
+
+
+def audit_row(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            "select status, attempts, error_message, processed_at, processing_duration_ms, msg_id"
+            " from flux_webhook_notifications where id = %s",
+            [notification_id],
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+def dead_letters(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+    """The dead letters by queue (one job each in these tests)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "select queue_name, reason, error_type, error_message, attempts from pgmq_broker.dead_letters"
+        ).fetchall()
+    return {row["queue_name"]: row for row in rows}
+
+
+def start_workers(db_url: str, nylas: SimulatorHandle, tmp_path: Path, **env: str) -> AbstractContextManager[Workers]:
+    return running_workers(worker_env(db_url, nylas, POLL_INTERVAL_MS="100", **env), tmp_path / "workers.log")
+
+
+def test_a_rate_limited_webhook_waits_without_using_an_attempt(
+    db_url: str, conn: psycopg.Connection, nylas: SimulatorHandle, tmp_path: Path
+) -> None:
+    # Given a webhook whose grant is over its Nylas rate limit: every call answers 429 with Retry-After: 1
+    make_inbox(conn, GRANT)
+    notification_id, message_id = queue_new_message_webhook(conn, nylas)
+    nylas.faults.rate_limit_per_s, nylas.faults.rate_limit_burst = 1.0, 0
+
+    def rate_limited_calls() -> int:
+        return sum(n for (_, status), n in nylas.simulator.calls.snapshot().items() if status == 429)
+
+    with start_workers(db_url, nylas, tmp_path) as workers:
+        # When the worker has been told to wait three times (more than the webhook's 3 attempts would allow)
+        wait_for(lambda: rate_limited_calls() >= 3, timeout_s=20, what=f"3 deferrals; log:\n{workers.log()[-3000:]}")
+
+        # Then meanwhile the audit row is not 'error' and counts no finished attempt
+        audit = audit_row(conn, notification_id)
+        assert audit["status"] == "processing" and audit["attempts"] <= 1
+        assert audit["error_message"].startswith("deferred by a rate limit, not an attempt")
+
+        # And once the limit is lifted, the webhook is processed on its first attempt
+        nylas.faults.rate_limit_per_s = None
+        wait_for(lambda: audit_row(conn, notification_id)["status"] == "processed", timeout_s=20, what="processed")
+    audit = audit_row(conn, notification_id)
+    assert (audit["attempts"], audit["error_message"]) == (1, None)
+    stored = conn.execute("select count(*) from flux_email_messages where nylas_message_id = %s", [message_id])
+    assert stored.fetchone() == (1,) and dead_letters(conn) == {}
