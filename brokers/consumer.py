@@ -43,7 +43,7 @@ from .errors import DatabaseUnavailable
 from .lease import Lease, LeaseKeeper
 
 if TYPE_CHECKING:
-    from .broker import PGMQBroker
+    from .broker import PGMQBroker, _Outage
 
 log = logger.bind(component="PGMQBroker")
 
@@ -244,6 +244,7 @@ class _Settlement:
 
     if TYPE_CHECKING:
         _keeper: LeaseKeeper | None
+        _outage: _Outage
         _handlers: dict[str, str]
         max_deliveries: int
         archive_on_ack: bool
@@ -304,11 +305,17 @@ class _Settlement:
                 proxy._resend_pending = False
                 self._keeper_forget([proxy._lease])
                 proxy._consumer._discharge(proxy)
-                log.warning(
-                    "Re-enqueueing message {} failed; its original delivery will run again",
-                    proxy.message_id,
+                # In an outage the broker has logged it once already; one line per message would be noise.
+                level = "DEBUG" if self._outage.since is not None else "WARNING"
+                log.log(
+                    level, "Re-enqueueing message {} failed; its original delivery will run again", proxy.message_id
                 )
-                self._release([proxy._lease], uncount=False)
+                try:
+                    self._release([proxy._lease], uncount=False)
+                except DatabaseUnavailable:
+                    # Not raised to the worker, which would retry the ack every 5 s: nothing holds the lease any
+                    # more, so the original comes back by itself once it lapses.
+                    log.debug("Message {} will run again once its lease lapses", proxy.message_id)
                 return
             if proxy.options.get(KEEP_ON_ACK_OPTION):
                 # Processed but kept: stop extending the lease and leave the message where it is, so it comes

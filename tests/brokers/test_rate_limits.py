@@ -15,9 +15,12 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Retries, TimeLimit
 from dramatiq.rate_limits import Barrier, BucketRateLimiter, ConcurrentRateLimiter, WindowRateLimiter
+from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate_limit_retries
+
+from .proxy import TCPProxy
 
 
 @pytest.fixture
@@ -442,3 +445,61 @@ def test_an_exception_carrying_retry_after_ms_is_deferred_by_that_long_without_u
     assert all(0.29 <= gap < 1.5 for gap in gaps), gaps
     assert runs[-1][1].get("retries", 0) == 0 and runs[-1][1]["rate_limited"] == 2
     assert stub_broker.dead_letters == []
+
+
+@pytest.fixture
+def log_records() -> Iterator[list[tuple[str, str]]]:
+    """(level, message) of every loguru record, debug included."""
+    records: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: records.append((m.record["level"].name, m.record["message"])), level="DEBUG")
+    yield records
+    logger.remove(sink)
+
+
+@pytest.mark.parametrize(
+    "exception",
+    [RetryAfter("429", retry_after_ms=0), ValueError("failed")],
+    ids=["rate-limited", "failed"],
+)
+def test_a_retry_lost_to_a_database_outage_is_one_log_line_and_the_original_runs_again(
+    make_broker: Callable[..., PGMQBroker],
+    proxy: TCPProxy,
+    log_records: list[tuple[str, str]],
+    caplog: pytest.LogCaptureFixture,
+    exception: Exception,
+) -> None:
+    # Given a message leased through a connection about to be dropped, on a broker with RateLimitRetries
+    broker = make_broker(url=proxy.url_through, pool_timeout_s=0.5, visibility_timeout_s=1)
+    use_rate_limit_retries(broker, RateLimitRetries(min_backoff=10))
+
+    @dramatiq.actor(broker=broker, queue_name="retry_down", max_retries=3)
+    def job() -> None:
+        pass
+
+    job.send()
+    consumer = broker.consume("retry_down", prefetch=1, timeout=100)
+    message = next(consumer)
+    assert message is not None
+
+    # When the database goes away as the worker retries the message, then acknowledges it, as Dramatiq does
+    proxy.stop()
+    broker.emit_after("process_message", message, exception=exception)
+    consumer.ack(message)
+    proxy.start()
+
+    # Then one line says what happens, no middleware failure is logged, and the original delivery runs again
+    # once its lease lapses
+    (line,) = [m for _, m in log_records if "re-enqueue" in m]
+    assert line.startswith(f"Could not re-enqueue message {message.message_id} (The database is unavailable")
+    assert line.endswith("it runs again once its lease lapses")
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert "CRITICAL" not in {level for level, _ in log_records}
+    again = None
+    deadline = time.monotonic() + 10
+    while again is None and time.monotonic() < deadline:
+        again = next(consumer)
+    assert again is not None
+    assert (again.message_id, again.pgmq_msg_id) == (message.message_id, message.pgmq_msg_id)  # type: ignore[attr-defined]
+    consumer.ack(again)
+    consumer.close()
+    assert broker.metrics("retry_down").in_flight == 0
