@@ -25,7 +25,9 @@ class FaultConfig:
         rate_limit_per_s: per-grant requests per second before 429s (``None``: no limit). Nylas allows 200.
         rate_limit_burst: requests a rested grant may send at once.
         retry_after: send ``Retry-After`` (whole seconds) with 429s; ``False`` models providers that omit it.
-        error_rate: share of API requests answered with a random 500/502/503/504.
+        error_rate: share of API requests answered with a random status of ``error_statuses``.
+        error_statuses: the 5xx statuses ``error_rate`` picks from (default 500/502/503/504). One the client does
+            not retry inside a call, e.g. ``(501,)``, makes every attempt of a job fail at once.
         reset_rate: share of API requests whose connection is reset without an answer.
         latency_ms: added to every API request; ``latency_jitter_ms`` adds a uniform random part.
         changing_pages_rate: chance, on each thread-list page after the first, that a listed thread gains a new
@@ -42,6 +44,7 @@ class FaultConfig:
     rate_limit_burst: int = 1
     retry_after: bool = True
     error_rate: float = 0.0
+    error_statuses: tuple[int, ...] = (500, 502, 503, 504)
     reset_rate: float = 0.0
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
@@ -104,7 +107,7 @@ class FaultInjector:
             return Fault("reset")
         if self.roll(config.error_rate):
             with self._lock:
-                status = self._rng.choice((500, 502, 503, 504))
+                status = self._rng.choice(tuple(config.error_statuses))
             return Fault("error", status)
         return None
 

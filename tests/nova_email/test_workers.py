@@ -23,13 +23,15 @@ from tests.chaos.scenario import worker_env
 from tests.processes import Workers, running_workers, wait_for
 
 GRANT = "grant-workers"
+#: A second mailbox, for a backfill (an inbox has one configuration, and the first one's tracks a thread).
+BACKFILL_GRANT = "grant-workers-backfill"
 
 pytestmark = pytest.mark.processes
 
 
 @pytest.fixture
 def nylas() -> Iterator[SimulatorHandle]:
-    handle = start_in_thread(seed=23, grants=[GRANT], threads_per_grant=5, large_body_share=0.0)
+    handle = start_in_thread(seed=23, grants=[GRANT, BACKFILL_GRANT], threads_per_grant=5, large_body_share=0.0)
     yield handle
     handle.stop()
 
@@ -53,6 +55,15 @@ def queue_new_message_webhook(conn: psycopg.Connection, nylas: SimulatorHandle) 
     return row[0], str(data["id"])
 
 
+def queue_tracked_thread(conn: psycopg.Connection, inbox_id: uuid.UUID, thread_id: str) -> uuid.UUID:
+    """A thread job whose queued_threads row a configuration tracks, as a backfill's fan-out leaves it."""
+    row = conn.execute("insert into flux_inbox_configurations (inbox_id) values (%s) returning id", [inbox_id])
+    config_id: uuid.UUID = row.fetchone()[0]  # type: ignore[index]
+    conn.execute("select insert_queued_thread_idempotent(%s, %s, %s, %s)", [config_id, inbox_id, thread_id, GRANT])
+    conn.execute("select queue_thread_sync(%s, %s, %s, %s)", [thread_id, GRANT, inbox_id, config_id])
+    return config_id
+
+
 def audit_row(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict[str, Any]:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
@@ -73,8 +84,71 @@ def dead_letters(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
     return {row["queue_name"]: row for row in rows}
 
 
+def api_calls(nylas: SimulatorHandle, endpoint: str) -> int:
+    return sum(n for (name, _), n in nylas.simulator.calls.snapshot().items() if name == endpoint)
+
+
 def start_workers(db_url: str, nylas: SimulatorHandle, tmp_path: Path, **env: str) -> AbstractContextManager[Workers]:
     return running_workers(worker_env(db_url, nylas, POLL_INTERVAL_MS="100", **env), tmp_path / "workers.log")
+
+
+@pytest.mark.slow
+def test_after_the_last_attempt_each_row_is_terminal_and_the_job_dead_lettered_with_its_reason(
+    db_url: str, conn: psycopg.Connection, nylas: SimulatorHandle, tmp_path: Path
+) -> None:
+    # Given a webhook, a tracked thread and a backfill, while every Nylas call fails with a 5xx (a 501, which the
+    # client does not retry inside a call, so each attempt fails at once and only Dramatiq's retries remain)
+    inbox_id = make_inbox(conn, GRANT)
+    notification_id, _ = queue_new_message_webhook(conn, nylas)
+    thread_id = sorted(nylas.simulator.grants[GRANT].threads)[1]
+    config_id = queue_tracked_thread(conn, inbox_id, thread_id)
+    backfill_inbox = make_inbox(conn, BACKFILL_GRANT)
+    backfill_config = conn.execute("select config_id from queue_inbox_backfill(%s)", [backfill_inbox]).fetchone()
+    assert backfill_config is not None
+    nylas.faults.error_rate, nylas.faults.error_statuses = 1.0, (501,)
+
+    # When the workers have run every job until they gave up
+    with start_workers(db_url, nylas, tmp_path) as workers:
+        wait_for(
+            lambda: len(dead_letters(conn)) == 3,
+            timeout_s=60,
+            interval_s=0.2,
+            what=f"three dead letters; log:\n{workers.log()[-3000:]}",
+        )
+
+    # Then Nylas was asked exactly 3 / 5 / 3 times
+    assert api_calls(nylas, "messages.get") == 3
+    assert api_calls(nylas, "threads.get") == 5
+    assert api_calls(nylas, "threads.list") == 3
+
+    # And the webhook's audit row ended 'error' after 3 attempts, with the give-up reason
+    audit = audit_row(conn, notification_id)
+    assert (audit["status"], audit["attempts"]) == ("error", 3)
+    assert audit["error_message"].startswith("gave up after 3 attempt(s): ServerError: Nylas failed on")
+    assert audit["processed_at"] is not None
+
+    # And the tracked thread ended 'failed' after 5 attempts, so its backfill can still complete
+    thread = conn.execute(
+        "select status, attempts, error_message from queued_threads where config_id = %s", [config_id]
+    ).fetchone()
+    assert thread is not None and thread[:2] == ("failed", 5)
+    assert thread[2].startswith("gave up after 5 attempt(s): ServerError:")
+
+    # And the backfill ended 'failed', its error kept in its progress
+    backfill = conn.execute(
+        "select backfill_status, backfill_progress ->> 'error' from flux_inbox_configurations where id = %s",
+        [backfill_config[0]],
+    ).fetchone()
+    assert backfill is not None and backfill[0] == "failed"
+    assert backfill[1].startswith("gave up after 3 attempt(s): ServerError:")
+
+    # And each job was dead-lettered as failed, with the error and the attempts it had
+    letters = dead_letters(conn)
+    expected = {"nylas_webhook_notifications": 3, "thread_sync_jobs": 5, "inbox_backfill_jobs": 3}
+    for queue, attempts in expected.items():
+        letter = letters[queue]
+        assert (letter["reason"], letter["error_type"], letter["attempts"]) == ("failed", "ServerError", attempts)
+        assert "Nylas failed on" in letter["error_message"]
 
 
 def test_a_rate_limited_webhook_waits_without_using_an_attempt(

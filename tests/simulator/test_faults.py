@@ -50,6 +50,16 @@ def test_error_rate_answers_5xx_with_the_error_envelope(sim: SimulatorHandle, ht
     assert sum(n for (_, status), n in sim.simulator.calls.snapshot().items() if status >= 500) == 8
 
 
+def test_error_statuses_choose_what_error_rate_answers(sim: SimulatorHandle, http: requests.Session) -> None:
+    # A 501 is a server error the service's client does not retry inside a call; over the control API too
+    http.post(f"{sim.base_url}/_sim/faults", json={"error_rate": 1.0, "error_statuses": [501]})
+
+    responses = [http.get(threads_url(sim)) for _ in range(4)]
+
+    assert [r.status_code for r in responses] == [501] * 4
+    assert all(r.json()["error"]["type"] == "provider_error" for r in responses)
+
+
 def test_reset_rate_drops_connections_without_an_answer(sim: SimulatorHandle, http: requests.Session) -> None:
     sim.faults.reset_rate = 1.0
 
