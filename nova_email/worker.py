@@ -55,7 +55,11 @@ class GiveUpHook(Middleware):
 class TestingMode(Middleware):
     """TESTING_MODE: webhook jobs are processed but stay on their queue (the original service's dry run).
 
-    The broker leaves a message marked so in place on ack; it becomes visible again after the visibility timeout.
+    The broker leaves a message marked so in place on ack; it becomes visible again after the visibility timeout
+    and is processed again, without end. Unlike the original, which left the audit row at ``processing``, each run
+    records its outcome: the row shows the latest run (``processed`` or ``ignored``, its ``processed_at`` and
+    duration) with ``attempts`` 1, since a kept message coming back is not a retry. The event itself is applied
+    each time (idempotently), so the mirror is written too.
     """
 
     def __init__(self, queues: set[str]) -> None:

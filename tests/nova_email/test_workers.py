@@ -178,3 +178,38 @@ def test_a_rate_limited_webhook_waits_without_using_an_attempt(
     assert (audit["attempts"], audit["error_message"]) == (1, None)
     stored = conn.execute("select count(*) from flux_email_messages where nylas_message_id = %s", [message_id])
     assert stored.fetchone() == (1,) and dead_letters(conn) == {}
+
+
+def test_testing_mode_processes_a_webhook_but_leaves_it_on_its_queue(
+    db_url: str, conn: psycopg.Connection, nylas: SimulatorHandle, tmp_path: Path
+) -> None:
+    # Given workers in TESTING_MODE (the original's dry run) with a one-second visibility timeout, and a webhook
+    make_inbox(conn, GRANT)
+    notification_id, message_id = queue_new_message_webhook(conn, nylas)
+    msg_id = audit_row(conn, notification_id)["msg_id"]
+
+    def kept() -> bool:
+        row = conn.execute("select count(*) from pgmq.q_nylas_webhook_notifications where msg_id = %s", [msg_id])
+        return row.fetchone() == (1,)
+
+    with start_workers(db_url, nylas, tmp_path, TESTING_MODE="true", VISIBILITY_TIMEOUT="1"):
+        # When it has been processed, and processed again after it came back
+        wait_for(lambda: audit_row(conn, notification_id)["status"] == "processed", timeout_s=20, what="processed")
+        first_run = audit_row(conn, notification_id)["processed_at"]
+        wait_for(
+            lambda: audit_row(conn, notification_id)["processed_at"] != first_run,
+            timeout_s=20,
+            what="a second run of the kept message",
+        )
+
+        # Then the message is still on its queue, under the same msg_id, as the original left it
+        assert kept()
+
+    # And the audit row shows the latest run: 'processed', stamped, the same single attempt each time (a kept
+    # message's redelivery is not a retry); the original left it at 'processing'. The message itself is applied.
+    audit = audit_row(conn, notification_id)
+    assert (audit["status"], audit["attempts"], audit["error_message"]) == ("processed", 1, None)
+    assert audit["processed_at"] > first_run and audit["processing_duration_ms"] is not None
+    assert kept() and dead_letters(conn) == {}
+    stored = conn.execute("select count(*) from flux_email_messages where nylas_message_id = %s", [message_id])
+    assert stored.fetchone() == (1,)
