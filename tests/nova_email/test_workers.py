@@ -151,6 +151,31 @@ def test_after_the_last_attempt_each_row_is_terminal_and_the_job_dead_lettered_w
         assert "Nylas failed on" in letter["error_message"]
 
 
+def test_an_invalid_thread_job_fails_its_tracked_thread_at_once_with_the_reason(
+    db_url: str, conn: psycopg.Connection, nylas: SimulatorHandle, tmp_path: Path
+) -> None:
+    # Given a tracked thread whose job names an inbox that does not exist (a broken producer)
+    inbox_id = make_inbox(conn, GRANT)
+    thread_id = sorted(nylas.simulator.grants[GRANT].threads)[0]
+    row = conn.execute("insert into flux_inbox_configurations (inbox_id) values (%s) returning id", [inbox_id])
+    config_id: uuid.UUID = row.fetchone()[0]  # type: ignore[index]
+    conn.execute("select insert_queued_thread_idempotent(%s, %s, %s, %s)", [config_id, inbox_id, thread_id, GRANT])
+    job = {"thread_id": thread_id, "inbox_id": str(uuid.uuid4()), "config_id": str(config_id)}
+    conn.execute("select pgmq.send('thread_sync_jobs', %s)", [Jsonb(job)])
+
+    # When the workers run it
+    with start_workers(db_url, nylas, tmp_path):
+        wait_for(lambda: "thread_sync_jobs" in dead_letters(conn), timeout_s=20, what="the dead letter")
+
+    # Then it was not retried, and the give-up hook failed the tracked thread with the dead letter's reason
+    letter = dead_letters(conn)["thread_sync_jobs"]
+    assert (letter["reason"], letter["error_type"], letter["attempts"]) == ("failed", "InvalidJob", 1)
+    thread = conn.execute("select status, error_message from queued_threads where config_id = %s", [config_id])
+    status, error = thread.fetchone()  # type: ignore[misc]
+    assert status == "failed" and error == f"invalid job, not retried: {letter['error_message']}"
+    assert api_calls(nylas, "threads.get") == 0
+
+
 def test_a_rate_limited_webhook_waits_without_using_an_attempt(
     db_url: str, conn: psycopg.Connection, nylas: SimulatorHandle, tmp_path: Path
 ) -> None:
