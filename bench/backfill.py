@@ -1,17 +1,18 @@
 """Backfill benchmark: how fast a large inbox is synced, and how much of a rate limit the pacing uses.
 
-Scenario 1, throughput: a simulated inbox of 10,000 threads (about 58,000 messages, about two thirds of them in
-the one-year window), no faults, pacing off; ``dramatiq nova_email.actors`` with 2 processes x 8 threads.
+Scenario 1, throughput: a simulated inbox of 15,000 threads, about 10,000 of them (about 58,000 messages) in the
+one-year window that is synced, no faults, pacing off; ``dramatiq nova_email.actors`` with 2 processes x 8 threads.
 Prints threads/s and messages/s, Nylas API calls per 1,000 messages, and the peak RSS of each worker process.
 
-Scenario 2, pacing: a smaller inbox served by a simulator that allows R calls/s per grant (429 with Retry-After
-above it), with the service paced at the same R per grant. Prints the share of the allowed rate actually used
+Scenario 2, pacing: an inbox of 2,000 threads served by a simulator that allows R calls/s per grant (429 with
+Retry-After above it; R is 100 by default, half of Nylas's 200/s per grant for messages and threads), with the
+service paced at the same R per grant. Prints the share of the allowed rate actually used
 (calls answered 200 / (R x elapsed)), and the 429s seen. For comparison, the original's fixed delays
 (THREAD_DELAY_MS 3000 + API_DELAY_MS 200 between calls, one thread at a time) allow at most about
 (2 + m) / (3 + 0.2 x (1 + m)) calls/s for a thread of m messages: with m = 6 that is about 1.8 calls/s.
 
 Usage:
-    .venv/bin/python bench/backfill.py [--threads 10000] [--rate 20] [--rate-threads 400]
+    .venv/bin/python bench/backfill.py [--threads 15000] [--rate 100] [--rate-threads 2000]
 
 The database is a scratch one on BENCH_DATABASE_URL's server (default: the local PostgreSQL at 127.0.0.1:5432),
 migrated with nova_email.migrate and dropped at the end. The simulator runs as its own process
@@ -214,11 +215,11 @@ def pacing(server_url: str, args: argparse.Namespace) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=15_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--worker-threads", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=20.0, help="allowed calls/s per grant in scenario 2")
-    parser.add_argument("--rate-threads", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=100.0, help="allowed calls/s per grant in scenario 2")
+    parser.add_argument("--rate-threads", type=int, default=2000)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-pacing", action="store_true")
     args = parser.parse_args()
