@@ -202,6 +202,7 @@ class PGMQBroker(_Settlement, Broker):
         self._pid = 0
         self._lock = threading.RLock()
         self._created: set[str] = set()
+        self._send_queries: dict[str, bytes] = {}
         self._states: dict[str, _QueueState] = {}
         self._handlers: dict[str, str] = {}
         self._keeper: LeaseKeeper | None = None
@@ -256,7 +257,7 @@ class PGMQBroker(_Settlement, Broker):
         if self._outage.since is not None:
             self._outage.recovered(started_at)
 
-    def _execute(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
+    def _execute(self, query: LiteralString | bytes, params: dict[str, Any]) -> list[Any]:
         """Run one statement on a pooled connection and return its rows: the hot path, without context managers."""
         pool = self._get_pool()
         started_at = time.monotonic()
@@ -331,6 +332,13 @@ class PGMQBroker(_Settlement, Broker):
             conn.execute(queries.CREATE_QUEUE, {"queue": queue_name})
         self._created.add(queue_name)
 
+    def _send_query(self, queue_name: str) -> bytes:
+        query = self._send_queries.get(queue_name)
+        if query is None:
+            table = sql.Identifier(f"q_{validate_queue_name(queue_name)}")
+            query = self._send_queries[queue_name] = queries.SEND_TO_TABLE.format(table=table).as_bytes(None)
+        return query
+
     def _queue_state(self, queue_name: str) -> _QueueState:
         state = self._states.get(queue_name)
         if state is None:
@@ -368,9 +376,9 @@ class PGMQBroker(_Settlement, Broker):
         if proxy is not None:
             self._resend(proxy, params, connection)
         elif connection is not None:
-            connection.execute(queries.SEND, params)
+            connection.execute(self._send_query(queue_name), params)
         else:
-            self._execute(queries.SEND, params)
+            self._execute(self._send_query(queue_name), params)
         self.emit_after("enqueue", message, delay)
         return message
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import LiteralString
 
+from psycopg import sql
+
 #: Create a PGMQ queue unless it exists (PGMQ serialises creators with an advisory lock). The existence check comes
 #: first because pgmq.create() needs CREATE on schema pgmq even for an existing queue, which a least-privilege
 #: worker role does not have.
@@ -11,11 +13,13 @@ CREATE_QUEUE: LiteralString = (
     "select pgmq.create(%(queue)s) where not exists (select from pgmq.meta where queue_name = %(queue)s)"
 )
 
-#: Send one message, visible after %(delay_ms)s milliseconds of the server's clock. PGMQ's 4-argument send
-#: directly (the hot path): a SQL wrapper function would be re-planned on every call.
-SEND: LiteralString = (
-    "select pgmq.send(%(queue)s, %(message)s::jsonb, null::jsonb,"
-    " clock_timestamp() + %(delay_ms)s * interval '1 millisecond')"
+#: Send one message, visible after %(delay_ms)s milliseconds of the server's clock: the INSERT that ``pgmq.send``
+#: runs, written straight into the queue's table (the hot path). pgmq.send builds that INSERT with EXECUTE format()
+#: on every call, so it is parsed and planned every time; this one psycopg prepares once per connection. {table}
+#: is ``q_<queue>``, as ``pgmq.format_table_name`` makes it from a valid (lower-case) queue name.
+SEND_TO_TABLE = sql.SQL(
+    "insert into pgmq.{table} (vt, message)"
+    " values (clock_timestamp() + %(delay_ms)s * interval '1 millisecond', %(message)s::jsonb) returning msg_id"
 )
 
 #: Send many messages to one queue in one statement. %(messages)s is one JSON array of the envelopes: a single
