@@ -30,7 +30,7 @@ import psycopg
 from dramatiq.broker import Broker, Consumer
 from dramatiq.errors import QueueJoinTimeout
 from dramatiq.message import Message
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, MiddlewareError
 from loguru import logger
 from psycopg import sql
 from psycopg_pool import ConnectionPool
@@ -127,6 +127,12 @@ class _Outage:
                 self.since = None
 
 
+def _hooks(middleware: tuple[Middleware, ...], name: str) -> list[Any]:
+    """The bound `name` hooks of the middleware that override Dramatiq's no-op, in order."""
+    base = getattr(Middleware, name)
+    return [getattr(m, name) for m in middleware if getattr(type(m), name, base) is not base]
+
+
 class _QueueHandlerOption(Middleware):
     """Registers the ``queue_handler`` actor option: the actor receives the queue's foreign JSON messages."""
 
@@ -202,6 +208,7 @@ class PGMQBroker(_Settlement, Broker):
         self._pid = 0
         self._lock = threading.RLock()
         self._created: set[str] = set()
+        self._enqueue_hooks: tuple[tuple[Middleware, ...], list[Any], list[Any]] = ((), [], [])
         self._send_queries: dict[str, bytes] = {}
         self._states: dict[str, _QueueState] = {}
         self._handlers: dict[str, str] = {}
@@ -371,7 +378,7 @@ class PGMQBroker(_Settlement, Broker):
         proxy = message if isinstance(message, _PGMQMessageProxy) and self._resendable(message) else None
         if proxy is not None:
             proxy._resend_pending = True
-        self.emit_before("enqueue", message, delay)
+        self._emit_enqueue("before", message, delay)
         params = {"queue": queue_name, "message": message.encode().decode("utf-8"), "delay_ms": int(delay or 0)}
         if proxy is not None:
             self._resend(proxy, params, connection)
@@ -379,7 +386,7 @@ class PGMQBroker(_Settlement, Broker):
             connection.execute(self._send_query(queue_name), params)
         else:
             self._execute(self._send_query(queue_name), params)
-        self.emit_after("enqueue", message, delay)
+        self._emit_enqueue("after", message, delay)
         return message
 
     def enqueue_many(
@@ -404,7 +411,7 @@ class PGMQBroker(_Settlement, Broker):
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 for message in chunk:
-                    self.emit_before("enqueue", message, delay)
+                    self._emit_enqueue("before", message, delay)
                 params = {
                     "queue": queue_name,
                     "messages": "[" + ",".join(m.encode().decode("utf-8") for m in chunk) + "]",
@@ -416,9 +423,37 @@ class PGMQBroker(_Settlement, Broker):
                     with self._connection() as conn:
                         conn.execute(queries.SEND_BATCH, params)
                 for message in chunk:
-                    self.emit_after("enqueue", message, delay)
+                    self._emit_enqueue("after", message, delay)
                 sent.extend(chunk)
         return sent
+
+    def _emit_enqueue(self, when: str, message: Message[Any], delay: int | None) -> None:
+        """``emit_before/after("enqueue", ...)`` calling only the middleware that define the hook.
+
+        Dramatiq's emit calls every middleware's hook, most of them the base class's no-op; per message of a
+        fan-out that was a fifth of the enqueue time. Same order and error handling as Dramatiq's.
+        """
+        middleware = tuple(self.middleware)
+        if self._enqueue_hooks[0] != middleware:
+            self._enqueue_hooks = (
+                middleware,
+                _hooks(middleware, "before_enqueue"),
+                _hooks(middleware, "after_enqueue"),
+            )
+        if when == "before":
+            for hook in self._enqueue_hooks[1]:
+                try:
+                    hook(self, message, delay)
+                except MiddlewareError:
+                    raise
+                except Exception:
+                    self.logger.critical("Unexpected failure in before_enqueue of %r.", hook.__self__, exc_info=True)
+        else:
+            for hook in reversed(self._enqueue_hooks[2]):
+                try:
+                    hook(self, message, delay)
+                except Exception:
+                    self.logger.critical("Unexpected failure in after_enqueue of %r.", hook.__self__, exc_info=True)
 
     def _resendable(self, proxy: _PGMQMessageProxy) -> bool:
         return proxy._consumer._broker is self and not proxy._settled

@@ -208,3 +208,42 @@ def test_prometheus_counts_messages_processed_through_the_broker(
         lambda: prometheus.total_messages.labels("metered_prom", "counted")._value.get() == 3,
         what="three messages counted",
     )
+
+
+class _Recorder(dramatiq.Middleware):
+    def __init__(self, name: str, calls: list[str], *, fail: bool = False) -> None:
+        self.name, self.calls, self.fail = name, calls, fail
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None) -> None:
+        self.calls.append(f"before {self.name} {message.args[0]} {delay}")
+        if self.fail:
+            raise RuntimeError("a broken hook")
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None) -> None:
+        self.calls.append(f"after {self.name} {message.args[0]} {delay}")
+
+
+def test_enqueue_hooks_run_as_dramatiq_runs_them_including_middleware_added_later(
+    broker: PGMQBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given two middleware with enqueue hooks (the first one broken) among Dramatiq's defaults
+    calls: list[str] = []
+    broker.add_middleware(_Recorder("a", calls, fail=True))
+    broker.add_middleware(_Recorder("b", calls))
+
+    @dramatiq.actor(queue_name="enqueue_hooks")
+    def job(n: int) -> None: ...
+
+    # When messages are sent one by one and in a batch, and a third middleware arrives between the sends
+    job.send_with_options(args=(1,), delay=5)
+    broker.add_middleware(_Recorder("c", calls))
+    broker.enqueue_many([job.message(2)])
+
+    # Then before-hooks run in order and after-hooks in reverse, a failing hook is logged and does not stop the
+    # send, and the late middleware takes part from the next send on
+    assert calls == [
+        "before a 1 5", "before b 1 5", "after b 1 5", "after a 1 5",
+        "before a 2 None", "before b 2 None", "before c 2 None", "after c 2 None", "after b 2 None", "after a 2 None",
+    ]  # fmt: skip
+    assert broker.metrics("enqueue_hooks").queued + broker.metrics("enqueue_hooks").delayed == 2
+    assert "Unexpected failure in before_enqueue" in caplog.text
