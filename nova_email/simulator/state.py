@@ -348,17 +348,7 @@ class Simulator:
         message JSON.
         """
         with self._lock:
-            grant = self._grant(grant_id)
-            self._mutations += 1
-            rng = random.Random(f"{self.seed}:{grant_id}:mutation:{self._mutations}")
-            if thread_id is None:
-                thread = SimThread(id=f"thr_new{self._mutations}_{uuid.uuid4().hex[:10]}", grant_id=grant_id)
-                grant.threads[thread.id] = thread
-            elif thread_id in grant.threads:
-                thread = grant.threads[thread_id]
-            else:
-                msg = f"unknown thread {thread_id!r} in grant {grant_id!r}"
-                raise KeyError(msg)
+            grant, thread, rng = self._mutation_target(grant_id, thread_id, new_prefix="thr_new")
             latest = max((m.date for m in thread.messages), default=0)
             when = date if date is not None else max(int(time.time()), latest + 1)
             sender = self._sender(grant, thread, rng, sender_email)
@@ -404,6 +394,26 @@ class Simulator:
             self._deliver(notes)
         return data
 
+    def _mutation_target(
+        self, grant_id: str, thread_id: str | None, *, new_prefix: str
+    ) -> tuple[Grant, SimThread, random.Random]:
+        """The grant, the thread a mutation writes to (a new one when `thread_id` is None) and its random source.
+
+        Call with the lock held. Raises KeyError for an unknown grant or thread.
+        """
+        grant = self._grant(grant_id)
+        self._mutations += 1
+        rng = random.Random(f"{self.seed}:{grant_id}:mutation:{self._mutations}")
+        if thread_id is None:
+            thread = SimThread(id=f"{new_prefix}{self._mutations}_{uuid.uuid4().hex[:10]}", grant_id=grant_id)
+            grant.threads[thread.id] = thread
+        elif thread_id in grant.threads:
+            thread = grant.threads[thread_id]
+        else:
+            msg = f"unknown thread {thread_id!r} in grant {grant_id!r}"
+            raise KeyError(msg)
+        return grant, thread, rng
+
     def add_draft(
         self,
         grant_id: str,
@@ -419,17 +429,7 @@ class Simulator:
         ``/messages``. No webhook is emitted. Returns the draft JSON (``object: "draft"``).
         """
         with self._lock:
-            grant = self._grant(grant_id)
-            self._mutations += 1
-            rng = random.Random(f"{self.seed}:{grant_id}:mutation:{self._mutations}")
-            if thread_id is None:
-                thread = SimThread(id=f"thr_draft{self._mutations}_{uuid.uuid4().hex[:10]}", grant_id=grant_id)
-                grant.threads[thread.id] = thread
-            elif thread_id in grant.threads:
-                thread = grant.threads[thread_id]
-            else:
-                msg = f"unknown thread {thread_id!r} in grant {grant_id!r}"
-                raise KeyError(msg)
+            grant, thread, rng = self._mutation_target(grant_id, thread_id, new_prefix="thr_draft")
             topic = thread.messages[0].subject if thread.messages else (subject or "Draft")
             when = date if date is not None else int(time.time())
             draft = build_message(
