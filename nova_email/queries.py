@@ -63,9 +63,10 @@ update queued_threads
 set status = 'failed', processed_at = now(), error_message = %(error)s
 where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s and status <> 'completed'
 """
-#: Put a tracked thread back to queued while its job waits (rate limited, re-scheduled).
+#: Put a tracked thread back to queued while its job waits (rate limited, re-scheduled). The deferral does not use
+#: one of the job's attempts, so the claim's count is given back.
 REQUEUE_THREAD: LiteralString = """
-update queued_threads set status = 'queued'
+update queued_threads set status = 'queued', attempts = greatest(attempts - 1, 0)
 where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s and status = 'processing'
 """
 

@@ -9,6 +9,7 @@ import pytest
 
 from nova_email import thread_sync
 from nova_email.jobs import ThreadSyncJob
+from nova_email.nylas import RateLimited
 from nova_email.nylas.client import NylasClient
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import ThreadSyncOutcome
@@ -153,3 +154,24 @@ def test_an_unknown_inbox_is_an_invalid_job(conn: psycopg.Connection, client: Ny
 
     with pytest.raises(InvalidJob, match="does not exist"):
         thread_sync.sync_thread(conn, client, ThreadSyncJob(thread_id="t", inbox_id=uuid.uuid4()))
+
+
+def test_a_rate_limited_attempt_puts_the_thread_back_without_counting_an_attempt(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    # Given a tracked thread, and Nylas answering 429 to everything
+    thread_id = make_thread_of(nylas, 2)
+    config_id = track(conn, inbox_id, thread_id)
+    job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, config_id=config_id)
+    nylas.simulator.faults.update({"rate_limit_per_s": 0.001, "rate_limit_burst": 0})
+
+    # When an attempt is rate limited and the job re-scheduled (what the actor does)
+    with pytest.raises(RateLimited):
+        thread_sync.sync_thread(conn, client, job)
+    thread_sync.release_thread(conn, job)
+
+    # Then the thread waits as queued with no attempt used; the next attempt is its first
+    assert queued_row(conn, config_id, thread_id)[0::4] == ("queued", 0)
+    nylas.simulator.faults.update({"rate_limit_per_s": None})
+    thread_sync.sync_thread(conn, client, job)
+    assert queued_row(conn, config_id, thread_id)[0::4] == ("completed", 1)
