@@ -29,6 +29,8 @@ class FaultConfig:
         error_statuses: the 5xx statuses ``error_rate`` picks from (default 500/502/503/504). One the client does
             not retry inside a call, e.g. ``(501,)``, makes every attempt of a job fail at once.
         reset_rate: share of API requests whose connection is reset without an answer.
+        stall_rate: share of API requests that hang for ``stall_ms`` and then close without an answer: a client
+            whose timeout is shorter sees a read timeout.
         latency_ms: added to every API request; ``latency_jitter_ms`` adds a uniform random part.
         changing_pages_rate: chance, on each thread-list page after the first, that a listed thread gains a new
             message before the page is served (a mailbox that changes mid-backfill; its webhook is emitted too).
@@ -46,6 +48,8 @@ class FaultConfig:
     error_rate: float = 0.0
     error_statuses: tuple[int, ...] = (500, 502, 503, 504)
     reset_rate: float = 0.0
+    stall_rate: float = 0.0
+    stall_ms: float = 2000.0
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     changing_pages_rate: float = 0.0
@@ -68,7 +72,7 @@ class FaultConfig:
 
 @attrs.frozen
 class Fault:
-    """The fault chosen for one request: ``kind`` is ``reset``, ``error`` or ``rate_limited``."""
+    """The fault chosen for one request: ``kind`` is ``reset``, ``stall``, ``error`` or ``rate_limited``."""
 
     kind: str
     status: int = 0
@@ -84,6 +88,8 @@ class FaultInjector:
         self._lock = threading.Lock()
         # Per grant: (tokens, last refill time) of the rate-limit bucket.
         self._buckets: dict[str, tuple[float, float]] = {}
+        #: Requests stalled so far (their connections were closed unanswered after ``stall_ms``).
+        self.stalled = 0
 
     def roll(self, probability: float) -> bool:
         """True with ``probability`` (thread-safe)."""
@@ -105,6 +111,10 @@ class FaultInjector:
                 return Fault("rate_limited", 429, max(1, math.ceil(wait_s)) if config.retry_after else None)
         if self.roll(config.reset_rate):
             return Fault("reset")
+        if self.roll(config.stall_rate):
+            with self._lock:
+                self.stalled += 1
+            return Fault("stall")
         if self.roll(config.error_rate):
             with self._lock:
                 status = self._rng.choice(tuple(config.error_statuses))

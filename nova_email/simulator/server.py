@@ -25,6 +25,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,7 +117,9 @@ class _Handler(BaseHTTPRequestHandler):
         grant_id = unquote(match["grant"])
         object_id = unquote(match["object"]) if match["object"] else None
         fault = simulator.injector.choose_fault(grant_id)
-        if fault is not None and fault.kind == "reset":
+        if fault is not None and fault.kind in ("reset", "stall"):
+            if fault.kind == "stall":
+                time.sleep(simulator.faults.stall_ms / 1000)  # a hung upstream: the stall is the fault
             simulator.calls.record(endpoint, NO_RESPONSE)
             self._reset_connection()
             return
@@ -315,6 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument("--no-retry-after", action="store_true", help="send 429s without Retry-After")
     faults.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 5xx")
     faults.add_argument("--reset-rate", type=float, default=0.0, help="share of connections reset")
+    faults.add_argument("--stall-rate", type=float, default=0.0, help="share of requests left unanswered")
+    faults.add_argument("--stall-ms", type=float, default=2000.0, help="how long a stalled request hangs")
     faults.add_argument("--latency-ms", type=float, default=0.0)
     faults.add_argument("--latency-jitter-ms", type=float, default=0.0)
     faults.add_argument("--changing-pages-rate", type=float, default=0.0)
@@ -339,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         retry_after=not args.no_retry_after,
         error_rate=args.error_rate,
         reset_rate=args.reset_rate,
+        stall_rate=args.stall_rate,
+        stall_ms=args.stall_ms,
         latency_ms=args.latency_ms,
         latency_jitter_ms=args.latency_jitter_ms,
         changing_pages_rate=args.changing_pages_rate,

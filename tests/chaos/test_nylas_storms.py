@@ -1,4 +1,5 @@
-"""Nylas misbehaving for a whole backfill: 429 storms with Retry-After, 5xx, connection resets, timeouts, and a
+"""Nylas misbehaving for a whole backfill: 429 storms with Retry-After, 5xx, connection resets, timeouts (requests
+left hanging past the workers' NYLAS_TIMEOUT_S), and a
 grant that expires mid-backfill. The healthy grant's backfill finishes exactly, with no attempt spent on rate
 limits; the expired grant's inbox stops cleanly."""
 
@@ -39,15 +40,24 @@ def test_a_backfill_through_a_storm_finishes_exactly_and_an_expired_grant_stops_
     db_url: str, tmp_path: Path
 ) -> None:
     # Given two 150-thread mailboxes behind a Nylas that rate-limits each grant to 40 calls/s (with Retry-After),
-    # answers 10 % of calls with a 5xx and resets 3 % of connections, and workers that do not pace themselves
-    faults = FaultConfig(rate_limit_per_s=40, rate_limit_burst=5, error_rate=0.10, reset_rate=0.03, seed=41)
+    # answers 10 % of calls with a 5xx, resets 3 % of connections and leaves 4 % hanging past the workers' 0.5 s
+    # timeout, and workers that do not pace themselves
+    faults = FaultConfig(
+        rate_limit_per_s=40,
+        rate_limit_burst=5,
+        error_rate=0.10,
+        reset_rate=0.03,
+        stall_rate=0.04,
+        stall_ms=1500,
+        seed=41,
+    )
     nylas = start_in_thread(
         seed=41, grants=[STORMY, EXPIRING], threads_per_grant=150, faults=faults, large_body_share=0.0
     )
     try:
         stormy = queue_backfill(db_url, nylas, STORMY)
         expiring = queue_backfill(db_url, nylas, EXPIRING)
-        env = worker_env(db_url, nylas, VISIBILITY_TIMEOUT="10")
+        env = worker_env(db_url, nylas, VISIBILITY_TIMEOUT="10", NYLAS_TIMEOUT_S="0.5")
         with running_workers(env, tmp_path / "workers.log", processes=2, threads=4) as workers:
             # When the second grant expires once some of its threads are synced
             wait_for(
@@ -84,10 +94,12 @@ def test_a_backfill_through_a_storm_finishes_exactly_and_an_expired_grant_stops_
     assert run_problems(db_url, nylas, stormy) == []
     rate_limited = sum(n for (_, status), n in calls.items() if status == 429)
     server_errors = sum(n for (_, status), n in calls.items() if status >= 500)
-    resets = sum(n for (_, status), n in calls.items() if status < 100)
+    timeouts = nylas.simulator.injector.stalled
+    resets = sum(n for (_, status), n in calls.items() if status < 100) - timeouts
     assert rate_limited >= 100, rate_limited
     assert server_errors >= 20, server_errors
     assert resets >= 5, resets
+    assert timeouts >= 5, timeouts
     # and no attempt was spent on the 429s: nothing was dead-lettered, no thread failed
     assert dead == []
     assert _thread_counts(db_url, stormy.config_id) == {"completed": 150 - _outside_window(nylas, stormy)}
@@ -99,6 +111,7 @@ def test_a_backfill_through_a_storm_finishes_exactly_and_an_expired_grant_stops_
     assert log.count("hit a rate limit") >= rate_limited // 2  # each 429 deferred the job, none failed it
     print(
         f"\n[chaos] Nylas storm survived: {rate_limited} x 429, {server_errors} x 5xx, {resets} resets,"
+        f" {timeouts} timeouts,"
         f" {sum(calls.values())} calls"
     )
 
