@@ -86,6 +86,8 @@ class Message:
     starred: bool = False
     snippet: str = ""
     body: str | None = None
+    #: Folder ids as Nylas lists them on a message (e.g. "INBOX", "UNREAD", or a provider's opaque id); no folder
+    #: objects are fetched, as the original did not fetch them either.
     folders: tuple[str, ...] = ()
     attachments: tuple[Attachment, ...] = ()
     headers: tuple[Header, ...] = ()

@@ -290,6 +290,19 @@ def test_a_429_is_not_retried_in_the_call_and_carries_retry_after(
     assert caught.value.retry_after_ms == 7000 and caught.value.retry_after_given
 
 
+def test_a_429_with_an_http_date_retry_after_carries_the_delay_until_that_date(
+    mocked: responses.RequestsMock, client: NylasClient
+) -> None:
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    mocked.get(f"{API}/v3/grants/{GRANT}/threads", status=429, headers={"Retry-After": when}, json=error_body("x"))
+
+    with pytest.raises(RateLimited) as caught:
+        client.list_threads(GRANT)
+
+    # Whole seconds in the header: 29-30 s from now, give or take the test's own time
+    assert 28_000 <= caught.value.retry_after_ms <= 31_000 and caught.value.retry_after_given
+
+
 def test_a_429_without_retry_after_carries_the_default_delay(
     mocked: responses.RequestsMock, client: NylasClient
 ) -> None:
