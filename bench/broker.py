@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from dramatiq import Message
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import stop  # noqa: E402
 from brokers import PGMQBroker  # noqa: E402
 from brokers.schema import install  # noqa: E402
 
@@ -119,12 +119,7 @@ def workers(kind: str, url: str, queue: str, processes: int, threads: int) -> It
     try:
         yield
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout_s=30)
 
 
 def rate(count: int, seconds: float) -> float:
@@ -319,14 +314,7 @@ def bench_procrastinate(url: str, n: int, processes: int, threads: int) -> dict[
     try:
         return {"processing": measure_drain(depth, n)}
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(*procs, timeout_s=30)
         conn.close()
 
 

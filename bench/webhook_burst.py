@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import stop  # noqa: E402
 from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
 from nova_email.simulator.server import start_in_thread  # noqa: E402
@@ -99,12 +99,7 @@ def webhook_workers(env: dict[str, str], processes: int, threads: int, log: Path
                 time.sleep(0.1)
             yield proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, timeout_s=60)
 
 
 def run(n: int, processes: int, threads: int, log: Path) -> dict[str, Any]:

@@ -1,0 +1,18 @@
+"""Stopping the benchmarks' worker commands: SIGTERM for a graceful exit, SIGKILL for one that does not come."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+
+def stop(*processes: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Send SIGTERM to every process, then wait for each, killing one that has not exited within `timeout_s`."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
