@@ -1,4 +1,4 @@
-"""Real ``dramatiq`` worker processes for tests: started with a log file, always stopped."""
+"""Real worker processes for tests: started with a log file, always stopped."""
 
 from __future__ import annotations
 
@@ -7,21 +7,25 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The service's workers, as ``dramatiq`` runs them.
+DRAMATIQ_ACTORS = (sys.executable, "-m", "dramatiq", "nova_email.actors")
 
 
 class Workers:
-    """One ``dramatiq nova_email.actors`` command (a main process and its worker processes)."""
+    """One workers command (a main process and its worker processes): ``dramatiq nova_email.actors`` by default."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, args: list[str], *, command: Sequence[str] = DRAMATIQ_ACTORS
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "nova_email.actors", *args],
+            [*command, *args],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=self._log,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -17,7 +15,7 @@ from psycopg.rows import dict_row
 
 import nova_email
 from nova_email.config import Settings
-from tests.processes import ROOT, wait_for
+from tests.processes import Workers
 
 
 def test_start_backfill_returns_the_config_id_and_queues_one_backfill_job(
@@ -67,37 +65,22 @@ def _script() -> list[str]:
 @pytest.mark.slow
 def test_nova_email_run_completion_starts_workers_and_exits_0_on_sigterm(db_url: str, tmp_path: Path) -> None:
     # Given the completion processor started as an operator would
-    log_path = tmp_path / "run.log"
-    env = {**os.environ, "DATABASE_URL": db_url, "NYLAS_API_KEY": "entry-points", "LOG_LEVEL": "info"}
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*_script(), "run", "completion", "--processes", "1", "--threads", "1"],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    env = {"DATABASE_URL": db_url, "NYLAS_API_KEY": "entry-points", "LOG_LEVEL": "info"}
+    args = ["run", "completion", "--processes", "1", "--threads", "1"]
+    workers = Workers(env, tmp_path / "run.log", args, command=_script())
     try:
-
-        def ready() -> bool:
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            return "Worker process is ready" in log_path.read_text(errors="replace")
-
-        wait_for(ready, timeout_s=30, interval_s=0.1, what="the completion worker to start")
+        workers.wait_ready(1)
 
         # When it is asked to stop
-        process.send_signal(signal.SIGTERM)
+        workers.process.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        code = process.wait(timeout=15)
+        code = workers.process.wait(timeout=15)
         stopped_after_s = time.monotonic() - started
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        workers.stop()
 
     # Then it stopped cleanly within a few seconds, having consumed only the completion queue
-    log = log_path.read_text(errors="replace")
+    log = workers.log()
     assert code == 0, log[-3000:]
     assert stopped_after_s < 10, log[-3000:]
     assert "--queues completion_monitor" in log, log[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,10 +29,9 @@ from nova_email.nylas.metrics import ApiCallCounter
 from nova_email.ops.metrics import MetricsOptions, build_registry, export_api_calls
 from nova_email.ops.status import collect_status
 from nova_email.simulator.server import serve_in_thread, start_in_thread
+from tests.processes import Workers
 
 from .conftest import Inbox, make_dead_letter
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -179,25 +177,15 @@ def test_a_worker_group_serves_actor_metrics_api_calls_and_database_gauges_on_it
     stale = counts_dir / f"counter_{_dead_pid()}.db"
     shutil.copyfile(_a_counter_file_with_a_count(tmp_path), stale)
     conn.execute("select pgmq.create('ops_metrics_test')")
-    env = {
-        **os.environ,
-        "DATABASE_URL": db_url,
-        "METRICS_PORT": str(port),
-        "METRICS_HOST": "127.0.0.1",
-        "LOG_LEVEL": "info",
-    }
+    env = {"DATABASE_URL": db_url, "METRICS_PORT": str(port), "METRICS_HOST": "127.0.0.1", "LOG_LEVEL": "info"}
     nylas = start_in_thread(seed=2, grants=["g"], threads_per_grant=3, large_body_share=0.0)
     thread_ids = list(nylas.simulator.grants["g"].threads)
-    log_path = tmp_path / "workers.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "tests.ops.metrics_app", "--processes", "2", "--threads", "2"],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    workers = Workers(
+        env,
+        tmp_path / "workers.log",
+        ["--processes", "2", "--threads", "2"],
+        command=[sys.executable, "-m", "dramatiq", "tests.ops.metrics_app"],
+    )
     try:
         # When five messages succeed and one fails for good (SQL producers, as any other service would send them)
         for n in range(5):
@@ -234,25 +222,17 @@ def test_a_worker_group_serves_actor_metrics_api_calls_and_database_gauges_on_it
             text = _get(f"http://127.0.0.1:{port}/metrics")
             if text is not None and all(line in text for line in expected):
                 break
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert workers.process.poll() is None, workers.log()[-3000:]
             time.sleep(0.2)
-        assert text is not None, log_path.read_text(errors="replace")[-3000:]
+        assert text is not None, workers.log()[-3000:]
         missing = [line for line in expected if line not in text]
-        assert not missing, (missing, log_path.read_text(errors="replace")[-3000:])
+        assert not missing, (missing, workers.log()[-3000:])
         assert not stale.exists()
     finally:
-        if process.poll() is None:
-            # The main process forwards SIGTERM to its workers and fork; signalling the group would stop each twice
-            # (the second SIGTERM kills a worker).
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        workers.stop()
         nylas.stop()
         shutil.rmtree(counts_dir, ignore_errors=True)
-    assert process.returncode == 0, log_path.read_text(errors="replace")[-3000:]
+    assert workers.process.returncode == 0, workers.log()[-3000:]
 
 
 def test_status_and_scrape_need_no_more_than_the_least_privilege_worker_role(
