@@ -17,6 +17,7 @@ import dramatiq
 import psycopg
 import pytest
 from dramatiq import Worker
+from dramatiq.broker import Consumer, MessageProxy
 
 from brokers import PGMQBroker
 from brokers.schema import install
@@ -43,6 +44,14 @@ def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s} s")
         time.sleep(0.02)
+
+
+def first_delivery(broker: PGMQBroker, queue_name: str) -> tuple[Consumer, MessageProxy]:
+    """A consumer of `queue_name` taking one message at a time, and the message it delivers first."""
+    consumer = broker.consume(queue_name, prefetch=1, timeout=100)
+    message = next(consumer)
+    assert message is not None
+    return consumer, message
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dramatiq.middleware import CurrentMessage
 
 from brokers import InvalidQueueName, PGMQBroker, foreign_message_id
 
-from .conftest import wait_until
+from .conftest import first_delivery, wait_until
 
 
 def test_actors_can_be_sent_messages(broker: PGMQBroker, worker: Worker) -> None:
@@ -398,9 +398,7 @@ def test_archive_on_ack_keeps_acknowledged_messages_until_purged(make_broker: Ca
         pass
 
     job.send()
-    consumer = broker.consume("archived", prefetch=1, timeout=100)
-    message = next(consumer)
-    assert message is not None
+    consumer, message = first_delivery(broker, "archived")
     consumer.ack(message)
     consumer.close()
 
@@ -562,9 +560,7 @@ def test_a_broker_can_use_a_pool_it_does_not_own(db_url: str) -> None:
             pass
 
         job.send()
-        consumer = broker.consume("given_pool", prefetch=1, timeout=100)
-        message = next(consumer)
-        assert message is not None
+        consumer, message = first_delivery(broker, "given_pool")
         consumer.ack(message)
         broker.close()
         assert not pool.closed

@@ -15,7 +15,7 @@ from loguru import logger
 from brokers import PGMQBroker
 from brokers.lease import Lease, LeaseKeeper
 
-from .conftest import wait_until
+from .conftest import first_delivery, wait_until
 
 
 @pytest.fixture
@@ -90,9 +90,7 @@ def test_a_heartbeat_between_a_settlements_delete_and_its_forget_reports_no_lost
     def job() -> None: ...
 
     job.send()
-    consumer = broker.consume("settling", prefetch=1, timeout=100)
-    message = next(consumer)
-    assert message is not None
+    consumer, message = first_delivery(broker, "settling")
     keeper = broker._keeper
     assert keeper is not None and keeper.tracked_count() == 1
 

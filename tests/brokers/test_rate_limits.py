@@ -20,6 +20,7 @@ from loguru import logger
 from brokers import PGMQBroker
 from brokers.rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate_limit_retries
 
+from .conftest import first_delivery
 from .proxy import TCPProxy
 
 
@@ -477,9 +478,7 @@ def test_a_retry_lost_to_a_database_outage_is_one_log_line_and_the_original_runs
         pass
 
     job.send()
-    consumer = broker.consume("retry_down", prefetch=1, timeout=100)
-    message = next(consumer)
-    assert message is not None
+    consumer, message = first_delivery(broker, "retry_down")
 
     # When the database goes away as the worker retries the message, then acknowledges it, as Dramatiq does
     proxy.stop()

@@ -17,7 +17,7 @@ from loguru import logger
 from brokers import DatabaseUnavailable, PGMQBroker
 from brokers.broker import _Outage
 
-from .conftest import wait_until
+from .conftest import first_delivery, wait_until
 from .proxy import TCPProxy
 
 
@@ -67,9 +67,7 @@ def test_ack_and_nack_raise_on_connection_errors_and_succeed_when_retried(
         pass
 
     job.send()
-    consumer = broker.consume("settle_down", prefetch=1, timeout=100)
-    message = next(consumer)
-    assert message is not None
+    consumer, message = first_delivery(broker, "settle_down")
 
     # When the database goes away, settling raises the error Dramatiq's worker retries on
     proxy.stop()
@@ -106,9 +104,7 @@ def test_a_consumer_rides_out_an_outage_and_deletes_its_acks_once_the_database_i
 
     job.send()
     job.send()
-    consumer = broker.consume("ride_out", prefetch=1, timeout=100)
-    first = next(consumer)
-    assert first is not None
+    consumer, first = first_delivery(broker, "ride_out")
 
     # When the database goes away as the message is acknowledged (the ack waits for the next fetch), and the
     # worker keeps iterating the consumer
