@@ -127,12 +127,6 @@ class _Outage:
                 self.since = None
 
 
-def _hooks(middleware: tuple[Middleware, ...], name: str) -> list[Any]:
-    """The bound `name` hooks of the middleware that override Dramatiq's no-op, in order."""
-    base = getattr(Middleware, name)
-    return [getattr(m, name) for m in middleware if getattr(type(m), name, base) is not base]
-
-
 class _QueueHandlerOption(Middleware):
     """Registers the ``queue_handler`` actor option: the actor receives the queue's foreign JSON messages."""
 
@@ -188,6 +182,7 @@ class PGMQBroker(_Settlement, Broker):
         if (url is None) == (pool is None):
             msg = "PGMQBroker needs exactly one of url= (a libpq connection string) or pool= (a psycopg ConnectionPool)"
             raise ValueError(msg)
+        self._hook_cache: tuple[tuple[Middleware, ...], dict[str, list[Any]]] = ((), {})
         super().__init__(middleware=middleware)
         self.add_middleware(_QueueHandlerOption())
         self.url = url
@@ -208,7 +203,6 @@ class PGMQBroker(_Settlement, Broker):
         self._pid = 0
         self._lock = threading.RLock()
         self._created: set[str] = set()
-        self._enqueue_hooks: tuple[tuple[Middleware, ...], list[Any], list[Any]] = ((), [], [])
         self._send_queries: dict[str, bytes] = {}
         self._states: dict[str, _QueueState] = {}
         self._handlers: dict[str, str] = {}
@@ -367,10 +361,13 @@ class PGMQBroker(_Settlement, Broker):
         Re-enqueueing a message this broker delivered (Dramatiq's Retries does that with the message being
         processed) replaces the delivery atomically: the new message is sent and the original deleted in one
         transaction, and the later ack is a no-op. If that fails, the ack leaves the original to be redelivered,
-        so a failed retry loses nothing.
+        so a failed retry loses nothing; when it fails because the database is unavailable (and no `connection`
+        was given), this says so in one log line (at debug during an outage, which the broker logs once) and
+        returns, instead of raising into the retrying middleware.
 
         Raises:
-            DatabaseUnavailable: The database could not be reached.
+            DatabaseUnavailable: The database could not be reached (for a message this broker delivered, only
+                with `connection`).
             InvalidQueueName: The message's queue cannot be a PGMQ queue.
         """
         queue_name = message.queue_name
@@ -378,15 +375,27 @@ class PGMQBroker(_Settlement, Broker):
         proxy = message if isinstance(message, _PGMQMessageProxy) and self._resendable(message) else None
         if proxy is not None:
             proxy._resend_pending = True
-        self._emit_enqueue("before", message, delay)
+        self.emit_before("enqueue", message, delay)
         params = {"queue": queue_name, "message": message.encode().decode("utf-8"), "delay_ms": int(delay or 0)}
         if proxy is not None:
-            self._resend(proxy, params, connection)
+            try:
+                self._resend(proxy, params, connection)
+            except DatabaseUnavailable as exc:
+                if connection is not None:
+                    raise
+                # _resend_pending stays set: the ack leaves the original to run again.
+                log.bind(event="retry_not_enqueued").log(
+                    "DEBUG" if self._outage.since is not None else "WARNING",
+                    "Could not re-enqueue message {} ({}); it runs again once its lease lapses",
+                    message.message_id,
+                    exc,
+                )
+                return message
         elif connection is not None:
             connection.execute(self._send_query(queue_name), params)
         else:
             self._execute(self._send_query(queue_name), params)
-        self._emit_enqueue("after", message, delay)
+        self.emit_after("enqueue", message, delay)
         return message
 
     def enqueue_many(
@@ -411,7 +420,7 @@ class PGMQBroker(_Settlement, Broker):
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 for message in chunk:
-                    self._emit_enqueue("before", message, delay)
+                    self.emit_before("enqueue", message, delay)
                 params = {
                     "queue": queue_name,
                     "messages": "[" + ",".join(m.encode().decode("utf-8") for m in chunk) + "]",
@@ -423,37 +432,55 @@ class PGMQBroker(_Settlement, Broker):
                     with self._connection() as conn:
                         conn.execute(queries.SEND_BATCH, params)
                 for message in chunk:
-                    self._emit_enqueue("after", message, delay)
+                    self.emit_after("enqueue", message, delay)
                 sent.extend(chunk)
         return sent
 
-    def _emit_enqueue(self, when: str, message: Message[Any], delay: int | None) -> None:
-        """``emit_before/after("enqueue", ...)`` calling only the middleware that define the hook.
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        """Dramatiq's ``emit_before``, calling only the middleware that define the hook (see :meth:`_hooks`)."""
+        name = "before_" + signal
+        for hook in self._hooks(name):
+            try:
+                hook(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical(
+                    "Unexpected failure in %s of %r.", name, getattr(hook, "__self__", hook), exc_info=True
+                )
 
-        Dramatiq's emit calls every middleware's hook, most of them the base class's no-op; per message of a
-        fan-out that was a fifth of the enqueue time. Same order and error handling as Dramatiq's.
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        """Dramatiq's ``emit_after`` (hooks in reverse order), calling only the middleware that define the hook."""
+        name = "after_" + signal
+        for hook in reversed(self._hooks(name)):
+            try:
+                hook(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical(
+                    "Unexpected failure in %s of %r.", name, getattr(hook, "__self__", hook), exc_info=True
+                )
+
+    def _hooks(self, name: str) -> list[Any]:
+        """The bound `name` hooks of the middleware that override Dramatiq's no-op, in middleware order.
+
+        Dramatiq's emit calls every middleware's hook by name, most of them the base class's no-op: per message
+        of a fan-out that was a fifth of the enqueue time. Kept per middleware list, so a middleware added or
+        removed later takes part from the next signal on.
         """
         middleware = tuple(self.middleware)
-        if self._enqueue_hooks[0] != middleware:
-            self._enqueue_hooks = (
-                middleware,
-                _hooks(middleware, "before_enqueue"),
-                _hooks(middleware, "after_enqueue"),
-            )
-        if when == "before":
-            for hook in self._enqueue_hooks[1]:
-                try:
-                    hook(self, message, delay)
-                except MiddlewareError:
-                    raise
-                except Exception:
-                    self.logger.critical("Unexpected failure in before_enqueue of %r.", hook.__self__, exc_info=True)
-        else:
-            for hook in reversed(self._enqueue_hooks[2]):
-                try:
-                    hook(self, message, delay)
-                except Exception:
-                    self.logger.critical("Unexpected failure in after_enqueue of %r.", hook.__self__, exc_info=True)
+        known, hooks = self._hook_cache
+        if known != middleware:
+            hooks = {}
+            self._hook_cache = (middleware, hooks)
+        found = hooks.get(name)
+        if found is None:
+            base = getattr(Middleware, name, None)
+            found = hooks[name] = [
+                hook
+                for hook in (getattr(m, name, None) for m in middleware)
+                if hook is not None and getattr(hook, "__func__", None) is not base
+            ]
+        return found
 
     def _resendable(self, proxy: _PGMQMessageProxy) -> bool:
         return proxy._consumer._broker is self and not proxy._settled

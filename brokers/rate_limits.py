@@ -38,9 +38,6 @@ from dramatiq.rate_limits import RateLimiterBackend
 from loguru import logger
 from psycopg_pool import ConnectionPool
 
-from .broker import PGMQBroker
-from .errors import DatabaseUnavailable
-
 __all__ = ["PostgresBackend", "RateLimitRetries", "RetryAfter", "use_rate_limit_retries"]
 
 log = logger.bind(component="RateLimits")
@@ -272,10 +269,6 @@ class RateLimitRetries(Retries):
 
     It must replace ``Retries`` (not sit beside it), e.g. with :func:`use_rate_limit_retries`. Both backoffs are
     also actor options.
-
-    On a :class:`~brokers.PGMQBroker`, a re-enqueue that fails because the database is unavailable is logged in
-    one line (at debug during an outage, which the broker logs once) instead of as a middleware failure with a
-    traceback: the broker keeps the original message, which runs again once its lease lapses.
     """
 
     def __init__(
@@ -302,20 +295,6 @@ class RateLimitRetries(Retries):
         exception: BaseException | None = None,
     ) -> None:
         """Defer a rate-limited message; hand everything else to ``Retries``."""
-        try:
-            self._retry(broker, message, result=result, exception=exception)
-        except DatabaseUnavailable as exc:
-            if not isinstance(broker, PGMQBroker):
-                raise
-            level = "DEBUG" if broker._outage.since is not None else "WARNING"
-            log.bind(event="retry_not_enqueued").log(
-                level,
-                "Could not re-enqueue message {} ({}); it runs again once its lease lapses",
-                message.message_id,
-                exc,
-            )
-
-    def _retry(self, broker: dramatiq.Broker, message: Any, *, result: Any, exception: BaseException | None) -> None:
         retry_after_ms = getattr(exception, "retry_after_ms", None)
         told = isinstance(retry_after_ms, int) and not isinstance(retry_after_ms, bool) and retry_after_ms >= 0
         if not told and not isinstance(exception, RateLimitExceeded):
