@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import threading
 
 
-class BackgroundThread:
+class BackgroundThread(abc.ABC):
     """A restartable daemon thread running :meth:`_run` until :meth:`stop`; subclasses poll ``self._stop``."""
 
     #: The thread's name, shown in tracebacks and ``py-spy dump``.
@@ -28,5 +29,6 @@ class BackgroundThread:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The thread's body; return when ``self._stop`` is set."""

@@ -158,20 +158,18 @@ class _PGMQConsumer(Consumer):
             acks = self._state.take_acks()
             wait_s = deadline - time.monotonic()
             try:
-                if room > 0 or acks:
-                    rows = self._broker._fetch(self._state, acks, max(room, 0))
-                    if rows:
-                        self._accept(rows)
-                        self._backoff_s = 0.0
-                        continue
-                    if room > 0:
-                        wait_s = min(wait_s, self._broker._idle_wait_s(self.queue_name))
+                rows = self._broker._fetch(self._state, acks, max(room, 0)) if room > 0 or acks else []
+                if room > 0 and not rows:
+                    wait_s = min(wait_s, self._broker._idle_wait_s(self.queue_name))
             except DatabaseUnavailable:
                 # _fetch put the acks back; the broker logged the outage (once).
                 self._backoff_s = min(max(self._backoff_s * 2, OUTAGE_MIN_BACKOFF_S), OUTAGE_MAX_BACKOFF_S)
                 self._retry_at = time.monotonic() + self._backoff_s
                 continue
             self._backoff_s = 0.0
+            if rows:
+                self._accept(rows)
+                continue
             woke = self._wakeup.wait(max(0.0, wait_s))
             if not woke and time.monotonic() >= deadline:
                 return None
