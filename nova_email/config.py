@@ -230,7 +230,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NYLAS_GRANT_RATE": ("nylas_grant_rate", _parse_rate),
     "NYLAS_GRANT_BURST": ("nylas_grant_burst", lambda n, r: _parse_int(n, r, minimum=1, unit="calls")),
     "NYLAS_APP_RATE": ("nylas_app_rate", _parse_rate),
-    "METRICS_PORT": ("metrics_port", lambda n, r: _parse_port(n, r)),
+    "METRICS_PORT": ("metrics_port", _parse_port),
     "METRICS_HOST": ("metrics_host", lambda n, r: r.strip()),
     "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
 }
