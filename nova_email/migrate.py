@@ -16,8 +16,8 @@ __all__ = ["SQL_DIR", "migrate"]
 
 log = logger.bind(component="Migrate")
 
-#: The service's migrations: ``sql/NNN_name.sql`` at the top of the repository.
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+#: The service's migrations, ``nova_email/sql/NNN_name.sql``, shipped in the package as data.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 
 def migrate(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:

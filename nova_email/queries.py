@@ -1,6 +1,6 @@
 """Every SQL statement the service runs, named, each with a one-line purpose.
 
-Multi-step work lives in SQL functions (``sql/``, documented in ``docs/sql-api.md``); these are
+Multi-step work lives in SQL functions (``nova_email/sql/``, documented in ``docs/sql-api.md``); these are
 the calls into them and the few plain reads and writes around them.
 """
 

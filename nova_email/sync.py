@@ -1,6 +1,6 @@
 """Writing Nylas threads and messages into the mirror tables.
 
-The SQL functions of ``sql/040_sync_api.sql`` do the work in two statements whatever the size of
+The SQL functions of ``nova_email/sql/040_sync_api.sql`` do the work in two statements whatever the size of
 the thread; this module hands them the objects as Nylas-shaped JSON. Every write is an upsert
 keyed by the Nylas id and versioned by the time of the read, so running it twice changes nothing
 and an older read never overwrites a newer one.

@@ -1,6 +1,6 @@
 """Compare the database's copy of a mailbox with the simulator's ground truth, field by field.
 
-Every column the service fills from a Nylas object is compared (``sql/040_sync_api.sql`` lists them). Not compared:
+Every column the service fills from a Nylas object is compared (``nova_email/sql/040_sync_api.sql`` lists them). Not compared:
 columns the service keeps for itself (``nylas_updated_at``, ``synced_at``, row ids and timestamps) and Nylas fields
 it does not store (``grant_id``, ``object``, a message's ``created_at``, a thread's ``draft_ids`` and
 ``latest_draft_or_message``).

@@ -1,5 +1,5 @@
 """Every statement the webhook intake runs, named. The work itself is done by the SQL functions of
-``sql/004_webhook_api.sql`` (see docs/sql-api.md), so each of these is one round trip.
+``nova_email/sql/004_webhook_api.sql`` (see docs/sql-api.md), so each of these is one round trip.
 """
 
 from __future__ import annotations

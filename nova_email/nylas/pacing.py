@@ -1,4 +1,4 @@
-"""Pacing of Nylas API calls, shared by every worker process through Postgres (``sql/030_nylas_pacing.sql``).
+"""Pacing of Nylas API calls, shared by every worker process through Postgres (``nova_email/sql/030_nylas_pacing.sql``).
 
 Instead of the original's fixed sleeps, each call reserves a slot in a token bucket per grant and, optionally, one
 per application. The database hands out slots in arrival order and says how long to wait for ours, so a caller sleeps

@@ -613,9 +613,9 @@ def test_enable_notify_is_idempotent_and_replaces_pgmq_row_trigger(
 def test_the_least_privilege_worker_role_can_do_everything_a_worker_does(
     make_broker: Callable[..., PGMQBroker], make_worker: Callable[..., Worker], db_url: str, conn: psycopg.Connection
 ) -> None:
-    # Given a queue created by the owner (a migration) and a broker connected as nova_worker (sql/090_worker_role)
+    # Given a queue created by the owner (a migration) and a broker connected as nova_worker (nova_email/sql/090_worker_role)
     if conn.execute("select count(*) from pg_roles where rolname = 'nova_worker'").fetchone() == (0,):
-        pytest.fail("sql/090_worker_role.sql should have created the nova_worker role")
+        pytest.fail("nova_email/sql/090_worker_role.sql should have created the nova_worker role")
     conn.execute("select pgmq_broker.enable_notify('least_privilege')")
     broker = make_broker(url=psycopg.conninfo.make_conninfo(db_url, options="-c role=nova_worker"))
     ran: list[int] = []
@@ -626,7 +626,7 @@ def test_the_least_privilege_worker_role_can_do_everything_a_worker_does(
         if n == 0:
             raise ValueError("always fails")
 
-    # When it sends, consumes, retries, dead-letters and reports (emptying a queue is the owner's: sql/091)
+    # When it sends, consumes, retries, dead-letters and reports (emptying a queue is the owner's: nova_email/sql/091)
     broker.enqueue_many([job.message(i) for i in range(3)])
     make_worker(broker)
     wait_until(lambda: broker.count_dead_letters("least_privilege") == 1, what="a dead letter")

@@ -238,7 +238,7 @@ def test_a_worker_group_serves_actor_metrics_api_calls_and_database_gauges_on_it
 def test_status_and_scrape_need_no_more_than_the_least_privilege_worker_role(
     db_url: str, tmp_path: Path, thread_sync_backfill: uuid.UUID
 ) -> None:
-    # The exposition process runs with the workers' DATABASE_URL, whose role may be only nova_worker (sql/090).
+    # The exposition process runs with the workers' DATABASE_URL, whose role may be only nova_worker (nova_email/sql/090).
     @contextmanager
     def as_worker() -> Iterator[psycopg.Connection]:
         with psycopg.connect(db_url, autocommit=True) as conn:

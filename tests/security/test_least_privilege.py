@@ -1,5 +1,5 @@
-"""The workers run under the least-privilege role ``nova_worker`` (sql/090_worker_role.sql, narrowed by
-sql/091_worker_role_narrow.sql) and still do all their work.
+"""The workers run under the least-privilege role ``nova_worker`` (nova_email/sql/090_worker_role.sql, narrowed by
+nova_email/sql/091_worker_role_narrow.sql) and still do all their work.
 
 A login role that holds nothing but ``nova_worker`` runs a whole backfill with live webhooks through real dramatiq
 processes; the result must equal the mailbox exactly. The same role must be refused everything the workers do not

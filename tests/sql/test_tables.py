@@ -137,7 +137,7 @@ def test_deleting_an_inbox_removes_everything_that_hangs_off_it(
 
 
 def test_every_function_of_these_migrations_says_what_it_does(conn: psycopg.Connection) -> None:
-    sql_dir = Path(__file__).resolve().parents[2] / "sql"
+    sql_dir = Path(__file__).resolve().parents[2] / "nova_email" / "sql"
     names = {
         match.group(1)
         for path in sorted(sql_dir.glob("00[1-7]_*.sql"))
