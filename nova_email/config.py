@@ -26,7 +26,6 @@ T = TypeVar("T")
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
-_LEGACY_DELAYS_MS = {"thread": 3000, "message": 1000, "api": 200}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
 
 
@@ -69,10 +68,12 @@ class Settings:
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
     recovery_check_interval_ms: int = 60000
-    #: The original's fixed delays; None means "not set": 0 while pacing is on, else the original's default.
-    thread_delay_ms: int | None = None
-    message_delay_ms: int | None = None
-    api_delay_ms: int | None = None
+    #: The original's fixed delays (pause after a thread job, pause per message written, minimum spacing of one
+    #: grant's calls). They apply only when set: pacing replaces them, and turning pacing off must not slow
+    #: every sync down by the original's sleeps.
+    thread_delay_ms: int = 0
+    message_delay_ms: int = 0
+    api_delay_ms: int = 0
     nylas_grant_rate: float = 10.0
     nylas_grant_burst: int = 10
     nylas_app_rate: float = 0.0
@@ -97,17 +98,6 @@ class Settings:
     def pacing_enabled(self) -> bool:
         """Whether Nylas calls are paced by the shared token buckets (NYLAS_GRANT_RATE or NYLAS_APP_RATE > 0)."""
         return self.nylas_grant_rate > 0 or self.nylas_app_rate > 0
-
-    def delay_ms(self, name: str) -> int:
-        """The effective value of a legacy delay (``thread``, ``message`` or ``api``).
-
-        Set explicitly, it is honoured. Unset, it is 0 while pacing is on (pacing replaces fixed sleeps) and the
-        original's default (3000, 1000, 200) when pacing is off.
-        """
-        value: int | None = getattr(self, f"{name}_delay_ms")
-        if value is not None:
-            return value
-        return 0 if self.pacing_enabled else _LEGACY_DELAYS_MS[name]
 
     @property
     def database_url_redacted(self) -> str | None:

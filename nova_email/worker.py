@@ -98,13 +98,13 @@ def nylas_client(settings: Settings) -> NylasClient:
     with _client_lock:
         if _client is None or _client[0] != os.getpid():
             pacer = None
-            if settings.pacing_enabled or settings.delay_ms("api"):
+            if settings.pacing_enabled or settings.api_delay_ms:
                 pacer = Pacer(
                     db.get_pool(settings).connection,
                     grant_rate_per_s=settings.nylas_grant_rate or None,
                     grant_burst=settings.nylas_grant_burst,
                     app_rate_per_s=settings.nylas_app_rate or None,
-                    min_interval_ms=settings.delay_ms("api"),
+                    min_interval_ms=settings.api_delay_ms,
                 )
             _client = (
                 os.getpid(),
