@@ -26,10 +26,17 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from . import db
-    from .migrate import migrate
+    from .migrate import migrate, pending_migrations
 
     with db.connect(settings) as conn:
-        migrate(conn)
+        if not args.check:
+            migrate(conn)
+            return 0
+        pending = pending_migrations(conn)
+    if pending:
+        print(f"{len(pending)} migration(s) pending: {', '.join(pending)}; run nova-email migrate")
+        return 1
+    print("Database schema is current")
     return 0
 
 
@@ -96,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    migrate = add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    migrate.add_argument(
+        "--check", action="store_true", help="apply nothing; exit 1 when migrations are pending (for deploy scripts)"
+    )
     db_url = add(
         "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"
     )
@@ -116,15 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .ops import (
         add_backfill_arguments,
         add_dead_letters_arguments,
+        add_healthcheck_arguments,
         add_status_arguments,
         run_backfill,
         run_dead_letters,
+        run_healthcheck,
         run_status,
     )
 
     add_status_arguments(add("status", run_status, "queues, active backfills, webhook activity and recent failures"))
     add_backfill_arguments(add("backfill", run_backfill, "start a backfill, watch its progress, or retry it"))
     add_dead_letters_arguments(add("dead-letters", run_dead_letters, "list, show or replay dead-lettered messages"))
+    add_healthcheck_arguments(
+        add(
+            "healthcheck",
+            run_healthcheck,
+            "database reachable, schema current, queues present (--worker: this host's workers heartbeating); "
+            "exit 0 or 1 with one line",
+        )
+    )
     # Listed for --help; main() hands its arguments to the simulator's own parser.
     sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser

@@ -23,6 +23,7 @@ from . import db
 from .config import Settings
 from .nylas.client import NylasClient
 from .nylas.pacing import Pacer
+from .ops.health import WorkerHeartbeat
 from .ops.metrics import add_metrics
 
 __all__ = ["GiveUpHook", "TestingMode", "build_broker", "nylas_client"]
@@ -87,6 +88,7 @@ def build_broker(settings: Settings) -> PGMQBroker:
     # message failed (appended last, it ran first and never saw a failed message).
     broker.add_middleware(GiveUpHook(), before=Retries)
     add_metrics(broker, settings)
+    broker.add_middleware(WorkerHeartbeat())  # read by `nova-email healthcheck --worker`
     if settings.testing_mode:
         broker.add_middleware(TestingMode({"nylas_webhook_notifications"}))
     return broker

@@ -29,6 +29,9 @@ select m.queue_name, q.queued, q.delayed, q.in_flight, q.oldest_age_ms, q.dead_l
  order by m.queue_name
 """
 
+#: Which of the given queues exist (the health check's "queues present").
+QUEUES_PRESENT: LiteralString = "select queue_name from pgmq.meta where queue_name = any(%(queues)s)"
+
 # -- backfills -------------------------------------------------------------------------------------------------------
 
 #: Progress of every active backfill (or of the given configs), with its inbox and the database's clock.
