@@ -66,19 +66,22 @@ PROCESSORS = {
 PROCESSORS["all"] = [queue for queues in PROCESSORS.values() for queue in queues]
 
 
-def worker_command(name: str, extra: Sequence[str] = ()) -> list[str]:
-    """The ``dramatiq`` command line that runs processor `name` (or ``all``)."""
-    return [sys.executable, "-m", "dramatiq", "nova_email.actors", "--queues", *PROCESSORS[name], *extra]
+def worker_arguments(name: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``dramatiq`` arguments that run processor `name` (or ``all``)."""
+    return ["nova_email.actors", "--queues", *PROCESSORS[name], *extra]
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    import os
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
 
-    command = worker_command(args.processor, args.dramatiq_args)
-    log.info("Starting {} processor: {}", args.processor, " ".join(command[2:]))
-    # exec: dramatiq's own signal handling (graceful SIGTERM/SIGINT) then applies to this process directly.
-    os.execv(command[0], command)
-    return 0  # pragma: no cover
+    arguments = worker_arguments(args.processor, args.dramatiq_args)
+    log.info("Starting {} processor: dramatiq {}", args.processor, " ".join(arguments))
+    # Dramatiq's main process runs here rather than exec'd: its logging.basicConfig() does nothing once this
+    # process's root logger has a handler, so its own lines (start-up, signals, worker exits) go through the sink
+    # set up above, JSON included. Its signal handling (graceful SIGTERM/SIGINT) applies to this process.
+    parsed = make_argument_parser().parse_args(arguments)  # type: ignore[no-untyped-call]
+    return int(dramatiq_main(parsed) or 0)  # type: ignore[no-untyped-call]
 
 
 def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:

@@ -80,6 +80,8 @@ class Settings:
     testing_mode: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    #: NO_COLOR set to anything (https://no-color.org): text logs are never coloured, even on a terminal.
+    no_color: bool = False
     database_url: str | None = attrs.field(default=None, repr=False)
     #: DATABASE_URL goes through a transaction-mode pooler (Supabase's port 6543, PgBouncer in transaction mode):
     #: no LISTEN/NOTIFY wake-ups (polling only) and no prepared statements.
@@ -211,6 +213,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "TESTING_MODE": ("testing_mode", _parse_bool),
     "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
+    "NO_COLOR": ("no_color", lambda n, r: True),
     "DATABASE_URL": ("database_url", _parse_database_url),
     "DATABASE_TRANSACTION_POOLER": ("database_transaction_pooler", _parse_bool),
     "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
