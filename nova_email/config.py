@@ -20,7 +20,7 @@ from dotenv import dotenv_values
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "redact_url"]
+__all__ = ["VARIABLES", "Settings", "load_settings", "redact_url"]
 
 T = TypeVar("T")
 
@@ -227,6 +227,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "METRICS_HOST": ("metrics_host", lambda n, r: r.strip()),
     "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
 }
+
+
+#: Every environment variable the service reads (.env.example lists them all).
+VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")) -> Settings:
