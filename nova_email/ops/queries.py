@@ -48,6 +48,9 @@ select p.config_id, p.inbox_id, i.email, p.backfill_status, p.threads_total, p.t
  order by c.backfill_requested_at nulls last, c.id
 """
 
+#: Take the metrics collector's session advisory lock if no other session holds it; true when this session does.
+TRY_COLLECTOR_LOCK: LiteralString = "select pg_try_advisory_lock(%(key)s)"
+
 #: How many configurations are in each backfill status (the metrics' overview of every inbox).
 BACKFILL_STATUS_COUNTS: LiteralString = """
 select backfill_status, count(*) from flux_inbox_configurations group by backfill_status order by backfill_status
