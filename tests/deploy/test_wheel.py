@@ -4,20 +4,13 @@ the pinned versions, and run from outside the source tree, as a production insta
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
-
-from nova_email.db import with_database
-from tests.conftest import server_url
 
 from .conftest import ROOT
 
@@ -47,19 +40,6 @@ def outside(tmp_path: Path) -> Path:
     """A working directory outside the source tree, without a .env."""
     assert ROOT not in tmp_path.parents
     return tmp_path
-
-
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    admin_url = server_url()
-    name = f"nova_wheel_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -102,9 +82,9 @@ def test_without_database_url_the_installed_package_stops_with_one_line_naming_i
 @pytest.mark.slow
 @pytest.mark.processes
 def test_the_installed_package_migrates_and_runs_dramatiq_workers(
-    installed: Path, outside: Path, empty_database: str
+    installed: Path, outside: Path, empty_db_url: str
 ) -> None:
-    env = _env(DATABASE_URL=empty_database)
+    env = _env(DATABASE_URL=empty_db_url)
     # migrate, then the checks a deployment runs
     assert _run(installed / "nova-email", "migrate", "--check", cwd=outside, env=env).returncode == 1
     migrated = _run(installed / "nova-email", "migrate", cwd=outside, env=env)

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,9 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from nova_email.db import with_database
 from nova_email.migrate import migrate
-from tests.conftest import server_url
 from tests.processes import ROOT, running_workers, wait_for
 
 
@@ -40,20 +37,6 @@ def _one_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result
     assert "Traceback" not in result.stderr, result.stderr
     return lines[0]
-
-
-@pytest.fixture
-def empty_db_url() -> Iterator[str]:
-    """A database of this test with nothing in it yet."""
-    admin_url = server_url()
-    name = f"nova_health_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
 def test_migrate_check_fails_while_migrations_are_pending_and_passes_once_applied(empty_db_url: str) -> None:
