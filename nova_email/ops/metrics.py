@@ -25,6 +25,7 @@ host needs its own port; its multiprocess files live in a directory named after 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -198,19 +199,25 @@ class DatabaseCollector:
     def close(self) -> None:
         """Close the connection (and so give up collecting the database gauges)."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            if self._conn is None:
+                return
+            if self._holds_lock and not self._conn.closed:
+                # Released here rather than when the server notices the session ended, which happens a moment
+                # after close() returns: another group may take over at once.
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.execute(queries.RELEASE_COLLECTOR_LOCK, {"key": DATABASE_COLLECTOR_LOCK})
+            self._conn.close()
+            self._conn = None
+            self._holds_lock = False
 
     def _collect(self) -> Iterator[Metric]:
         families = _families()
         try:
-            collector = self._is_collector()
-            if collector:
-                assert self._conn is not None
-                queues = self._conn.execute(queries.QUEUE_METRICS).fetchall()
-                states = self._conn.execute(queries.BACKFILL_STATUS_COUNTS).fetchall()
-                backfills = fetch_progress(self._conn)
+            conn = self._collecting_connection()
+            if conn is not None:
+                queues = conn.execute(queries.QUEUE_METRICS).fetchall()
+                states = conn.execute(queries.BACKFILL_STATUS_COUNTS).fetchall()
+                backfills = fetch_progress(conn)
         except psycopg.Error as exc:
             log.warning("Database unavailable during a scrape: {}", exc)
             if self._conn is not None:
@@ -220,10 +227,10 @@ class DatabaseCollector:
             yield families["nova_database_up"]
             return
         families["nova_database_up"].add_metric([], 1)
-        families["nova_metrics_database_collector"].add_metric([], 1 if collector else 0)
+        families["nova_metrics_database_collector"].add_metric([], 0 if conn is None else 1)
         yield families.pop("nova_database_up")
         yield families.pop("nova_metrics_database_collector")
-        if not collector:
+        if conn is None:
             return
         for queue_name, queued, delayed, in_flight, oldest_age_ms, dead in queues:
             families["nova_queue_messages"].add_metric([queue_name, "ready"], queued)
@@ -236,15 +243,18 @@ class DatabaseCollector:
         _add_backfill_gauges(families, backfills)
         yield from families.values()
 
-    def _is_collector(self) -> bool:
-        """Whether this process holds the collector's lock, taking it if it is free; opens the connection if needed."""
+    def _collecting_connection(self) -> psycopg.Connection | None:
+        """This process's connection when it holds the collector's lock (taken if free), else None.
+
+        Opens the connection if needed; either way the database has answered.
+        """
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
             self._holds_lock = False
         if not self._holds_lock:
             row = self._conn.execute(queries.TRY_COLLECTOR_LOCK, {"key": DATABASE_COLLECTOR_LOCK}).fetchone()
             self._holds_lock = bool(row and row[0])
-        return self._holds_lock
+        return self._conn if self._holds_lock else None
 
 
 def _enable_multiprocess(directory: Path) -> None:

@@ -50,6 +50,8 @@ select p.config_id, p.inbox_id, i.email, p.backfill_status, p.threads_total, p.t
 
 #: Take the metrics collector's session advisory lock if no other session holds it; true when this session does.
 TRY_COLLECTOR_LOCK: LiteralString = "select pg_try_advisory_lock(%(key)s)"
+#: Give the metrics collector's lock up (on shutdown), so another process can take it at once.
+RELEASE_COLLECTOR_LOCK: LiteralString = "select pg_advisory_unlock(%(key)s)"
 
 #: How many configurations are in each backfill status (the metrics' overview of every inbox).
 BACKFILL_STATUS_COUNTS: LiteralString = """
