@@ -81,7 +81,6 @@ class WorkerHeartbeat(Middleware):
         return self.directory / str(os.getpid())
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="nova-heartbeat", daemon=True)
         self._thread.start()
@@ -93,11 +92,19 @@ class WorkerHeartbeat(Middleware):
         self.path.unlink(missing_ok=True)
 
     def _beat(self) -> None:
+        failing = False
         while True:
             try:
+                self.directory.mkdir(parents=True, exist_ok=True)
                 self.path.touch()
             except OSError as exc:
-                log.warning("Cannot write the heartbeat file {}: {}", self.path, exc)
+                if not failing:  # once per outage, not every beat
+                    log.warning("Cannot write the heartbeat file {}: {}", self.path, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("Writing the heartbeat file {} again", self.path)
+                failing = False
             if self._stop.wait(self.interval_s):
                 return
 

@@ -9,14 +9,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
+from dramatiq.brokers.stub import StubBroker
+from loguru import logger
 from psycopg import sql
 
 from nova_email.migrate import migrate
+from nova_email.ops.health import WorkerHeartbeat
 from tests.processes import ROOT, running_workers, wait_for
 
 
@@ -113,6 +117,30 @@ def test_healthcheck_needs_no_more_than_the_least_privilege_worker_role(db_url: 
     finally:
         with psycopg.connect(db_url, autocommit=True) as admin:
             admin.execute(sql.SQL("drop role {}").format(sql.Identifier(user)))
+
+
+def test_a_heartbeat_that_cannot_be_written_is_logged_once_and_its_recovery_once(tmp_path: Path) -> None:
+    # Given a heartbeat directory that cannot be created (its parent is a file)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    heartbeat = WorkerHeartbeat(blocker / "heartbeats", interval_s=0.02)
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{level} {message}", level="INFO")
+    try:
+        # When the worker runs for a while, then the directory becomes writable
+        heartbeat.after_worker_boot(StubBroker(), None)
+        wait_for(lambda: len(lines) >= 1, timeout_s=5, what="the warning")
+        time.sleep(0.2)
+        blocker.unlink()
+        wait_for(lambda: heartbeat.path.exists(), timeout_s=5, what="the heartbeat file")
+        heartbeat.before_worker_shutdown(StubBroker(), None)
+    finally:
+        logger.remove(sink)
+
+    # Then the outage was logged once and the recovery once, and shutdown removed the file
+    assert [line.split(" ", 1)[0] for line in lines] == ["WARNING", "INFO"], lines
+    assert "Cannot write the heartbeat file" in lines[0]
+    assert not heartbeat.path.exists()
 
 
 @pytest.mark.processes
