@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 
 from .conftest import ROOT, parses_as_nova_email_command
 
@@ -118,3 +121,21 @@ def test_the_entry_point_is_the_console_script_and_the_default_runs_everything(
     assert "nova-email" in console_scripts
     assert json.loads(ops["CMD"]) == ["run", "all"]
     assert "PATH=/opt/venv/bin:$PATH" in ops["ENV"]
+
+
+def test_the_requirements_step_lists_exactly_pyprojects_runtime_dependencies() -> None:
+    # Run the image's own extraction command (the part before "> requirements.txt") with this interpreter.
+    build, _ = _stages()
+    (step,) = [args for op, args in build if op == "RUN" and "tomllib" in args]
+    command = step.split(">", 1)[0].strip()
+    assert command.startswith("python ")
+    result = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" {command.removeprefix("python ")}'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        expected = tomllib.load(fh)["project"]["dependencies"]
+    assert result.stdout.splitlines() == expected
