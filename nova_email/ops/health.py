@@ -130,7 +130,8 @@ def worker_heartbeats(directory: Path = HEARTBEAT_DIR) -> dict[int, float]:
         if not path.name.isdigit():
             continue
         pid = int(path.name)
-        if not _alive(pid):
+        # A file left by an earlier run whose pid now names this very probe is not a worker.
+        if pid == os.getpid() or not _alive(pid):
             path.unlink(missing_ok=True)
             continue
         try:
