@@ -36,7 +36,8 @@ returning id
 
 # -- thread sync -----------------------------------------------------------------------------------------------------
 
-#: Claim a tracked thread for this attempt; returns its status before the claim (completed rows are left alone).
+#: Claim a tracked thread for this attempt; returns its status before the claim and the copy the listing kept
+#: (a completed row stays completed: its job runs again, as a redelivery or a ``queue_thread_sync()`` call asks).
 START_THREAD: LiteralString = """
 with previous as (
     select id, status from queued_threads
@@ -49,7 +50,7 @@ set status = case when previous.status = 'completed' then 'completed' else 'proc
     attempts = q.attempts + case when previous.status = 'completed' then 0 else 1 end
 from previous
 where q.id = previous.id
-returning previous.status
+returning previous.status, q.listed_thread, q.listed_at
 """
 #: A tracked thread is done: synced (with its message count) or gone at Nylas (with a note).
 COMPLETE_THREAD: LiteralString = """
@@ -80,11 +81,13 @@ GET_CONFIG: LiteralString = (
 START_BACKFILL_RUN: LiteralString = "select start_backfill_run(%(config_id)s)"
 #: Create or recompute the progress counters of a run.
 INITIALIZE_SYNC_STATS: LiteralString = "select initialize_sync_stats(%(config_id)s, 0)"
-#: Record one listed page and its checkpoint in one transaction.
+#: Record one listed page (read at listed_at) and its checkpoint in one transaction.
 RECORD_BACKFILL_PAGE: LiteralString = (
     "select queued, skipped, threads_queued"
-    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s)"
+    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
 )
+#: End a slice of a long listing: queue the job that lists on from the checkpoint.
+CONTINUE_BACKFILL_LISTING: LiteralString = "select continue_backfill_listing(%(config_id)s)"
 #: Hand over to thread sync and send every thread job, atomically.
 FINISH_BACKFILL_LISTING: LiteralString = "select finish_backfill_listing(%(config_id)s)"
 #: Record a failed run (status failed, error appended, checkpoint kept).
