@@ -188,6 +188,16 @@ class Run:
             admin.execute(f'drop database if exists "{self.name}" with (force)')
 
 
+def measure(run: Run, until: tuple[str, ...] = ("completed", "failed")) -> tuple[float, dict[str, Any], dict[Any, int]]:
+    """Run the backfill of `run` until its status is one of `until`, then stop everything it started."""
+    try:
+        elapsed, totals = run.backfill(timeout_s=3600, until=until)
+        calls = run.calls()
+    finally:
+        run.close()
+    return elapsed, totals, calls
+
+
 def _before(value: float | None, unit: str = "") -> str:
     return f"(before: {value:g}{unit})" if value is not None else "(before: not measured)"
 
@@ -197,11 +207,7 @@ def throughput(server_url: str, args: argparse.Namespace) -> None:
               worker_env={"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "0", "MESSAGE_DELAY_MS": "0",
                           "API_DELAY_MS": "0"},
               processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    try:
-        elapsed, totals = run.backfill(timeout_s=3600)
-        calls = run.calls()
-    finally:
-        run.close()
+    elapsed, totals, calls = measure(run)
     total_calls = sum(calls.values())
     per_thread = total_calls / max(totals["completed"], 1)
     per_1000 = 1000 * total_calls / max(totals["messages"], 1)
@@ -224,11 +230,7 @@ def throughput(server_url: str, args: argparse.Namespace) -> None:
 def default_pacing(server_url: str, args: argparse.Namespace) -> None:
     run = Run(server_url, threads=args.paced_threads, sim_args=["--large-body-share", "0"], worker_env={},
               processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    try:
-        elapsed, totals = run.backfill(timeout_s=3600)
-        calls = run.calls()
-    finally:
-        run.close()
+    elapsed, totals, calls = measure(run)
     total_calls = sum(calls.values())
     print(
         f"\nScenario 1b: {args.paced_threads} threads in the mailbox, default pacing ({DEFAULT_RATE:g} calls/s per grant)"
@@ -245,11 +247,7 @@ def mailbox_sizes(server_url: str, args: argparse.Namespace) -> None:
         run = Run(server_url, threads=size, sim_args=["--large-body-share", "0"],
                   worker_env={"NYLAS_GRANT_RATE": "0"}, processes=1, worker_threads=1,
                   queues=["inbox_backfill_jobs"])  # fmt: skip
-        try:
-            elapsed, totals = run.backfill(timeout_s=3600, until=("thread_sync", "completed", "failed"))
-            calls = run.calls()
-        finally:
-            run.close()
+        elapsed, totals, calls = measure(run, until=("thread_sync", "completed", "failed"))
         rss = max(run.peak_rss.values(), default=0) / 2**20
         print(f"  {size:>6} threads  {totals['listed']} listed in {sum(calls.values())} calls, status "
               f"{totals['status']} after {elapsed:.1f} s {_before(BEFORE['size_listing_s'].get(size), ' s')}; "
@@ -263,11 +261,7 @@ def pacing(server_url: str, args: argparse.Namespace) -> None:
                         "--large-body-share", "0"],
               worker_env={"NYLAS_GRANT_RATE": str(rate), "NYLAS_GRANT_BURST": str(int(rate))},
               processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    try:
-        elapsed, totals = run.backfill(timeout_s=3600)
-        calls = run.calls()
-    finally:
-        run.close()
+    elapsed, totals, calls = measure(run)
     ok = sum(n for (_, status), n in calls.items() if status == 200)
     limited = sum(n for (_, status), n in calls.items() if status == 429)
     working = totals["working_s"]

@@ -52,10 +52,12 @@ from previous
 where q.id = previous.id
 returning previous.status, q.listed_thread, q.listed_at
 """
-#: A tracked thread is done: synced (with its message count) or gone at Nylas (with a note).
+#: A tracked thread is done: synced (with its message count) or gone at Nylas (with a note). Its listed copy has
+#: served: a later job for it (a redelivery, a ``queue_thread_sync()`` call) fetches the thread as Nylas has it then.
 COMPLETE_THREAD: LiteralString = """
 update queued_threads
-set status = 'completed', messages_synced = %(messages)s, processed_at = now(), note = %(note)s, error_message = null
+set status = 'completed', messages_synced = %(messages)s, processed_at = now(), note = %(note)s, error_message = null,
+    listed_thread = null
 where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s
 """
 #: A tracked thread failed for good; the error is kept so operators can see why.

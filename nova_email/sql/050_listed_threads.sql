@@ -15,13 +15,15 @@
 ALTER TABLE queued_threads ADD COLUMN IF NOT EXISTS listed_thread jsonb;
 ALTER TABLE queued_threads ADD COLUMN IF NOT EXISTS listed_at timestamptz;
 COMMENT ON COLUMN queued_threads.listed_thread IS
-    'The thread as the backfill listing returned it (Nylas JSON of the stored fields); the thread job writes it '
-    'instead of fetching the thread when the messages show it is current.';
+    'The thread as the backfill listing returned it (Nylas JSON of the stored fields), until its job completes; the '
+    'thread job writes it instead of fetching the thread when the messages show it is current.';
 COMMENT ON COLUMN queued_threads.listed_at IS 'When the listing page holding listed_thread was read (its version).';
 
+-- PL/pgSQL rather than SQL: it runs once per listed thread, and PL/pgSQL keeps the plan between calls.
 CREATE OR REPLACE FUNCTION flux_stored_thread_is_current(p_inbox_id uuid, p_thread jsonb) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (
         SELECT 1 FROM flux_email_threads t
          WHERE t.inbox_id = p_inbox_id AND t.nylas_thread_id = p_thread ->> 'id'
            -- Nothing received at Nylas after our copy.
@@ -45,56 +47,12 @@ LANGUAGE sql STABLE AS $$
            AND (NOT p_thread ? 'starred' OR t.starred = (p_thread ->> 'starred')::boolean)
            AND (NOT p_thread ? 'folders' OR (t.folders @> nylas_json_array(p_thread -> 'folders')
                                              AND nylas_json_array(p_thread -> 'folders') @> t.folders))
-    )
+    );
+END;
 $$;
 COMMENT ON FUNCTION flux_stored_thread_is_current(uuid, jsonb) IS
     'True when the mirror holds the listed thread whole (every message stored) and no older than the listing: '
     'latest_message_received_date not before Nylas''s, and message_ids, unread, starred and folders as listed.';
-
-CREATE OR REPLACE FUNCTION flux_queue_listed_thread(
-    p_config_id uuid,
-    p_inbox_id  uuid,
-    p_thread    jsonb,
-    p_grant_id  text,
-    p_listed_at timestamptz
-)
-RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_status text;
-    v_new    boolean;
-BEGIN
-    SELECT t.status INTO v_status FROM queued_threads t
-     WHERE t.config_id = p_config_id AND t.nylas_thread_id = p_thread ->> 'id'
-       FOR UPDATE;
-    IF NOT FOUND THEN
-        INSERT INTO queued_threads (config_id, inbox_id, nylas_thread_id, grant_id, status, listed_thread, listed_at)
-        VALUES (p_config_id, p_inbox_id, p_thread ->> 'id', nullif(p_grant_id, ''), 'queued', p_thread, p_listed_at)
-        ON CONFLICT (config_id, nylas_thread_id) DO NOTHING
-        RETURNING true INTO v_new;
-        RETURN coalesce(v_new, false);
-    END IF;
-    -- A thread that needs a sync waits to be sent whatever an earlier run recorded: a completed or failed row starts
-    -- over. A queued or running one keeps its job and only gets the newer listed copy.
-    UPDATE queued_threads t
-       SET listed_thread = CASE WHEN t.listed_at IS NULL OR p_listed_at >= t.listed_at
-                                THEN p_thread ELSE t.listed_thread END,
-           listed_at = greatest(t.listed_at, p_listed_at),
-           grant_id = coalesce(t.grant_id, nullif(p_grant_id, ''))
-     WHERE t.config_id = p_config_id AND t.nylas_thread_id = p_thread ->> 'id';
-    IF v_status NOT IN ('completed', 'failed') THEN
-        RETURN false;
-    END IF;
-    UPDATE queued_threads t
-       SET status = 'queued', queued_at = now(), started_at = NULL, processed_at = NULL, error_message = NULL,
-           note = NULL, messages_synced = 0, pgmq_queued_at = NULL, msg_id = NULL
-     WHERE t.config_id = p_config_id AND t.nylas_thread_id = p_thread ->> 'id';
-    RETURN true;
-END;
-$$;
-COMMENT ON FUNCTION flux_queue_listed_thread(uuid, uuid, jsonb, text, timestamptz) IS
-    'Records a listed thread that needs a sync with its listed copy; a completed or failed row from an earlier run '
-    'is queued again. True when the thread now waits for its job to be sent. Internal helper of record_backfill_page.';
 
 CREATE OR REPLACE FUNCTION record_backfill_page(
     p_config_id       uuid,
@@ -108,7 +66,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_config   flux_inbox_configurations%ROWTYPE;
     v_grant_id text;
-    v_thread   jsonb;
     v_expected integer;
     v_queued   integer := 0;
     v_skipped  integer := 0;
@@ -128,18 +85,48 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     SELECT i.nylas_grant_id INTO v_grant_id FROM flux_inboxes i WHERE i.id = v_config.inbox_id;
-    FOR v_thread IN SELECT * FROM jsonb_array_elements(p_threads) LOOP
-        IF jsonb_typeof(v_thread) IS DISTINCT FROM 'object' OR coalesce(v_thread ->> 'id', '') = '' THEN
-            v_skipped := v_skipped + 1;
-        ELSIF flux_stored_thread_is_current(v_config.inbox_id, v_thread) THEN
-            -- Webhooks keep a current thread current: no sync, whatever an earlier run recorded for it.
-            v_skipped := v_skipped + 1;
-        ELSIF flux_queue_listed_thread(p_config_id, v_config.inbox_id, v_thread, v_grant_id, p_listed_at) THEN
-            v_queued := v_queued + 1;
-        ELSE
-            v_skipped := v_skipped + 1;
-        END IF;
-    END LOOP;
+    -- One statement for the page, so the stats triggers fire once per page rather than once per thread.
+    WITH listed AS (
+        SELECT DISTINCT ON (l.thread ->> 'id') l.thread ->> 'id' AS thread_id, l.thread
+          FROM jsonb_array_elements(p_threads) AS l(thread)
+         WHERE jsonb_typeof(l.thread) = 'object' AND coalesce(l.thread ->> 'id', '') <> ''
+         ORDER BY l.thread ->> 'id'
+    ), needing AS (
+        -- Webhooks keep a current thread current: no sync, whatever an earlier run recorded for it.
+        SELECT l.thread_id, l.thread FROM listed l
+         WHERE NOT flux_stored_thread_is_current(v_config.inbox_id, l.thread)
+    ), earlier AS (
+        -- The rows as they were before this statement (every part of it reads the same snapshot).
+        SELECT q.nylas_thread_id, q.status FROM queued_threads q
+          JOIN needing n ON q.config_id = p_config_id AND q.nylas_thread_id = n.thread_id
+    ), written AS (
+        -- A thread that needs a sync waits to be sent whatever an earlier run recorded: a completed or failed row
+        -- starts over. A queued or running one keeps its job and only gets the newer listed copy.
+        INSERT INTO queued_threads AS t (config_id, inbox_id, nylas_thread_id, grant_id, status, listed_thread,
+                                         listed_at)
+        SELECT p_config_id, v_config.inbox_id, n.thread_id, nullif(v_grant_id, ''), 'queued', n.thread, p_listed_at
+          FROM needing n
+         ORDER BY n.thread_id
+        ON CONFLICT (config_id, nylas_thread_id) DO UPDATE SET
+            listed_thread = CASE WHEN t.listed_at IS NULL OR excluded.listed_at >= t.listed_at
+                                 THEN excluded.listed_thread ELSE t.listed_thread END,
+            listed_at = greatest(t.listed_at, excluded.listed_at),
+            grant_id = coalesce(t.grant_id, excluded.grant_id),
+            status = CASE WHEN t.status IN ('completed', 'failed') THEN 'queued' ELSE t.status END,
+            queued_at = CASE WHEN t.status IN ('completed', 'failed') THEN now() ELSE t.queued_at END,
+            started_at = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.started_at END,
+            processed_at = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.processed_at END,
+            error_message = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.error_message END,
+            note = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.note END,
+            messages_synced = CASE WHEN t.status IN ('completed', 'failed') THEN 0 ELSE t.messages_synced END,
+            pgmq_queued_at = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.pgmq_queued_at END,
+            msg_id = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.msg_id END
+        RETURNING t.nylas_thread_id
+    )
+    SELECT count(*) FILTER (WHERE e.status IS NULL OR e.status IN ('completed', 'failed'))
+      INTO v_queued
+      FROM written w LEFT JOIN earlier e ON e.nylas_thread_id = w.nylas_thread_id;
+    v_skipped := jsonb_array_length(p_threads) - v_queued;
     v_total := coalesce((v_config.backfill_progress ->> 'threads_queued')::integer, 0) + v_queued;
     PERFORM update_backfill_orchestration_progress(p_config_id, v_total, p_page, p_next_page_token);
     UPDATE flux_inbox_configurations c
@@ -204,7 +191,6 @@ BEGIN
         GRANT SELECT, INSERT, UPDATE ON queued_threads TO nova_worker;
         GRANT EXECUTE ON FUNCTION
             flux_stored_thread_is_current(uuid, jsonb),
-            flux_queue_listed_thread(uuid, uuid, jsonb, text, timestamptz),
             record_backfill_page(uuid, jsonb, text, integer, timestamptz),
             continue_backfill_listing(uuid)
         TO nova_worker;

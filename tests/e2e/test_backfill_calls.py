@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from nova_email import backfill
-from nova_email.simulator.server import SimulatorHandle, start_in_thread
+from nova_email.simulator.server import SimulatorHandle, serve_in_thread
 from tests.mirror import mirror_differences
 from tests.processes import ROOT, running_workers, wait_for
 
@@ -37,30 +37,25 @@ def worker_env(db_url: str, nylas: SimulatorHandle) -> dict[str, str]:
     }
 
 
-def create_inbox(db_url: str) -> uuid.UUID:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT]).fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
-
-
-def queue_backfill(db_url: str, inbox_id: uuid.UUID, nylas: SimulatorHandle) -> uuid.UUID:
+def start_backfill(db_url: str, nylas: SimulatorHandle) -> tuple[uuid.UUID, uuid.UUID]:
+    """An inbox of the simulator's grant and a backfill of it queued through the SQL API: (inbox id, config id)."""
     end = datetime.fromtimestamp(nylas.simulator.anchor, UTC) + timedelta(days=1)
     with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute("select config_id from queue_inbox_backfill(%s, null, null, %s)", [inbox_id, end]).fetchone()
+        inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT]).fetchone()
+        assert inbox is not None
+        row = conn.execute("select config_id from queue_inbox_backfill(%s, null, null, %s)", [inbox[0], end]).fetchone()
     assert row is not None
-    return row[0]  # type: ignore[no-any-return]
+    return inbox[0], row[0]
 
 
 def config_row(db_url: str, config_id: uuid.UUID) -> dict[str, Any]:
     with psycopg.connect(db_url) as conn:
         row = conn.execute(
-            "select backfill_status, backfill_start_date, backfill_progress from flux_inbox_configurations"
-            " where id = %s",
+            "select backfill_status, backfill_start_date, backfill_end_date from flux_inbox_configurations where id = %s",
             [config_id],
         ).fetchone()
     assert row is not None
-    return {"status": row[0], "start": int(row[1].timestamp()), "progress": row[2]}
+    return {"status": row[0], "start": int(row[1].timestamp()), "end": int(row[2].timestamp())}
 
 
 def calls_by_endpoint(nylas: SimulatorHandle) -> dict[str, int]:
@@ -98,10 +93,8 @@ def test_a_backfill_costs_one_call_per_thread_and_the_newer_data_wins(
 ) -> None:
     # Given a mailbox of 300 threads (about 200 in the year) and a backfill whose listing the backfill processor
     # alone completes and fans out
-    nylas = start_in_thread(seed=21, grants=[GRANT], threads_per_grant=300, large_body_share=0.0)
-    try:
-        inbox_id = create_inbox(db_url)
-        config_id = queue_backfill(db_url, inbox_id, nylas)
+    with serve_in_thread(seed=21, grants=[GRANT], threads_per_grant=300, large_body_share=0.0) as nylas:
+        inbox_id, config_id = start_backfill(db_url, nylas)
         env = worker_env(db_url, nylas)
         with running_workers(env, tmp_path / "listing.log", queues=[BACKFILL_QUEUE]):
             wait_for(lambda: config_row(db_url, config_id)["status"] == "thread_sync", timeout_s=120, what="listing")
@@ -126,18 +119,14 @@ def test_a_backfill_costs_one_call_per_thread_and_the_newer_data_wins(
         with psycopg.connect(db_url) as conn:
             since = config_row(db_url, config_id)["start"]
             assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=since) == []
-    finally:
-        nylas.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.processes
 def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_path: Path) -> None:
-    nylas = start_in_thread(seed=22, grants=[GRANT], threads_per_grant=200, large_body_share=0.0)
-    try:
+    with serve_in_thread(seed=22, grants=[GRANT], threads_per_grant=200, large_body_share=0.0) as nylas:
         # Given a completed backfill
-        inbox_id = create_inbox(db_url)
-        config_id = queue_backfill(db_url, inbox_id, nylas)
+        inbox_id, config_id = start_backfill(db_url, nylas)
         env = worker_env(db_url, nylas)
         with running_workers(env, tmp_path / "first.log", processes=2, threads=4):
             wait_for(lambda: config_row(db_url, config_id)["status"] == "completed", timeout_s=180, what="first run")
@@ -188,18 +177,14 @@ def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_pat
                 "select count(*) from queued_threads where config_id = %s and status = 'completed'", [config_id]
             ).fetchone()
         assert done == (len(threads),)
-    finally:
-        nylas.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.processes
 def test_a_listing_of_50000_threads_completes_in_slices(db_url: str, tmp_path: Path) -> None:
     # Given a mailbox of 50,000 threads (about 33,000 in the year: more pages than one run lists)
-    nylas = start_in_thread(seed=23, grants=[GRANT], threads_per_grant=50_000, large_body_share=0.0)
-    try:
-        inbox_id = create_inbox(db_url)
-        config_id = queue_backfill(db_url, inbox_id, nylas)
+    with serve_in_thread(seed=23, grants=[GRANT], threads_per_grant=50_000, large_body_share=0.0) as nylas:
+        inbox_id, config_id = start_backfill(db_url, nylas)
         with psycopg.connect(db_url) as conn:
             window = conn.execute(
                 "select extract(epoch from backfill_start_date)::bigint, extract(epoch from backfill_end_date)::bigint"
@@ -232,5 +217,3 @@ def test_a_listing_of_50000_threads_completes_in_slices(db_url: str, tmp_path: P
         assert rows == (in_year, in_year, in_year)
         assert jobs == (in_year,)
         assert calls_by_endpoint(nylas) == {"threads.list": pages}
-    finally:
-        nylas.stop()
