@@ -397,3 +397,19 @@ def test_a_new_backfill_repairs_a_damaged_mirror_and_leaves_current_threads_alon
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
     conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
     assert config_state(conn, job.config_id)[0] == "completed"
+
+
+def test_a_listed_thread_with_a_draft_is_fetched_since_its_messages_cannot_vouch_for_it(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a thread of the year holding a draft (drafts are not among the messages a thread job fetches)
+    drafted = sorted(in_window(nylas, job))[0]
+    nylas.simulator.add_draft(GRANT, thread_id=drafted, body="<p>not sent yet</p>")
+
+    # When a backfill lists the inbox and every thread job runs
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+
+    # Then that thread alone was fetched, and the mirror equals the mailbox
+    assert calls_by_endpoint(nylas).get("threads.get", 0) == 1
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
