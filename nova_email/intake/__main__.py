@@ -14,34 +14,19 @@ from pathlib import Path
 from ..config import load_settings
 from ..errors import NovaError
 from ..log import setup_logging
-from .app import DEFAULT_MAX_BODY_BYTES, DEFAULT_POOL_TIMEOUT_S
-from .server import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_THREADS, DEFAULT_WORKERS, main
+from .server import add_arguments, run_from_arguments
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse the options, load the settings from the environment and serve until stopped."""
     parser = argparse.ArgumentParser(prog="python -m nova_email.intake", description=__doc__)
-    parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="worker processes")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="threads per worker")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--pool-timeout-s", type=float, default=DEFAULT_POOL_TIMEOUT_S)
+    add_arguments(parser)
     parser.add_argument("--ready-file", type=Path, default=None, help='write "<host> <port>" here once listening')
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
         setup_logging(settings)
-        return main(
-            settings,
-            args.host,
-            args.port,
-            workers=args.workers,
-            threads=args.threads,
-            max_body_bytes=args.max_body_bytes,
-            pool_timeout_s=args.pool_timeout_s,
-            ready_file=args.ready_file,
-        )
+        return run_from_arguments(settings, args, args.ready_file)
     except NovaError as exc:
         print(f"nova-email intake: {exc}", file=sys.stderr)
         return 2
