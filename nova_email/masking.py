@@ -63,8 +63,8 @@ class MaskingStream:
         self._stream = stream
         self._secrets = tuple(secrets)
 
-    def write(self, text: str) -> int:
-        return self._stream.write(mask(text, self._secrets))
+    def write(self, text: str) -> None:
+        self._stream.write(mask(text, self._secrets))
 
     def flush(self) -> None:
         self._stream.flush()
