@@ -21,7 +21,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse the options, load the settings from the environment and serve until stopped."""
     parser = argparse.ArgumentParser(prog="python -m nova_email.intake", description=__doc__)
     add_arguments(parser)
-    parser.add_argument("--ready-file", type=Path, default=None, help='write "<host> <port>" here once listening')
+    parser.add_argument(
+        "--ready-file", type=Path, default=None, help='write "<host> <port> <metrics port or ->" here once listening'
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
