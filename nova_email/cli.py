@@ -9,6 +9,7 @@ never shows a configured secret (`nova_email.masking`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -68,19 +69,12 @@ def worker_command(name: str, extra: Sequence[str] = ()) -> list[str]:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    import os
 
     command = worker_command(args.processor, args.dramatiq_args)
     log.info("Starting {} processor: {}", args.processor, " ".join(command[2:]))
     # exec: dramatiq's own signal handling (graceful SIGTERM/SIGINT) then applies to this process directly.
     os.execv(command[0], command)
     return 0  # pragma: no cover
-
-
-def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:
-    from .intake.server import run_from_arguments
-
-    return run_from_arguments(settings, args)
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -113,11 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
     add_demo_arguments(add("demo", _demo, "run the whole service on a generated mailbox and show it working"))
-    from .intake.server import add_arguments as add_intake_arguments
-
-    add_intake_arguments(
-        add("serve-webhooks", _serve_webhooks, "receive Nylas webhooks over HTTP into the webhook queue")
-    )
+    # Listed for --help; main() runs it as a process of its own (nova_email.serve_webhooks), which parses its options.
+    sub.add_parser("serve-webhooks", help="receive Nylas webhooks over HTTP into the webhook queue (--help: options)")
     from .ops import (
         add_backfill_arguments,
         add_dead_letters_arguments,
@@ -143,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .simulator.server import main as simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["serve-webhooks"]:
+        # A fresh interpreter, so that gevent patches the standard library before psycopg is imported (see
+        # nova_email.serve_webhooks); exec, so that signals reach the gunicorn master directly.
+        os.execv(sys.executable, [sys.executable, "-m", "nova_email.serve_webhooks", *argv[1:]])
     args = build_parser().parse_args(argv)
     settings: Settings | None = None
     try:

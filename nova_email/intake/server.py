@@ -5,9 +5,11 @@ byte a second. Each connection is a greenlet, so a slow one holds no thread and 
 `DeadlineWorker` closes a connection whose headers, or whose body, take longer than `REQUEST_READ_TIMEOUT_S`.
 The app sees a body only once it has fully arrived. The work per request is a few microseconds of Python (HMAC,
 JSON) around one Postgres round trip; one process per core gets past the GIL. Each worker process has its own
-connection pool (`nova_email.db.get_pool`, created after the fork, psycopg waiting cooperatively under gevent).
+connection pool (`nova_email.db.get_pool`, created after the fork). psycopg and its pool wait cooperatively only
+if gevent patched the standard library before they were imported: run `main` from `nova_email.serve_webhooks`,
+the process entry that patches first (``nova-email serve-webhooks`` does).
 
-`main` is what ``nova-email serve-webhooks`` runs. `serve_in_background` starts the same server in a child
+`serve_in_background` starts the same server in a child
 process on an ephemeral port and yields its URL: gunicorn's master needs the main thread for its signals, and a
 child process is also exactly what production runs.
 """
@@ -112,8 +114,8 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
     """
 
     def patch(self) -> None:
-        # The master imported urllib3 (with ssl) before forking. The intake makes no outgoing TLS connection (libpq
-        # has its own), so gevent's warning about patching ssl late is noise in every worker's start.
+        # nova_email.serve_webhooks patched the master (all but os, signal and subprocess) before importing psycopg;
+        # gunicorn patches everything here, and gevent's warning that patching twice patches the union is noise.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", gevent.monkey.MonkeyPatchWarning)
             super().patch()
@@ -304,7 +306,7 @@ def main(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The server's options, shared by ``nova-email serve-webhooks`` and ``python -m nova_email.intake``."""
+    """The server's options (``nova-email serve-webhooks``, run by `nova_email.serve_webhooks`)."""
     parser.add_argument(
         "--host",
         default=None,
@@ -422,7 +424,7 @@ def serve_in_background(
     with tempfile.TemporaryDirectory(prefix="nova-intake-") as scratch:
         ready_file = Path(scratch) / "ready"
         command = [
-            sys.executable, "-m", "nova_email.intake",
+            sys.executable, "-m", "nova_email.serve_webhooks",
             "--host", host, "--port", str(port), "--workers", str(workers), "--threads", str(threads),
             "--max-body-bytes", str(max_body_bytes), "--pool-timeout-s", str(pool_timeout_s),
             "--ready-file", str(ready_file),
