@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import requests
 
@@ -139,3 +140,27 @@ def test_forty_slow_clients_neither_freeze_the_receiver_nor_stay_open(db_url: st
             assert tricklers.open_count() == 0
         finally:
             tricklers.close()
+
+
+@pytest.mark.processes
+def test_a_delivery_waiting_on_the_database_does_not_hold_up_the_others(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="error")
+    # Given one worker process, and a delivery stuck on a lock of the audit table held by another session
+    with serve_in_background(settings, workers=1) as server, psycopg.connect(db_url) as locker:
+        locker.execute("lock table flux_webhook_notifications in access exclusive mode")
+        stuck: list[int] = []
+        body = envelope(f"ntf_locked_{uuid.uuid4().hex}")
+        delivery = threading.Thread(
+            target=lambda: stuck.append(post_signed(requests.Session(), server, body).status_code), daemon=True
+        )
+        delivery.start()
+        try:
+            time.sleep(1.0)  # the delivery is waiting on the lock
+            # When health checks arrive meanwhile
+            health = [_timed(lambda: requests.get(f"{server.url}/healthz", timeout=5)) for _ in range(PROBES)]
+        finally:
+            locker.rollback()
+        delivery.join(timeout=30)
+    # Then they are answered while the delivery waits, and the delivery completes once the lock is gone
+    assert statistics.median(health) < ANSWER_WITHIN_S, health
+    assert stuck == [200]
