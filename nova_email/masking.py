@@ -2,18 +2,21 @@
 written, whatever its sink, level or origin (our code, Dramatiq, gunicorn, psycopg's pool retries, a traceback).
 
 The values are the Nylas API key, the webhook secret and every password in DATABASE_URL (``password``,
-``sslpassword``, ...), each as configured and as it appears percent-encoded in the URL. Code still keeps secrets out
-of its messages; this catches what slips through.
+``sslpassword``, ...) or, without DATABASE_URL, the embedded server's password, each as configured and as it appears
+percent-encoded in a URL. Code still keeps secrets out of its messages; this catches what slips through.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 from urllib.parse import quote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+
+from .embedded import embedded_password_file
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -41,6 +44,9 @@ def secret_values(settings: Settings) -> list[str]:
     values = {settings.nylas_api_key, settings.nylas_webhook_secret}
     if settings.database_url is not None:
         values.update(database_passwords(settings.database_url))
+    else:
+        with contextlib.suppress(OSError):  # no embedded server yet: it gets its password after this set-up
+            values.add(embedded_password_file(settings.data_dir).read_text().strip())
     values |= {quote(value, safe="") for value in values} | {quote(value) for value in values}
     return sorted((value for value in values if len(value) >= _MIN_SECRET_CHARS), key=len, reverse=True)
 

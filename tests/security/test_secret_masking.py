@@ -18,6 +18,7 @@ import pytest
 from loguru import logger
 
 from nova_email.config import Settings, load_settings, redact_url
+from nova_email.embedded import embedded_password_file
 from nova_email.errors import ConfigError
 from nova_email.log import setup_logging
 from nova_email.masking import MASK, secret_values
@@ -167,3 +168,9 @@ def test_no_command_shows_a_secret_with_a_working_or_an_unreachable_database(
             if status == 0 or len(lines) != 1 or not lines[0].startswith("nova-email: ") or "Traceback" in output:
                 failures[name] = f"status {status}:\n{output[-2000:]}"
     assert failures == {}
+
+
+def test_without_database_url_the_embedded_servers_password_is_masked(tmp_path: Path) -> None:
+    embedded_password_file(tmp_path).write_text(DB_PASSWORD + "\n")
+
+    assert DB_PASSWORD in secret_values(Settings(data_dir=tmp_path))
