@@ -1,4 +1,4 @@
-"""The webhook intake as a WSGI application (Falcon): Nylas's challenge, signed deliveries, health and metrics.
+"""The webhook intake as a WSGI application (Falcon): Nylas's challenge, signed deliveries and health checks.
 
 Routes:
     GET  /webhooks/nylas?challenge=X   200 with the bare value X (Nylas's endpoint verification)

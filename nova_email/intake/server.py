@@ -443,7 +443,9 @@ def serve_in_background(
                 time.sleep(0.02)  # polling the ready file against the deadline above
             bound_host, bound_port, bound_metrics_port = ready_file.read_text().split()
             metrics_url = (
-                None if bound_metrics_port == "-" else f"http://{_bind_address(host, int(bound_metrics_port))}/metrics"
+                None
+                if bound_metrics_port == "-"
+                else f"http://{_bind_address(DEFAULT_HOST, int(bound_metrics_port))}/metrics"
             )
             yield RunningIntake(
                 url=f"http://{_bind_address(bound_host, int(bound_port))}", pid=process.pid, metrics_url=metrics_url
