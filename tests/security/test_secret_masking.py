@@ -84,7 +84,7 @@ def test_every_log_line_has_the_configured_secrets_masked(capfd: pytest.CaptureF
     capfd.readouterr()
     # When our code, a library's stdlib logger (a pool retry) and a traceback carry them
     logger.debug("url {} key {}", settings.database_url, API_KEY)
-    logging.getLogger("psycopg.pool").warning("error connecting: password %s secret %s", DB_PASSWORD, WEBHOOK_SECRET)
+    logging.getLogger("psycopg.pool").error("error connecting: password %s secret %s", DB_PASSWORD, WEBHOOK_SECRET)
     try:
         raise RuntimeError(SSL_PASSWORD)
     except RuntimeError:
