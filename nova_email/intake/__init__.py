@@ -1,6 +1,7 @@
 """Nylas webhook intake over HTTP: verifies each delivery's signature and queues it once, in milliseconds.
 
-Run it with ``nova-email serve-webhooks`` (`server.main`); build the WSGI app alone with `create_app`.
+Run it with ``nova-email serve-webhooks`` (`nova_email.serve_webhooks`, which calls `server.main`); build the WSGI app
+alone with `create_app`.
 """
 
 from __future__ import annotations
