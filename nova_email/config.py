@@ -28,6 +28,8 @@ _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 _LEGACY_DELAYS_MS = {"thread": 3000, "message": 1000, "api": 200}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
+#: Spellings of other ecosystems (Node's ``warn``, Python's ``fatal``) -> loguru's level name.
+_LOG_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
 
 
 #: ``scheme://user:password@``: libpq ends the userinfo at the first ``@`` before any ``/``, so a password may hold
@@ -64,7 +66,6 @@ class Settings:
     """The service's configuration. Build it with `load_settings`; tests may build it directly."""
 
     poll_interval_ms: int = 5000
-    batch_size: int = 10
     visibility_timeout_s: int = 300
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
@@ -144,6 +145,11 @@ def _parse_choice(name: str, raw: str, choices: set[str]) -> str:
     return lowered
 
 
+def _parse_log_level(name: str, raw: str) -> str:
+    level = _parse_choice(name, raw, _LOG_LEVELS | set(_LOG_LEVEL_ALIASES))
+    return _LOG_LEVEL_ALIASES.get(level, level)
+
+
 def _parse_http_url(name: str, raw: str) -> str:
     value = raw.strip().rstrip("/")
     parts = urlsplit(value)
@@ -210,7 +216,6 @@ def _ms(minimum: int = 0) -> Callable[[str, str], int]:
 #: Environment variable -> (Settings field, parser).
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "POLL_INTERVAL_MS": ("poll_interval_ms", _ms(10)),
-    "BATCH_SIZE": ("batch_size", lambda n, r: _parse_int(n, r, minimum=1, unit="messages")),
     "VISIBILITY_TIMEOUT": ("visibility_timeout_s", lambda n, r: _parse_int(n, r, minimum=1, unit="seconds")),
     "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", _ms(100)),
     "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", _parse_bool),
@@ -219,7 +224,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MESSAGE_DELAY_MS": ("message_delay_ms", _ms()),
     "API_DELAY_MS": ("api_delay_ms", _ms()),
     "TESTING_MODE": ("testing_mode", _parse_bool),
-    "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
+    "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
     "DATABASE_URL": ("database_url", _parse_database_url),
     "DATABASE_TRANSACTION_POOLER": ("database_transaction_pooler", _parse_bool),
