@@ -8,6 +8,8 @@ package, never both and never twice) and then the broker's own DDL from ``broker
 files: each file runs once, inside its own transaction, under a transaction-level advisory lock,
 and is recorded in ``pgmq_broker.schema_migrations`` with its namespace and checksum. Two
 processes migrating at once therefore serialise instead of racing; running it again is a no-op.
+A file edited after release lists the checksums of its earlier texts in ``-- replaces: <sha256>`` lines;
+a database that applied one of those texts is then recorded under the new one instead of being warned about.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from loguru import logger
 
 from .errors import MigrationError
 
-__all__ = ["Migration", "apply_migrations", "install", "install_pgmq", "load_migrations"]
+__all__ = ["Migration", "applied_checksums", "apply_migrations", "create_migrations_table", "install", "install_pgmq", "load_migrations"]
 
 log = logger.bind(component="Migrate")
 
@@ -34,6 +36,8 @@ log = logger.bind(component="Migrate")
 MIGRATION_LOCK_KEY = 0x70676D716D696772
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
+#: ``-- replaces: <sha256>``: an earlier text of the same migration with the same effect on a database that ran it.
+_REPLACES = re.compile(r"^-- replaces: (?P<checksum>[0-9a-f]{64})$", re.MULTILINE)
 
 #: Create the bookkeeping table; runs under the advisory lock so concurrent first runs cannot race.
 _CREATE_TABLE: LiteralString = """
@@ -58,6 +62,17 @@ _RECORD: LiteralString = (
     "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
     " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
 )
+#: Does the bookkeeping table exist yet (it does not before the first migration)?
+_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
+#: Every applied migration of a namespace.
+_APPLIED_ALL: LiteralString = (
+    "select version, checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s order by version"
+)
+#: Record an applied migration under its current text.
+_RERECORD: LiteralString = (
+    "update pgmq_broker.schema_migrations set checksum = %(checksum)s, name = %(name)s"
+    " where namespace = %(namespace)s and version = %(version)s"
+)
 #: Is PGMQ present, and how: as an extension, as plain SQL, or available to create.
 _PGMQ_STATE: LiteralString = """
 select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
@@ -78,6 +93,11 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def replaces(self) -> frozenset[str]:
+        """Checksums of earlier texts of this file, declared in its ``-- replaces: <sha256>`` lines."""
+        return frozenset(_REPLACES.findall(self.sql))
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
@@ -102,6 +122,13 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def applied_checksums(conn: psycopg.Connection, namespace: str) -> dict[int, str]:
+    """Version -> checksum of every migration of `namespace` applied so far (empty before the first); reads only."""
+    if conn.execute(_TABLE_EXISTS).fetchone() != (True,):
+        return {}
+    return dict(conn.execute(_APPLIED_ALL, {"namespace": namespace}).fetchall())
+
+
 def _check_idle(conn: psycopg.Connection) -> None:
     # Each migration commits on its own; inside a caller's transaction it could not.
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -109,7 +136,8 @@ def _check_idle(conn: psycopg.Connection) -> None:
         raise MigrationError(msg)
 
 
-def _ensure_table(conn: psycopg.Connection) -> None:
+def create_migrations_table(conn: psycopg.Connection) -> None:
+    """Create the bookkeeping table if it is missing (each runner here does it first)."""
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
         conn.execute(_CREATE_TABLE)
@@ -121,7 +149,10 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
         row = conn.execute(_APPLIED, params).fetchone()
         if row is not None:
-            if row[0] != migration.checksum:
+            if row[0] in migration.replaces:
+                conn.execute(_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+                log.info("Recorded {}/{:03d}_{} under its edited text", namespace, migration.version, migration.name)
+            elif row[0] != migration.checksum:
                 log.warning(
                     "{}/{:03d}_{} changed after it was applied; migrations are append-only, add a new file instead",
                     namespace,
@@ -153,7 +184,7 @@ def apply_migrations(
     if not isinstance(migrations, Iterable):
         migrations = load_migrations(migrations)
     _check_idle(conn)
-    _ensure_table(conn)
+    create_migrations_table(conn)
     applied: list[str] = []
     for migration in migrations:
         try:
@@ -181,7 +212,7 @@ def install_pgmq(conn: psycopg.Connection) -> str:
         installed by someone else, left alone).
     """
     _check_idle(conn)
-    _ensure_table(conn)
+    create_migrations_table(conn)
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
         extension, schema, available = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)

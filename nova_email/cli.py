@@ -26,10 +26,13 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from . import db
-    from .migrate import migrate
+    from .migrate import migrate, plan
 
     with db.connect(settings) as conn:
-        migrate(conn)
+        if args.dry_run:
+            print("\n".join(plan(conn).lines()))
+        else:
+            migrate(conn)
     return 0
 
 
@@ -96,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    migrate = add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print what migrating would change (tried, then rolled back), change nothing"
+    )
     db_url = add(
         "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"
     )

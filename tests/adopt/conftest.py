@@ -1,0 +1,56 @@
+"""A database as the TypeScript original left it, built fresh for each test from ``original_*.sql``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from nova_email.db import with_database
+from tests.conftest import server_url
+
+HERE = Path(__file__).resolve().parent
+#: The original's tables, queues, functions and triggers, rebuilt from its documents.
+ORIGINAL_SCHEMA = HERE / "original_schema.sql"
+#: A little of its history: inboxes, a completed backfill, threads, messages, webhook audit rows.
+ORIGINAL_DATA = HERE / "original_data.sql"
+#: The seven tables and the primary key that identifies a row of each.
+TABLES = {
+    "flux_inboxes": "id",
+    "flux_inbox_configurations": "id",
+    "flux_email_threads": "id",
+    "flux_email_messages": "id",
+    "flux_webhook_notifications": "id",
+    "inbox_sync_stats": "config_id",
+    "queued_threads": "id",
+}
+
+
+@pytest.fixture
+def original_url() -> Iterator[str]:
+    """A new database with PGMQ and the original service's schema and rows; no migration of ours ran on it."""
+    admin_url = server_url()
+    name = f"nova_original_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')  # name built above from digits and hex only
+    url = with_database(admin_url, name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # PGMQ as Supabase provides it: installed by someone else, unknown to our migration records.
+        conn.execute(files("pgmq").joinpath("sql", "pgmq.sql").read_bytes())
+        conn.execute(ORIGINAL_SCHEMA.read_bytes())
+        conn.execute(ORIGINAL_DATA.read_bytes())
+    yield url
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def original(original_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the original's database."""
+    with psycopg.connect(original_url, autocommit=True) as connection:
+        yield connection
