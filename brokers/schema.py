@@ -28,7 +28,15 @@ from loguru import logger
 
 from .errors import MigrationError
 
-__all__ = ["Migration", "applied_checksums", "apply_migrations", "create_migrations_table", "install", "install_pgmq", "load_migrations"]
+__all__ = [
+    "Migration",
+    "applied_checksums",
+    "apply_migrations",
+    "create_migrations_table",
+    "install",
+    "install_pgmq",
+    "load_migrations",
+]
 
 log = logger.bind(component="Migrate")
 

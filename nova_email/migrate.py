@@ -149,7 +149,9 @@ def _describe(
     before: dict[str, str], after: dict[str, str], rows_before: dict[str, _RowsChanged], rows: dict[str, _RowsChanged]
 ) -> list[str]:
     changes = [f"+ {name}: {after[name]}" for name in sorted(after.keys() - before.keys())]
-    changes += [f"~ {name}: {after[name]}" for name in sorted(after.keys() & before.keys()) if before[name] != after[name]]
+    changes += [
+        f"~ {name}: {after[name]}" for name in sorted(after.keys() & before.keys()) if before[name] != after[name]
+    ]
     changes += [f"- {name}" for name in sorted(before.keys() - after.keys())]
     for table in sorted(rows):
         if f"table {table}" not in before:

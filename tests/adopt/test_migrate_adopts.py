@@ -173,8 +173,10 @@ def test_rows_our_constraints_refuse_stop_the_migration_before_anything_changes(
     assert f"sharing an inbox (keep one configuration per inbox), 2 row(s): " in message
     assert extra_config in message and str(OTHER_CONFIG) in message
     assert all(row in message for row in twice)
-    assert f"flux_email_messages rows without a thread or nylas_message_id (delete them: their inbox is unknown), " \
+    assert (
+        f"flux_email_messages rows without a thread or nylas_message_id (delete them: their inbox is unknown), "
         f"1 row(s): {orphan}" in message
+    )
     # And nothing changed, not even the broker's tables
     assert (catalog(original), rows(original)) == before
     assert schema.applied_checksums(original, "brokers") == {}
@@ -186,7 +188,9 @@ def test_rows_our_constraints_refuse_stop_the_migration_before_anything_changes(
     assert migrate(original)[0] == "adopt_original"
 
 
-def test_an_adopted_database_has_every_object_a_new_one_has(original: psycopg.Connection, conn: psycopg.Connection) -> None:
+def test_an_adopted_database_has_every_object_a_new_one_has(
+    original: psycopg.Connection, conn: psycopg.Connection
+) -> None:
     migrate(original)
 
     fresh, adopted = catalog(conn), catalog(original)
