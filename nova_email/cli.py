@@ -70,6 +70,9 @@ def worker_command(name: str, extra: Sequence[str] = ()) -> list[str]:
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     import os
 
+    from .boot import require_nylas_key
+
+    require_nylas_key(settings, PROCESSORS[args.processor])
     command = worker_command(args.processor, args.dramatiq_args)
     log.info("Starting {} processor: {}", args.processor, " ".join(command[2:]))
     # exec: dramatiq's own signal handling (graceful SIGTERM/SIGINT) then applies to this process directly.
@@ -101,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
     migrate.add_argument(
-        "--dry-run", action="store_true", help="print what migrating would change (tried, then rolled back), change nothing"
+        "--dry-run",
+        action="store_true",
+        help="print what migrating would change (tried, then rolled back), change nothing",
     )
     db_url = add(
         "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"

@@ -77,6 +77,10 @@ class Settings:
     nylas_grant_rate: float = 10.0
     nylas_grant_burst: int = 10
     nylas_app_rate: float = 0.0
+    #: Shortest time from a job's first attempt to its last, per processor: a Nylas incident that short fails no job.
+    webhook_retry_window_ms: int = 120_000
+    backfill_retry_window_ms: int = 120_000
+    thread_retry_window_ms: int = 120_000
     testing_mode: bool = False
     log_level: str = "info"
     log_format: str = "text"
@@ -223,6 +227,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "THREAD_DELAY_MS": ("thread_delay_ms", _ms()),
     "MESSAGE_DELAY_MS": ("message_delay_ms", _ms()),
     "API_DELAY_MS": ("api_delay_ms", _ms()),
+    "WEBHOOK_RETRY_WINDOW_MS": ("webhook_retry_window_ms", _ms(1)),
+    "BACKFILL_RETRY_WINDOW_MS": ("backfill_retry_window_ms", _ms(1)),
+    "THREAD_RETRY_WINDOW_MS": ("thread_retry_window_ms", _ms(1)),
     "TESTING_MODE": ("testing_mode", _parse_bool),
     "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),

@@ -38,14 +38,15 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-def database_url(settings: Settings) -> str:
-    """The URL to use: DATABASE_URL, or the embedded server's (started if needed). Logs the choice once."""
+def database_url(settings: Settings, *, announce: bool = True) -> str:
+    """The URL to use: DATABASE_URL, or the embedded server's (started if needed). Logs the choice once, on the
+    first call that may `announce` it (not while `nova_email.actors` is imported)."""
     if settings.database_url is not None:
         url, where = settings.database_url, f"DATABASE_URL {settings.database_url_redacted}"
     else:
         url = embedded_server_url(settings.data_dir)
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"
-    if url not in _announced:
+    if announce and url not in _announced:
         _announced.add(url)
         log.info("Using {}", where)
     return url

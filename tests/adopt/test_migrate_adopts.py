@@ -170,7 +170,7 @@ def test_rows_our_constraints_refuse_stop_the_migration_before_anything_changes(
 
     message = str(info.value)
     assert "nothing was changed" in message
-    assert f"sharing an inbox (keep one configuration per inbox), 2 row(s): " in message
+    assert "sharing an inbox (keep one configuration per inbox), 2 row(s): " in message
     assert extra_config in message and str(OTHER_CONFIG) in message
     assert all(row in message for row in twice)
     assert (

@@ -22,7 +22,7 @@ README_QUERIES = {
     "queue-metrics": """SELECT * FROM flux_pgmq_metrics('nylas_webhook_notifications');
 SELECT * FROM flux_pgmq_metrics('inbox_backfill_jobs');
 SELECT * FROM flux_pgmq_metrics('thread_sync_jobs');""",
-    "monitor-active-syncs": """SELECT 
+    "monitor-active-syncs": """SELECT
   config_id,
   backfill_status,
   threads_queued,
@@ -33,7 +33,7 @@ SELECT * FROM flux_pgmq_metrics('thread_sync_jobs');""",
   ROUND((threads_completed::NUMERIC / threads_queued) * 100, 2) as percent_complete
 FROM inbox_sync_stats
 WHERE sync_completed_at IS NULL;""",
-    "recent-webhook-activity": """SELECT 
+    "recent-webhook-activity": """SELECT
   notification_type,
   status,
   COUNT(*),
@@ -41,9 +41,9 @@ WHERE sync_completed_at IS NULL;""",
 FROM flux_webhook_notifications
 WHERE received_at > NOW() - INTERVAL '1 hour'
 GROUP BY notification_type, status;""",
-    "failed-webhooks": """SELECT * FROM flux_webhook_notifications 
+    "failed-webhooks": """SELECT * FROM flux_webhook_notifications
 WHERE status = 'error'
-ORDER BY received_at DESC 
+ORDER BY received_at DESC
 LIMIT 10;""",
     "failed-threads": """SELECT * FROM queued_threads
 WHERE status = 'failed'
@@ -55,7 +55,7 @@ FROM flux_webhook_notifications
 WHERE status = 'error'
   AND received_at > NOW() - INTERVAL '24 hours'
 GROUP BY error_message;""",
-    "backfill-status": """SELECT 
+    "backfill-status": """SELECT
   backfill_status,
   backfill_started_at,
   backfill_progress

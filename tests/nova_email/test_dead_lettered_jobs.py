@@ -102,7 +102,9 @@ def test_the_dead_letter_scan_reads_only_the_unrecorded_ones_through_their_index
 
 def test_a_poisoned_backfill_job_fails_its_configuration_with_the_reason(db_url: str, conn: psycopg.Connection) -> None:
     # Given a backfill whose job kept killing its worker in the middle of the listing
-    inbox_id = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('g-poison-bf') returning id").fetchone()[0]  # type: ignore[index]
+    inbox_id = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('g-poison-bf') returning id").fetchone()[
+        0
+    ]  # type: ignore[index]
     config_id = conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id]).fetchone()[0]  # type: ignore[index]
     conn.execute("select start_backfill_run(%s)", [config_id])
     poison_and_consume(db_url, conn, "inbox_backfill_jobs")
