@@ -32,21 +32,27 @@ TABLES = {
 
 
 @pytest.fixture
-def original_url() -> Iterator[str]:
-    """A new database with PGMQ and the original service's schema and rows; no migration of ours ran on it."""
+def empty_url() -> Iterator[str]:
+    """A new, empty database, dropped after the test."""
     admin_url = server_url()
-    name = f"nova_original_{os.getpid()}_{secrets.token_hex(3)}"
+    name = f"nova_adopt_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'create database "{name}"')  # name built above from digits and hex only
-    url = with_database(admin_url, name)
+    yield with_database(admin_url, name)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def original_url(empty_url: str) -> str:
+    """A new database with PGMQ and the original service's schema and rows; no migration of ours ran on it."""
+    url = empty_url
     with psycopg.connect(url, autocommit=True) as conn:
         # PGMQ as Supabase provides it: installed by someone else, unknown to our migration records.
         conn.execute(files("pgmq").joinpath("sql", "pgmq.sql").read_bytes())
         conn.execute(ORIGINAL_SCHEMA.read_bytes())
         conn.execute(ORIGINAL_DATA.read_bytes())
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    return url
 
 
 @pytest.fixture
