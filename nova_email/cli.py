@@ -25,14 +25,20 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from brokers.errors import MigrationError
+
     from . import db
+    from .errors import DatabaseError
     from .migrate import migrate, plan
 
     with db.connect(settings) as conn:
-        if args.dry_run:
-            print("\n".join(plan(conn).lines()))
-        else:
-            migrate(conn)
+        try:
+            if args.dry_run:
+                print("\n".join(plan(conn).lines()))
+            else:
+                migrate(conn)
+        except MigrationError as exc:
+            raise DatabaseError(str(exc)) from exc
     return 0
 
 

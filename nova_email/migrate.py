@@ -212,7 +212,7 @@ def plan(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> Plan:
             after = _catalog(conn)
             rows = _rows_changed(conn)
     except psycopg.Error as exc:
-        msg = f"Migration {step} would fail, so nothing was changed: {exc}".strip()
+        msg = f"Migration {step} would fail, so nothing was changed: {exc.diag.message_primary or exc}"
         raise MigrationError(msg) from exc
     finally:
         conn.rollback()

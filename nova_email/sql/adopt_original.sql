@@ -84,8 +84,8 @@ BEGIN
         END IF;
     END LOOP;
     IF cardinality(v_problems) > 0 THEN
-        RAISE EXCEPTION 'The database cannot be adopted as it is; nothing was changed. Fix these rows, then run '
-            'nova-email migrate again:%', E'\n- ' || array_to_string(v_problems, E'\n- ')
+        RAISE EXCEPTION 'The database cannot be adopted as it is. Fix these rows, then run nova-email migrate '
+            'again:%', E'\n- ' || array_to_string(v_problems, E'\n- ')
             USING ERRCODE = 'check_violation';
     END IF;
 END;
