@@ -4,15 +4,16 @@
 -- `nova_email.migrate` runs this file in one transaction, only on a database that holds flux_inboxes but no
 -- applied nova_email migration, with the setting nova.adopt_functions = the names of the functions our migrations
 -- define. In order:
---   1. rows our constraints would refuse are listed and the transaction stops, so nothing changes;
---   2. missing columns are added with our types and defaults, and filled for old rows (a message's inbox and Nylas
---      thread id from its thread; NULL where we keep NOT NULL becomes the column's default);
---   3. our keys, checks and foreign keys are added where missing; unique keys on a Nylas id alone are dropped (ids
+--   1. missing columns are added with our types and defaults;
+--   2. rows our constraints would refuse are listed and the transaction stops, so nothing changes;
+--   3. new columns are filled for old rows (a message's inbox and Nylas thread id from its thread), and a NULL where
+--      we keep NOT NULL becomes the column's default;
+--   4. our keys, checks and foreign keys are added where missing; unique keys on a Nylas id alone are dropped (ids
 --      are unique per grant, so ours are per inbox);
---   4. the original's versions of our functions are dropped (a changed result type cannot be replaced in place, and
+--   5. the original's versions of our functions are dropped (a changed result type cannot be replaced in place, and
 --      an old overload next to ours would make calls ambiguous), and so are its row triggers that kept
 --      inbox_sync_stats, which our statement-level triggers replace (both would count every change twice).
--- Every existing row stays, with its values except the NULLs named in step 2. The tables' own triggers are off
+-- Every existing row stays, with its values except the NULLs named in step 3. The tables' own triggers are off
 -- while this runs: completing a row is not an update of it (its updated_at stays), nor a change to count.
 
 CREATE TEMPORARY TABLE flux_adopt_paused_triggers ON COMMIT DROP AS
@@ -26,73 +27,6 @@ SELECT t.tgrelid::regclass AS table_name, t.tgname
 
 DO $$
 DECLARE
-    v_problems text[] := '{}';
-    v_check    record;
-    v_rows     text;
-BEGIN
-    FOR v_check IN
-        SELECT * FROM (VALUES
-            ('flux_inboxes rows without nylas_grant_id (set it or delete the row)',
-             $q$SELECT id::text FROM flux_inboxes WHERE nylas_grant_id IS NULL$q$),
-            ('flux_inboxes rows sharing a nylas_grant_id (keep one row per grant)',
-             $q$SELECT id::text FROM flux_inboxes WHERE nylas_grant_id IN (
-                    SELECT nylas_grant_id FROM flux_inboxes GROUP BY 1 HAVING count(*) > 1)$q$),
-            ('flux_inbox_configurations rows without inbox_id (delete them)',
-             $q$SELECT id::text FROM flux_inbox_configurations WHERE inbox_id IS NULL$q$),
-            ('flux_inbox_configurations rows sharing an inbox (keep one configuration per inbox)',
-             $q$SELECT id::text FROM flux_inbox_configurations WHERE inbox_id IN (
-                    SELECT inbox_id FROM flux_inbox_configurations GROUP BY 1 HAVING count(*) > 1)$q$),
-            ('flux_inbox_configurations rows with an unknown backfill_status (expected pending, backfill, '
-             'thread_sync, completed, failed or in_progress)',
-             $q$SELECT id::text || ' (' || backfill_status || ')' FROM flux_inbox_configurations
-                 WHERE backfill_status NOT IN ('pending', 'backfill', 'thread_sync', 'completed', 'failed',
-                                               'in_progress')$q$),
-            ('flux_email_threads rows without inbox_id or nylas_thread_id (delete them)',
-             $q$SELECT id::text FROM flux_email_threads WHERE inbox_id IS NULL OR nylas_thread_id IS NULL$q$),
-            ('flux_email_messages rows without a thread or nylas_message_id (delete them: their inbox is unknown)',
-             $q$SELECT id::text FROM flux_email_messages WHERE thread_id IS NULL OR nylas_message_id IS NULL$q$),
-            ('flux_webhook_notifications rows with an unknown status (expected pending, processing, processed, '
-             'error, ignored or rejected)',
-             $q$SELECT id::text || ' (' || coalesce(status, 'NULL') || ')' FROM flux_webhook_notifications
-                 WHERE status IS NULL OR status NOT IN ('pending', 'processing', 'processed', 'error', 'ignored',
-                                                        'rejected')$q$),
-            ('flux_webhook_notifications rows sharing a webhook_id (keep the first of each)',
-             $q$SELECT id::text FROM flux_webhook_notifications WHERE webhook_id IN (
-                    SELECT webhook_id FROM flux_webhook_notifications GROUP BY 1 HAVING count(*) > 1)$q$),
-            ('flux_webhook_notifications rows without webhook_id or notification_type (set them from the payload, '
-             'or set status to rejected)',
-             $q$SELECT id::text FROM flux_webhook_notifications
-                 WHERE status IS DISTINCT FROM 'rejected' AND (webhook_id IS NULL OR notification_type IS NULL)$q$),
-            ('flux_webhook_notifications rows naming an inbox that does not exist (set inbox_id to NULL)',
-             $q$SELECT n.id::text FROM flux_webhook_notifications n
-                 WHERE n.inbox_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM flux_inboxes i WHERE i.id = n.inbox_id)$q$),
-            ('queued_threads rows without config_id or inbox_id (delete them)',
-             $q$SELECT id::text FROM queued_threads WHERE config_id IS NULL OR inbox_id IS NULL$q$),
-            ('queued_threads rows whose thread_id and nylas_thread_id differ or are both missing',
-             $q$SELECT id::text FROM queued_threads
-                 WHERE coalesce(nylas_thread_id, thread_id) IS NULL
-                    OR thread_id IS DISTINCT FROM coalesce(nylas_thread_id, thread_id)$q$),
-            ('queued_threads rows with an unknown status (expected queued, processing, completed or failed)',
-             $q$SELECT id::text || ' (' || coalesce(status, 'NULL') || ')' FROM queued_threads
-                 WHERE status IS NULL OR status NOT IN ('queued', 'processing', 'completed', 'failed')$q$)
-        ) AS c(problem, query)
-    LOOP
-        EXECUTE format('SELECT count(*) || '' row(s): '' || string_agg(r, '', '') FROM (%s) AS x(r)', v_check.query)
-            INTO v_rows;
-        IF v_rows IS NOT NULL THEN
-            v_problems := v_problems || format('%s, %s', v_check.problem, v_rows);
-        END IF;
-    END LOOP;
-    IF cardinality(v_problems) > 0 THEN
-        RAISE EXCEPTION 'The database cannot be adopted as it is. Fix these rows, then run nova-email migrate '
-            'again:%', E'\n- ' || array_to_string(v_problems, E'\n- ')
-            USING ERRCODE = 'check_violation';
-    END IF;
-END;
-$$;
-
-DO $$
-DECLARE
     v_trigger record;
 BEGIN
     FOR v_trigger IN SELECT * FROM flux_adopt_paused_triggers LOOP
@@ -101,7 +35,7 @@ BEGIN
 END;
 $$;
 
--- 2. Columns, in the order of 001_tables.sql.
+-- 1. Columns, in the order of 001_tables.sql.
 ALTER TABLE flux_inboxes
     ADD COLUMN IF NOT EXISTS email                 text,
     ADD COLUMN IF NOT EXISTS provider              text,
@@ -215,7 +149,76 @@ ALTER TABLE queued_threads
     ADD COLUMN IF NOT EXISTS created_at      timestamptz NOT NULL DEFAULT now(),
     ADD COLUMN IF NOT EXISTS updated_at      timestamptz NOT NULL DEFAULT now();
 
--- Values for old rows: what the new columns mean is known from the rows they belong to.
+-- 2. Rows our keys and checks would refuse (read once every column exists, so a column the original lacked
+-- counts as empty): listed, and the transaction stops.
+DO $$
+DECLARE
+    v_problems text[] := '{}';
+    v_check    record;
+    v_rows     text;
+BEGIN
+    FOR v_check IN
+        SELECT * FROM (VALUES
+            ('flux_inboxes rows without nylas_grant_id (set it or delete the row)',
+             $q$SELECT id::text FROM flux_inboxes WHERE nylas_grant_id IS NULL$q$),
+            ('flux_inboxes rows sharing a nylas_grant_id (keep one row per grant)',
+             $q$SELECT id::text FROM flux_inboxes WHERE nylas_grant_id IN (
+                    SELECT nylas_grant_id FROM flux_inboxes GROUP BY 1 HAVING count(*) > 1)$q$),
+            ('flux_inbox_configurations rows without inbox_id (delete them)',
+             $q$SELECT id::text FROM flux_inbox_configurations WHERE inbox_id IS NULL$q$),
+            ('flux_inbox_configurations rows sharing an inbox (keep one configuration per inbox)',
+             $q$SELECT id::text FROM flux_inbox_configurations WHERE inbox_id IN (
+                    SELECT inbox_id FROM flux_inbox_configurations GROUP BY 1 HAVING count(*) > 1)$q$),
+            ('flux_inbox_configurations rows with an unknown backfill_status (expected pending, backfill, '
+             'thread_sync, completed, failed or in_progress)',
+             $q$SELECT id::text || ' (' || backfill_status || ')' FROM flux_inbox_configurations
+                 WHERE backfill_status NOT IN ('pending', 'backfill', 'thread_sync', 'completed', 'failed',
+                                               'in_progress')$q$),
+            ('flux_email_threads rows without inbox_id or nylas_thread_id (delete them)',
+             $q$SELECT id::text FROM flux_email_threads WHERE inbox_id IS NULL OR nylas_thread_id IS NULL$q$),
+            ('flux_email_messages rows without a thread or nylas_message_id (delete them: their inbox is unknown)',
+             $q$SELECT id::text FROM flux_email_messages WHERE thread_id IS NULL OR nylas_message_id IS NULL$q$),
+            ('flux_webhook_notifications rows with an unknown status (expected pending, processing, processed, '
+             'error, ignored or rejected)',
+             $q$SELECT id::text || ' (' || coalesce(status, 'NULL') || ')' FROM flux_webhook_notifications
+                 WHERE status IS NULL OR status NOT IN ('pending', 'processing', 'processed', 'error', 'ignored',
+                                                        'rejected')$q$),
+            ('flux_webhook_notifications rows sharing a webhook_id (keep the first of each)',
+             $q$SELECT id::text FROM flux_webhook_notifications WHERE webhook_id IN (
+                    SELECT webhook_id FROM flux_webhook_notifications GROUP BY 1 HAVING count(*) > 1)$q$),
+            ('flux_webhook_notifications rows without webhook_id or notification_type (set them from the payload, '
+             'or set status to rejected)',
+             $q$SELECT id::text FROM flux_webhook_notifications
+                 WHERE status IS DISTINCT FROM 'rejected' AND (webhook_id IS NULL OR notification_type IS NULL)$q$),
+            ('flux_webhook_notifications rows naming an inbox that does not exist (set inbox_id to NULL)',
+             $q$SELECT n.id::text FROM flux_webhook_notifications n
+                 WHERE n.inbox_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM flux_inboxes i WHERE i.id = n.inbox_id)$q$),
+            ('queued_threads rows without config_id or inbox_id (delete them)',
+             $q$SELECT id::text FROM queued_threads WHERE config_id IS NULL OR inbox_id IS NULL$q$),
+            ('queued_threads rows whose thread_id and nylas_thread_id differ or are both missing',
+             $q$SELECT id::text FROM queued_threads
+                 WHERE coalesce(nylas_thread_id, thread_id) IS NULL
+                    OR thread_id IS DISTINCT FROM coalesce(nylas_thread_id, thread_id)$q$),
+            ('queued_threads rows with an unknown status (expected queued, processing, completed or failed)',
+             $q$SELECT id::text || ' (' || coalesce(status, 'NULL') || ')' FROM queued_threads
+                 WHERE status IS NULL OR status NOT IN ('queued', 'processing', 'completed', 'failed')$q$)
+        ) AS c(problem, query)
+    LOOP
+        EXECUTE format('SELECT count(*) || '' row(s): '' || string_agg(r, '', '') FROM (%s) AS x(r)', v_check.query)
+            INTO v_rows;
+        IF v_rows IS NOT NULL THEN
+            v_problems := v_problems || format('%s, %s', v_check.problem, v_rows);
+        END IF;
+    END LOOP;
+    IF cardinality(v_problems) > 0 THEN
+        RAISE EXCEPTION 'The database cannot be adopted as it is. Fix these rows, then run nova-email migrate '
+            'again:%', E'\n- ' || array_to_string(v_problems, E'\n- ')
+            USING ERRCODE = 'check_violation';
+    END IF;
+END;
+$$;
+
+-- 3. Values for old rows: what the new columns mean is known from the rows they belong to.
 UPDATE flux_email_messages m
    SET inbox_id = coalesce(m.inbox_id, t.inbox_id), nylas_thread_id = coalesce(m.nylas_thread_id, t.nylas_thread_id)
   FROM flux_email_threads t
@@ -280,7 +283,7 @@ BEGIN
 END;
 $$;
 
--- 3. Keys and checks, by name, where missing. A unique key on a Nylas id alone goes: ids are unique per grant.
+-- 4. Keys and checks, by name, where missing. A unique key on a Nylas id alone goes: ids are unique per grant.
 DO $$
 DECLARE
     v_constraint record;
@@ -361,7 +364,7 @@ BEGIN
 END;
 $$;
 
--- 4. The original's versions of our functions, and its row triggers on queued_threads that wrote the stats.
+-- 5. The original's versions of our functions, and its row triggers on queued_threads that wrote the stats.
 DO $$
 DECLARE
     v_object record;
@@ -387,7 +390,7 @@ BEGIN
 END;
 $$;
 
--- The tables' triggers that survive step 4 are on again.
+-- The tables' triggers that survive step 5 are on again.
 DO $$
 DECLARE
     v_trigger record;
