@@ -67,7 +67,9 @@ J = TypeVar("J")
 
 settings = load_settings()
 broker = build_broker(settings)
-broker.add_middleware(WorkerBoot(settings), before=type(broker.middleware[0]))  # first: its logging serves the rest
+# Last in the list, so first of the after_process_boot hooks (Dramatiq runs after_* hooks in reverse): the others log
+# through the sink it sets up.
+broker.add_middleware(WorkerBoot(settings))
 dramatiq.set_broker(broker)
 
 
