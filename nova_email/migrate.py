@@ -219,12 +219,16 @@ def plan(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> Plan:
     return Plan(steps=steps, changes=_describe(before, after, rows_before, rows))
 
 
-def _adopt(conn: psycopg.Connection, sql_dir: Path) -> None:
+def _adopt(conn: psycopg.Connection, sql_dir: Path) -> bool:
     with conn.transaction():
         conn.execute(_LOCK, {"key": schema.MIGRATION_LOCK_KEY})
+        # Another process may have adopted the database while this one was trying: then its migrations are ours now.
+        if not needs_adoption(conn):
+            return False
         conn.execute(_SET_ADOPT_FUNCTIONS, {"names": _function_names(schema.load_migrations(sql_dir))})
         _run_script(conn, ADOPT_SQL.read_text(encoding="utf-8"))
     log.info("Adopted the original service's tables: columns, keys and values completed, its old functions replaced")
+    return True
 
 
 def migrate(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:
@@ -239,8 +243,8 @@ def migrate(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:
     if adopting:
         trial = plan(conn, sql_dir=sql_dir)
         log.info("Adopting a database of the original service: {} change(s) tried and found safe", len(trial.changes))
-        _adopt(conn, sql_dir)
-        applied.append("adopt_original")
+        if _adopt(conn, sql_dir):
+            applied.append("adopt_original")
     applied += schema.install(conn)
     applied += schema.apply_migrations(conn, namespace="nova_email", migrations=sql_dir)
     if applied:
