@@ -61,6 +61,10 @@ create table if not exists pgmq_broker.schema_migrations (
 """
 #: Serialise migrating processes for the length of one transaction.
 _LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
+#: Run after `_LOCK`: locking a catalog table makes this backend take in the catalog changes of the process it waited
+#: for. The advisory lock alone does not, so a schema this backend had looked up (and found missing) before the wait
+#: would still look missing, and ``create schema if not exists`` would collide with the one just committed.
+_SEE_COMMITTED_CATALOG: LiteralString = "select count(*) from pg_catalog.pg_namespace"
 #: Checksum of an applied migration, if any.
 _APPLIED: LiteralString = (
     "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"
@@ -148,6 +152,7 @@ def create_migrations_table(conn: psycopg.Connection) -> None:
     """Create the bookkeeping table if it is missing (each runner here does it first)."""
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
+        conn.execute(_SEE_COMMITTED_CATALOG)
         conn.execute(_CREATE_TABLE)
 
 
