@@ -19,12 +19,13 @@ from typing import LiteralString
 import attrs
 import psycopg
 from loguru import logger
+from psycopg import sql
 from psycopg.rows import class_row
 
 from brokers import schema
 from brokers.errors import MigrationError
 
-__all__ = ["ADOPT_SQL", "SQL_DIR", "Plan", "migrate", "needs_adoption", "plan"]
+__all__ = ["ADOPTION_NAMESPACE", "ADOPT_SQL", "SQL_DIR", "Plan", "migrate", "needs_adoption", "plan"]
 
 log = logger.bind(component="Migrate")
 
@@ -32,6 +33,8 @@ log = logger.bind(component="Migrate")
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 #: Completes the original service's tables into ours; run once, before the migrations, on an adopted database.
 ADOPT_SQL = SQL_DIR / "adopt_original.sql"
+#: The adoption is recorded like a migration of its own, so it runs once even when several processes migrate at once.
+ADOPTION_NAMESPACE = "nova_email.adoption"
 #: Where the migrations' own objects live: what a plan compares before and after.
 _SCHEMAS = ("public", "pgmq", "pgmq_broker")
 _FUNCTION_NAME = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+(?:public\.)?(\w+)\s*\(", re.IGNORECASE)
@@ -42,7 +45,7 @@ _STATE: LiteralString = (
     " to_regclass('pgmq.meta') is not null as has_pgmq"
 )
 #: Hand the adoption script the names of the functions our migrations define (it drops the original's versions).
-_SET_ADOPT_FUNCTIONS: LiteralString = "select set_config('nova.adopt_functions', %(names)s, true)"
+_SET_ADOPT_FUNCTIONS = sql.SQL("select set_config('nova.adopt_functions', {names}, true);\n")
 #: Serialise with every other migrating process (the broker's lock) for the length of the trial.
 _LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
 #: Every object the migrations create or change, as (kind and name, definition), in the schemas they use.
@@ -123,16 +126,23 @@ class Plan:
 def needs_adoption(conn: psycopg.Connection) -> bool:
     """True for a database with the original service's tables on which no migration of ours ever ran."""
     has_tables, _ = conn.execute(_STATE).fetchone() or (False, False)
-    return bool(has_tables) and not schema.applied_checksums(conn, "nova_email")
+    return (
+        bool(has_tables)
+        and not schema.applied_checksums(conn, "nova_email")
+        and not schema.applied_checksums(conn, ADOPTION_NAMESPACE)
+    )
+
+
+def _adoption(conn: psycopg.Connection, ours: list[schema.Migration]) -> schema.Migration:
+    """``adopt_original.sql`` as a migration, told the names of our functions."""
+    names = sorted({name for m in ours for name in _FUNCTION_NAME.findall(m.sql)})
+    preamble = _SET_ADOPT_FUNCTIONS.format(names=sql.Literal(",".join(names))).as_string(conn)
+    return schema.Migration(1, "adopt_original", preamble + ADOPT_SQL.read_text(encoding="utf-8"))
 
 
 def _pending(conn: psycopg.Connection, namespace: str, migrations: list[schema.Migration]) -> list[schema.Migration]:
     applied = schema.applied_checksums(conn, namespace)
     return [m for m in migrations if m.version not in applied]
-
-
-def _function_names(migrations: list[schema.Migration]) -> str:
-    return ",".join(sorted({name for m in migrations for name in _FUNCTION_NAME.findall(m.sql)}))
 
 
 def _catalog(conn: psycopg.Connection) -> dict[str, str]:
@@ -204,8 +214,7 @@ def plan(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> Plan:
             before = _catalog(conn)
             rows_before = _rows_changed(conn)
             if adopting:
-                conn.execute(_SET_ADOPT_FUNCTIONS, {"names": _function_names(ours)})
-                _run_script(conn, ADOPT_SQL.read_text(encoding="utf-8"))
+                _run_script(conn, _adoption(conn, ours).sql)
             for namespace, migration in pending:
                 step = f"{namespace}/{migration.version:03d}_{migration.name}"
                 _run_script(conn, migration.sql)
@@ -220,13 +229,10 @@ def plan(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> Plan:
 
 
 def _adopt(conn: psycopg.Connection, sql_dir: Path) -> bool:
-    with conn.transaction():
-        conn.execute(_LOCK, {"key": schema.MIGRATION_LOCK_KEY})
-        # Another process may have adopted the database while this one was trying: then its migrations are ours now.
-        if not needs_adoption(conn):
-            return False
-        conn.execute(_SET_ADOPT_FUNCTIONS, {"names": _function_names(schema.load_migrations(sql_dir))})
-        _run_script(conn, ADOPT_SQL.read_text(encoding="utf-8"))
+    # Recorded, under the migration lock: a second process migrating at the same time finds it done.
+    adoption = _adoption(conn, schema.load_migrations(sql_dir))
+    if not schema.apply_migrations(conn, namespace=ADOPTION_NAMESPACE, migrations=[adoption]):
+        return False
     log.info("Adopted the original service's tables: columns, keys and values completed, its old functions replaced")
     return True
 

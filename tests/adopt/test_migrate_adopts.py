@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import psycopg
@@ -221,3 +222,41 @@ def test_a_database_migrated_with_an_earlier_text_of_an_edited_migration_is_reco
     assert applied == []
     assert warnings == []
     assert schema.applied_checksums(conn, "nova_email")[1] == tables.checksum
+
+
+def test_two_processes_migrating_the_original_at_once_adopt_it_once(original_url: str) -> None:
+    results: list[list[str] | BaseException] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(original_url, autocommit=True) as conn:
+                results.append(migrate(conn))
+        except BaseException as exc:  # reported by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert all(isinstance(r, list) for r in results) and len(results) == 2, results
+    assert sum(r.count("adopt_original") for r in results if isinstance(r, list)) == 1
+    with psycopg.connect(original_url, autocommit=True) as conn:
+        assert plan(conn).steps == []
+        assert rows(conn)["flux_email_messages"].keys() == {
+            "44444444-0000-4000-8000-000000000001",
+            "44444444-0000-4000-8000-000000000002",
+            "44444444-0000-4000-8000-000000000003",
+        }
+
+
+def test_the_dry_run_of_a_new_database_lists_every_migration(empty_url: str) -> None:
+    with psycopg.connect(empty_url, autocommit=True) as conn:
+        result = plan(conn)
+
+        assert not result.tried
+        assert result.steps[0] == "brokers/000_schema" and "nova_email/061_legacy_writers" in result.steps
+        assert "adopt_original" not in result.steps
+        assert result.lines()[1].startswith("PGMQ is not installed yet")
+        assert conn.execute("select to_regclass('pgmq.meta') is null").fetchone() == (True,)
