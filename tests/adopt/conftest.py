@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 
 import psycopg
 import pytest
+from loguru import logger
 
 from nova_email.db import with_database
 from tests.conftest import server_url
@@ -60,3 +62,14 @@ def original(original_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the original's database."""
     with psycopg.connect(original_url, autocommit=True) as connection:
         yield connection
+
+
+@contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The log records at WARNING or above while the block runs."""
+    records: list[str] = []
+    sink = logger.add(lambda m: records.append(str(m)), level="WARNING")
+    try:
+        yield records
+    finally:
+        logger.remove(sink)

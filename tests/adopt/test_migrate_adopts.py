@@ -10,13 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from loguru import logger
 from psycopg.rows import dict_row
 
 from brokers import schema
 from brokers.errors import MigrationError
 from nova_email.migrate import SQL_DIR, migrate, needs_adoption, plan
-from tests.adopt.conftest import TABLES
+from tests.adopt.conftest import TABLES, logged_warnings
 from tests.conftest import ROOT
 
 #: Rows of original_data.sql.
@@ -210,13 +209,9 @@ def test_a_database_migrated_with_an_earlier_text_of_an_edited_migration_is_reco
         "update pgmq_broker.schema_migrations set checksum = %s where namespace = 'nova_email' and version = 1",
         [earlier],
     )
-    warnings: list[str] = []
-    sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
-    try:
-        # When it is migrated again
+    # When it is migrated again
+    with logged_warnings() as warnings:
         applied = migrate(conn)
-    finally:
-        logger.remove(sink)
 
     # Then nothing runs, nothing is warned about, and the record names the current text
     assert applied == []

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import psycopg
-from loguru import logger
 
 from brokers import schema
 from nova_email.migrate import SQL_DIR, migrate
+from tests.adopt.conftest import logged_warnings
 from tests.adopt.test_migrate_adopts import catalog
 
 
@@ -40,12 +40,8 @@ def test_a_database_migrated_before_adoption_existed_upgrades_to_the_new_schema(
         migrate(old, sql_dir=tmp_path)
 
         # When today's migrate runs on it
-        warnings: list[str] = []
-        sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
-        try:
+        with logged_warnings() as warnings:
             applied = migrate(old)
-        finally:
-            logger.remove(sink)
 
         # Then only the new migrations ran, nothing was warned about, and the schema is a new database's
         assert applied == [
