@@ -36,6 +36,8 @@ __all__ = [
     "install",
     "install_pgmq",
     "load_migrations",
+    "pending_install",
+    "pending_migrations",
 ]
 
 log = logger.bind(component="Migrate")
@@ -74,8 +76,6 @@ _RECORD: LiteralString = (
     "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
     " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
 )
-#: Does the bookkeeping table exist yet (it does not before the first migration)?
-_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
 #: Every applied migration of a namespace.
 _APPLIED_ALL: LiteralString = (
     "select version, checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s order by version"
@@ -92,6 +92,8 @@ select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
        exists (select 1 from pg_available_extensions where name = 'pgmq') as available
 """
 _CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"
+#: Does the bookkeeping table exist (it does once anything was applied)?
+_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
 
 
 @attrs.frozen
@@ -207,6 +209,27 @@ def apply_migrations(
             msg = f"Migration {namespace}/{migration.version:03d}_{migration.name} failed: {exc}".strip()
             raise MigrationError(msg) from exc
     return applied
+
+
+def pending_migrations(
+    conn: psycopg.Connection, *, namespace: str, migrations: Iterable[Migration] | Path | Traversable
+) -> list[Migration]:
+    """The migrations of `namespace` that `apply_migrations` would apply, without changing anything.
+
+    Use it to check a deployment (``migrate --check``, health checks); it needs only SELECT on the bookkeeping table.
+    """
+    if not isinstance(migrations, Iterable):
+        migrations = load_migrations(migrations)
+    applied = applied_checksums(conn, namespace)
+    return [migration for migration in migrations if migration.version not in applied]
+
+
+def pending_install(conn: psycopg.Connection) -> list[str]:
+    """What `install` would do (PGMQ, the broker's migrations), as names, without changing anything."""
+    extension, schema, _ = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
+    pending = [] if extension or schema else ["pgmq"]
+    broker = pending_migrations(conn, namespace="brokers", migrations=files("brokers").joinpath("sql"))
+    return pending + [f"brokers/{m.version:03d}_{m.name}" for m in broker]
 
 
 def _bundled_pgmq() -> Migration:

@@ -25,7 +25,16 @@ from psycopg.rows import class_row
 from brokers import schema
 from brokers.errors import MigrationError
 
-__all__ = ["ADOPTION_NAMESPACE", "ADOPT_SQL", "SQL_DIR", "Plan", "migrate", "needs_adoption", "plan"]
+__all__ = [
+    "ADOPTION_NAMESPACE",
+    "ADOPT_SQL",
+    "SQL_DIR",
+    "Plan",
+    "migrate",
+    "needs_adoption",
+    "pending_migrations",
+    "plan",
+]
 
 log = logger.bind(component="Migrate")
 
@@ -140,11 +149,6 @@ def _adoption(conn: psycopg.Connection, ours: list[schema.Migration]) -> schema.
     return schema.Migration(1, "adopt_original", preamble + ADOPT_SQL.read_text(encoding="utf-8"))
 
 
-def _pending(conn: psycopg.Connection, namespace: str, migrations: list[schema.Migration]) -> list[schema.Migration]:
-    applied = schema.applied_checksums(conn, namespace)
-    return [m for m in migrations if m.version not in applied]
-
-
 def _catalog(conn: psycopg.Connection) -> dict[str, str]:
     with conn.cursor(row_factory=class_row(_CatalogEntry)) as cur:
         return {e.name: e.definition for e in cur.execute(_CATALOG, {"schemas": list(_SCHEMAS)})}
@@ -199,8 +203,8 @@ def plan(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> Plan:
     ours = schema.load_migrations(sql_dir)
     broker = schema.load_migrations(files("brokers").joinpath("sql"))
     adopting = needs_adoption(conn)
-    pending = [("brokers", m) for m in _pending(conn, "brokers", broker)]
-    pending += [("nova_email", m) for m in _pending(conn, "nova_email", ours)]
+    pending = [("brokers", m) for m in schema.pending_migrations(conn, namespace="brokers", migrations=broker)]
+    pending += [("nova_email", m) for m in schema.pending_migrations(conn, namespace="nova_email", migrations=ours)]
     steps = (["adopt_original"] if adopting else []) + [f"{ns}/{m.version:03d}_{m.name}" for ns, m in pending]
     _, has_pgmq = conn.execute(_STATE).fetchone() or (False, False)
     if not steps or not has_pgmq:
@@ -258,3 +262,11 @@ def migrate(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:
     else:
         log.info("Database already up to date")
     return applied
+
+
+def pending_migrations(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:
+    """What `migrate` would apply (an adoption, PGMQ, the broker's and the service's migrations), as names; changes
+    nothing."""
+    pending = (["adopt_original"] if needs_adoption(conn) else []) + schema.pending_install(conn)
+    service = schema.pending_migrations(conn, namespace="nova_email", migrations=sql_dir)
+    return pending + [f"nova_email/{m.version:03d}_{m.name}" for m in service]
