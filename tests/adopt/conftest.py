@@ -14,6 +14,7 @@ import pytest
 from loguru import logger
 
 from nova_email.db import with_database
+from nova_email.migrate import migrate
 from tests.conftest import server_url
 
 HERE = Path(__file__).resolve().parent
@@ -33,16 +34,32 @@ TABLES = {
 }
 
 
-@pytest.fixture
-def empty_url() -> Iterator[str]:
-    """A new, empty database, dropped after the test."""
+@contextmanager
+def _new_database() -> Iterator[str]:
     admin_url = server_url()
     name = f"nova_adopt_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'create database "{name}"')  # name built above from digits and hex only
-    yield with_database(admin_url, name)
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def empty_url() -> Iterator[str]:
+    """A new, empty database, dropped after the test."""
+    with _new_database() as url:
+        yield url
+
+
+@pytest.fixture
+def new_db() -> Iterator[psycopg.Connection]:
+    """A connection to a database just migrated, that no other test touches (the schema to compare with)."""
+    with _new_database() as url, psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn)
+        yield conn
 
 
 @pytest.fixture

@@ -189,34 +189,34 @@ def test_rows_our_constraints_refuse_stop_the_migration_before_anything_changes(
 
 
 def test_an_adopted_database_has_every_object_a_new_one_has(
-    original: psycopg.Connection, conn: psycopg.Connection
+    original: psycopg.Connection, new_db: psycopg.Connection
 ) -> None:
     migrate(original)
 
-    fresh, adopted = catalog(conn), catalog(original)
+    fresh, adopted = catalog(new_db), catalog(original)
 
     missing = {name: definition for name, definition in fresh.items() if adopted.get(name) != definition}
     assert missing == {}
 
 
 def test_a_database_migrated_with_an_earlier_text_of_an_edited_migration_is_recorded_silently(
-    conn: psycopg.Connection,
+    new_db: psycopg.Connection,
 ) -> None:
     # Given a database that applied 001_tables.sql before it tolerated existing objects
     [tables] = [m for m in schema.load_migrations(SQL_DIR) if m.name == "tables"]
     [earlier] = tables.replaces
-    conn.execute(
+    new_db.execute(
         "update pgmq_broker.schema_migrations set checksum = %s where namespace = 'nova_email' and version = 1",
         [earlier],
     )
     # When it is migrated again
     with logged_warnings() as warnings:
-        applied = migrate(conn)
+        applied = migrate(new_db)
 
     # Then nothing runs, nothing is warned about, and the record names the current text
     assert applied == []
     assert warnings == []
-    assert schema.applied_checksums(conn, "nova_email")[1] == tables.checksum
+    assert schema.applied_checksums(new_db, "nova_email")[1] == tables.checksum
 
 
 def test_two_processes_migrating_the_original_at_once_adopt_it_once(original_url: str) -> None:

@@ -26,7 +26,7 @@ def earlier_tables_sql(text: str) -> str:
 
 
 def test_a_database_migrated_before_adoption_existed_upgrades_to_the_new_schema(
-    empty_url: str, conn: psycopg.Connection, tmp_path: Path
+    empty_url: str, new_db: psycopg.Connection, tmp_path: Path
 ) -> None:
     # Given a database migrated by the release before this one: 001_tables.sql's first text, no 06x migration
     [tables] = [m for m in schema.load_migrations(SQL_DIR) if m.name == "tables"]
@@ -48,4 +48,4 @@ def test_a_database_migrated_before_adoption_existed_upgrades_to_the_new_schema(
             f"{m.version:03d}_{m.name}" for m in schema.load_migrations(SQL_DIR) if 60 <= m.version <= 69
         ]
         assert warnings == []
-        assert catalog(old) == catalog(conn)
+        assert catalog(old) == catalog(new_db)
