@@ -37,7 +37,7 @@ from psycopg_pool import ConnectionPool
 
 from . import dead_letters as _dead_letters
 from . import queries
-from .consumer import _PGMQConsumer, _PGMQMessageProxy, _QueueState, _Settlement
+from .consumer import _log_stale, _PGMQConsumer, _PGMQMessageProxy, _QueueState, _Settlement
 from .dead_letters import DeadLetter
 from .errors import DatabaseUnavailable, InvalidQueueName
 from .lease import LeaseKeeper
@@ -135,6 +135,18 @@ class _QueueHandlerOption(Middleware):
         return {"queue_handler"}
 
 
+class _DeliveryStart(Middleware):
+    """Counts a delivery towards ``max_deliveries`` when it starts running, not when it is fetched.
+
+    The first ``before_process_message`` hook: a message buffered behind a job that kills its process never ran,
+    and its count stays. A delivery whose lease is gone is skipped instead of run.
+    """
+
+    def before_process_message(self, broker: Broker, message: Any) -> None:
+        if isinstance(message, _PGMQMessageProxy) and isinstance(broker, PGMQBroker):
+            broker._settle_start(message)
+
+
 class PGMQBroker(_Settlement, Broker):
     """A Dramatiq broker over PGMQ queues in Postgres.
 
@@ -185,6 +197,10 @@ class PGMQBroker(_Settlement, Broker):
         self._hook_cache: tuple[tuple[Middleware, ...], dict[str, list[Any]]] = ((), {})
         super().__init__(middleware=middleware)
         self.add_middleware(_QueueHandlerOption())
+        if self.middleware:
+            self.add_middleware(_DeliveryStart(), before=type(self.middleware[0]))
+        else:
+            self.add_middleware(_DeliveryStart())
         self.url = url
         self.visibility_timeout_ms = int(visibility_timeout_s * 1000)
         self.poll_interval_ms = poll_interval_ms
@@ -490,7 +506,7 @@ class PGMQBroker(_Settlement, Broker):
     ) -> None:
         lease = proxy._lease
         lease.settling = True
-        params = {**params, "old_queue": lease.queue_name, "old_msg_id": lease.msg_id}
+        params = {**params, "old_queue": lease.queue_name, "old_msg_id": lease.msg_id, "old_token": lease.token}
         if connection is not None:
             row = connection.execute(queries.RESEND, params).fetchone()
         else:
@@ -501,12 +517,7 @@ class PGMQBroker(_Settlement, Broker):
         self._keeper_forget([lease])
         proxy._consumer._discharge(proxy)
         if row is None or row[0] is None:
-            log.warning(
-                "Did not re-enqueue message {}: its delivery {} of {!r} was already settled elsewhere",
-                proxy.message_id,
-                lease.msg_id,
-                lease.queue_name,
-            )
+            _log_stale("retry", lease)
 
     # -- consuming --------------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import psycopg
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.errors import ActorNotFound
 from dramatiq.message import Message
+from dramatiq.middleware import SkipMessage
 from loguru import logger
 
 from . import dead_letters as _dead_letters
@@ -174,41 +175,71 @@ class _PGMQConsumer(Consumer):
             if not woke and time.monotonic() >= deadline:
                 return None
 
-    def _accept(self, rows: list[tuple[int, int, datetime, datetime, str]]) -> None:
+    def _accept(self, rows: list[tuple[int, int, datetime, datetime, str, bool]]) -> None:
         broker = self._broker
+        fetched = [
+            (Lease(self.queue_name, msg_id, token, read_ct), enqueued_at, body)
+            for msg_id, read_ct, enqueued_at, token, body, _ in rows
+        ]
+        # Tracked before anything else can fail, so that no fetched message is left to lapse unnoticed.
+        broker._keeper_track([lease for lease, _, _ in fetched])
         good: list[_PGMQMessageProxy] = []
-        for msg_id, read_ct, enqueued_at, token, body in rows:
-            lease = Lease(self.queue_name, msg_id, token, read_ct)
-            if read_ct > broker.max_deliveries:
-                why = DeadLetterReason(
-                    reason="max_deliveries",
-                    error_type="MaxDeliveriesExceeded",
-                    error_message=(
-                        f"Delivered {read_ct} times without being acknowledged (max_deliveries="
-                        f"{broker.max_deliveries}); a worker probably died while running it"
-                    ),
-                    attempts=read_ct,
+        doomed: list[tuple[Lease, DeadLetterReason]] = []
+        for lease, enqueued_at, body in fetched:
+            try:
+                delivery = self._delivery(lease, enqueued_at, body)
+            except Exception as exc:  # one row that cannot be decoded costs its neighbours nothing
+                delivery = DeadLetterReason(
+                    reason="undecodable",
+                    error_type=type(exc).__name__,
+                    error_message=f"The body could not be decoded: {exc}",
+                    attempts=lease.read_ct,
                 )
-                broker._dead_letter_lease(lease, None, None, None, why)
-                continue
-            decoded = decode_body(
-                body, queue_name=self.queue_name, msg_id=msg_id, enqueued_at=enqueued_at, handlers=broker._handlers
-            )
-            if isinstance(decoded, Undecodable):
-                why = DeadLetterReason(
-                    reason=decoded.reason,
-                    error_type=decoded.error_type,
-                    error_message=decoded.error_message,
-                    attempts=read_ct,
-                )
-                broker._dead_letter_lease(lease, None, None, None, why)
-                continue
-            good.append(_PGMQMessageProxy(decoded, lease=lease, consumer=self))
+            if isinstance(delivery, DeadLetterReason):
+                doomed.append((lease, delivery))
+            else:
+                good.append(delivery)
         if good:
-            broker._keeper_track([proxy._lease for proxy in good])
             with self._lock:
                 self._outstanding.update(proxy._lease.msg_id for proxy in good)
             self._buffer.extend(good)
+        for lease, why in doomed:
+            try:
+                broker._dead_letter_lease(lease, None, None, None, why)
+            except DatabaseUnavailable:
+                # The broker logged the outage; the message comes back once its lease lapses and is dead-lettered then.
+                pass
+            finally:
+                broker._keeper_forget([lease])
+
+    def _delivery(self, lease: Lease, enqueued_at: datetime, body: str) -> _PGMQMessageProxy | DeadLetterReason:
+        max_deliveries = self._broker.max_deliveries
+        if lease.read_ct >= max_deliveries:
+            return DeadLetterReason(
+                reason="max_deliveries",
+                error_type="MaxDeliveriesExceeded",
+                error_message=(
+                    f"Started {lease.read_ct} times without being settled (max_deliveries={max_deliveries}); "
+                    "a worker probably died while running it"
+                ),
+                attempts=lease.read_ct,
+            )
+        decoded = decode_body(
+            body,
+            queue_name=self.queue_name,
+            msg_id=lease.msg_id,
+            enqueued_at=enqueued_at,
+            handlers=self._broker._handlers,
+        )
+        if isinstance(decoded, Undecodable):
+            return DeadLetterReason(
+                reason=decoded.reason,
+                error_type=decoded.error_type,
+                error_message=decoded.error_message,
+                attempts=lease.read_ct,
+            )
+        lease.message_id = decoded.message_id
+        return _PGMQMessageProxy(decoded, lease=lease, consumer=self)
 
 
 @attrs.define(eq=False)
@@ -266,6 +297,7 @@ class _Settlement:
         params = {
             "queue": state.name,
             "ack_ids": [lease.msg_id for lease in acks],
+            "ack_tokens": [lease.token for lease in acks],
             "archive": self.archive_on_ack,
             "qty": qty,
             "vt_ms": self.visibility_timeout_ms,
@@ -276,9 +308,14 @@ class _Settlement:
         except BaseException:
             state.return_acks(acks)
             raise
-        if acks:
-            self._keeper_forget(acks)
-        return rows
+        if not acks:
+            return rows
+        self._keeper_forget(acks)
+        stale = {row[0] for row in rows if row[5]}
+        for lease in acks:
+            if lease.msg_id in stale:
+                _log_stale("ack", lease)
+        return [row for row in rows if not row[5]] if stale else rows
 
     def _flush_acks(self, state: _QueueState) -> None:
         acks = state.take_acks()
@@ -335,6 +372,34 @@ class _Settlement:
         else:
             self._flush_acks(state)
 
+    def _settle_start(self, proxy: _PGMQMessageProxy) -> None:
+        """Count the delivery as started, or skip it when its lease is gone (or cannot be checked)."""
+        lease = proxy._lease
+        params = {
+            "queue": lease.queue_name,
+            "msg_id": lease.msg_id,
+            "token": lease.token,
+            "async_commit": self.async_commit,
+        }
+        try:
+            rows = self._execute(queries.START, params)
+        except DatabaseUnavailable as exc:
+            count = None
+            reason: BaseException | None = exc
+        else:
+            count = rows[0][0] if rows else None
+            reason = None
+        if count is not None:
+            lease.read_ct = count
+            return
+        proxy._settled = True
+        self._keeper_forget([lease])
+        proxy._consumer._discharge(proxy)
+        if reason is None:
+            _log_stale("start", lease)
+        msg = f"message {proxy.message_id} was not started: its delivery is no longer held ({reason or 'lease lapsed'})"
+        raise SkipMessage(msg)
+
     def _settle_nack(self, proxy: _PGMQMessageProxy) -> None:
         if proxy._settled:
             return
@@ -356,7 +421,8 @@ class _Settlement:
                 leases.append(proxy._lease)
                 proxy._consumer._discharge(proxy)
         self._keeper_forget(leases)
-        self._release(leases, uncount=True)
+        # Never started, so never counted (see _settle_start).
+        self._release(leases, uncount=False)
 
     def _release(self, leases: list[Lease], *, uncount: bool, delay_ms: int = 0) -> None:
         by_queue: dict[str, list[Lease]] = {}
@@ -383,12 +449,15 @@ class _Settlement:
                 conn,
                 queue_name=lease.queue_name,
                 msg_id=lease.msg_id,
+                token=lease.token,
                 message=message,
                 message_id=message_id,
                 actor_name=actor_name,
                 why=why,
             )
-        if recorded:
+        if not recorded:
+            _log_stale("dead letter", lease)
+        else:
             log.bind(event="dead_lettered").warning(
                 "Dead-lettered message {} of queue {!r} ({}: {})",
                 message_id or lease.msg_id,
@@ -396,6 +465,17 @@ class _Settlement:
                 why.reason,
                 why.error_type,
             )
+
+
+def _log_stale(settlement: str, lease: Lease) -> None:
+    log.bind(event="stale_settlement").warning(
+        "Did not {} message {} (delivery {} of queue {!r}): it is no longer held by this worker, whose lease lapsed;"
+        " another worker may be running it, so it was left alone",
+        settlement,
+        lease.message_id or lease.msg_id,
+        lease.msg_id,
+        lease.queue_name,
+    )
 
 
 def _own(message: MessageProxy) -> _PGMQMessageProxy:

@@ -40,8 +40,11 @@ class Lease:
     queue_name: str
     msg_id: int
     token: datetime
+    #: Runs of the message that started before this delivery (deliveries counted towards max_deliveries).
     read_ct: int
     fetched_at: float = attrs.field(factory=time.monotonic)
+    #: The Dramatiq message id, once the body is decoded (for log lines).
+    message_id: str | None = None
     #: Set before a settlement deletes the message (an ack, which stays leased until its deferred delete, a dead
     #: letter, a retry's resend); the settlement forgets the lease only after the delete.
     settling: bool = False

@@ -29,16 +29,22 @@ SEND_BATCH: LiteralString = (
     " array(select jsonb_array_elements(%(messages)s::jsonb)), %(delay_ms)s) as msg_id"
 )
 
-#: Replace a delivery by its retry, atomically (null when the original is already gone).
+#: Replace a delivery by its retry, atomically, if it still holds its lease (null when it does not: nothing sent).
 RESEND: LiteralString = (
-    "select pgmq_broker.resend(%(old_queue)s, %(old_msg_id)s, %(queue)s, %(message)s::jsonb, %(delay_ms)s)"
+    "select pgmq_broker.resend(%(old_queue)s, %(old_msg_id)s, %(old_token)s, %(queue)s, %(message)s::jsonb,"
+    " %(delay_ms)s)"
 )
 
-#: Delete the acknowledged ids, then lease up to %(qty)s visible messages.
+#: Delete the acknowledged deliveries still held, then lease up to %(qty)s visible messages. Rows with ``stale``
+#: are acknowledged deliveries that were no longer held (left alone).
 FETCH: LiteralString = (
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
-    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
+    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s, %(qty)s,"
+    " %(vt_ms)s, %(async_commit)s)"
 )
+
+#: Count a delivery that starts running, if it still holds its lease; returns the new count (null: not held).
+START: LiteralString = "select pgmq_broker.start(%(queue)s, %(msg_id)s, %(token)s, %(async_commit)s)"
 
 #: Milliseconds until the queue's next message becomes visible.
 NEXT_VISIBLE_IN_MS: LiteralString = "select pgmq_broker.next_visible_in_ms(%(queue)s)"
@@ -55,10 +61,10 @@ RELEASE: LiteralString = (
     "select pgmq_broker.release(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(delay_ms)s, %(uncount)s)"
 )
 
-#: Record one delivery as a dead letter and delete it from its queue.
+#: Record one delivery as a dead letter and delete it from its queue, if it still holds its lease (false if not).
 DEAD_LETTER: LiteralString = (
-    "select pgmq_broker.dead_letter(%(queue)s, %(msg_id)s, %(message)s::jsonb, %(message_id)s, %(actor_name)s,"
-    " %(reason)s, %(error_type)s, %(error_message)s, %(traceback)s, %(attempts)s)"
+    "select pgmq_broker.dead_letter(%(queue)s, %(msg_id)s, %(token)s, %(message)s::jsonb, %(message_id)s,"
+    " %(actor_name)s, %(reason)s, %(error_type)s, %(error_message)s, %(traceback)s, %(attempts)s)"
 )
 
 #: Dead letters, newest last, optionally of one queue.
