@@ -6,22 +6,28 @@ Dead letters are listed, counted, purged and replayed through the broker (see ``
 
 from __future__ import annotations
 
-from .broker import PGMQBroker, QueueMetrics, validate_queue_name
+from .broker import PGMQBroker
+from .consumer import KEEP_ON_ACK_OPTION
+from .database import Database, PerProcess
 from .dead_letters import DeadLetter, DeadLetterReason
 from .envelope import foreign_message_id
 from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
 from .listener import channel_name
 from .periodic import PeriodicScheduler, Schedule
+from .queues import QueueMetrics, validate_queue_name
 from .rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate_limit_retries
 
 __all__ = [
+    "Database",
     "DatabaseUnavailable",
     "DeadLetter",
     "DeadLetterReason",
     "InvalidQueueName",
+    "KEEP_ON_ACK_OPTION",
     "MigrationError",
     "PGMQBroker",
     "PGMQBrokerError",
+    "PerProcess",
     "PeriodicScheduler",
     "PostgresBackend",
     "QueueMetrics",

@@ -18,12 +18,12 @@ from collections.abc import Iterable
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import LiteralString
 
 import attrs
 import psycopg
 from loguru import logger
 
+from . import queries
 from .errors import MigrationError
 
 __all__ = ["Migration", "apply_migrations", "install", "install_pgmq", "load_migrations"]
@@ -34,37 +34,6 @@ log = logger.bind(component="Migrate")
 MIGRATION_LOCK_KEY = 0x70676D716D696772
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
-
-#: Create the bookkeeping table; runs under the advisory lock so concurrent first runs cannot race.
-_CREATE_TABLE: LiteralString = """
-create schema if not exists pgmq_broker;
-create table if not exists pgmq_broker.schema_migrations (
-    namespace text not null,
-    version integer not null,
-    name text not null,
-    checksum text not null,
-    applied_at timestamptz not null default now(),
-    primary key (namespace, version)
-)
-"""
-#: Serialise migrating processes for the length of one transaction.
-_LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
-#: Checksum of an applied migration, if any.
-_APPLIED: LiteralString = (
-    "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"
-)
-#: Record one applied migration.
-_RECORD: LiteralString = (
-    "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
-    " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
-)
-#: Is PGMQ present, and how: as an extension, as plain SQL, or available to create.
-_PGMQ_STATE: LiteralString = """
-select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
-       to_regclass('pgmq.meta') is not null as schema,
-       exists (select 1 from pg_available_extensions where name = 'pgmq') as available
-"""
-_CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"
 
 
 @attrs.frozen
@@ -111,15 +80,15 @@ def _check_idle(conn: psycopg.Connection) -> None:
 
 def _ensure_table(conn: psycopg.Connection) -> None:
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        conn.execute(_CREATE_TABLE)
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        conn.execute(queries.MIGRATIONS_CREATE_TABLE)
 
 
 def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -> bool:
     params = {"namespace": namespace, "version": migration.version}
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        row = conn.execute(_APPLIED, params).fetchone()
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        row = conn.execute(queries.MIGRATION_CHECKSUM, params).fetchone()
         if row is not None:
             if row[0] != migration.checksum:
                 log.warning(
@@ -131,7 +100,7 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
             return False
         # The text comes from files shipped with the package, never from user input.
         conn.execute(migration.sql.encode())
-        conn.execute(_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+        conn.execute(queries.MIGRATION_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
     log.info("Applied {}/{:03d}_{}", namespace, migration.version, migration.name)
     return True
 
@@ -183,15 +152,15 @@ def install_pgmq(conn: psycopg.Connection) -> str:
     _check_idle(conn)
     _ensure_table(conn)
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        extension, schema, available = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
-        recorded = conn.execute(_APPLIED, {"namespace": "pgmq", "version": 1}).fetchone() is not None
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        extension, schema, available = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
+        recorded = conn.execute(queries.MIGRATION_CHECKSUM, {"namespace": "pgmq", "version": 1}).fetchone() is not None
         if extension:
             return "extension"
         if schema:
             return "sql" if recorded else "external"
         if available:
-            conn.execute(_CREATE_EXTENSION)
+            conn.execute(queries.PGMQ_CREATE_EXTENSION)
             log.info("Installed PGMQ with CREATE EXTENSION")
             return "extension"
     bundled = _bundled_pgmq()

@@ -30,7 +30,7 @@ _INSERT = "insert into public.broker_test_runs (key, pid) values (%s, %s)"
 
 
 def _record(key: str) -> None:
-    with broker._connection() as conn:
+    with broker.database.connection() as conn:
         conn.execute(_INSERT, [key, os.getpid()])
 
 
