@@ -43,8 +43,11 @@ FETCH: LiteralString = (
     " %(vt_ms)s, %(async_commit)s)"
 )
 
-#: Count a delivery that starts running, if it still holds its lease; returns the new count (null: not held).
-START: LiteralString = "select pgmq_broker.start(%(queue)s, %(msg_id)s, %(token)s, %(async_commit)s)"
+#: Count these deliveries as started, those still holding their lease; returns (msg_id, read_ct) of each counted.
+START: LiteralString = (
+    "select msg_id, read_ct from pgmq_broker.start(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[],"
+    " %(async_commit)s)"
+)
 
 #: Milliseconds until the queue's next message becomes visible.
 NEXT_VISIBLE_IN_MS: LiteralString = "select pgmq_broker.next_visible_in_ms(%(queue)s)"

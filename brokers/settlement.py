@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from .database import Database
 from .dead_letters import DeadLetterReason
 from .lease import Lease, LeaseKeeper
 
-__all__ = ["Fetched", "QueueState", "Settlement", "Waker"]
+__all__ = ["Fetched", "QueueState", "Settlement", "Starts", "Waker"]
 
 log = logger.bind(component="PGMQBroker")
 
@@ -115,6 +115,7 @@ class Settlement:
         self.keeper: LeaseKeeper | None = None
         self.states: dict[str, QueueState] = {}
         self._lock = threading.Lock()
+        self._starts = Starts(self._count_starts)
 
     def queue_state(self, queue_name: str) -> QueueState:
         state = self.states.get(queue_name)
@@ -183,16 +184,34 @@ class Settlement:
     def start(self, lease: Lease) -> bool:
         """Count the delivery as started (towards ``max_deliveries``); False when it no longer holds its message.
 
+        Worker threads starting at the same moment share one round trip (see :class:`Starts`).
+
         Raises:
             DatabaseUnavailable: Nothing was counted.
         """
-        params = {"queue": lease.queue_name, "msg_id": lease.msg_id, "token": lease.token}
-        [(count,)] = self.database.execute(queries.START, {**params, "async_commit": self.async_commit})
+        count = self._starts.start(lease)
         if count is None:
             log_stale("start", lease)
             return False
         lease.read_ct = count
         return True
+
+    def _count_starts(self, leases: list[Lease]) -> dict[tuple[str, int], int]:
+        by_queue: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_queue.setdefault(lease.queue_name, []).append(lease)
+        counts: dict[tuple[str, int], int] = {}
+        for queue_name, group in by_queue.items():
+            params = {
+                "queue": queue_name,
+                "ids": [lease.msg_id for lease in group],
+                "tokens": [lease.token for lease in group],
+                "async_commit": self.async_commit,
+            }
+            counts.update(
+                ((queue_name, msg_id), count) for msg_id, count in self.database.execute(queries.START, params)
+            )
+        return counts
 
     def ack(self, lease: Lease) -> None:
         """Defer the delete of an acknowledged delivery to the queue's next fetch."""
@@ -269,6 +288,72 @@ class Settlement:
             log_stale("retry", lease)
             return False
         return True
+
+
+@attrs.define(eq=False)
+class _Start:
+    lease: Lease
+    done: threading.Event = attrs.field(factory=threading.Event)
+    count: int | None = None
+    error: BaseException | None = None
+    #: Set on the first waiting start when the statement before it is done: it runs the next one.
+    leads: bool = False
+
+
+class Starts:
+    """Counts deliveries as started with one statement for every worker thread starting at the same moment.
+
+    A group commit: the first thread to arrive runs the statement for itself and every start queued meanwhile;
+    the threads arriving while it runs wait, and the first of them runs the next statement for all of them.
+
+    Parameters:
+        count: Runs the statement for some leases; returns the new count of each counted ``(queue, msg_id)``.
+    """
+
+    def __init__(self, count: Callable[[list[Lease]], dict[tuple[str, int], int]]) -> None:
+        self._count = count
+        self._queued: list[_Start] = []
+        self._running = False
+        self._lock = threading.Lock()
+
+    def start(self, lease: Lease) -> int | None:
+        """The delivery's new count, or None when it no longer holds its message.
+
+        Raises:
+            DatabaseUnavailable: The statement that carried this start failed.
+        """
+        entry = _Start(lease)
+        with self._lock:
+            self._queued.append(entry)
+            leads = not self._running
+            self._running = True
+        if not leads:
+            entry.done.wait()
+        if leads or entry.leads:
+            self._run_queued()
+        if entry.error is not None:
+            raise entry.error
+        return entry.count
+
+    def _run_queued(self) -> None:
+        with self._lock:
+            batch, self._queued = self._queued, []
+        try:
+            counts = self._count([entry.lease for entry in batch])
+        except BaseException as exc:
+            counts = {}
+            for entry in batch:
+                entry.error = exc
+        for entry in batch:
+            entry.count = counts.get((entry.lease.queue_name, entry.lease.msg_id))
+        with self._lock:
+            if self._queued:
+                self._queued[0].leads = True
+                self._queued[0].done.set()
+            else:
+                self._running = False
+        for entry in batch:
+            entry.done.set()
 
 
 def log_stale(settlement: str, lease: Lease) -> None:

@@ -79,22 +79,25 @@ begin
 end;
 $$;
 
--- Count one delivery that starts running, if it still holds its lease. Returns the new count, or null when the
--- delivery is no longer held (its lease lapsed and another worker took the message, or it was settled).
-create or replace function pgmq_broker.start(p_queue text, p_msg_id bigint, p_token timestamptz, p_async_commit boolean)
-returns integer
+-- Count the listed deliveries as started running, those that still hold their lease. Returns the msg_id and new
+-- count of each one counted; a delivery missing from the result is no longer held (its lease lapsed and another
+-- worker took the message, or it was settled). Worker threads that start at the same moment share one call.
+create or replace function pgmq_broker.start(p_queue text, p_ids bigint[], p_tokens timestamptz[], p_async_commit boolean)
+returns table (msg_id bigint, read_ct integer)
 language plpgsql volatile as $$
-declare
-    v_count integer;
 begin
     if p_async_commit then
         perform set_config('synchronous_commit', 'off', true);
     end if;
-    execute format(
-        'update pgmq.%I set read_ct = read_ct + 1 where msg_id = $1 and last_read_at = $2 returning read_ct',
-        pgmq.format_table_name(p_queue, 'q')
-    ) into v_count using p_msg_id, p_token;
-    return v_count;
+    return query execute format(
+        $q$
+        update pgmq.%I m
+        set read_ct = m.read_ct + 1
+        from unnest($1, $2) as s(msg_id, token)
+        where m.msg_id = s.msg_id and m.last_read_at = s.token
+        returning m.msg_id, m.read_ct
+        $q$, pgmq.format_table_name(p_queue, 'q'))
+    using p_ids, p_tokens;
 end;
 $$;
 

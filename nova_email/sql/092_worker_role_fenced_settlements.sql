@@ -3,7 +3,7 @@
 -- so each is granted here, by signature.
 GRANT EXECUTE ON FUNCTION
     pgmq_broker.fetch(text, bigint[], timestamptz[], boolean, integer, integer, boolean),
-    pgmq_broker.start(text, bigint, timestamptz, boolean),
+    pgmq_broker.start(text, bigint[], timestamptz[], boolean),
     pgmq_broker.resend(text, bigint, timestamptz, text, jsonb, integer),
     pgmq_broker.dead_letter(text, bigint, timestamptz, jsonb, text, text, text, text, text, text, integer)
 TO nova_worker;
