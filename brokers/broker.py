@@ -232,10 +232,13 @@ class PGMQBroker(Broker):
         """
         queue_name = message.queue_name
         self.create_queue(queue_name)
-        proxy = message if self._delivered_here(message) else None
+        proxy = message if isinstance(message, PGMQMessageProxy) and self._delivered_here(message) else None
+        if proxy is not None:
+            # Set before any hook runs: whatever fails from here on, the ack keeps the original.
+            proxy.lease.resend_pending = True
         self.emit_before("enqueue", message, delay)
         params = {"queue": queue_name, "message": message.encode().decode("utf-8"), "delay_ms": int(delay or 0)}
-        if isinstance(proxy, PGMQMessageProxy):
+        if proxy is not None:
             try:
                 proxy.consumer.resend(proxy, params, connection)
             except DatabaseUnavailable as exc:
@@ -302,13 +305,9 @@ class PGMQBroker(Broker):
         """Dramatiq's ``emit_after`` (hooks in reverse order), calling only the middleware that define the hook."""
         self.hooks.emit_after(self, signal, *args, **kwargs)
 
-    def _delivered_here(self, message: Message[Any]) -> bool:
+    def _delivered_here(self, message: PGMQMessageProxy) -> bool:
         """Whether `message` is an unsettled delivery of this broker (so enqueueing it is a retry that replaces it)."""
-        return (
-            isinstance(message, PGMQMessageProxy)
-            and message.consumer.settlement is self.settlement
-            and not message.lease.settled
-        )
+        return message.consumer.settlement is self.settlement and not message.lease.settled
 
     # -- consuming --------------------------------------------------------------------------------------------
 

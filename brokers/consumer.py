@@ -233,11 +233,12 @@ class PGMQConsumer(Consumer):
     ) -> None:
         """Replace the delivery by its retry (the broker's ``enqueue`` of a message this broker delivered).
 
+        The broker sets ``lease.resend_pending`` first; it stays set if this raises, so the ack keeps the original.
+
         Raises:
-            DatabaseUnavailable: ``lease.resend_pending`` stays set, so the ack keeps the original.
+            DatabaseUnavailable: The retry was not sent.
         """
         lease = proxy.lease
-        lease.resend_pending = True
         self.settlement.resend(lease, params, connection)
         lease.resend_pending = False
         lease.settled = True

@@ -109,34 +109,21 @@ def test_a_frozen_holders_late_ack_leaves_the_copy_another_worker_runs(
     assert_stale_settlement_logged_once(tmp_path, message_id)
 
 
-def test_a_frozen_holders_late_retry_enqueues_nothing(
-    broker: PGMQBroker, start_cli: StartCli, conn: psycopg.Connection, tmp_path: Path
+@pytest.mark.parametrize("max_retries", [1, 0], ids=["a retry", "a dead letter"])
+def test_a_frozen_holders_late_failure_enqueues_and_dead_letters_nothing(
+    broker: PGMQBroker, start_cli: StartCli, conn: psycopg.Connection, tmp_path: Path, max_retries: int
 ) -> None:
     _, message_id = freeze_holder_until_another_runs_it(
-        broker, start_cli, conn, tmp_path, outcome="raise", max_retries=1
+        broker, start_cli, conn, tmp_path, outcome="raise", max_retries=max_retries
     )
 
     # When worker B finishes its copy and the queue drains
     wait_until(lambda: len(runs(conn, "job")) == 1, timeout_s=30, what="worker B to finish the job")
     broker.join("cli_settle", timeout=15_000)
 
-    # Then the job ran twice (A's run and B's), never a third time from A's stale retry
+    # Then A's failure, reported after it lost the lease, was neither retried (the job ran twice: A's run and
+    # B's, never a third time) nor dead-lettered
     assert len(runs(conn, "start:job")) == 2
-    assert_stale_settlement_logged_once(tmp_path, message_id)
-
-
-def test_a_frozen_holders_late_failure_dead_letters_nothing(
-    broker: PGMQBroker, start_cli: StartCli, conn: psycopg.Connection, tmp_path: Path
-) -> None:
-    _, message_id = freeze_holder_until_another_runs_it(
-        broker, start_cli, conn, tmp_path, outcome="raise", max_retries=0
-    )
-
-    # When worker B finishes its copy
-    wait_until(lambda: len(runs(conn, "job")) == 1, timeout_s=30, what="worker B to finish the job")
-    broker.join("cli_settle", timeout=15_000)
-
-    # Then A's failure, reported after it lost the lease, dead-lettered nothing
     assert broker.count_dead_letters("cli_settle") == 0
     assert_stale_settlement_logged_once(tmp_path, message_id)
 
