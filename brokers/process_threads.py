@@ -5,11 +5,10 @@ Threads do not survive a ``fork()``: a process that inherits the objects of its 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 
-from .database import Database
+from .database import Database, PerProcess
 from .lease import LeaseKeeper
 from .listener import Listener
 from .settlement import Settlement
@@ -48,41 +47,44 @@ class ProcessThreads:
         self.on_tick = on_tick
         self.listen = listen
         self.on_notify = on_notify
-        #: This process's LISTEN thread, once a consumer started (None with ``listen=False``).
-        self.listener: Listener | None = None
-        self._pid = 0
+        self._keeper: PerProcess[LeaseKeeper] = PerProcess(self._new_keeper)
+        self._listener: PerProcess[Listener] = PerProcess(self._new_listener)
         self._lock = threading.Lock()
+
+    @property
+    def listener(self) -> Listener | None:
+        """This process's LISTEN thread, once a consumer started (None with ``listen=False``)."""
+        return self._listener.get() if self._listener.made_here() else None
 
     def start(self, queue_name: str) -> None:
         """Start the threads unless running, and subscribe to `queue_name`'s inserts."""
         with self._lock:
-            if self._pid != os.getpid():
-                self.settlement.keeper = None
-                self.listener = None
-                self._pid = os.getpid()
-            if self.settlement.keeper is None:
-                self.settlement.keeper = LeaseKeeper(
-                    database=self.database,
-                    visibility_timeout_ms=self.visibility_timeout_ms,
-                    max_lease_s=self.max_lease_s,
-                    async_commit=self.async_commit,
-                    on_tick=self.on_tick,
-                )
-            self.settlement.keeper.start()
+            keeper = self.settlement.keeper = self._keeper.get()
+            keeper.start()
             if self.listen:
-                if self.listener is None:
-                    conninfo, kwargs = self.database.dsn_and_kwargs()
-                    self.listener = Listener(conninfo=conninfo, connect_kwargs=kwargs, on_notify=self.on_notify)
-                self.listener.subscribe(queue_name)
-                self.listener.start()
+                listener = self._listener.get()
+                listener.subscribe(queue_name)
+                listener.start()
 
     def stop(self) -> None:
         """Stop the threads this process started (its leases lapse unless settled first)."""
         with self._lock:
-            if self._pid == os.getpid():
-                if self.listener is not None:
-                    self.listener.stop()
-                if self.settlement.keeper is not None:
-                    self.settlement.keeper.stop()
-            self.listener = None
+            listener, keeper = self._listener.take(), self._keeper.take()
+            if listener is not None:
+                listener.stop()
+            if keeper is not None:
+                keeper.stop()
             self.settlement.keeper = None
+
+    def _new_keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(
+            database=self.database,
+            visibility_timeout_ms=self.visibility_timeout_ms,
+            max_lease_s=self.max_lease_s,
+            async_commit=self.async_commit,
+            on_tick=self.on_tick,
+        )
+
+    def _new_listener(self) -> Listener:
+        conninfo, kwargs = self.database.dsn_and_kwargs()
+        return Listener(conninfo=conninfo, connect_kwargs=kwargs, on_notify=self.on_notify)
