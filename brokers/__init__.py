@@ -2,6 +2,8 @@
 
 ``PGMQBroker`` is the broker; ``brokers.schema.install(conn)`` installs PGMQ and the broker's tables.
 Dead letters are listed, counted, purged and replayed through the broker (see ``brokers.dead_letters``).
+``Database`` is the fork-safe pool with outage logging that the broker, ``PeriodicScheduler`` and
+``PostgresBackend`` use; pass one instance to each (``database=``) for one pool per process.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ StartCli = Callable[..., "subprocess.Popen[bytes]"]
 
 #: Visibility timeout of the workers, in seconds: a frozen holder loses its lease this long after it froze.
 VT_S = "1"
+#: How long a wait that includes starting a worker command may take: imports are slow on a loaded machine.
+STARTUP_S = 90
 
 
 def runs(conn: psycopg.Connection, key: str) -> list[int]:
@@ -57,7 +59,7 @@ def freeze_holder_until_another_runs_it(
         env={"BROKER_TEST_VT_S": VT_S, "BROKER_TEST_SLEEP_S": "1", "BROKER_TEST_OUTCOME": outcome},
     )  # fmt: skip
     message = broker.enqueue(settle_message(max_retries))
-    wait_until(lambda: len(runs(conn, "start:job")) == 1, timeout_s=30, what="worker A to start the job")
+    wait_until(lambda: len(runs(conn, "start:job")) == 1, timeout_s=STARTUP_S, what="worker A to start the job")
     [holder_pid] = runs(conn, "start:job")
     os.kill(holder_pid, signal.SIGSTOP)
     successor = start_cli(
@@ -65,14 +67,16 @@ def freeze_holder_until_another_runs_it(
         env={"BROKER_TEST_VT_S": VT_S, "BROKER_TEST_SLEEP_S": "8"},
     )  # fmt: skip
     try:
-        wait_until(lambda: len(runs(conn, "start:job")) == 2, timeout_s=30, what="worker B to take the job over")
+        wait_until(lambda: len(runs(conn, "start:job")) == 2, timeout_s=STARTUP_S, what="worker B to take the job over")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; worker B logged:\n{cli_log(tmp_path, 2)[-3000:]}") from exc
     finally:
         os.kill(holder_pid, signal.SIGCONT)
 
     # When A resumes, finishes its run and settles it (a graceful stop flushes whatever it still had to settle)
     wait_until(
         lambda: holder_pid in runs(conn, "job") or "fails in this process" in cli_log(tmp_path, 1),
-        timeout_s=30,
+        timeout_s=STARTUP_S,
         what="worker A to finish its run",
     )
     holder.send_signal(signal.SIGTERM)
@@ -104,7 +108,7 @@ def test_a_frozen_holders_late_ack_leaves_the_copy_another_worker_runs(
         "--queues", "cli_settle", "--processes", "1", "--threads", "1",
         env={"BROKER_TEST_VT_S": VT_S, "BROKER_TEST_SLEEP_S": "0"},
     )  # fmt: skip
-    wait_until(lambda: len(runs(conn, "job")) == 2, timeout_s=30, what="a third worker to finish the job")
+    wait_until(lambda: len(runs(conn, "job")) == 2, timeout_s=STARTUP_S, what="a third worker to finish the job")
     broker.join("cli_settle", timeout=10_000)
     assert_stale_settlement_logged_once(tmp_path, message_id)
 
@@ -118,7 +122,7 @@ def test_a_frozen_holders_late_failure_enqueues_and_dead_letters_nothing(
     )
 
     # When worker B finishes its copy and the queue drains
-    wait_until(lambda: len(runs(conn, "job")) == 1, timeout_s=30, what="worker B to finish the job")
+    wait_until(lambda: len(runs(conn, "job")) == 1, timeout_s=STARTUP_S, what="worker B to finish the job")
     broker.join("cli_settle", timeout=15_000)
 
     # Then A's failure, reported after it lost the lease, was neither retried (the job ran twice: A's run and
@@ -148,7 +152,9 @@ def test_an_envelope_with_an_overflowing_timestamp_dead_letters_only_itself(
     start_cli("--queues", "cli_fast", "--processes", "1", "--threads", "2")
 
     # Then the healthy messages run, and only the bad row is dead-lettered, with its reason
-    wait_until(lambda: all(runs(conn, f"ok{i}") for i in range(3)), timeout_s=30, what="the healthy messages to run")
+    wait_until(
+        lambda: all(runs(conn, f"ok{i}") for i in range(3)), timeout_s=STARTUP_S, what="the healthy messages to run"
+    )
     wait_until(lambda: broker.count_dead_letters("cli_fast") == 1, timeout_s=10, what="one dead letter")
     [letter] = broker.dead_letters("cli_fast")
     assert (letter.reason, letter.error_type) == ("undecodable", "OverflowError")
@@ -181,7 +187,7 @@ def test_a_job_that_kills_its_worker_costs_the_messages_prefetched_with_it_nothi
         )  # fmt: skip
         wait_until(
             lambda w=worker: w.poll() is not None or drained(),
-            timeout_s=60,
+            timeout_s=STARTUP_S,
             what="the worker to crash or the queue to drain",
         )
         if drained():
