@@ -169,6 +169,10 @@ create table if not exists pgmq_broker.schema_migrations (
 """
 #: Serialise migrating processes for the length of one transaction.
 MIGRATIONS_LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
+#: Does the bookkeeping table exist (it does once anything was applied)?
+MIGRATIONS_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
+#: Versions recorded for a namespace.
+MIGRATION_VERSIONS: LiteralString = "select version from pgmq_broker.schema_migrations where namespace = %(namespace)s"
 #: Checksum of an applied migration, if any.
 MIGRATION_CHECKSUM: LiteralString = (
     "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"

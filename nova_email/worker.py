@@ -19,6 +19,7 @@ from . import db
 from .config import Settings
 from .nylas.client import NylasClient
 from .nylas.pacing import Pacer
+from .ops.health import WorkerHeartbeat
 from .ops.metrics import add_metrics
 
 __all__ = ["GiveUpHook", "TestingMode", "build_broker", "nylas_client"]
@@ -83,6 +84,7 @@ def build_broker(settings: Settings) -> PGMQBroker:
     # message failed (appended last, it ran first and never saw a failed message).
     broker.add_middleware(GiveUpHook(), before=Retries)
     add_metrics(broker, settings)
+    broker.add_middleware(WorkerHeartbeat())  # read by `nova-email healthcheck --worker`
     if settings.testing_mode:
         broker.add_middleware(TestingMode({"nylas_webhook_notifications"}))
     return broker
@@ -99,13 +101,13 @@ def nylas_client(settings: Settings) -> NylasClient:
 
 def _build_client(settings: Settings) -> NylasClient:
     pacer = None
-    if settings.pacing_enabled or settings.delay_ms("api"):
+    if settings.pacing_enabled or settings.api_delay_ms:
         pacer = Pacer(
             db.get_pool(settings).connection,
             grant_rate_per_s=settings.nylas_grant_rate or None,
             grant_burst=settings.nylas_grant_burst,
             app_rate_per_s=settings.nylas_app_rate or None,
-            min_interval_ms=settings.delay_ms("api"),
+            min_interval_ms=settings.api_delay_ms,
         )
     return NylasClient(
         api_key=settings.nylas_api_key,

@@ -14,6 +14,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -74,10 +75,12 @@ DEFAULT_POOL_MAXSIZE = 16
 MAX_PAGE_LIMIT = 200
 #: The backfill never looks further back than this (the original's 1-year cap).
 ONE_YEAR = timedelta(days=365)
-#: Thread fields the service stores; listing only these keeps pages small.
+#: Thread fields the service stores; listing only these keeps pages small (``latest_draft_or_message`` would carry a
+#: whole message). With them a listed thread can be written without fetching it again.
 THREAD_SELECT: tuple[str, ...] = (
-    "id", "grant_id", "subject", "snippet", "participants", "message_ids", "folders", "unread", "starred",
-    "has_attachments", "earliest_message_date", "latest_message_received_date", "latest_message_sent_date",
+    "id", "grant_id", "subject", "snippet", "participants", "message_ids", "draft_ids", "folders", "unread", "starred",
+    "has_attachments", "has_drafts", "earliest_message_date", "latest_message_received_date",
+    "latest_message_sent_date",
 )  # fmt: skip
 #: Message fields the service stores (``headers`` would need ``fields=include_headers``, which we do not ask for).
 MESSAGE_SELECT: tuple[str, ...] = (
@@ -426,16 +429,17 @@ class NylasClient:
         if self._pacer is not None:
             self._pacer.acquire(grant_id)
         what = _describe(endpoint, grant_id, object_id)
+        started = time.monotonic()
         try:
             response = self._session.get(self._base + path, params=params, timeout=self._timeout_s, auth=self._auth)
         except requests.RequestException as exc:
-            self.counter.record(endpoint, NO_RESPONSE)
+            self.counter.record(endpoint, NO_RESPONSE, seconds=time.monotonic() - started)
             msg = self._redact(
                 f"No answer from Nylas for {what} after {self._max_retries} retries "
                 f"({type(exc).__name__}: {exc}); retry later"
             )
             raise errors.NylasConnectionError(msg, grant_id=grant_id, endpoint=endpoint) from exc
-        self.counter.record(endpoint, response.status_code)
+        self.counter.record(endpoint, response.status_code, seconds=time.monotonic() - started)
         if response.status_code >= 400:
             raise self._error_for(response, what=what, grant_id=grant_id, endpoint=endpoint, object_id=object_id)
         try:
