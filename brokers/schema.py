@@ -119,7 +119,9 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
         row = conn.execute(queries.MIGRATION_CHECKSUM, params).fetchone()
         if row is not None:
             if row[0] in migration.replaces:
-                conn.execute(queries.MIGRATION_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+                conn.execute(
+                    queries.MIGRATION_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum}
+                )
                 log.info("Recorded {}/{:03d}_{} under its edited text", namespace, migration.version, migration.name)
             elif row[0] != migration.checksum:
                 log.warning(
