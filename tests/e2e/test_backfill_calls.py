@@ -146,12 +146,14 @@ def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_pat
             )
             assert mirror_differences(conn, inbox_id, nylas.export(GRANT)) != []
         changed = change_three_threads(nylas, threads[4:])
+        window_end = datetime.fromtimestamp(config_row(db_url, config_id)["end"], UTC)
         damaged = {*threads[0:4], *changed}
         calls_before = calls_by_endpoint(nylas)
 
-        # When `nova-email backfill start` queues a new backfill of the inbox and the workers run it
+        # When `nova-email backfill start` queues a new backfill of the inbox over the same window and the workers run it
         started = subprocess.run(
-            [sys.executable, "-m", "nova_email.cli", "backfill", "start", str(inbox_id)],
+            # The first run's window, end included: a window ending at now() would reach up to a day further back.
+            [sys.executable, "-m", "nova_email.cli", "backfill", "start", str(inbox_id), "--end", window_end.isoformat()],
             cwd=ROOT,
             env={**env, "PATH": str(Path(sys.executable).parent)},
             capture_output=True,
