@@ -10,11 +10,13 @@ from typing import Any
 import attrs
 import psycopg
 import pytest
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
-from nova_email import backfill
+from nova_email import backfill, queries
 from nova_email.errors import InvalidJob
 from nova_email.jobs import BackfillJob, ThreadSyncJob, structure_job
-from nova_email.nylas.client import NylasClient
+from nova_email.nylas.client import DEFAULT_BACKOFF_MAX_S, DEFAULT_MAX_RETRIES, NylasClient
 from nova_email.nylas.errors import ServerError
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import sync_thread
@@ -344,8 +346,6 @@ class InterruptingClient(NylasClient):
     def list_threads(self, grant_id: str, **kwargs: Any) -> Any:
         self.pages += 1
         if self.pages == 2:
-            from psycopg.types.json import Jsonb
-
             self.conn.execute("select * from record_backfill_page(%s, %s, 'other', 2)", [self.config_id, Jsonb([])])
         return super().list_threads(grant_id, **kwargs)
 
@@ -413,3 +413,91 @@ def test_a_listed_thread_with_a_draft_is_fetched_since_its_messages_cannot_vouch
     # Then that thread alone was fetched, and the mirror equals the mailbox
     assert calls_by_endpoint(nylas).get("threads.get", 0) == 1
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+
+
+@attrs.frozen
+class RunTimes:
+    backfill_started_at: datetime
+    sync_started_at: datetime
+
+
+def run_times(conn: psycopg.Connection, config_id: uuid.UUID) -> RunTimes:
+    with conn.cursor(row_factory=class_row(RunTimes)) as cur:
+        times = cur.execute(
+            "select c.backfill_started_at, s.sync_started_at from flux_inbox_configurations c"
+            " join inbox_sync_stats s on s.config_id = c.id where c.id = %s",
+            [config_id],
+        ).fetchone()
+    assert times is not None
+    return times
+
+
+def next_backfill_job(conn: psycopg.Connection) -> BackfillJob:
+    row = conn.execute("select message from pgmq.q_inbox_backfill_jobs order by msg_id desc limit 1").fetchone()
+    assert row is not None
+    return structure_job(row[0], BackfillJob)
+
+
+def test_a_continuation_keeps_the_runs_start_times(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a run that listed one slice and handed the rest to a new job
+    assert backfill.run_backfill(conn, client, job, page_size=3, slice_pages=1).outcome == "continued"
+    first = run_times(conn, job.config_id)
+
+    # When the continuations list on
+    while backfill.run_backfill(conn, client, next_backfill_job(conn), page_size=3, slice_pages=1).outcome == (
+        "continued"
+    ):
+        pass
+
+    # Then the run still started when its first slice did: progress and durations cover the whole listing
+    assert run_times(conn, job.config_id) == first
+
+
+def test_a_listing_hands_over_after_slice_s_seconds_however_few_pages(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # When a run may list many pages but no time at all
+    result = backfill.run_backfill(conn, client, job, page_size=3, slice_pages=1_000, slice_s=0.0)
+
+    # Then it lists one page (a run always makes progress) and leaves the job that lists on
+    assert result.outcome == "continued" and result.pages == 1
+    assert next_backfill_job(conn) == job
+
+
+def test_a_runs_time_limit_grows_with_the_nylas_timeout_and_holds_a_slice_and_its_slowest_page() -> None:
+    for timeout_s in (5.0, 30.0, 120.0):
+        limit_s = backfill.run_time_limit_ms(timeout_s) / 1000
+        # A page is at most every attempt timing out on connect and read, plus the backoff between attempts
+        slowest_page_s = (DEFAULT_MAX_RETRIES + 1) * 2 * timeout_s + DEFAULT_MAX_RETRIES * DEFAULT_BACKOFF_MAX_S
+        assert limit_s >= backfill.SLICE_S + slowest_page_s
+    assert backfill.run_time_limit_ms(120.0) > backfill.run_time_limit_ms(30.0)
+
+
+def test_a_finished_run_is_refused_under_the_configurations_lock(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a run that handed over to thread sync
+    backfill.run_backfill(conn, client, job)
+    # When a stale job of it starts a slice (after any status check of its own)
+    with pytest.raises(psycopg.DatabaseError) as refused:
+        conn.execute(queries.START_BACKFILL_SLICE, {"config_id": job.config_id})
+    # Then the database refuses it, and the run stays handed over
+    assert refused.value.sqlstate == backfill.RUN_FINISHED
+    assert config_state(conn, job.config_id)[0] == "thread_sync"
+
+
+def test_a_superseded_run_cannot_queue_a_continuation(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a run that listed page 1, and another run of the same backfill that recorded page 2 since
+    backfill.run_backfill(conn, client, job, page_size=3, slice_pages=1)
+    conn.execute("select pgmq.purge_queue('inbox_backfill_jobs')")
+    conn.execute("select * from record_backfill_page(%s, %s, 'other', 2)", [job.config_id, Jsonb([])])
+    # When the first run ends its slice at page 1
+    with pytest.raises(psycopg.DatabaseError) as refused:
+        conn.execute(queries.CONTINUE_BACKFILL_LISTING, {"config_id": job.config_id, "page": 1})
+    # Then the database refuses it as superseded and no second listing job exists
+    assert refused.value.sqlstate == backfill.SUPERSEDED
+    assert conn.execute("select count(*) from pgmq.q_inbox_backfill_jobs").fetchone() == (0,)
