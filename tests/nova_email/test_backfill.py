@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +19,7 @@ from psycopg.types.json import Jsonb
 from nova_email import backfill, queries
 from nova_email.errors import InvalidJob
 from nova_email.jobs import BackfillJob, ThreadSyncJob, structure_job
-from nova_email.nylas.client import DEFAULT_BACKOFF_MAX_S, DEFAULT_MAX_RETRIES, NylasClient
+from nova_email.nylas.client import DEFAULT_BACKOFF_MAX_S, DEFAULT_MAX_RETRIES, THREAD_SELECT, NylasClient
 from nova_email.nylas.errors import ServerError
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import sync_thread
@@ -149,7 +152,7 @@ def test_a_crash_after_the_last_page_resumes_without_listing_again(
             latest_message_after=job.start_date,
             latest_message_before=job.end_date,
             limit=200,
-            select=backfill.LIST_FIELDS,
+            select=THREAD_SELECT,
         )
     )
     threads = [
@@ -473,6 +476,19 @@ def test_a_runs_time_limit_grows_with_the_nylas_timeout_and_holds_a_slice_and_it
         slowest_page_s = (DEFAULT_MAX_RETRIES + 1) * 2 * timeout_s + DEFAULT_MAX_RETRIES * DEFAULT_BACKOFF_MAX_S
         assert limit_s >= backfill.SLICE_S + slowest_page_s
     assert backfill.run_time_limit_ms(120.0) > backfill.run_time_limit_ms(30.0)
+
+
+def test_the_backfill_actors_time_limit_follows_nylas_timeout_s(db_url: str) -> None:
+    # The actor is declared when nova_email.actors is imported, from the settings of that process
+    shown = subprocess.run(
+        [sys.executable, "-c", "from nova_email import actors; print(actors.run_backfill.options['time_limit'])"],
+        env={**os.environ, "DATABASE_URL": db_url, "NYLAS_API_KEY": "k", "NYLAS_TIMEOUT_S": "120"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert int(shown.stdout.strip().splitlines()[-1]) == backfill.run_time_limit_ms(120.0)
 
 
 def test_a_finished_run_is_refused_under_the_configurations_lock(
