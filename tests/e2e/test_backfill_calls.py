@@ -150,10 +150,11 @@ def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_pat
         damaged = {*threads[0:4], *changed}
         calls_before = calls_by_endpoint(nylas)
 
-        # When `nova-email backfill start` queues a new backfill of the inbox over the same window and the workers run it
+        # When `nova-email backfill start` queues a new backfill of the inbox, same window, and the workers run it
+        # (the first run's window: one ending at now() would reach up to a day further back)
+        command = ["backfill", "start", str(inbox_id), "--end", window_end.isoformat()]
         started = subprocess.run(
-            # The first run's window, end included: a window ending at now() would reach up to a day further back.
-            [sys.executable, "-m", "nova_email.cli", "backfill", "start", str(inbox_id), "--end", window_end.isoformat()],
+            [sys.executable, "-m", "nova_email.cli", *command],
             cwd=ROOT,
             env={**env, "PATH": str(Path(sys.executable).parent)},
             capture_output=True,
