@@ -517,3 +517,26 @@ def test_a_superseded_run_cannot_queue_a_continuation(
     # Then the database refuses it as superseded and no second listing job exists
     assert refused.value.sqlstate == backfill.SUPERSEDED
     assert conn.execute("select count(*) from pgmq.q_inbox_backfill_jobs").fetchone() == (0,)
+
+
+def test_a_new_backfill_resyncs_a_thread_whose_message_was_deleted_at_nylas(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a completed backfill, and then an older message of a thread deleted at Nylas with its webhook lost
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+    conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
+    threads = nylas.simulator.grants[GRANT].threads
+    thread_id = next(t for t in sorted(in_window(nylas, job)) if len(threads[t].messages) >= 2)
+    nylas.simulator.delete_message(GRANT, threads[thread_id].messages[0].id, emit=False)
+
+    # When a new backfill of the inbox runs
+    backfill.run_backfill(conn, client, queue_backfill(conn, inbox_id, end=job.end_date))
+    synced = sync_every_queued_thread(conn, client)
+
+    # Then that thread alone was synced again, and its row lists exactly the messages Nylas holds
+    assert synced == [thread_id]
+    row = conn.execute(
+        "select message_ids from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, thread_id]
+    ).fetchone()
+    assert row is not None and sorted(row[0]) == sorted(m.id for m in threads[thread_id].messages)
