@@ -23,6 +23,7 @@ from nova_email.nylas.client import DEFAULT_BACKOFF_MAX_S, DEFAULT_MAX_RETRIES, 
 from nova_email.nylas.errors import ServerError
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import sync_thread
+from tests.lost_webhooks import change_three_threads
 from tests.mirror import mirror_differences
 from tests.nova_email.conftest import GRANT
 
@@ -256,29 +257,8 @@ def sync_every_queued_thread(conn: psycopg.Connection, client: NylasClient) -> l
     return [j.thread_id for j in jobs]
 
 
-def calls_by_endpoint(nylas: SimulatorHandle) -> dict[str, int]:
-    calls: dict[str, int] = {}
-    for (endpoint, _status), count in nylas.simulator.calls.snapshot().items():
-        calls[endpoint] = calls.get(endpoint, 0) + count
-    return calls
-
-
 def window_start(job: BackfillJob) -> int:
     return int(job.start_date.timestamp())
-
-
-def change_three_threads(nylas: SimulatorHandle, candidates: list[str]) -> list[str]:
-    """Change three of `candidates` at Nylas without webhooks, each in a field of the thread itself: a reply comes,
-    the one unread message is read, a message is starred. Returns the three ids."""
-    threads = nylas.simulator.grants[GRANT].threads
-    replied = candidates[0]
-    read = next(t for t in candidates[1:] if sum(m.unread for m in threads[t].messages) == 1)
-    starred = next(t for t in candidates[1:] if t != read and not any(m.starred for m in threads[t].messages))
-    nylas.simulator.add_message(GRANT, thread_id=replied, emit=False)
-    unread = next(m for m in threads[read].messages if m.unread)
-    nylas.simulator.update_message(GRANT, unread.id, unread=False, emit=False)
-    nylas.simulator.update_message(GRANT, threads[starred].messages[0].id, starred=True, emit=False)
-    return [replied, read, starred]
 
 
 def test_a_backfill_syncs_each_listed_thread_with_one_call_and_no_thread_get(
@@ -289,7 +269,7 @@ def test_a_backfill_syncs_each_listed_thread_with_one_call_and_no_thread_get(
     synced = sync_every_queued_thread(conn, client)
 
     # Then no thread was fetched again: one message list per thread (none has over 200 messages), and the listing
-    calls = calls_by_endpoint(nylas)
+    calls = nylas.calls_by_endpoint()
     assert sorted(synced) == sorted(in_window(nylas, job))
     assert calls.get("threads.get", 0) == 0
     assert calls["messages.list"] == len(synced)
@@ -303,13 +283,13 @@ def test_a_thread_that_changes_between_listing_and_sync_is_fetched_and_the_newer
 ) -> None:
     # Given a listing, after which three threads change at Nylas without webhooks: a reply, a read, a star
     backfill.run_backfill(conn, client, job)
-    change_three_threads(nylas, sorted(in_window(nylas, job)))
+    change_three_threads(nylas, GRANT, sorted(in_window(nylas, job)))
 
     # When the thread jobs run
     sync_every_queued_thread(conn, client)
 
     # Then exactly the changed threads were fetched again, and the mirror holds their new state
-    assert calls_by_endpoint(nylas).get("threads.get", 0) == 3
+    assert nylas.calls_by_endpoint().get("threads.get", 0) == 3
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
 
 
@@ -335,7 +315,7 @@ def test_a_long_listing_runs_in_slices_each_continuing_from_the_checkpoint(
     # And together the runs listed every page once and fanned out each thread once
     assert [r.pages for r in runs] == [2] * (pages // 2) + ([pages % 2] if pages % 2 else [])
     assert sorted(j["thread_id"] for j in thread_jobs(conn)) == sorted(expected)
-    assert calls_by_endpoint(nylas)["threads.list"] == pages
+    assert nylas.calls_by_endpoint()["threads.list"] == pages
     assert config_state(conn, job.config_id)[0] == "thread_sync"
 
 
@@ -385,7 +365,7 @@ def test_a_new_backfill_repairs_a_damaged_mirror_and_leaves_current_threads_alon
             [inbox_id, thread_id],
         )
     conn.execute("delete from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, lost_thread])
-    changed = change_three_threads(nylas, threads[3:])
+    changed = change_three_threads(nylas, GRANT, threads[3:])
     damaged = {*lost_messages, lost_thread, *changed}
 
     # When a new backfill of the inbox runs
@@ -414,7 +394,7 @@ def test_a_listed_thread_with_a_draft_is_fetched_since_its_messages_cannot_vouch
     sync_every_queued_thread(conn, client)
 
     # Then that thread alone was fetched, and the mirror equals the mailbox
-    assert calls_by_endpoint(nylas).get("threads.get", 0) == 1
+    assert nylas.calls_by_endpoint().get("threads.get", 0) == 1
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
 
 
