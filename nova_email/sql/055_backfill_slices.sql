@@ -8,8 +8,8 @@
 -- the configuration's row lock it refuses a finished run and starts the run's clocks only when the run starts, so a
 -- continuation keeps backfill_started_at and sync_started_at. continue_backfill_listing takes the page the slice
 -- ended on and refuses unless it is still the checkpoint, so a superseded run cannot queue a second listing job.
--- flux_stored_thread_is_current compares a thread's message ids as sets: a message gone at Nylas makes the stored
--- thread row stale too.
+-- flux_stored_thread_is_current compares a thread's message ids as sets (a message gone at Nylas makes the stored
+-- thread row stale too) and has_drafts (a draft saved or discarded, whatever the provider does with folders).
 --
 -- Grants to nova_worker: 092_worker_role_backfill.sql (it runs after 091, which revokes everything first).
 
@@ -94,6 +94,7 @@ BEGIN
                                                  AND nylas_json_array(p_thread -> 'message_ids') @> t.message_ids))
            AND (NOT p_thread ? 'unread' OR t.unread = (p_thread ->> 'unread')::boolean)
            AND (NOT p_thread ? 'starred' OR t.starred = (p_thread ->> 'starred')::boolean)
+           AND (NOT p_thread ? 'has_drafts' OR t.has_drafts = (p_thread ->> 'has_drafts')::boolean)
            AND (NOT p_thread ? 'folders' OR (t.folders @> nylas_json_array(p_thread -> 'folders')
                                              AND nylas_json_array(p_thread -> 'folders') @> t.folders))
     );
@@ -101,8 +102,8 @@ END;
 $$;
 COMMENT ON FUNCTION flux_stored_thread_is_current(uuid, jsonb) IS
     'True when the mirror holds the listed thread whole (every message stored) and no older than the listing: '
-    'latest_message_received_date not before Nylas''s, message_ids the same set as listed, unread, starred and '
-    'folders as listed.';
+    'latest_message_received_date not before Nylas''s, message_ids the same set as listed, unread, starred, '
+    'has_drafts and folders as listed.';
 
 -- As in 050, refusing an out-of-order page with NB002.
 CREATE OR REPLACE FUNCTION record_backfill_page(

@@ -520,3 +520,21 @@ def test_a_new_backfill_resyncs_a_thread_whose_message_was_deleted_at_nylas(
         "select message_ids from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, thread_id]
     ).fetchone()
     assert row is not None and sorted(row[0]) == sorted(m.id for m in threads[thread_id].messages)
+
+
+def test_a_new_backfill_resyncs_a_thread_that_gained_a_draft_at_nylas(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a completed backfill, and then a draft saved in one of its threads (drafts have no webhook)
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+    conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
+    drafted = sorted(in_window(nylas, job))[0]
+    nylas.simulator.add_draft(GRANT, thread_id=drafted, body="<p>later</p>")
+
+    # When a new backfill of the inbox runs
+    backfill.run_backfill(conn, client, queue_backfill(conn, inbox_id, end=job.end_date))
+
+    # Then that thread alone is synced again, and the mirror equals the mailbox after it
+    assert sync_every_queued_thread(conn, client) == [drafted]
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
