@@ -93,7 +93,7 @@ START_BACKFILL_SLICE: LiteralString = "select start_backfill_slice(%(config_id)s
 #: Record one listed page (read at listed_at) and its checkpoint in one transaction.
 RECORD_BACKFILL_PAGE: LiteralString = (
     "select queued, skipped, threads_queued"
-    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
+    " from record_listed_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
 )
 #: End a slice of a long listing after `page`: queue the job that lists on from the checkpoint, unless another run
 #: recorded pages since (SQLSTATE NB002).

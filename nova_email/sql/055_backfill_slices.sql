@@ -7,7 +7,8 @@
 -- start_backfill_slice replaces the status check and start_backfill_run + initialize_sync_stats of each slice: under
 -- the configuration's row lock it refuses a finished run and starts the run's clocks only when the run starts, so a
 -- continuation keeps backfill_started_at and sync_started_at. continue_backfill_listing takes the page the slice
--- ended on and refuses unless it is still the checkpoint, so a superseded run cannot queue a second listing job.
+-- ended on and refuses unless it is still the checkpoint, so a superseded run cannot queue a second listing job;
+-- record_listed_page is record_backfill_page refusing an out-of-order page with NB002.
 -- flux_stored_thread_is_current compares a thread's message ids as sets (a message gone at Nylas makes the stored
 -- thread row stale too) and has_drafts (a draft saved or discarded, whatever the provider does with folders).
 --
@@ -41,30 +42,9 @@ COMMENT ON FUNCTION start_backfill_slice(uuid) IS
 
 CREATE OR REPLACE FUNCTION continue_backfill_listing(p_config_id uuid, p_page integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_config flux_inbox_configurations%ROWTYPE;
-    v_msg_id bigint;
 BEGIN
-    v_config := flux_require_config(p_config_id);
-    IF v_config.backfill_status IS DISTINCT FROM 'backfill'
-       OR coalesce((v_config.backfill_progress ->> 'current_page')::integer, 0) IS DISTINCT FROM p_page THEN
-        RAISE EXCEPTION 'Configuration % is % at page %, not at page %: another run of this backfill is listing it',
-            quote_literal(p_config_id), v_config.backfill_status,
-            coalesce(v_config.backfill_progress ->> 'current_page', '0'), quote_nullable(p_page)
-            USING ERRCODE = 'NB002';
-    END IF;
-    v_msg_id := flux_pgmq_send(
-        'inbox_backfill_jobs',
-        jsonb_build_object(
-            'inbox_id', v_config.inbox_id,
-            'config_id', v_config.id,
-            'grant_id', (SELECT i.nylas_grant_id FROM flux_inboxes i WHERE i.id = v_config.inbox_id),
-            'start_date', v_config.backfill_start_date,
-            'end_date', v_config.backfill_end_date
-        )
-    );
-    UPDATE flux_inbox_configurations c SET backfill_msg_id = v_msg_id WHERE c.id = p_config_id;
-    RETURN v_msg_id;
+    PERFORM flux_require_checkpoint(p_config_id, p_page);
+    RETURN continue_backfill_listing(p_config_id);
 END;
 $$;
 COMMENT ON FUNCTION continue_backfill_listing(uuid, integer) IS
@@ -105,8 +85,28 @@ COMMENT ON FUNCTION flux_stored_thread_is_current(uuid, jsonb) IS
     'latest_message_received_date not before Nylas''s, message_ids the same set as listed, unread, starred, '
     'has_drafts and folders as listed.';
 
--- As in 050, refusing an out-of-order page with NB002.
-CREATE OR REPLACE FUNCTION record_backfill_page(
+CREATE OR REPLACE FUNCTION flux_require_checkpoint(p_config_id uuid, p_page integer)
+RETURNS flux_inbox_configurations
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_config flux_inbox_configurations%ROWTYPE;
+BEGIN
+    v_config := flux_require_config(p_config_id);
+    IF v_config.backfill_status IS DISTINCT FROM 'backfill'
+       OR coalesce((v_config.backfill_progress ->> 'current_page')::integer, 0) IS DISTINCT FROM p_page THEN
+        RAISE EXCEPTION 'Configuration % is % at page %, not at page %: another run of this backfill is listing it',
+            quote_literal(p_config_id), v_config.backfill_status,
+            coalesce(v_config.backfill_progress ->> 'current_page', '0'), quote_nullable(p_page)
+            USING ERRCODE = 'NB002';
+    END IF;
+    RETURN v_config;
+END;
+$$;
+COMMENT ON FUNCTION flux_require_checkpoint(uuid, integer) IS
+    'Locks and returns a configuration that is listing with its checkpoint at page p_page, or raises NB002 (another '
+    'run of the backfill is listing it). Internal helper of the backfill functions.';
+
+CREATE OR REPLACE FUNCTION record_listed_page(
     p_config_id       uuid,
     p_threads         jsonb,
     p_next_page_token text,
@@ -115,80 +115,11 @@ CREATE OR REPLACE FUNCTION record_backfill_page(
 )
 RETURNS TABLE (queued integer, skipped integer, threads_queued integer)
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_config   flux_inbox_configurations%ROWTYPE;
-    v_grant_id text;
-    v_expected integer;
-    v_queued   integer := 0;
-    v_skipped  integer := 0;
-    v_total    integer;
 BEGIN
-    v_config := flux_require_config(p_config_id);
-    IF jsonb_typeof(p_threads) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION 'record_backfill_page needs a JSON array of threads, got %', jsonb_typeof(p_threads)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- Pages are recorded in order, each right after the checkpoint: any other page comes from a second run of the
-    -- same configuration (a duplicated or redelivered job), which must stop rather than record pages twice.
-    v_expected := coalesce((v_config.backfill_progress ->> 'current_page')::integer, 0) + 1;
-    IF p_page IS DISTINCT FROM v_expected THEN
-        RAISE EXCEPTION 'Configuration % expects page %, not %: another run of this backfill is listing it',
-            quote_literal(p_config_id), v_expected, quote_nullable(p_page)
-            USING ERRCODE = 'NB002';
-    END IF;
-    SELECT i.nylas_grant_id INTO v_grant_id FROM flux_inboxes i WHERE i.id = v_config.inbox_id;
-    -- One statement for the page, so the stats triggers fire once per page rather than once per thread.
-    WITH listed AS (
-        SELECT DISTINCT ON (l.thread ->> 'id') l.thread ->> 'id' AS thread_id, l.thread
-          FROM jsonb_array_elements(p_threads) AS l(thread)
-         WHERE jsonb_typeof(l.thread) = 'object' AND coalesce(l.thread ->> 'id', '') <> ''
-         ORDER BY l.thread ->> 'id'
-    ), needing AS (
-        -- Webhooks keep a current thread current: no sync, whatever an earlier run recorded for it.
-        SELECT l.thread_id, l.thread FROM listed l
-         WHERE NOT flux_stored_thread_is_current(v_config.inbox_id, l.thread)
-    ), earlier AS (
-        -- The rows as they were before this statement (every part of it reads the same snapshot).
-        SELECT q.nylas_thread_id, q.status FROM queued_threads q
-          JOIN needing n ON q.config_id = p_config_id AND q.nylas_thread_id = n.thread_id
-    ), written AS (
-        -- A thread that needs a sync waits to be sent whatever an earlier run recorded: a completed or failed row
-        -- starts over. A queued or running one keeps its job and only gets the newer listed copy.
-        INSERT INTO queued_threads AS t (config_id, inbox_id, nylas_thread_id, grant_id, status, listed_thread,
-                                         listed_at)
-        SELECT p_config_id, v_config.inbox_id, n.thread_id, nullif(v_grant_id, ''), 'queued', n.thread, p_listed_at
-          FROM needing n
-         ORDER BY n.thread_id
-        ON CONFLICT (config_id, nylas_thread_id) DO UPDATE SET
-            listed_thread = CASE WHEN t.listed_at IS NULL OR excluded.listed_at >= t.listed_at
-                                 THEN excluded.listed_thread ELSE t.listed_thread END,
-            listed_at = greatest(t.listed_at, excluded.listed_at),
-            grant_id = coalesce(t.grant_id, excluded.grant_id),
-            status = CASE WHEN t.status IN ('completed', 'failed') THEN 'queued' ELSE t.status END,
-            queued_at = CASE WHEN t.status IN ('completed', 'failed') THEN now() ELSE t.queued_at END,
-            started_at = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.started_at END,
-            processed_at = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.processed_at END,
-            error_message = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.error_message END,
-            note = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.note END,
-            messages_synced = CASE WHEN t.status IN ('completed', 'failed') THEN 0 ELSE t.messages_synced END,
-            pgmq_queued_at = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.pgmq_queued_at END,
-            msg_id = CASE WHEN t.status IN ('completed', 'failed') THEN NULL ELSE t.msg_id END
-        RETURNING t.nylas_thread_id
-    )
-    SELECT count(*) FILTER (WHERE e.status IS NULL OR e.status IN ('completed', 'failed'))
-      INTO v_queued
-      FROM written w LEFT JOIN earlier e ON e.nylas_thread_id = w.nylas_thread_id;
-    v_skipped := jsonb_array_length(p_threads) - v_queued;
-    v_total := coalesce((v_config.backfill_progress ->> 'threads_queued')::integer, 0) + v_queued;
-    PERFORM update_backfill_orchestration_progress(p_config_id, v_total, p_page, p_next_page_token);
-    UPDATE flux_inbox_configurations c
-       SET backfill_progress = c.backfill_progress || jsonb_build_object('listing_complete', p_next_page_token IS NULL)
-     WHERE c.id = p_config_id;
-    RETURN QUERY SELECT v_queued, v_skipped, v_total;
+    PERFORM flux_require_checkpoint(p_config_id, p_page - 1);
+    RETURN QUERY SELECT * FROM record_backfill_page(p_config_id, p_threads, p_next_page_token, p_page, p_listed_at);
 END;
 $$;
-COMMENT ON FUNCTION record_backfill_page(uuid, jsonb, text, integer, timestamptz) IS
-    'Records one listed page of Nylas thread objects, read at p_listed_at: threads whose stored copy is missing, '
-    'partial or older than the listing are queued with their listed copy (completed rows of earlier runs too), '
-    'current ones are skipped; saves the checkpoint in the same transaction. Refuses (SQLSTATE NB002) a page that '
-    'does not follow the checkpoint (another run is listing). Returns (queued, skipped, threads_queued so far).';
+COMMENT ON FUNCTION record_listed_page(uuid, jsonb, text, integer, timestamptz) IS
+    'record_backfill_page for a run that is listing: refuses (SQLSTATE NB002) a page that does not follow the '
+    'checkpoint, or a configuration no longer listing, before recording anything.';

@@ -9,5 +9,7 @@ GRANT EXECUTE ON FUNCTION
     public.record_backfill_page(uuid, jsonb, text, integer, timestamptz),
     public.continue_backfill_listing(uuid),
     public.continue_backfill_listing(uuid, integer),
-    public.start_backfill_slice(uuid)
+    public.start_backfill_slice(uuid),
+    public.flux_require_checkpoint(uuid, integer),
+    public.record_listed_page(uuid, jsonb, text, integer, timestamptz)
 TO nova_worker;

@@ -257,6 +257,14 @@ def sync_every_queued_thread(conn: psycopg.Connection, client: NylasClient) -> l
     return [j.thread_id for j in jobs]
 
 
+def complete_backfill(conn: psycopg.Connection, client: NylasClient, job: BackfillJob) -> None:
+    """Run `job`'s backfill, every thread job it sends, and its completion."""
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+    assert conn.execute("select complete_backfill_if_done(%s)", [job.config_id]).fetchone() is not None
+    assert config_state(conn, job.config_id)[0] == "completed"
+
+
 def window_start(job: BackfillJob) -> int:
     return int(job.start_date.timestamp())
 
@@ -348,10 +356,7 @@ def test_a_new_backfill_repairs_a_damaged_mirror_and_leaves_current_threads_alon
     conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
 ) -> None:
     # Given a completed backfill
-    backfill.run_backfill(conn, client, job)
-    sync_every_queued_thread(conn, client)
-    assert conn.execute("select complete_backfill_if_done(%s)", [job.config_id]).fetchone() is not None
-    assert config_state(conn, job.config_id)[0] == "completed"
+    complete_backfill(conn, client, job)
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
 
     # And damage: messages of two threads deleted, one thread row deleted, three threads changed at Nylas with
@@ -503,9 +508,7 @@ def test_a_new_backfill_resyncs_a_thread_whose_message_was_deleted_at_nylas(
     conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
 ) -> None:
     # Given a completed backfill, and then an older message of a thread deleted at Nylas with its webhook lost
-    backfill.run_backfill(conn, client, job)
-    sync_every_queued_thread(conn, client)
-    conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
+    complete_backfill(conn, client, job)
     threads = nylas.simulator.grants[GRANT].threads
     thread_id = next(t for t in sorted(in_window(nylas, job)) if len(threads[t].messages) >= 2)
     nylas.simulator.delete_message(GRANT, threads[thread_id].messages[0].id, emit=False)
@@ -526,9 +529,7 @@ def test_a_new_backfill_resyncs_a_thread_that_gained_a_draft_at_nylas(
     conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
 ) -> None:
     # Given a completed backfill, and then a draft saved in one of its threads (drafts have no webhook)
-    backfill.run_backfill(conn, client, job)
-    sync_every_queued_thread(conn, client)
-    conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
+    complete_backfill(conn, client, job)
     drafted = sorted(in_window(nylas, job))[0]
     nylas.simulator.add_draft(GRANT, thread_id=drafted, body="<p>later</p>")
 

@@ -169,6 +169,7 @@ def test_the_worker_role_may_use_the_queues_and_the_sql_api(worker_url: str, con
 def test_the_worker_role_holds_every_backfill_function_it_calls_without_public(worker_url: str) -> None:
     called = [
         "start_backfill_slice(uuid)",
+        "record_listed_page(uuid, jsonb, text, integer, timestamptz)",
         "record_backfill_page(uuid, jsonb, text, integer, timestamptz)",
         "flux_stored_thread_is_current(uuid, jsonb)",
         "continue_backfill_listing(uuid, integer)",
