@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import psycopg
 from loguru import logger
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 from psycopg.types.json import Jsonb
 
 from . import queries
@@ -38,6 +38,7 @@ from .nylas.client import (
     NylasClient,
 )
 from .nylas.errors import GrantExpired
+from .nylas.models import ThreadPage
 from .sync import nylas_json
 from .thread_sync import GRANT_EXPIRED_ERROR, mark_grant_expired
 
@@ -121,7 +122,8 @@ def run_backfill(
     started = time.monotonic()
     params = {"config_id": job.config_id}
     try:
-        progress: dict[str, Any] = conn.execute(queries.START_BACKFILL_SLICE, params).fetchone()[0]  # type: ignore[index]
+        with conn.cursor(row_factory=scalar_row) as cur:
+            progress: dict[str, Any] = cur.execute(queries.START_BACKFILL_SLICE, params).fetchone() or {}
     except psycopg.errors.NoDataFound:
         msg = (
             f"Backfill job names configuration {job.config_id}, which does not exist (never created, or deleted "
@@ -170,28 +172,19 @@ def run_backfill(
                 listed = next(listing, None)
                 if listed is None:
                     break
-                page_queued, page_skipped, total = conn.execute(  # type: ignore[misc]
-                    queries.RECORD_BACKFILL_PAGE,
-                    {
-                        "config_id": job.config_id,
-                        "threads": Jsonb([nylas_json(t) for t in listed.threads]),
-                        "next_page_token": listed.next_cursor,
-                        "page": page + 1,
-                        "listed_at": listed_at,
-                    },
-                ).fetchone()
+                recorded = _record_page(conn, job, listed, page=page + 1, listed_at=listed_at)
                 # Counted once recorded: a page the database refused is not this run's.
                 page += 1
                 pages += 1
-                queued += page_queued
-                skipped += page_skipped
+                queued += recorded.queued
+                skipped += recorded.skipped
                 log.info(
                     "Config {} page {}: {} threads to sync, {} current or skipped, {} in total",
                     str(job.config_id)[:8],
                     page,
-                    page_queued,
-                    page_skipped,
-                    total,
+                    recorded.queued,
+                    recorded.skipped,
+                    recorded.threads_queued,
                 )
     except GrantExpired:
         mark_grant_expired(conn, inbox_id=job.inbox_id, grant_id=grant_id)
@@ -203,7 +196,8 @@ def run_backfill(
         log.info("Backfill job for config {} stopped: {}", job.config_id, exc.diag.message_primary)
         return BackfillResult(config_id=str(job.config_id), pages=pages, outcome="superseded")
 
-    sent = conn.execute(queries.FINISH_BACKFILL_LISTING, params).fetchone()[0]  # type: ignore[index]
+    with conn.cursor(row_factory=scalar_row) as cur:
+        sent = int(cur.execute(queries.FINISH_BACKFILL_LISTING, params).fetchone() or 0)
     result = _result(job, started, pages, queued, skipped, resumed_from, outcome="thread_sync", sent=sent)
     log.info(
         "Config {} listed {} pages in {} ms; {} thread jobs sent",
@@ -213,6 +207,24 @@ def run_backfill(
         sent,
     )
     return result
+
+
+def _record_page(
+    conn: psycopg.Connection, job: BackfillJob, listed: ThreadPage, *, page: int, listed_at: datetime
+) -> queries.PageRecorded:
+    with conn.cursor(row_factory=class_row(queries.PageRecorded)) as cur:
+        recorded = cur.execute(
+            queries.RECORD_BACKFILL_PAGE,
+            {
+                "config_id": job.config_id,
+                "threads": Jsonb([nylas_json(t) for t in listed.threads]),
+                "next_page_token": listed.next_cursor,
+                "page": page,
+                "listed_at": listed_at,
+            },
+        ).fetchone()
+    assert recorded is not None  # a set-returning function of one row
+    return recorded
 
 
 def _result(

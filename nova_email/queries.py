@@ -90,7 +90,18 @@ where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s and status =
 #: Start a slice of a run and read the checkpoint to resume from: refuses a finished run (SQLSTATE NB001); the run's
 #: clocks and progress counters start with its first slice only.
 START_BACKFILL_SLICE: LiteralString = "select start_backfill_slice(%(config_id)s)"
-#: Record one listed page (read at listed_at) and its checkpoint in one transaction.
+
+
+@attrs.frozen
+class PageRecorded:
+    """The row of RECORD_BACKFILL_PAGE: threads of the page queued and skipped, threads queued by the run so far."""
+
+    queued: int
+    skipped: int
+    threads_queued: int
+
+
+#: Record one listed page (read at listed_at) and its checkpoint in one transaction (rows: ``PageRecorded``).
 RECORD_BACKFILL_PAGE: LiteralString = (
     "select queued, skipped, threads_queued"
     " from record_listed_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
