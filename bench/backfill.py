@@ -13,7 +13,10 @@ Scenario 1c, mailbox size: only the backfill processor (1 process x 1 thread) li
 threads and fans out their thread jobs; prints the listing time and the peak RSS of the worker, which must not grow
 with the mailbox (the thread list is never held whole).
 
-Every figure is printed next to the same figure measured on the code before issue 12 (``BEFORE``, same machine).
+Scenarios 1 and 1b run twice in the same invocation: as the service is, and with the thread jobs' listed copies
+ignored (a trigger in the scratch database drops ``queued_threads.listed_thread``), so every thread job also fetches
+its thread: the two calls per thread of the code before issue 12. Each figure is printed with its ratio to that peer.
+Scenario 1c prints the ratio of the peak RSS at the largest mailbox to that at the smallest (ideal: 1).
 
 Scenario 2, pacing: an inbox of 2,000 threads served by a simulator that allows R calls/s per grant (429 with
 Retry-After above it; R is 100 by default, half of Nylas's 200/s per grant for messages and threads), with the
@@ -60,15 +63,20 @@ GRANT = "bench-grant"
 DAY_S = 86_400
 #: The default per-grant pacing (NYLAS_GRANT_RATE).
 DEFAULT_RATE = 10.0
-#: Figures measured with this script on the code before issue 12 (main at 221a549), on the 2-core machine
-#: shared with other work: a thread job fetched the thread and then its messages.
-BEFORE: dict[str, Any] = {
-    "calls_per_thread": 2.005,  # 20,163 calls for 10,056 threads: threads.get + messages.list each, 51 listing pages
-    "calls_per_1000_messages": 346,
-    "paced_wall_s": 45.8,  # 214 threads, 430 calls at 10/s
-    "size_listing_s": {10_000: 13.0, 50_000: 66.4},
-    "size_rss_mib": {10_000: 46, 50_000: 46},
-}
+#: The peer's switch: every listed copy is dropped as it is written, so each thread job fetches its thread as well
+#: as its messages (two calls per thread), the rest of the service unchanged.
+IGNORE_LISTED_COPIES = """
+create function bench_ignore_listed_copy() returns trigger language plpgsql as $$
+begin
+    new.listed_thread := null;
+    return new;
+end;
+$$;
+create trigger bench_ignore_listed_copy before insert or update on queued_threads
+    for each row execute function bench_ignore_listed_copy();
+"""
+#: The two variants of scenarios 1 and 1b, the service first.
+VARIANTS = (("service", False), ("two calls per thread (peer)", True))
 
 
 def free_port() -> int:
@@ -86,7 +94,8 @@ class Run:
     """One scenario: a scratch database, a simulator process, worker processes."""
 
     def __init__(self, server_url: str, *, threads: int, sim_args: list[str], worker_env: dict[str, str],
-                 processes: int, worker_threads: int, queues: list[str] | None = None) -> None:  # fmt: skip
+                 processes: int, worker_threads: int, queues: list[str] | None = None,
+                 ignore_listed_copies: bool = False) -> None:  # fmt: skip
         self.name = f"nova_bench_{secrets.token_hex(3)}"
         self.server_url = server_url
         self.anchor = int(time.time()) // DAY_S * DAY_S
@@ -95,6 +104,8 @@ class Run:
         self.url = with_database(server_url, self.name)
         with psycopg.connect(self.url) as conn:
             migrate(conn)
+            if ignore_listed_copies:
+                conn.execute(IGNORE_LISTED_COPIES)
         port = free_port()
         self.sim_url = f"http://127.0.0.1:{port}"
         self.sim = subprocess.Popen(
@@ -198,60 +209,72 @@ def measure(run: Run, until: tuple[str, ...] = ("completed", "failed")) -> tuple
     return elapsed, totals, calls
 
 
-def _before(value: float | None, unit: str = "") -> str:
-    return f"(before: {value:g}{unit})" if value is not None else "(before: not measured)"
+def _ratio(value: float, peer: float) -> str:
+    return f"{value / peer:.2f}x the peer" if peer else "peer: none"
 
 
 def throughput(server_url: str, args: argparse.Namespace) -> None:
-    run = Run(server_url, threads=args.threads, sim_args=["--large-body-share", "0.01"],
-              worker_env={"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "0", "MESSAGE_DELAY_MS": "0",
-                          "API_DELAY_MS": "0"},
-              processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    elapsed, totals, calls = measure(run)
-    total_calls = sum(calls.values())
-    per_thread = total_calls / max(totals["completed"], 1)
-    per_1000 = 1000 * total_calls / max(totals["messages"], 1)
     print(f"\nScenario 1: {args.threads} threads in the mailbox, pacing off, {args.processes} x {args.worker_threads}")
-    print(f"  synced        {totals['completed']} threads, {totals['messages']} messages in {elapsed:.1f} s "
-          f"(status {totals['status']}, {totals['failed']} failed)")  # fmt: skip
-    print(
-        f"  rate          {totals['completed'] / elapsed:.1f} threads/s, {totals['messages'] / elapsed:.1f} messages/s"
-    )
-    print(f"  API calls     {total_calls}: {per_thread:.3f} per synced thread {_before(BEFORE['calls_per_thread'])}, "
-          f"{per_1000:.0f} per 1,000 messages {_before(BEFORE['calls_per_1000_messages'])}")  # fmt: skip
-    print(f"  by endpoint   {dict(sorted(calls.items()))}")
-    print(f"  at {DEFAULT_RATE:g} calls/s  these calls need {total_calls / DEFAULT_RATE / 60:.1f} min of API time "
-          f"(before: {BEFORE['calls_per_thread'] or 0:g} calls per thread, "
-          f"{(BEFORE['calls_per_thread'] or 0) * totals['completed'] / DEFAULT_RATE / 60:.1f} min)")  # fmt: skip
-    rss = sorted(run.peak_rss.values())
-    print(f"  peak RSS      {', '.join(f'{r / 2**20:.0f} MiB' for r in rss)} (per worker process)")
+    figures: list[dict[str, float]] = []
+    for name, ignore in VARIANTS:
+        run = Run(server_url, threads=args.threads, sim_args=["--large-body-share", "0.01"],
+                  worker_env={"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "0", "MESSAGE_DELAY_MS": "0",
+                              "API_DELAY_MS": "0"},
+                  processes=args.processes, worker_threads=args.worker_threads,
+                  ignore_listed_copies=ignore)  # fmt: skip
+        elapsed, totals, calls = measure(run)
+        total_calls = sum(calls.values())
+        figures.append({
+            "calls_per_thread": total_calls / max(totals["completed"], 1),
+            "calls_per_1000": 1000 * total_calls / max(totals["messages"], 1),
+            "threads_per_s": totals["completed"] / elapsed,
+            "api_min": total_calls / DEFAULT_RATE / 60,
+        })  # fmt: skip
+        rss = ", ".join(f"{r / 2**20:.0f} MiB" for r in sorted(run.peak_rss.values()))
+        print(f"  {name}:")
+        print(f"    synced        {totals['completed']} threads, {totals['messages']} messages in {elapsed:.1f} s "
+              f"(status {totals['status']}, {totals['failed']} failed), "
+              f"{totals['completed'] / elapsed:.1f} threads/s")  # fmt: skip
+        print(f"    API calls     {total_calls}: {figures[-1]['calls_per_thread']:.3f} per synced thread, "
+              f"{figures[-1]['calls_per_1000']:.0f} per 1,000 messages; {dict(sorted(calls.items()))}")  # fmt: skip
+        print(f"    at {DEFAULT_RATE:g} calls/s  {figures[-1]['api_min']:.1f} min of API time; peak RSS {rss}")
+    service, peer = figures
+    print(f"  ratio         calls per thread {_ratio(service['calls_per_thread'], peer['calls_per_thread'])}, "
+          f"API time {_ratio(service['api_min'], peer['api_min'])}, "
+          f"threads/s {_ratio(service['threads_per_s'], peer['threads_per_s'])}")  # fmt: skip
 
 
 def default_pacing(server_url: str, args: argparse.Namespace) -> None:
-    run = Run(server_url, threads=args.paced_threads, sim_args=["--large-body-share", "0"], worker_env={},
-              processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    elapsed, totals, calls = measure(run)
-    total_calls = sum(calls.values())
     print(
         f"\nScenario 1b: {args.paced_threads} threads in the mailbox, default pacing ({DEFAULT_RATE:g} calls/s per grant)"
     )
-    print(f"  synced        {totals['completed']} threads, {totals['messages']} messages, {total_calls} calls "
-          f"({total_calls / max(totals['completed'], 1):.3f} per thread)")  # fmt: skip
-    print(f"  wall time     {totals['working_s']:.1f} s to the last thread synced {_before(BEFORE['paced_wall_s'], ' s')}, "
-          f"completion seen after {elapsed:.1f} s")  # fmt: skip
+    walls: list[float] = []
+    for name, ignore in VARIANTS:
+        run = Run(server_url, threads=args.paced_threads, sim_args=["--large-body-share", "0"], worker_env={},
+                  processes=args.processes, worker_threads=args.worker_threads,
+                  ignore_listed_copies=ignore)  # fmt: skip
+        elapsed, totals, calls = measure(run)
+        total_calls = sum(calls.values())
+        walls.append(totals["working_s"])
+        print(f"  {name}: {totals['completed']} threads, {totals['messages']} messages, {total_calls} calls "
+              f"({total_calls / max(totals['completed'], 1):.3f} per thread); {totals['working_s']:.1f} s to the "
+              f"last thread synced, completion seen after {elapsed:.1f} s")  # fmt: skip
+    print(f"  ratio         wall time {_ratio(walls[0], walls[1])}")
 
 
 def mailbox_sizes(server_url: str, args: argparse.Namespace) -> None:
     print("\nScenario 1c: the backfill processor alone (1 x 1) lists a mailbox and fans out its thread jobs")
+    peaks: list[float] = []
     for size in (int(n) for n in args.sizes.split(",")):
         run = Run(server_url, threads=size, sim_args=["--large-body-share", "0"],
                   worker_env={"NYLAS_GRANT_RATE": "0"}, processes=1, worker_threads=1,
                   queues=["inbox_backfill_jobs"])  # fmt: skip
         elapsed, totals, calls = measure(run, until=("thread_sync", "completed", "failed"))
-        rss = max(run.peak_rss.values(), default=0) / 2**20
+        peaks.append(max(run.peak_rss.values(), default=0) / 2**20)
         print(f"  {size:>6} threads  {totals['listed']} listed in {sum(calls.values())} calls, status "
-              f"{totals['status']} after {elapsed:.1f} s {_before(BEFORE['size_listing_s'].get(size), ' s')}; "
-              f"peak RSS {rss:.0f} MiB {_before(BEFORE['size_rss_mib'].get(size), ' MiB')}")  # fmt: skip
+              f"{totals['status']} after {elapsed:.1f} s; peak RSS {peaks[-1]:.0f} MiB")  # fmt: skip
+    if len(peaks) > 1 and peaks[0]:
+        print(f"  ratio         peak RSS of the largest mailbox / the smallest = {peaks[-1] / peaks[0]:.2f} (ideal 1)")
 
 
 def pacing(server_url: str, args: argparse.Namespace) -> None:

@@ -143,7 +143,7 @@ def process_webhook(payload: dict[str, Any]) -> None:
     queue_handler=True,
     max_retries=2,
     min_backoff=retry_backoff_ms(settings.backfill_retry_window_ms, 3),
-    time_limit=backfill.RUN_TIME_LIMIT_MS,
+    time_limit=backfill.run_time_limit_ms(settings.nylas_timeout_s),
     throws=(InvalidJob,),
     on_give_up=_give_up(BackfillJob, backfill.record_backfill_failure),
 )

@@ -6,8 +6,10 @@ the calls into them and the few plain reads and writes around them.
 
 from __future__ import annotations
 
+import uuid
 from typing import LiteralString
 
+import attrs
 from psycopg import sql as psycopg_sql
 
 # -- sync ------------------------------------------------------------------------------------------------------------
@@ -21,7 +23,17 @@ UPSERT_MESSAGES: LiteralString = (
 
 # -- inboxes ---------------------------------------------------------------------------------------------------------
 
-#: The inbox's grant and status.
+
+@attrs.frozen
+class Inbox:
+    """A row of GET_INBOX and GET_INBOX_BY_GRANT."""
+
+    id: uuid.UUID
+    nylas_grant_id: str | None
+    status: str
+
+
+#: The inbox's grant and status (rows: ``Inbox``).
 GET_INBOX: LiteralString = "select id, nylas_grant_id, status from flux_inboxes where id = %(inbox_id)s"
 #: The inbox that owns a grant.
 GET_INBOX_BY_GRANT: LiteralString = (
@@ -75,21 +87,28 @@ where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s and status =
 
 # -- backfill --------------------------------------------------------------------------------------------------------
 
-#: The configuration's status and checkpoint.
-GET_CONFIG: LiteralString = (
-    "select backfill_status, backfill_progress from flux_inbox_configurations where id = %(config_id)s"
-)
-#: Mark the run as orchestrating and read the checkpoint to resume from.
-START_BACKFILL_RUN: LiteralString = "select start_backfill_run(%(config_id)s)"
-#: Create or recompute the progress counters of a run.
-INITIALIZE_SYNC_STATS: LiteralString = "select initialize_sync_stats(%(config_id)s, 0)"
-#: Record one listed page (read at listed_at) and its checkpoint in one transaction.
+#: Start a slice of a run and read the checkpoint to resume from: refuses a finished run (SQLSTATE NB001); the run's
+#: clocks and progress counters start with its first slice only.
+START_BACKFILL_SLICE: LiteralString = "select start_backfill_slice(%(config_id)s)"
+
+
+@attrs.frozen
+class PageRecorded:
+    """The row of RECORD_BACKFILL_PAGE: threads of the page queued and skipped, threads queued by the run so far."""
+
+    queued: int
+    skipped: int
+    threads_queued: int
+
+
+#: Record one listed page (read at listed_at) and its checkpoint in one transaction (rows: ``PageRecorded``).
 RECORD_BACKFILL_PAGE: LiteralString = (
     "select queued, skipped, threads_queued"
-    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
+    " from record_listed_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
 )
-#: End a slice of a long listing: queue the job that lists on from the checkpoint.
-CONTINUE_BACKFILL_LISTING: LiteralString = "select continue_backfill_listing(%(config_id)s)"
+#: End a slice of a long listing after `page`: queue the job that lists on from the checkpoint, unless another run
+#: recorded pages since (SQLSTATE NB002).
+CONTINUE_BACKFILL_LISTING: LiteralString = "select continue_backfill_listing(%(config_id)s, %(page)s)"
 #: Hand over to thread sync and send every thread job, atomically.
 FINISH_BACKFILL_LISTING: LiteralString = "select finish_backfill_listing(%(config_id)s)"
 #: Record a failed run (status failed, error appended, checkpoint kept).

@@ -83,10 +83,10 @@ def listed_copy_is_current(listed: Thread, messages: Sequence[Message]) -> bool:
     """Whether a listed thread still describes the messages just fetched from Nylas.
 
     Only what the messages show is compared: the same message ids, and the thread's ``unread``, ``starred`` and
-    ``folders`` as Nylas derives them from its messages. A thread with drafts is never taken from the listing, since
-    drafts are not among the messages and could have changed it unseen.
+    ``folders`` as Nylas derives them from its messages. A thread with drafts is never taken from the listing: listed
+    with drafts, or with a draft among the messages (providers that list drafts there show one saved since).
     """
-    if listed.has_drafts or listed.draft_ids:
+    if listed.has_drafts or listed.draft_ids or any(m.object == "draft" or "DRAFT" in m.folders for m in messages):
         return False
     if sorted(listed.message_ids) != sorted(m.id for m in messages):
         return False
@@ -169,6 +169,10 @@ def sync_thread(conn: psycopg.Connection, client: NylasClient, job: ThreadSyncJo
             # Taken before the read: the version stamp must not be newer than the state it labels.
             thread_read_at = datetime.now(UTC)
             thread = client.get_thread(grant_id, job.thread_id)
+            if not set(thread.message_ids) <= {m.id for m in messages}:
+                # Mail arrived between the two reads: the thread row must name no message the mirror lacks.
+                messages_read_at = datetime.now(UTC)
+                messages = list(client.iter_thread_messages(grant_id, job.thread_id))
     except NotFound:
         if tracked:
             conn.execute(queries.COMPLETE_THREAD, {**_tracked(job), "messages": 0, "note": DELETED_NOTE})

@@ -259,6 +259,13 @@ class SimulatorHandle:
         """The live fault config; change fields to change behaviour."""
         return self.simulator.faults
 
+    def calls_by_endpoint(self) -> dict[str, int]:
+        """API calls answered so far per endpoint (``threads.list``, ``messages.list``...), whatever their status."""
+        calls: dict[str, int] = {}
+        for (endpoint, _status), count in self.simulator.calls.snapshot().items():
+            calls[endpoint] = calls.get(endpoint, 0) + count
+        return calls
+
     def export(self, grant_id: str, *, with_bodies: bool = True) -> dict[str, Any]:
         """Ground truth of one grant (see ``export.export_grant``)."""
         return export_grant(self.simulator, grant_id, with_bodies=with_bodies)

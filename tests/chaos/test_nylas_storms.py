@@ -36,10 +36,6 @@ def _thread_counts(db_url: str, config_id: uuid.UUID) -> dict[str, int]:
     return {str(status): int(count) for status, count in rows}
 
 
-#: Threads per grant.
-THREADS = 300
-
-
 @pytest.mark.slow
 @pytest.mark.processes
 def test_a_backfill_through_a_storm_finishes_exactly_and_an_expired_grant_stops_cleanly(

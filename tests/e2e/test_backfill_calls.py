@@ -8,13 +8,15 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
+import attrs
 import psycopg
 import pytest
+from psycopg.rows import class_row, scalar_row
 
 from nova_email import backfill
 from nova_email.simulator.server import SimulatorHandle, serve_in_thread
+from tests.lost_webhooks import change_three_threads
 from tests.mirror import mirror_differences
 from tests.processes import ROOT, running_workers, wait_for
 
@@ -40,49 +42,38 @@ def worker_env(db_url: str, nylas: SimulatorHandle) -> dict[str, str]:
 def start_backfill(db_url: str, nylas: SimulatorHandle) -> tuple[uuid.UUID, uuid.UUID]:
     """An inbox of the simulator's grant and a backfill of it queued through the SQL API: (inbox id, config id)."""
     end = datetime.fromtimestamp(nylas.simulator.anchor, UTC) + timedelta(days=1)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT]).fetchone()
-        assert inbox is not None
-        row = conn.execute("select config_id from queue_inbox_backfill(%s, null, null, %s)", [inbox[0], end]).fetchone()
-    assert row is not None
-    return inbox[0], row[0]
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.cursor(row_factory=scalar_row) as cur:
+        inbox_id = cur.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT]).fetchone()
+        config_id = cur.execute(
+            "select config_id from queue_inbox_backfill(%s, null, null, %s)", [inbox_id, end]
+        ).fetchone()
+    assert inbox_id is not None and config_id is not None
+    return inbox_id, config_id
 
 
-def config_row(db_url: str, config_id: uuid.UUID) -> dict[str, Any]:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "select backfill_status, backfill_start_date, backfill_end_date from flux_inbox_configurations where id = %s",
+@attrs.frozen
+class ConfigRow:
+    """A backfill configuration's status and window (epoch seconds)."""
+
+    status: str
+    start: int
+    end: int
+
+
+def config_row(db_url: str, config_id: uuid.UUID) -> ConfigRow:
+    with psycopg.connect(db_url) as conn, conn.cursor(row_factory=class_row(ConfigRow)) as cur:
+        row = cur.execute(
+            "select backfill_status as status, extract(epoch from backfill_start_date)::bigint as start,"
+            " extract(epoch from backfill_end_date)::bigint as end from flux_inbox_configurations where id = %s",
             [config_id],
         ).fetchone()
     assert row is not None
-    return {"status": row[0], "start": int(row[1].timestamp()), "end": int(row[2].timestamp())}
-
-
-def calls_by_endpoint(nylas: SimulatorHandle) -> dict[str, int]:
-    calls: dict[str, int] = {}
-    for (endpoint, _status), count in nylas.simulator.calls.snapshot().items():
-        calls[endpoint] = calls.get(endpoint, 0) + count
-    return calls
-
-
-def change_three_threads(nylas: SimulatorHandle, candidates: list[str]) -> list[str]:
-    """Three threads change at Nylas and their webhooks are lost: a reply comes, the one unread message of a thread is
-    read, a message of an unstarred thread is starred."""
-    threads = nylas.simulator.grants[GRANT].threads
-    replied = candidates[0]
-    read = next(t for t in candidates[1:] if sum(m.unread for m in threads[t].messages) == 1)
-    starred = next(t for t in candidates[1:] if t != read and not any(m.starred for m in threads[t].messages))
-    nylas.simulator.add_message(GRANT, thread_id=replied, emit=False)
-    nylas.simulator.mark_read(GRANT, next(m for m in threads[read].messages if m.unread).id, emit=False)
-    nylas.simulator.update_message(GRANT, threads[starred].messages[0].id, starred=True, emit=False)
-    return [replied, read, starred]
+    return row
 
 
 def tracked_threads(db_url: str, config_id: uuid.UUID) -> list[str]:
-    with psycopg.connect(db_url) as conn:
-        return sorted(
-            r[0] for r in conn.execute("select nylas_thread_id from queued_threads where config_id = %s", [config_id])
-        )
+    with psycopg.connect(db_url) as conn, conn.cursor(row_factory=scalar_row) as cur:
+        return sorted(cur.execute("select nylas_thread_id from queued_threads where config_id = %s", [config_id]))
 
 
 @pytest.mark.slow
@@ -97,19 +88,19 @@ def test_a_backfill_costs_one_call_per_thread_and_the_newer_data_wins(
         inbox_id, config_id = start_backfill(db_url, nylas)
         env = worker_env(db_url, nylas)
         with running_workers(env, tmp_path / "listing.log", queues=[BACKFILL_QUEUE]):
-            wait_for(lambda: config_row(db_url, config_id)["status"] == "thread_sync", timeout_s=120, what="listing")
+            wait_for(lambda: config_row(db_url, config_id).status == "thread_sync", timeout_s=120, what="listing")
         listed = tracked_threads(db_url, config_id)
         # And `changed` threads change at Nylas before their jobs run, without webhooks
         if changed:
-            change_three_threads(nylas, listed)
+            change_three_threads(nylas, GRANT, listed)
 
         # When every processor runs until the backfill completes
         with running_workers(env, tmp_path / "workers.log", processes=2, threads=4):
-            wait_for(lambda: config_row(db_url, config_id)["status"] == "completed", timeout_s=180, what="completion")
+            wait_for(lambda: config_row(db_url, config_id).status == "completed", timeout_s=180, what="completion")
 
         # Then each thread cost one message list, the listing one call per 200 threads, and only a thread that
         # changed after the listing was fetched again
-        calls = calls_by_endpoint(nylas)
+        calls = nylas.calls_by_endpoint()
         assert 150 < len(listed) < 300
         assert calls.get("threads.get", 0) == changed
         assert calls["messages.list"] == len(listed)
@@ -117,7 +108,7 @@ def test_a_backfill_costs_one_call_per_thread_and_the_newer_data_wins(
         assert sum(calls.values()) / len(listed) <= 1.05
         # And the mirror holds what Nylas holds now, field by field
         with psycopg.connect(db_url) as conn:
-            since = config_row(db_url, config_id)["start"]
+            since = config_row(db_url, config_id).start
             assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=since) == []
 
 
@@ -129,7 +120,7 @@ def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_pat
         inbox_id, config_id = start_backfill(db_url, nylas)
         env = worker_env(db_url, nylas)
         with running_workers(env, tmp_path / "first.log", processes=2, threads=4):
-            wait_for(lambda: config_row(db_url, config_id)["status"] == "completed", timeout_s=180, what="first run")
+            wait_for(lambda: config_row(db_url, config_id).status == "completed", timeout_s=180, what="first run")
         threads = tracked_threads(db_url, config_id)
 
         # And damage: a message of each of three threads deleted, one thread row deleted, three threads changed at
@@ -145,13 +136,16 @@ def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_pat
                 "delete from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, threads[3]]
             )
             assert mirror_differences(conn, inbox_id, nylas.export(GRANT)) != []
-        changed = change_three_threads(nylas, threads[4:])
+        changed = change_three_threads(nylas, GRANT, threads[4:])
+        window_end = datetime.fromtimestamp(config_row(db_url, config_id).end, UTC)
         damaged = {*threads[0:4], *changed}
-        calls_before = calls_by_endpoint(nylas)
+        calls_before = nylas.calls_by_endpoint()
 
-        # When `nova-email backfill start` queues a new backfill of the inbox and the workers run it
+        # When `nova-email backfill start` queues a new backfill of the inbox, same window, and the workers run it
+        # (the first run's window: one ending at now() would reach up to a day further back)
+        command = ["backfill", "start", str(inbox_id), "--end", window_end.isoformat()]
         started = subprocess.run(
-            [sys.executable, "-m", "nova_email.cli", "backfill", "start", str(inbox_id)],
+            [sys.executable, "-m", "nova_email.cli", *command],
             cwd=ROOT,
             env={**env, "PATH": str(Path(sys.executable).parent)},
             capture_output=True,
@@ -160,18 +154,18 @@ def test_a_new_backfill_repairs_a_damaged_mirror_end_to_end(db_url: str, tmp_pat
             check=False,
         )
         assert started.returncode == 0, started.stdout + started.stderr
-        wait_for(lambda: config_row(db_url, config_id)["status"] == "pending", timeout_s=10, what="the new backfill")
+        wait_for(lambda: config_row(db_url, config_id).status == "pending", timeout_s=10, what="the new backfill")
         with running_workers(env, tmp_path / "second.log", processes=2, threads=4):
-            wait_for(lambda: config_row(db_url, config_id)["status"] == "completed", timeout_s=180, what="second run")
+            wait_for(lambda: config_row(db_url, config_id).status == "completed", timeout_s=180, what="second run")
 
         # Then exactly the damaged threads were synced again (one message list each; the changed ones also fetched),
         # whatever the first run had recorded for them
-        calls = calls_by_endpoint(nylas)
+        calls = nylas.calls_by_endpoint()
         assert calls["messages.list"] - calls_before["messages.list"] == len(damaged)
         assert calls.get("threads.get", 0) - calls_before.get("threads.get", 0) <= len(damaged)
         # And the mirror equals the mailbox again, field by field
         with psycopg.connect(db_url) as conn:
-            since = config_row(db_url, config_id)["start"]
+            since = config_row(db_url, config_id).start
             assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=since) == []
             done = conn.execute(
                 "select count(*) from queued_threads where config_id = %s and status = 'completed'", [config_id]
@@ -185,29 +179,23 @@ def test_a_listing_of_50000_threads_completes_in_slices(db_url: str, tmp_path: P
     # Given a mailbox of 50,000 threads (about 33,000 in the year: more pages than one run lists)
     with serve_in_thread(seed=23, grants=[GRANT], threads_per_grant=50_000, large_body_share=0.0) as nylas:
         inbox_id, config_id = start_backfill(db_url, nylas)
-        with psycopg.connect(db_url) as conn:
-            window = conn.execute(
-                "select extract(epoch from backfill_start_date)::bigint, extract(epoch from backfill_end_date)::bigint"
-                " from flux_inbox_configurations where id = %s",
-                [config_id],
-            ).fetchone()
-        assert window is not None
+        window = config_row(db_url, config_id)
         in_year = sum(
             1
             for t in nylas.simulator.grants[GRANT].threads.values()
-            if window[0] <= (t.latest_received or 0) <= window[1]
+            if window.start <= (t.latest_received or 0) <= window.end
         )
         pages = -(-in_year // 200)
         assert pages > backfill.SLICE_PAGES
 
         # When the backfill processor lists it
         with running_workers(worker_env(db_url, nylas), tmp_path / "listing.log", queues=[BACKFILL_QUEUE]) as w:
-            wait_for(lambda: config_row(db_url, config_id)["status"] != "pending", timeout_s=60, what="start")
-            wait_for(lambda: config_row(db_url, config_id)["status"] != "backfill", timeout_s=600, what="the listing")
+            wait_for(lambda: config_row(db_url, config_id).status != "pending", timeout_s=60, what="start")
+            wait_for(lambda: config_row(db_url, config_id).status != "backfill", timeout_s=600, what="the listing")
             log = w.log()
 
         # Then the listing completed, over more than one run, and every thread of the year got its one job
-        assert config_row(db_url, config_id)["status"] == "thread_sync"
+        assert config_row(db_url, config_id).status == "thread_sync"
         assert log.count("a new job lists on") >= 1
         with psycopg.connect(db_url) as conn:
             rows = conn.execute(
@@ -216,4 +204,4 @@ def test_a_listing_of_50000_threads_completes_in_slices(db_url: str, tmp_path: P
             jobs = conn.execute("select count(*) from pgmq.q_thread_sync_jobs").fetchone()
         assert rows == (in_year, in_year, in_year)
         assert jobs == (in_year,)
-        assert calls_by_endpoint(nylas) == {"threads.list": pages}
+        assert nylas.calls_by_endpoint() == {"threads.list": pages}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -10,14 +13,17 @@ from typing import Any
 import attrs
 import psycopg
 import pytest
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
-from nova_email import backfill
+from nova_email import backfill, queries
 from nova_email.errors import InvalidJob
 from nova_email.jobs import BackfillJob, ThreadSyncJob, structure_job
-from nova_email.nylas.client import NylasClient
+from nova_email.nylas.client import DEFAULT_BACKOFF_MAX_S, DEFAULT_MAX_RETRIES, THREAD_SELECT, NylasClient
 from nova_email.nylas.errors import ServerError
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import sync_thread
+from tests.lost_webhooks import change_three_threads
 from tests.mirror import mirror_differences
 from tests.nova_email.conftest import GRANT
 
@@ -147,7 +153,7 @@ def test_a_crash_after_the_last_page_resumes_without_listing_again(
             latest_message_after=job.start_date,
             latest_message_before=job.end_date,
             limit=200,
-            select=backfill.LIST_FIELDS,
+            select=THREAD_SELECT,
         )
     )
     threads = [
@@ -270,29 +276,16 @@ def sync_every_queued_thread(conn: psycopg.Connection, client: NylasClient) -> l
     return [j.thread_id for j in jobs]
 
 
-def calls_by_endpoint(nylas: SimulatorHandle) -> dict[str, int]:
-    calls: dict[str, int] = {}
-    for (endpoint, _status), count in nylas.simulator.calls.snapshot().items():
-        calls[endpoint] = calls.get(endpoint, 0) + count
-    return calls
+def complete_backfill(conn: psycopg.Connection, client: NylasClient, job: BackfillJob) -> None:
+    """Run `job`'s backfill, every thread job it sends, and its completion."""
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+    assert conn.execute("select complete_backfill_if_done(%s)", [job.config_id]).fetchone() is not None
+    assert config_state(conn, job.config_id)[0] == "completed"
 
 
 def window_start(job: BackfillJob) -> int:
     return int(job.start_date.timestamp())
-
-
-def change_three_threads(nylas: SimulatorHandle, candidates: list[str]) -> list[str]:
-    """Change three of `candidates` at Nylas without webhooks, each in a field of the thread itself: a reply comes,
-    the one unread message is read, a message is starred. Returns the three ids."""
-    threads = nylas.simulator.grants[GRANT].threads
-    replied = candidates[0]
-    read = next(t for t in candidates[1:] if sum(m.unread for m in threads[t].messages) == 1)
-    starred = next(t for t in candidates[1:] if t != read and not any(m.starred for m in threads[t].messages))
-    nylas.simulator.add_message(GRANT, thread_id=replied, emit=False)
-    unread = next(m for m in threads[read].messages if m.unread)
-    nylas.simulator.update_message(GRANT, unread.id, unread=False, emit=False)
-    nylas.simulator.update_message(GRANT, threads[starred].messages[0].id, starred=True, emit=False)
-    return [replied, read, starred]
 
 
 def test_a_backfill_syncs_each_listed_thread_with_one_call_and_no_thread_get(
@@ -303,7 +296,7 @@ def test_a_backfill_syncs_each_listed_thread_with_one_call_and_no_thread_get(
     synced = sync_every_queued_thread(conn, client)
 
     # Then no thread was fetched again: one message list per thread (none has over 200 messages), and the listing
-    calls = calls_by_endpoint(nylas)
+    calls = nylas.calls_by_endpoint()
     assert sorted(synced) == sorted(in_window(nylas, job))
     assert calls.get("threads.get", 0) == 0
     assert calls["messages.list"] == len(synced)
@@ -317,13 +310,13 @@ def test_a_thread_that_changes_between_listing_and_sync_is_fetched_and_the_newer
 ) -> None:
     # Given a listing, after which three threads change at Nylas without webhooks: a reply, a read, a star
     backfill.run_backfill(conn, client, job)
-    change_three_threads(nylas, sorted(in_window(nylas, job)))
+    change_three_threads(nylas, GRANT, sorted(in_window(nylas, job)))
 
     # When the thread jobs run
     sync_every_queued_thread(conn, client)
 
     # Then exactly the changed threads were fetched again, and the mirror holds their new state
-    assert calls_by_endpoint(nylas).get("threads.get", 0) == 3
+    assert nylas.calls_by_endpoint().get("threads.get", 0) == 3
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
 
 
@@ -349,7 +342,7 @@ def test_a_long_listing_runs_in_slices_each_continuing_from_the_checkpoint(
     # And together the runs listed every page once and fanned out each thread once
     assert [r.pages for r in runs] == [2] * (pages // 2) + ([pages % 2] if pages % 2 else [])
     assert sorted(j["thread_id"] for j in thread_jobs(conn)) == sorted(expected)
-    assert calls_by_endpoint(nylas)["threads.list"] == pages
+    assert nylas.calls_by_endpoint()["threads.list"] == pages
     assert config_state(conn, job.config_id)[0] == "thread_sync"
 
 
@@ -363,8 +356,6 @@ class InterruptingClient(NylasClient):
     def list_threads(self, grant_id: str, **kwargs: Any) -> Any:
         self.pages += 1
         if self.pages == 2:
-            from psycopg.types.json import Jsonb
-
             self.conn.execute("select * from record_backfill_page(%s, %s, 'other', 2)", [self.config_id, Jsonb([])])
         return super().list_threads(grant_id, **kwargs)
 
@@ -384,10 +375,7 @@ def test_a_new_backfill_repairs_a_damaged_mirror_and_leaves_current_threads_alon
     conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
 ) -> None:
     # Given a completed backfill
-    backfill.run_backfill(conn, client, job)
-    sync_every_queued_thread(conn, client)
-    assert conn.execute("select complete_backfill_if_done(%s)", [job.config_id]).fetchone() is not None
-    assert config_state(conn, job.config_id)[0] == "completed"
+    complete_backfill(conn, client, job)
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
 
     # And damage: messages of two threads deleted, one thread row deleted, three threads changed at Nylas with
@@ -401,7 +389,7 @@ def test_a_new_backfill_repairs_a_damaged_mirror_and_leaves_current_threads_alon
             [inbox_id, thread_id],
         )
     conn.execute("delete from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, lost_thread])
-    changed = change_three_threads(nylas, threads[3:])
+    changed = change_three_threads(nylas, GRANT, threads[3:])
     damaged = {*lost_messages, lost_thread, *changed}
 
     # When a new backfill of the inbox runs
@@ -430,5 +418,143 @@ def test_a_listed_thread_with_a_draft_is_fetched_since_its_messages_cannot_vouch
     sync_every_queued_thread(conn, client)
 
     # Then that thread alone was fetched, and the mirror equals the mailbox
-    assert calls_by_endpoint(nylas).get("threads.get", 0) == 1
+    assert nylas.calls_by_endpoint().get("threads.get", 0) == 1
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+
+
+@attrs.frozen
+class RunTimes:
+    backfill_started_at: datetime
+    sync_started_at: datetime
+
+
+def run_times(conn: psycopg.Connection, config_id: uuid.UUID) -> RunTimes:
+    with conn.cursor(row_factory=class_row(RunTimes)) as cur:
+        times = cur.execute(
+            "select c.backfill_started_at, s.sync_started_at from flux_inbox_configurations c"
+            " join inbox_sync_stats s on s.config_id = c.id where c.id = %s",
+            [config_id],
+        ).fetchone()
+    assert times is not None
+    return times
+
+
+def next_backfill_job(conn: psycopg.Connection) -> BackfillJob:
+    row = conn.execute("select message from pgmq.q_inbox_backfill_jobs order by msg_id desc limit 1").fetchone()
+    assert row is not None
+    return structure_job(row[0], BackfillJob)
+
+
+def test_a_continuation_keeps_the_runs_start_times(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a run that listed one slice and handed the rest to a new job
+    assert backfill.run_backfill(conn, client, job, page_size=3, slice_pages=1).outcome == "continued"
+    first = run_times(conn, job.config_id)
+
+    # When the continuations list on
+    while backfill.run_backfill(conn, client, next_backfill_job(conn), page_size=3, slice_pages=1).outcome == (
+        "continued"
+    ):
+        pass
+
+    # Then the run still started when its first slice did: progress and durations cover the whole listing
+    assert run_times(conn, job.config_id) == first
+
+
+def test_a_listing_hands_over_after_slice_s_seconds_however_few_pages(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # When a run may list many pages but no time at all
+    result = backfill.run_backfill(conn, client, job, page_size=3, slice_pages=1_000, slice_s=0.0)
+
+    # Then it lists one page (a run always makes progress) and leaves the job that lists on
+    assert result.outcome == "continued" and result.pages == 1
+    assert next_backfill_job(conn) == job
+
+
+def test_a_runs_time_limit_grows_with_the_nylas_timeout_and_holds_a_slice_and_its_slowest_page() -> None:
+    for timeout_s in (5.0, 30.0, 120.0):
+        limit_s = backfill.run_time_limit_ms(timeout_s) / 1000
+        # A page is at most every attempt timing out on connect and read, plus the backoff between attempts
+        slowest_page_s = (DEFAULT_MAX_RETRIES + 1) * 2 * timeout_s + DEFAULT_MAX_RETRIES * DEFAULT_BACKOFF_MAX_S
+        assert limit_s >= backfill.SLICE_S + slowest_page_s
+    assert backfill.run_time_limit_ms(120.0) > backfill.run_time_limit_ms(30.0)
+
+
+def test_the_backfill_actors_time_limit_follows_nylas_timeout_s(db_url: str) -> None:
+    # The actor is declared when nova_email.actors is imported, from the settings of that process
+    shown = subprocess.run(
+        [sys.executable, "-c", "from nova_email import actors; print(actors.run_backfill.options['time_limit'])"],
+        env={**os.environ, "DATABASE_URL": db_url, "NYLAS_API_KEY": "k", "NYLAS_TIMEOUT_S": "120"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert int(shown.stdout.strip().splitlines()[-1]) == backfill.run_time_limit_ms(120.0)
+
+
+def test_a_finished_run_is_refused_under_the_configurations_lock(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a run that handed over to thread sync
+    backfill.run_backfill(conn, client, job)
+    # When a stale job of it starts a slice (after any status check of its own)
+    with pytest.raises(psycopg.DatabaseError) as refused:
+        conn.execute(queries.START_BACKFILL_SLICE, {"config_id": job.config_id})
+    # Then the database refuses it, and the run stays handed over
+    assert refused.value.sqlstate == backfill.RUN_FINISHED
+    assert config_state(conn, job.config_id)[0] == "thread_sync"
+
+
+def test_a_superseded_run_cannot_queue_a_continuation(
+    conn: psycopg.Connection, client: NylasClient, job: BackfillJob
+) -> None:
+    # Given a run that listed page 1, and another run of the same backfill that recorded page 2 since
+    backfill.run_backfill(conn, client, job, page_size=3, slice_pages=1)
+    conn.execute("select pgmq.purge_queue('inbox_backfill_jobs')")
+    conn.execute("select * from record_backfill_page(%s, %s, 'other', 2)", [job.config_id, Jsonb([])])
+    # When the first run ends its slice at page 1
+    with pytest.raises(psycopg.DatabaseError) as refused:
+        conn.execute(queries.CONTINUE_BACKFILL_LISTING, {"config_id": job.config_id, "page": 1})
+    # Then the database refuses it as superseded and no second listing job exists
+    assert refused.value.sqlstate == backfill.SUPERSEDED
+    assert conn.execute("select count(*) from pgmq.q_inbox_backfill_jobs").fetchone() == (0,)
+
+
+def test_a_new_backfill_resyncs_a_thread_whose_message_was_deleted_at_nylas(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a completed backfill, and then an older message of a thread deleted at Nylas with its webhook lost
+    complete_backfill(conn, client, job)
+    threads = nylas.simulator.grants[GRANT].threads
+    thread_id = next(t for t in sorted(in_window(nylas, job)) if len(threads[t].messages) >= 2)
+    nylas.simulator.delete_message(GRANT, threads[thread_id].messages[0].id, emit=False)
+
+    # When a new backfill of the inbox runs
+    backfill.run_backfill(conn, client, queue_backfill(conn, inbox_id, end=job.end_date))
+    synced = sync_every_queued_thread(conn, client)
+
+    # Then that thread alone was synced again, and its row lists exactly the messages Nylas holds
+    assert synced == [thread_id]
+    row = conn.execute(
+        "select message_ids from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, thread_id]
+    ).fetchone()
+    assert row is not None and sorted(row[0]) == sorted(m.id for m in threads[thread_id].messages)
+
+
+def test_a_new_backfill_resyncs_a_thread_that_gained_a_draft_at_nylas(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a completed backfill, and then a draft saved in one of its threads (drafts have no webhook)
+    complete_backfill(conn, client, job)
+    drafted = sorted(in_window(nylas, job))[0]
+    nylas.simulator.add_draft(GRANT, thread_id=drafted, body="<p>later</p>")
+
+    # When a new backfill of the inbox runs
+    backfill.run_backfill(conn, client, queue_backfill(conn, inbox_id, end=job.end_date))
+
+    # Then that thread alone is synced again, and the mirror equals the mailbox after it
+    assert sync_every_queued_thread(conn, client) == [drafted]
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []

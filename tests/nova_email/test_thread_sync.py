@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
+import attrs
 import psycopg
 import pytest
+from psycopg.rows import class_row
 
 from nova_email import thread_sync
 from nova_email.jobs import ThreadSyncJob
 from nova_email.nylas import RateLimited
 from nova_email.nylas.client import NylasClient
+from nova_email.nylas.models import Message, Thread
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import ThreadSyncOutcome
 from tests.mirror import mirror_differences
@@ -35,14 +39,24 @@ def track(conn: psycopg.Connection, inbox_id: uuid.UUID, thread_id: str) -> uuid
     return config_id  # type: ignore[no-any-return]
 
 
-def queued_row(conn: psycopg.Connection, config_id: uuid.UUID, thread_id: str) -> tuple:
-    row = conn.execute(
-        "select status, messages_synced, note, error_message, attempts from queued_threads"
-        " where config_id = %s and nylas_thread_id = %s",
-        [config_id, thread_id],
-    ).fetchone()
+@attrs.frozen
+class QueuedRow:
+    status: str
+    messages_synced: int
+    note: str | None
+    error_message: str | None
+    attempts: int
+
+
+def queued_row(conn: psycopg.Connection, config_id: uuid.UUID, thread_id: str) -> QueuedRow:
+    with conn.cursor(row_factory=class_row(QueuedRow)) as cur:
+        row = cur.execute(
+            "select status, messages_synced, note, error_message, attempts from queued_threads"
+            " where config_id = %s and nylas_thread_id = %s",
+            [config_id, thread_id],
+        ).fetchone()
     assert row is not None
-    return tuple(row)
+    return row
 
 
 @pytest.mark.parametrize("size", [0, 1, 50, 300], ids=lambda n: f"{n}-messages")
@@ -72,7 +86,8 @@ def test_a_thread_is_stored_with_every_message_and_every_field(
         [thread_id],
     ).fetchone()
     assert stored == (size,)
-    assert queued_row(conn, config_id, thread_id)[:2] == ("completed", size)
+    row = queued_row(conn, config_id, thread_id)
+    assert (row.status, row.messages_synced) == ("completed", size)
 
 
 def test_syncing_twice_changes_nothing(
@@ -102,7 +117,8 @@ def test_a_thread_deleted_at_nylas_completes_with_a_note(
     job = ThreadSyncJob(thread_id="thr_that_was_deleted", inbox_id=inbox_id, grant_id=GRANT, config_id=config_id)
     result = thread_sync.sync_thread(conn, client, job)
     assert result.outcome is ThreadSyncOutcome.DELETED
-    assert queued_row(conn, config_id, "thr_that_was_deleted")[:3] == ("completed", 0, "thread deleted at Nylas")
+    row = queued_row(conn, config_id, "thr_that_was_deleted")
+    assert (row.status, row.messages_synced, row.note) == ("completed", 0, "thread deleted at Nylas")
 
 
 def test_an_expired_grant_marks_the_inbox_and_stops_its_jobs(
@@ -123,7 +139,7 @@ def test_an_expired_grant_marks_the_inbox_and_stops_its_jobs(
 
     assert result.outcome is second_result.outcome is ThreadSyncOutcome.GRANT_EXPIRED
     assert conn.execute("select status from flux_inboxes where id = %s", [inbox_id]).fetchone() == ("auth_expired",)
-    assert queued_row(conn, config_id, first)[0] == queued_row(conn, config_id, second)[0] == "failed"
+    assert queued_row(conn, config_id, first).status == queued_row(conn, config_id, second).status == "failed"
     # The second job made no API call at all: the inbox was already known to be expired.
     assert sum(client.counter.snapshot().values()) - calls_before == 1
 
@@ -146,8 +162,8 @@ def test_a_job_for_a_completed_thread_syncs_it_again_and_keeps_it_completed(
     export = nylas.export(GRANT)
     export["threads"] = [t for t in export["threads"] if t["id"] == thread_id]
     assert mirror_differences(conn, inbox_id, export) == []
-    assert queued_row(conn, config_id, thread_id)[:2] == ("completed", 4)
-    assert queued_row(conn, config_id, thread_id)[4] == 1
+    row = queued_row(conn, config_id, thread_id)
+    assert (row.status, row.messages_synced, row.attempts) == ("completed", 4, 1)
 
 
 def test_the_last_failure_leaves_the_thread_failed_with_its_error(
@@ -156,7 +172,8 @@ def test_the_last_failure_leaves_the_thread_failed_with_its_error(
     config_id = track(conn, inbox_id, "thr_x")
     job = ThreadSyncJob(thread_id="thr_x", inbox_id=inbox_id, config_id=config_id)
     thread_sync.record_thread_failure(conn, job, "gave up after 5 attempt(s): ServerError: 503")
-    assert queued_row(conn, config_id, "thr_x")[0::3] == ("failed", "gave up after 5 attempt(s): ServerError: 503")
+    row = queued_row(conn, config_id, "thr_x")
+    assert (row.status, row.error_message) == ("failed", "gave up after 5 attempt(s): ServerError: 503")
 
 
 def test_an_unknown_inbox_is_an_invalid_job(conn: psycopg.Connection, client: NylasClient) -> None:
@@ -181,7 +198,55 @@ def test_a_rate_limited_attempt_puts_the_thread_back_without_counting_an_attempt
     thread_sync.release_thread(conn, job)
 
     # Then the thread waits as queued with no attempt used; the next attempt is its first
-    assert queued_row(conn, config_id, thread_id)[0::4] == ("queued", 0)
+    row = queued_row(conn, config_id, thread_id)
+    assert (row.status, row.attempts) == ("queued", 0)
     nylas.simulator.faults.update({"rate_limit_per_s": None})
     thread_sync.sync_thread(conn, client, job)
-    assert queued_row(conn, config_id, thread_id)[0::4] == ("completed", 1)
+    row = queued_row(conn, config_id, thread_id)
+    assert (row.status, row.attempts) == ("completed", 1)
+
+
+class ReplyBeforeThreadClient(NylasClient):
+    """A real client; a reply reaches the thread at Nylas after its messages were read and before the thread is."""
+
+    def __init__(self, *args: Any, nylas: SimulatorHandle, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nylas, self.replied = nylas, False
+
+    def get_thread(self, grant_id: str, thread_id: str) -> Thread:
+        if not self.replied:
+            self.replied = True
+            self.nylas.simulator.add_message(GRANT, thread_id=thread_id, emit=False)
+        return super().get_thread(grant_id, thread_id)
+
+
+def test_a_reply_between_the_message_list_and_the_thread_read_is_stored_too(
+    conn: psycopg.Connection, nylas: SimulatorHandle, inbox_id: uuid.UUID
+) -> None:
+    # Given a thread whose reply arrives while it is being synced, between the two reads
+    thread_id = make_thread_of(nylas, 2)
+    job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, grant_id=GRANT)
+    client = ReplyBeforeThreadClient(api_key="k", api_uri=nylas.base_url, nylas=nylas)
+
+    # When it is synced
+    thread_sync.sync_thread(conn, client, job)
+
+    # Then the thread row names no message the mirror lacks, and names every message Nylas has
+    named = conn.execute(
+        "select message_ids from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, thread_id]
+    ).fetchone()
+    stored = conn.execute(
+        "select nylas_message_id from flux_email_messages where inbox_id = %s and nylas_thread_id = %s",
+        [inbox_id, thread_id],
+    ).fetchall()
+    at_nylas = sorted(m.id for m in nylas.simulator.grants[GRANT].threads[thread_id].messages)
+    assert named is not None and sorted(named[0]) == sorted(m for (m,) in stored) == at_nylas
+
+
+def test_a_draft_among_the_fetched_messages_makes_the_listed_copy_stale() -> None:
+    # Providers that list drafts among a thread's messages show a draft saved after the listing there
+    listed = Thread(id="thr_1", grant_id=GRANT, message_ids=("msg_1",), folders=("INBOX",))
+    sent = Message(id="msg_1", grant_id=GRANT, thread_id="thr_1", folders=("INBOX",))
+    draft = Message(id="msg_1", grant_id=GRANT, thread_id="thr_1", object="draft", folders=("INBOX",))
+    assert thread_sync.listed_copy_is_current(listed, [sent])
+    assert not thread_sync.listed_copy_is_current(listed, [draft])

@@ -28,12 +28,35 @@ from tests.chaos.scenario import backfill_status, queue_backfill, run_problems, 
 from tests.processes import running_workers, wait_for
 
 GRANT = "grant-least-privilege"
+#: The service's functions in public (not an extension's): 091 grants the workers what they call, function by
+#: function, so that they keep working where PUBLIC's default EXECUTE on them has been revoked.
+SERVICE_FUNCTIONS = sql.SQL("""
+select p.oid::regprocedure::text from pg_proc p
+ where p.pronamespace = 'public'::regnamespace
+   and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid
+                                              and d.deptype = 'e')
+""")
 
 
 def _as_user(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+@pytest.fixture
+def no_public_execute(db_url: str) -> Iterator[None]:
+    """PUBLIC's EXECUTE on the service's functions revoked for the test (and given back after it)."""
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        functions = [row[0] for row in admin.execute(SERVICE_FUNCTIONS)]
+        for function in functions:
+            admin.execute(sql.SQL("revoke execute on function {} from public").format(sql.SQL(function)))
+    try:
+        yield
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            for function in functions:
+                admin.execute(sql.SQL("grant execute on function {} to public").format(sql.SQL(function)))
 
 
 @pytest.fixture
@@ -142,6 +165,25 @@ def test_the_worker_role_may_use_the_queues_and_the_sql_api(worker_url: str, con
         assert worker.execute(broker_queries.QUEUE_METRICS, {"queue": "thread_sync_jobs"}).fetchone() is not None
 
 
+@pytest.mark.usefixtures("no_public_execute")
+def test_the_worker_role_holds_every_backfill_function_it_calls_without_public(worker_url: str) -> None:
+    called = [
+        "start_backfill_slice(uuid)",
+        "record_listed_page(uuid, jsonb, text, integer, timestamptz)",
+        "record_backfill_page(uuid, jsonb, text, integer, timestamptz)",
+        "flux_stored_thread_is_current(uuid, jsonb)",
+        "continue_backfill_listing(uuid, integer)",
+        "finish_backfill_listing(uuid)",
+        "record_backfill_failure(uuid, text)",
+    ]
+    with psycopg.connect(worker_url) as worker:
+        held = {
+            function: worker.execute("select has_function_privilege(%s, 'execute')", [function]).fetchone()
+            for function in called
+        }
+    assert held == dict.fromkeys(called, (True,))
+
+
 def test_the_webhook_intake_works_under_the_worker_role(worker_url: str, conn: psycopg.Connection[Any]) -> None:
     # `nova-email serve-webhooks` runs with the workers' DATABASE_URL: both of its SQL functions must work
     payload = json.dumps({"id": "wh-least-privilege", "type": "message.created", "data": {"object": {"grant_id": "g"}}})
@@ -159,6 +201,7 @@ def test_the_webhook_intake_works_under_the_worker_role(worker_url: str, conn: p
 
 @pytest.mark.slow
 @pytest.mark.processes
+@pytest.mark.usefixtures("no_public_execute")
 def test_a_backfill_with_webhooks_runs_completely_under_the_least_privilege_role(
     db_url: str, worker_url: str, tmp_path: Path
 ) -> None:
@@ -168,7 +211,8 @@ def test_a_backfill_with_webhooks_runs_completely_under_the_least_privilege_role
     )
     try:
         backfill = queue_backfill(db_url, nylas, GRANT)
-        # When the workers run as a login role that holds only nova_worker, while new mail arrives
+        # When the workers run as a login role that holds only nova_worker, without PUBLIC's EXECUTE on the service's
+        # functions, while new mail arrives
         env = worker_env(worker_url, nylas)
         with running_workers(env, tmp_path / "workers.log", processes=1, threads=4) as workers:
             for _ in range(3):
