@@ -21,7 +21,7 @@ from .config import Settings
 from .embedded import embedded_server_is_default, embedded_server_url
 from .errors import ConfigError
 
-__all__ = ["close_pool", "connect", "connection", "database_url", "get_pool", "with_database"]
+__all__ = ["close_pool", "connect", "connection", "connection_options", "database_url", "get_pool", "with_database"]
 
 log = logger.bind(component="Database")
 
@@ -61,9 +61,19 @@ def database_url(settings: Settings) -> str:
     return url
 
 
+def connection_options(settings: Settings) -> dict[str, object]:
+    """Options every connection of the service gets, pooled or not.
+
+    Prepared statements break behind transaction-mode poolers (DATABASE_TRANSACTION_POOLER): the next statement
+    may run on another server session, which never prepared it.
+    """
+    return {"prepare_threshold": None if settings.database_transaction_pooler else 5}
+
+
 def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
     """A single new connection (for commands that need one, such as ``migrate``)."""
-    return psycopg.connect(database_url(settings), **kwargs)  # type: ignore[arg-type]
+    options = connection_options(settings) | kwargs
+    return psycopg.connect(database_url(settings), **options)  # type: ignore[arg-type]
 
 
 def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> ConnectionPool:
@@ -75,8 +85,7 @@ def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> Co
                 database_url(settings),
                 min_size=1,
                 max_size=max_size,
-                # Prepared statements break behind transaction-mode poolers (DATABASE_TRANSACTION_POOLER).
-                kwargs={"autocommit": True, "prepare_threshold": None if settings.database_transaction_pooler else 5},
+                kwargs={"autocommit": True, **connection_options(settings)},
                 name="nova_email",
                 open=True,
             )
