@@ -7,8 +7,10 @@ It checks, in order, and stops at the first failure:
 3. the service's queues exist;
 4. with ``--worker``: this host's worker processes are heartbeating. Each worker process that runs with the
    `WorkerHeartbeat` middleware (every ``dramatiq nova_email.actors`` process) touches a file named after its
-   pid in `HEARTBEAT_DIR` every `HEARTBEAT_INTERVAL_S`; a live process whose file is older than ``--max-age``
-   is frozen or stuck, and none at all means the workers are not running.
+   pid in `HEARTBEAT_DIR` every `HEARTBEAT_INTERVAL_S`, from boot until its graceful drain has finished (a
+   draining worker is healthy); a live process whose file is older than ``--max-age`` is frozen or stuck, and
+   none at all means the workers are not running. The file holds the process's start time, so a file left by a
+   killed worker whose pid now names another process is recognised as stale and removed.
 
 It runs with the workers' own DATABASE_URL (the least-privilege role is enough) and never changes anything.
 """
@@ -28,11 +30,14 @@ import dramatiq
 import psycopg
 from dramatiq.middleware import Middleware
 from loguru import logger
+from psycopg.rows import scalar_row
 
 from .. import db
 from ..config import Settings
 from ..errors import NovaError
+from ..processors import PROCESSORS
 from . import queries
+from .liveness import is_running, process_start_time
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -68,7 +73,10 @@ class Health:
 
 
 class WorkerHeartbeat(Middleware):
-    """Touches ``HEARTBEAT_DIR/<pid>`` every `interval_s` while this worker process runs; removes it on shutdown."""
+    """Touches ``HEARTBEAT_DIR/<pid>`` every `interval_s` while this worker process runs, its drain included.
+
+    The file holds the process's start time; it is removed once the worker has shut down.
+    """
 
     def __init__(self, directory: Path = HEARTBEAT_DIR, *, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
         self.directory = directory
@@ -85,7 +93,8 @@ class WorkerHeartbeat(Middleware):
         self._thread = threading.Thread(target=self._beat, name="nova-heartbeat", daemon=True)
         self._thread.start()
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Not before_worker_shutdown: running jobs may take minutes to finish, and the worker is healthy meanwhile.
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s * 2)
@@ -93,10 +102,11 @@ class WorkerHeartbeat(Middleware):
 
     def _beat(self) -> None:
         failing = False
+        started_at = repr(process_start_time())
         while True:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self.path.touch()
+                self.path.write_text(started_at)
             except OSError as exc:
                 if not failing:  # once per outage, not every beat
                     log.warning("Cannot write the heartbeat file {}: {}", self.path, exc)
@@ -109,20 +119,19 @@ class WorkerHeartbeat(Middleware):
                 return
 
 
-def _alive(pid: int) -> bool:
+def _recorded_start_time(path: Path) -> float | None:
+    """The start time a heartbeat file holds, or None when it holds none (being written, or written elsewhere)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, under another user
-    return True
+        return float(path.read_text())
+    except ValueError:
+        return None
 
 
 def worker_heartbeats(directory: Path = HEARTBEAT_DIR) -> dict[int, float]:
     """Age in seconds of the last heartbeat of every live worker process on this host, by pid.
 
-    Files of processes that no longer run (killed without shutting down) are deleted.
+    Files of processes that no longer run (killed without shutting down, their pid possibly reused since) are
+    deleted.
     """
     ages: dict[int, float] = {}
     now = time.time()
@@ -130,14 +139,15 @@ def worker_heartbeats(directory: Path = HEARTBEAT_DIR) -> dict[int, float]:
         if not path.name.isdigit():
             continue
         pid = int(path.name)
-        # A file left by an earlier run whose pid now names this very probe is not a worker.
-        if pid == os.getpid() or not _alive(pid):
-            path.unlink(missing_ok=True)
-            continue
         try:
-            ages[pid] = max(0.0, now - path.stat().st_mtime)
+            started_at = _recorded_start_time(path)
+            age = max(0.0, now - path.stat().st_mtime)
         except FileNotFoundError:
             continue  # the worker shut down meanwhile
+        if not is_running(pid, started_at):
+            path.unlink(missing_ok=True)
+            continue
+        ages[pid] = age
     return ages
 
 
@@ -159,7 +169,6 @@ def check_health(
     settings: Settings, *, worker: bool = False, max_age_s: float = DEFAULT_MAX_AGE_S, directory: Path = HEARTBEAT_DIR
 ) -> Health:
     """Run the checks of the module docstring; never raises for a failure it can describe."""
-    from ..cli import PROCESSORS
     from ..migrate import pending_migrations
 
     queues = PROCESSORS["all"]
@@ -171,7 +180,8 @@ def check_health(
                     False,
                     f"unhealthy: {len(pending)} migration(s) pending ({pending[0]} first); run nova-email migrate",
                 )
-            present = {row[0] for row in conn.execute(queries.QUEUES_PRESENT, {"queues": queues})}
+            with conn.cursor(row_factory=scalar_row) as cur:
+                present = set(cur.execute(queries.QUEUES_PRESENT, {"queues": queues}).fetchall())
     except NovaError as exc:
         return Health(False, f"unhealthy: {exc}")
     except psycopg.Error as exc:

@@ -51,6 +51,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from ..config import Settings
 from ..nylas.metrics import ApiCallCounter, process_counter
 from . import queries
+from .liveness import is_running
 from .progress import BackfillProgress, fetch_progress
 
 if TYPE_CHECKING:
@@ -459,13 +460,9 @@ def remove_stale_counts(directory: Path) -> list[Path]:
         match = _PID_SUFFIX.search(path.name)
         if match is None:
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
+        if not is_running(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
-        except PermissionError:
-            pass  # alive, under another user
     return removed
 
 
