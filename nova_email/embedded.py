@@ -19,7 +19,6 @@ from typing import Any
 from .errors import DatabaseError
 
 __all__ = [
-    "SOURCE_CHECKOUT",
     "embedded_server_is_default",
     "embedded_server_running",
     "embedded_server_url",
@@ -29,7 +28,7 @@ __all__ = [
 #: The repository this package was imported from, when it runs from a source checkout (an editable install or
 #: the tree itself); None for an installed package (a wheel in site-packages, the container image).
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
-SOURCE_CHECKOUT: Path | None = _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").is_file() else None
+_SOURCE_CHECKOUT: Path | None = _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").is_file() else None
 
 
 def embedded_server_is_default() -> bool:
@@ -38,7 +37,7 @@ def embedded_server_is_default() -> bool:
     A production install must never start a database of its own (inside a container it would quietly hold every
     mailbox in the container's disk), so there a missing DATABASE_URL is a configuration error.
     """
-    return SOURCE_CHECKOUT is not None
+    return _SOURCE_CHECKOUT is not None
 
 
 def _get_server() -> Callable[..., Any]:
