@@ -12,6 +12,10 @@ It checks, in order, and stops at the first failure:
    none at all means the workers are not running. The file holds the process's start time, so a file left by a
    killed worker whose pid now names another process is recognised as stale and removed.
 
+With ``--container`` (the image's HEALTHCHECK), step 4 applies when the container's main process runs workers
+(``nova-email run ...`` or ``dramatiq ...``: PID 1's command line, which under ``docker run --init`` is the init
+process's and names the command after it), and not for any other command (``serve-webhooks``, ``migrate``), so one image-wide default fits them all.
+
 It runs with the workers' own DATABASE_URL (the least-privilege role is enough) and never changes anything.
 """
 
@@ -27,6 +31,7 @@ from typing import Any
 
 import attrs
 import dramatiq
+import psutil
 import psycopg
 from dramatiq.middleware import Middleware
 from loguru import logger
@@ -48,6 +53,7 @@ __all__ = [
     "WorkerHeartbeat",
     "add_healthcheck_arguments",
     "check_health",
+    "container_runs_workers",
     "run_healthcheck",
     "worker_heartbeats",
 ]
@@ -199,10 +205,37 @@ def check_health(
     return Health(True, "healthy: " + ", ".join(parts))
 
 
+def _runs_workers(argv: list[str]) -> bool:
+    names = [Path(arg).name for arg in argv]
+    if "dramatiq" in names:
+        return True
+    for cli in ("nova-email", "nova_email.cli"):
+        if cli in names:
+            subcommand = next((arg for arg in names[names.index(cli) + 1 :] if not arg.startswith("-")), None)
+            return subcommand == "run"
+    return False
+
+
+def container_runs_workers(pid: int = 1) -> bool:
+    """Whether process `pid` (a container's main process) runs worker processes: ``nova-email run ...`` or
+    ``dramatiq ...`` (also when an init process runs them: its command line names theirs)."""
+    try:
+        return _runs_workers(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
 def add_healthcheck_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``nova-email healthcheck``."""
-    parser.add_argument(
+    checks = parser.add_mutually_exclusive_group()
+    checks.add_argument(
         "--worker", action="store_true", help="also require this host's worker processes to be heartbeating"
+    )
+    checks.add_argument(
+        "--container",
+        action="store_true",
+        help="as --worker when this container's main process runs workers (nova-email run, dramatiq), else without: "
+        "the image's HEALTHCHECK, right for every command",
     )
     parser.add_argument(
         "--max-age",
@@ -219,6 +252,7 @@ def run_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
 
     # A probe's output is its one line: the connection's INFO notes would only bury it in the container's log.
     setup_logging(attrs.evolve(settings, log_level="warning"))
-    health = check_health(settings, worker=args.worker, max_age_s=args.max_age)
+    worker = args.worker or (args.container and container_runs_workers())
+    health = check_health(settings, worker=worker, max_age_s=args.max_age)
     print(health.line)
     return 0 if health.healthy else 1

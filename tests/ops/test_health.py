@@ -21,7 +21,7 @@ from loguru import logger
 from psycopg import sql
 
 from nova_email.migrate import migrate
-from nova_email.ops.health import WorkerHeartbeat, worker_heartbeats
+from nova_email.ops.health import WorkerHeartbeat, container_runs_workers, worker_heartbeats
 from tests.processes import ROOT, running_workers, wait_for
 
 
@@ -175,6 +175,31 @@ def test_a_heartbeat_file_whose_pid_now_names_another_process_is_stale(tmp_path:
             assert list(worker_heartbeats(tmp_path)) == [other.pid]
         finally:
             other.kill()
+
+
+@pytest.mark.parametrize(
+    ("command", "runs_workers"),
+    [
+        (["/opt/venv/bin/nova-email", "run", "all"], True),
+        (["/opt/venv/bin/nova-email", "run", "threads", "--processes", "2"], True),
+        (["/opt/venv/bin/dramatiq", "nova_email.actors"], True),
+        (["/opt/venv/bin/nova-email", "serve-webhooks", "--port", "8000"], False),
+        (["/opt/venv/bin/nova-email", "migrate"], False),
+        # docker run --init: the init process's command line names the container's command
+        (["/sbin/docker-init", "--", "nova-email", "run", "all"], True),
+        (["/sbin/docker-init", "--", "nova-email", "serve-webhooks"], False),
+    ],
+)
+def test_the_container_probe_checks_workers_only_where_the_container_runs_them(
+    command: list[str], runs_workers: bool
+) -> None:
+    # A real process whose command line is the container's main command (Python ignores the arguments after -c's)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *command]) as main:
+        try:
+            wait_for(lambda: command[-1] in psutil.Process(main.pid).cmdline(), timeout_s=10, what="the process")
+            assert container_runs_workers(main.pid) is runs_workers
+        finally:
+            main.kill()
 
 
 @pytest.mark.processes
