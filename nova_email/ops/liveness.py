@@ -20,7 +20,7 @@ def process_start_time(pid: int | None = None) -> float:
     Raises:
         psutil.NoSuchProcess: no process `pid` runs.
     """
-    return psutil.Process(pid).create_time()
+    return float(psutil.Process(pid).create_time())
 
 
 def is_running(pid: int, started_at: float | None = None) -> bool:

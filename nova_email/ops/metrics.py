@@ -45,8 +45,8 @@ import attrs
 import psycopg
 from dramatiq.middleware.prometheus import Prometheus
 from loguru import logger
-from psycopg.rows import class_row, scalar_row
 from prometheus_client.exposition import ThreadingWSGIServer
+from psycopg.rows import class_row, scalar_row
 
 from ..config import Settings
 from ..nylas.metrics import ApiCallCounter, process_counter
@@ -289,9 +289,7 @@ class DatabaseCollector:
             families["nova_queue_messages"].add_metric([queue.queue_name, "ready"], queue.queued)
             families["nova_queue_messages"].add_metric([queue.queue_name, "delayed"], queue.delayed)
             families["nova_queue_messages"].add_metric([queue.queue_name, "in_flight"], queue.in_flight)
-            families["nova_queue_oldest_message_age_seconds"].add_metric(
-                [queue.queue_name], queue.oldest_age_ms / 1000
-            )
+            families["nova_queue_oldest_message_age_seconds"].add_metric([queue.queue_name], queue.oldest_age_ms / 1000)
             families["nova_queue_dead_letters"].add_metric([queue.queue_name], queue.dead_lettered)
         for state in collection.states:
             families["nova_backfills"].add_metric([state.state], state.count)
