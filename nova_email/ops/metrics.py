@@ -414,7 +414,7 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer(ThreadingWSGIServer):
     """The exposition server: a thread per request, so a slow or stalled client never holds up another scrape.
 
-    Closing it closes the database collector's connection, which hands the collection to another group.
+    Closing it gives the database collector's lease up, which hands the collection to another group at once.
     """
 
     database: DatabaseCollector | None = None
