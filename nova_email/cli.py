@@ -2,20 +2,24 @@
 
 Each subcommand is a small function that loads the settings, sets up logging and calls into the
 package. Errors the user can fix (configuration, database) end the command with one clear line
-and exit status 2, not a traceback.
+and exit status 2, not a traceback; a database error raised anywhere in a command is one of them. Such a line
+never shows a configured secret (`nova_email.masking`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+import psycopg
 from loguru import logger
 
 from .config import Settings, load_settings, redact_url
 from .errors import NovaError
 from .log import setup_logging
+from .masking import mask, secret_values
 from .processors import PROCESSORS
 
 __all__ = ["main"]
@@ -75,12 +79,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     return int(dramatiq_main(parsed) or 0)  # type: ignore[no-untyped-call]
 
 
-def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:
-    from .intake.server import main as intake_main
-
-    return intake_main(settings, args.host, args.port)
-
-
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -114,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
     add_demo_arguments(add("demo", _demo, "run the whole service on a generated mailbox and show it working"))
-    serve = add("serve-webhooks", _serve_webhooks, "receive Nylas webhooks over HTTP into the webhook queue")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    # main() runs it as a process of its own (nova_email.serve_webhooks), which parses the same options.
+    from .intake.server import add_arguments as add_intake_arguments
+
+    add_intake_arguments(
+        sub.add_parser("serve-webhooks", help="receive Nylas webhooks over HTTP into the webhook queue")
+    )
     from .ops import (
         add_backfill_arguments,
         add_dead_letters_arguments,
@@ -152,17 +153,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .simulator.server import main as simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["serve-webhooks"]:
+        # A fresh interpreter, so that gevent patches the standard library before psycopg is imported (see
+        # nova_email.serve_webhooks); exec, so that signals reach the gunicorn master directly.
+        os.execv(sys.executable, [sys.executable, "-m", "nova_email.serve_webhooks", *argv[1:]])
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = load_settings()
         setup_logging(settings)
         func: Command = args.func
         return func(settings, args)
     except NovaError as exc:
-        print(f"nova-email: {exc}", file=sys.stderr)
+        _fail(str(exc), settings)
+        return 2
+    except psycopg.Error as exc:
+        # The first line says what failed (connection refused, authentication, a missing table); the rest of
+        # libpq's text is hints and context.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"database error ({type(exc).__name__}): {first_line}", settings)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str, settings: Settings | None) -> None:
+    print(f"nova-email: {mask(message, secret_values(settings)) if settings else message}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import attrs
+import psycopg
 from dotenv import dotenv_values
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError
 
@@ -31,17 +33,18 @@ _FALSE = {"0", "false", "f", "no", "n", "off"}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
 
 
-#: ``scheme://user:password@``: libpq ends the userinfo at the first ``@`` before any ``/``, so a password may hold
-#: ``?`` or ``#``, which `urllib.parse.urlsplit` would take for the query or the fragment.
-_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:)[^@/]*@")
-#: A ``name=value`` parameter of a URL's query string (libpq takes ``?password=`` there too).
+#: ``scheme://user:password@``, up to the last ``@``: a password may hold ``?`` or ``#`` (which `urllib.parse.urlsplit`
+#: would take for the query or the fragment) and, unencoded, ``@`` or ``/`` (which libpq would misread, but a log
+#: line must still not show any of it).
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:).*@", re.DOTALL)
+#: A ``name=value`` parameter of a URL's query string (libpq takes ``?password=`` and ``?sslpassword=`` there too).
 _QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^&=]*)=)[^&]*")
-#: ``password=value`` in a key=value connection string: unquoted up to whitespace, or single-quoted with ``\'``.
-_CONNINFO_PASSWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|\S*)", re.IGNORECASE)
+#: ``*password=value`` in a key=value connection string: unquoted up to whitespace, or single-quoted with ``\'``.
+_CONNINFO_PASSWORD = re.compile(r"(?P<head>(?:^|\s)\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|\S*)", re.IGNORECASE)
 
 
 def _redact_query_parameter(match: re.Match[str]) -> str:
-    if unquote(match["name"]).strip().lower() == "password":
+    if unquote(match["name"]).strip().lower().endswith("password"):
         return f"{match['head']}***"
     return match[0]
 
@@ -49,8 +52,9 @@ def _redact_query_parameter(match: re.Match[str]) -> str:
 def redact_url(url: str) -> str:
     """`url` with every password replaced by ``***`` (for logs and errors).
 
-    Covers the userinfo (``postgresql://user:***@host``), a ``password=`` query parameter and, for a libpq
-    key=value connection string, its ``password=`` pair. Anything else is left as it was.
+    Covers the userinfo (``postgresql://user:***@host``), every ``*password=`` query parameter (``password``,
+    ``sslpassword``) and, for a libpq key=value connection string, its ``*password=`` pairs. Anything else is left
+    as it was.
     """
     if "://" not in url:
         redacted = _CONNINFO_PASSWORD.sub(lambda m: f"{m['head']}***", url)
@@ -156,13 +160,22 @@ def _parse_database_url(name: str, raw: str) -> str:
             "or leave it unset to use the embedded server"
         )
         raise ConfigError(msg)
-    scheme = urlsplit(value).scheme if "://" in value else ""
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
     if scheme not in {"postgres", "postgresql"}:
         msg = (
             f"{name}={redact_url(value)!r} is not a PostgreSQL URL; expected postgresql://user:password@host:5432/db, "
             "or leave it unset to use the embedded server"
         )
         raise ConfigError(msg)
+    try:
+        conninfo_to_dict(value)  # libpq's own parser, so that what passes here is what libpq will accept
+    except psycopg.Error:
+        # libpq's message quotes the offending part, which may be the password: neither it nor the URL is shown.
+        msg = (
+            f"{name} is not a URL libpq can read (not shown: it holds a password); percent-encode special characters "
+            "in the user name and password (% as %25, @ as %40, / as %2F, : as %3A, # as %23, ? as %3F)"
+        )
+        raise ConfigError(msg) from None
     return value
 
 

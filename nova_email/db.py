@@ -57,7 +57,8 @@ def database_url(settings: Settings) -> str:
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"
     if url not in _announced:
         _announced.add(url)
-        log.info("Using {}", where)
+        # DEBUG: a URL (even redacted) in every process's first lines tells a log reader more than they need.
+        log.debug("Using {}", where)
     return url
 
 
