@@ -8,6 +8,8 @@ package, never both and never twice) and then the broker's own DDL from ``broker
 files: each file runs once, inside its own transaction, under a transaction-level advisory lock,
 and is recorded in ``pgmq_broker.schema_migrations`` with its namespace and checksum. Two
 processes migrating at once therefore serialise instead of racing; running it again is a no-op.
+A file edited after release lists the checksums of its earlier texts in ``-- replaces: <sha256>`` lines;
+a database that applied one of those texts is then recorded under the new one instead of being warned about.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from collections.abc import Iterable
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import LiteralString
 
 import attrs
 import psycopg
 from loguru import logger
 
+from . import queries
 from .errors import MigrationError
 
 __all__ = [
     "Migration",
+    "applied_checksums",
     "apply_migrations",
+    "create_migrations_table",
     "install",
     "install_pgmq",
     "load_migrations",
@@ -42,41 +46,8 @@ log = logger.bind(component="Migrate")
 MIGRATION_LOCK_KEY = 0x70676D716D696772
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
-
-#: Create the bookkeeping table; runs under the advisory lock so concurrent first runs cannot race.
-_CREATE_TABLE: LiteralString = """
-create schema if not exists pgmq_broker;
-create table if not exists pgmq_broker.schema_migrations (
-    namespace text not null,
-    version integer not null,
-    name text not null,
-    checksum text not null,
-    applied_at timestamptz not null default now(),
-    primary key (namespace, version)
-)
-"""
-#: Serialise migrating processes for the length of one transaction.
-_LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
-#: Checksum of an applied migration, if any.
-_APPLIED: LiteralString = (
-    "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"
-)
-#: Record one applied migration.
-_RECORD: LiteralString = (
-    "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
-    " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
-)
-#: Is PGMQ present, and how: as an extension, as plain SQL, or available to create.
-_PGMQ_STATE: LiteralString = """
-select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
-       to_regclass('pgmq.meta') is not null as schema,
-       exists (select 1 from pg_available_extensions where name = 'pgmq') as available
-"""
-_CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"
-#: Does the bookkeeping table exist (it does once anything was applied)?
-_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
-#: Versions recorded for a namespace.
-_APPLIED_VERSIONS: LiteralString = "select version from pgmq_broker.schema_migrations where namespace = %(namespace)s"
+#: ``-- replaces: <sha256>``: an earlier text of the same migration with the same effect on a database that ran it.
+_REPLACES = re.compile(r"^-- replaces: (?P<checksum>[0-9a-f]{64})$", re.MULTILINE)
 
 
 @attrs.frozen
@@ -90,6 +61,11 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def replaces(self) -> frozenset[str]:
+        """Checksums of earlier texts of this file, declared in its ``-- replaces: <sha256>`` lines."""
+        return frozenset(_REPLACES.findall(self.sql))
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
@@ -114,6 +90,13 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def applied_checksums(conn: psycopg.Connection, namespace: str) -> dict[int, str]:
+    """Version -> checksum of every migration of `namespace` applied so far (empty before the first); reads only."""
+    if conn.execute(queries.MIGRATIONS_TABLE_EXISTS).fetchone() != (True,):
+        return {}
+    return dict(conn.execute(queries.MIGRATION_CHECKSUMS, {"namespace": namespace}).fetchall())
+
+
 def _check_idle(conn: psycopg.Connection) -> None:
     # Each migration commits on its own; inside a caller's transaction it could not.
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -121,19 +104,26 @@ def _check_idle(conn: psycopg.Connection) -> None:
         raise MigrationError(msg)
 
 
-def _ensure_table(conn: psycopg.Connection) -> None:
+def create_migrations_table(conn: psycopg.Connection) -> None:
+    """Create the bookkeeping table if it is missing (each runner here does it first)."""
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        conn.execute(_CREATE_TABLE)
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        conn.execute(queries.MIGRATIONS_SEE_COMMITTED_CATALOG)
+        conn.execute(queries.MIGRATIONS_CREATE_TABLE)
 
 
 def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -> bool:
     params = {"namespace": namespace, "version": migration.version}
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        row = conn.execute(_APPLIED, params).fetchone()
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        row = conn.execute(queries.MIGRATION_CHECKSUM, params).fetchone()
         if row is not None:
-            if row[0] != migration.checksum:
+            if row[0] in migration.replaces:
+                conn.execute(
+                    queries.MIGRATION_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum}
+                )
+                log.info("Recorded {}/{:03d}_{} under its edited text", namespace, migration.version, migration.name)
+            elif row[0] != migration.checksum:
                 log.warning(
                     "{}/{:03d}_{} changed after it was applied; migrations are append-only, add a new file instead",
                     namespace,
@@ -143,7 +133,7 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
             return False
         # The text comes from files shipped with the package, never from user input.
         conn.execute(migration.sql.encode())
-        conn.execute(_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+        conn.execute(queries.MIGRATION_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
     log.info("Applied {}/{:03d}_{}", namespace, migration.version, migration.name)
     return True
 
@@ -165,7 +155,7 @@ def apply_migrations(
     if not isinstance(migrations, Iterable):
         migrations = load_migrations(migrations)
     _check_idle(conn)
-    _ensure_table(conn)
+    create_migrations_table(conn)
     applied: list[str] = []
     for migration in migrations:
         try:
@@ -186,16 +176,13 @@ def pending_migrations(
     """
     if not isinstance(migrations, Iterable):
         migrations = load_migrations(migrations)
-    applied: set[int] = set()
-    exists = conn.execute(_TABLE_EXISTS).fetchone()
-    if exists is not None and exists[0]:
-        applied = {row[0] for row in conn.execute(_APPLIED_VERSIONS, {"namespace": namespace})}
+    applied = applied_checksums(conn, namespace)
     return [migration for migration in migrations if migration.version not in applied]
 
 
 def pending_install(conn: psycopg.Connection) -> list[str]:
     """What `install` would do (PGMQ, the broker's migrations), as names, without changing anything."""
-    extension, schema, _ = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
+    extension, schema, _ = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
     pending = [] if extension or schema else ["pgmq"]
     broker = pending_migrations(conn, namespace="brokers", migrations=files("brokers").joinpath("sql"))
     return pending + [f"brokers/{m.version:03d}_{m.name}" for m in broker]
@@ -217,17 +204,17 @@ def install_pgmq(conn: psycopg.Connection) -> str:
         installed by someone else, left alone).
     """
     _check_idle(conn)
-    _ensure_table(conn)
+    create_migrations_table(conn)
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        extension, schema, available = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
-        recorded = conn.execute(_APPLIED, {"namespace": "pgmq", "version": 1}).fetchone() is not None
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        extension, schema, available = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
+        recorded = conn.execute(queries.MIGRATION_CHECKSUM, {"namespace": "pgmq", "version": 1}).fetchone() is not None
         if extension:
             return "extension"
         if schema:
             return "sql" if recorded else "external"
         if available:
-            conn.execute(_CREATE_EXTENSION)
+            conn.execute(queries.PGMQ_CREATE_EXTENSION)
             log.info("Installed PGMQ with CREATE EXTENSION")
             return "extension"
     bundled = _bundled_pgmq()

@@ -30,13 +30,22 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from brokers.errors import MigrationError
+
     from . import db
-    from .migrate import migrate, pending_migrations
+    from .errors import DatabaseError
+    from .migrate import migrate, pending_migrations, plan
 
     with db.connect(settings) as conn:
-        if not args.check:
-            migrate(conn)
-            return 0
+        try:
+            if args.dry_run:
+                print("\n".join(plan(conn).lines()))
+                return 0
+            if not args.check:
+                migrate(conn)
+                return 0
+        except MigrationError as exc:
+            raise DatabaseError(str(exc)) from exc
         pending = pending_migrations(conn)
     if pending:
         print(f"{len(pending)} migration(s) pending: {', '.join(pending)}; run nova-email migrate")
@@ -70,6 +79,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
+    from .boot import require_nylas_key
+
+    require_nylas_key(settings, PROCESSORS[args.processor])
     arguments = worker_arguments(args.processor, args.dramatiq_args)
     log.info("Starting {} processor: dramatiq {}", args.processor, " ".join(arguments))
     # Dramatiq's main process runs here rather than exec'd: its logging.basicConfig() does nothing once this
@@ -98,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
     migrate.add_argument(
         "--check", action="store_true", help="apply nothing; exit 1 when migrations are pending (for deploy scripts)"
+    )
+    migrate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what migrating would change (tried, then rolled back), change nothing",
     )
     db_url = add(
         "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"

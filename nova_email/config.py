@@ -31,6 +31,8 @@ T = TypeVar("T")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
+#: Spellings of other ecosystems (Node's ``warn``, Python's ``fatal``) -> loguru's level name.
+_LOG_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
 
 
 #: ``scheme://user:password@``, up to the last ``@``: a password may hold ``?`` or ``#`` (which `urllib.parse.urlsplit`
@@ -69,7 +71,6 @@ class Settings:
     """The service's configuration. Build it with `load_settings`; tests may build it directly."""
 
     poll_interval_ms: int = 5000
-    batch_size: int = 10
     visibility_timeout_s: int = 300
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
@@ -82,6 +83,10 @@ class Settings:
     nylas_grant_rate: float = 10.0
     nylas_grant_burst: int = 10
     nylas_app_rate: float = 0.0
+    #: Shortest time from a job's first attempt to its last, per processor: a Nylas incident that short fails no job.
+    webhook_retry_window_ms: int = 120_000
+    backfill_retry_window_ms: int = 120_000
+    thread_retry_window_ms: int = 120_000
     testing_mode: bool = False
     log_level: str = "info"
     log_format: str = "text"
@@ -139,6 +144,11 @@ def _parse_choice(name: str, raw: str, choices: set[str]) -> str:
         msg = f"{name}={raw!r} is not one of {', '.join(sorted(choices))}"
         raise ConfigError(msg)
     return lowered
+
+
+def _parse_log_level(name: str, raw: str) -> str:
+    level = _parse_choice(name, raw, _LOG_LEVELS | set(_LOG_LEVEL_ALIASES))
+    return _LOG_LEVEL_ALIASES.get(level, level)
 
 
 def _parse_http_url(name: str, raw: str) -> str:
@@ -216,7 +226,6 @@ def _ms(minimum: int = 0) -> Callable[[str, str], int]:
 #: Environment variable -> (Settings field, parser).
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "POLL_INTERVAL_MS": ("poll_interval_ms", _ms(10)),
-    "BATCH_SIZE": ("batch_size", lambda n, r: _parse_int(n, r, minimum=1, unit="messages")),
     "VISIBILITY_TIMEOUT": ("visibility_timeout_s", lambda n, r: _parse_int(n, r, minimum=1, unit="seconds")),
     "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", _ms(100)),
     "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", _parse_bool),
@@ -224,8 +233,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "THREAD_DELAY_MS": ("thread_delay_ms", _ms()),
     "MESSAGE_DELAY_MS": ("message_delay_ms", _ms()),
     "API_DELAY_MS": ("api_delay_ms", _ms()),
+    "WEBHOOK_RETRY_WINDOW_MS": ("webhook_retry_window_ms", _ms(1)),
+    "BACKFILL_RETRY_WINDOW_MS": ("backfill_retry_window_ms", _ms(1)),
+    "THREAD_RETRY_WINDOW_MS": ("thread_retry_window_ms", _ms(1)),
     "TESTING_MODE": ("testing_mode", _parse_bool),
-    "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
+    "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
     "NO_COLOR": ("no_color", lambda n, r: True),
     "DATABASE_URL": ("database_url", _parse_database_url),

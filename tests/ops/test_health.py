@@ -206,7 +206,7 @@ def test_the_container_probe_checks_workers_only_where_the_container_runs_them(
 @pytest.mark.slow
 def test_healthcheck_worker_follows_this_hosts_worker_processes(db_url: str, tmp_path: Path) -> None:
     # Heartbeats live under the temporary directory; a private one keeps other runs' workers out of this test.
-    env = {"DATABASE_URL": db_url, "TMPDIR": str(tmp_path), "LOG_LEVEL": "info"}
+    env = {"DATABASE_URL": db_url, "NYLAS_API_KEY": "health", "TMPDIR": str(tmp_path), "LOG_LEVEL": "info"}
 
     def probe(*args: str) -> subprocess.CompletedProcess[str]:
         return _nova_email("healthcheck", "--worker", *args, env=env)
