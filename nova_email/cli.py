@@ -20,6 +20,7 @@ from .config import Settings, load_settings, redact_url
 from .errors import NovaError
 from .log import setup_logging
 from .masking import mask, secret_values
+from .processors import PROCESSORS
 
 __all__ = ["main"]
 
@@ -67,16 +68,6 @@ def _db_stop(settings: Settings, args: argparse.Namespace) -> int:
     stopped = stop_embedded_server(settings.data_dir)
     log.info("Embedded PostgreSQL {}", "stopped" if stopped else "was not running")
     return 0
-
-
-#: ``nova-email run`` names -> the queues their workers consume.
-PROCESSORS = {
-    "webhooks": ["nylas_webhook_notifications"],
-    "backfill": ["inbox_backfill_jobs"],
-    "threads": ["thread_sync_jobs"],
-    "completion": ["completion_monitor"],
-}
-PROCESSORS["all"] = [queue for queues in PROCESSORS.values() for queue in queues]
 
 
 def worker_arguments(name: str, extra: Sequence[str] = ()) -> list[str]:

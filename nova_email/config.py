@@ -1,7 +1,9 @@
 """Settings, read once from the environment (and an optional ``.env`` file).
 
-Every variable of the original service keeps its name and default. A malformed value stops the
-service at start-up with one line that names the variable, the problem and the expected form.
+An existing deployment's environment works unchanged: each variable it sets is read under the same name, and an
+unset one means the same as before, except the fixed delays (THREAD_DELAY_MS, MESSAGE_DELAY_MS, API_DELAY_MS),
+which default to 0 because pacing limits the Nylas calls instead. A malformed value stops the service at start-up
+with one line that names the variable, the problem and the expected form.
 Secrets (the Nylas API key, the webhook secret, the password in DATABASE_URL) are kept out of
 reprs and logs; use `Settings.database_url_redacted` when a URL must be shown.
 """
@@ -73,9 +75,8 @@ class Settings:
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
     recovery_check_interval_ms: int = 60000
-    #: The original's fixed delays (pause after a thread job, pause per message written, minimum spacing of one
-    #: grant's calls). They apply only when set: pacing replaces them, and turning pacing off must not slow
-    #: every sync down by the original's sleeps.
+    #: Fixed delays: a pause after each thread job, a pause per message written, a minimum spacing of one grant's
+    #: calls. 0 unless set: pacing limits the calls, and turning pacing off must not slow every sync down.
     thread_delay_ms: int = 0
     message_delay_ms: int = 0
     api_delay_ms: int = 0

@@ -63,8 +63,19 @@ def database_url(settings: Settings, *, announce: bool = True) -> str:
     return url
 
 
+def _prepares_statements(settings: Settings) -> bool:
+    """Whether connections may prepare statements, pooled or not.
+
+    Not behind a transaction-mode pooler (DATABASE_TRANSACTION_POOLER): the next statement may run on another
+    server session, which never prepared it.
+    """
+    return not settings.database_transaction_pooler
+
+
 def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
     """A single new connection (for commands that need one, such as ``migrate``)."""
+    if not _prepares_statements(settings):
+        kwargs.setdefault("prepare_threshold", None)
     return psycopg.connect(database_url(settings), **kwargs)  # type: ignore[arg-type]
 
 
@@ -81,8 +92,7 @@ def database(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> Da
                 database_url(settings),
                 name="nova_email",
                 max_size=max_size,
-                # Prepared statements break behind transaction-mode poolers (DATABASE_TRANSACTION_POOLER).
-                prepare_statements=not settings.database_transaction_pooler,
+                prepare_statements=_prepares_statements(settings),
             )
         return _database
 

@@ -31,7 +31,6 @@ from psycopg import sql
 from .errors import DatabaseError
 
 __all__ = [
-    "SOURCE_CHECKOUT",
     "embedded_password_file",
     "embedded_server_is_default",
     "embedded_server_running",
@@ -42,7 +41,7 @@ __all__ = [
 #: The repository this package was imported from, when it runs from a source checkout (an editable install or
 #: the tree itself); None for an installed package (a wheel in site-packages, the container image).
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
-SOURCE_CHECKOUT: Path | None = _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").is_file() else None
+_SOURCE_CHECKOUT: Path | None = _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").is_file() else None
 
 
 def embedded_server_is_default() -> bool:
@@ -51,7 +50,7 @@ def embedded_server_is_default() -> bool:
     A production install must never start a database of its own (inside a container it would quietly hold every
     mailbox in the container's disk), so there a missing DATABASE_URL is a configuration error.
     """
-    return SOURCE_CHECKOUT is not None
+    return _SOURCE_CHECKOUT is not None
 
 
 #: pg_hba.conf once the password is set: nothing is trusted, every connection authenticates.

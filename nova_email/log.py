@@ -33,10 +33,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
 
-__all__ = ["InterceptHandler", "json_line", "setup_logging"]
-
-#: The keys every JSON line has (``exception`` only when there is one); bound ids come after them.
-JSON_KEYS = ("ts", "level", "component", "message", "pid", "exception")
+__all__ = ["InterceptHandler", "setup_logging"]
 
 #: Text lines, e.g. ``2026-11-29 15:40:01.123 | INFO     | [ThreadSync] Synced 12 messages in 840 ms``.
 TEXT_FORMAT = (
@@ -61,7 +58,7 @@ class InterceptHandler(logging.Handler):
         logger.bind(component=component).opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
 
 
-def json_line(record: Record) -> str:
+def _json_line(record: Record) -> str:
     """`record` as one flat JSON object (no newline): the module docstring's keys, then the bound ids."""
     extra = dict(record["extra"])
     line: dict[str, Any] = {
@@ -81,7 +78,7 @@ def json_line(record: Record) -> str:
 
 def _json_format(record: Record) -> str:
     # loguru formats the returned template with the record; the finished line travels in extra, unformatted.
-    record["extra"]["_json_line"] = json_line(record)
+    record["extra"]["_json_line"] = _json_line(record)
     return "{extra[_json_line]}\n"
 
 

@@ -7,8 +7,14 @@ It checks, in order, and stops at the first failure:
 3. the service's queues exist;
 4. with ``--worker``: this host's worker processes are heartbeating. Each worker process that runs with the
    `WorkerHeartbeat` middleware (every ``dramatiq nova_email.actors`` process) touches a file named after its
-   pid in `HEARTBEAT_DIR` every `HEARTBEAT_INTERVAL_S`; a live process whose file is older than ``--max-age``
-   is frozen or stuck, and none at all means the workers are not running.
+   pid in `HEARTBEAT_DIR` every `HEARTBEAT_INTERVAL_S`, from boot until its graceful drain has finished (a
+   draining worker is healthy); a live process whose file is older than ``--max-age`` is frozen or stuck, and
+   none at all means the workers are not running. The file holds the process's start time, so a file left by a
+   killed worker whose pid now names another process is recognised as stale and removed.
+
+With ``--container`` (the image's HEALTHCHECK), step 4 applies when the container's main process runs workers
+(``nova-email run ...`` or ``dramatiq ...``: PID 1's command line, which under ``docker run --init`` is the init
+process's and names the command after it), and not for any other command (``serve-webhooks``, ``migrate``), so one image-wide default fits them all.
 
 It runs with the workers' own DATABASE_URL (the least-privilege role is enough) and never changes anything.
 """
@@ -25,14 +31,18 @@ from typing import Any
 
 import attrs
 import dramatiq
+import psutil
 import psycopg
 from dramatiq.middleware import Middleware
 from loguru import logger
+from psycopg.rows import scalar_row
 
 from .. import db
 from ..config import Settings
 from ..errors import NovaError
+from ..processors import PROCESSORS
 from . import queries
+from .liveness import is_running, process_start_time
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -43,6 +53,7 @@ __all__ = [
     "WorkerHeartbeat",
     "add_healthcheck_arguments",
     "check_health",
+    "container_runs_workers",
     "run_healthcheck",
     "worker_heartbeats",
 ]
@@ -68,7 +79,10 @@ class Health:
 
 
 class WorkerHeartbeat(Middleware):
-    """Touches ``HEARTBEAT_DIR/<pid>`` every `interval_s` while this worker process runs; removes it on shutdown."""
+    """Touches ``HEARTBEAT_DIR/<pid>`` every `interval_s` while this worker process runs, its drain included.
+
+    The file holds the process's start time; it is removed once the worker has shut down.
+    """
 
     def __init__(self, directory: Path = HEARTBEAT_DIR, *, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
         self.directory = directory
@@ -85,7 +99,8 @@ class WorkerHeartbeat(Middleware):
         self._thread = threading.Thread(target=self._beat, name="nova-heartbeat", daemon=True)
         self._thread.start()
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Not before_worker_shutdown: running jobs may take minutes to finish, and the worker is healthy meanwhile.
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s * 2)
@@ -93,10 +108,11 @@ class WorkerHeartbeat(Middleware):
 
     def _beat(self) -> None:
         failing = False
+        started_at = repr(process_start_time())
         while True:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self.path.touch()
+                self.path.write_text(started_at)
             except OSError as exc:
                 if not failing:  # once per outage, not every beat
                     log.warning("Cannot write the heartbeat file {}: {}", self.path, exc)
@@ -109,20 +125,19 @@ class WorkerHeartbeat(Middleware):
                 return
 
 
-def _alive(pid: int) -> bool:
+def _recorded_start_time(path: Path) -> float | None:
+    """The start time a heartbeat file holds, or None when it holds none (being written, or written elsewhere)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, under another user
-    return True
+        return float(path.read_text())
+    except ValueError:
+        return None
 
 
 def worker_heartbeats(directory: Path = HEARTBEAT_DIR) -> dict[int, float]:
     """Age in seconds of the last heartbeat of every live worker process on this host, by pid.
 
-    Files of processes that no longer run (killed without shutting down) are deleted.
+    Files of processes that no longer run (killed without shutting down, their pid possibly reused since) are
+    deleted.
     """
     ages: dict[int, float] = {}
     now = time.time()
@@ -130,14 +145,15 @@ def worker_heartbeats(directory: Path = HEARTBEAT_DIR) -> dict[int, float]:
         if not path.name.isdigit():
             continue
         pid = int(path.name)
-        # A file left by an earlier run whose pid now names this very probe is not a worker.
-        if pid == os.getpid() or not _alive(pid):
-            path.unlink(missing_ok=True)
-            continue
         try:
-            ages[pid] = max(0.0, now - path.stat().st_mtime)
+            started_at = _recorded_start_time(path)
+            age = max(0.0, now - path.stat().st_mtime)
         except FileNotFoundError:
             continue  # the worker shut down meanwhile
+        if not is_running(pid, started_at):
+            path.unlink(missing_ok=True)
+            continue
+        ages[pid] = age
     return ages
 
 
@@ -159,7 +175,6 @@ def check_health(
     settings: Settings, *, worker: bool = False, max_age_s: float = DEFAULT_MAX_AGE_S, directory: Path = HEARTBEAT_DIR
 ) -> Health:
     """Run the checks of the module docstring; never raises for a failure it can describe."""
-    from ..cli import PROCESSORS
     from ..migrate import pending_migrations
 
     queues = PROCESSORS["all"]
@@ -171,7 +186,8 @@ def check_health(
                     False,
                     f"unhealthy: {len(pending)} migration(s) pending ({pending[0]} first); run nova-email migrate",
                 )
-            present = {row[0] for row in conn.execute(queries.QUEUES_PRESENT, {"queues": queues})}
+            with conn.cursor(row_factory=scalar_row) as cur:
+                present = set(cur.execute(queries.QUEUES_PRESENT, {"queues": queues}).fetchall())
     except NovaError as exc:
         return Health(False, f"unhealthy: {exc}")
     except psycopg.Error as exc:
@@ -189,10 +205,37 @@ def check_health(
     return Health(True, "healthy: " + ", ".join(parts))
 
 
+def _runs_workers(argv: list[str]) -> bool:
+    names = [Path(arg).name for arg in argv]
+    if "dramatiq" in names:
+        return True
+    for cli in ("nova-email", "nova_email.cli"):
+        if cli in names:
+            subcommand = next((arg for arg in names[names.index(cli) + 1 :] if not arg.startswith("-")), None)
+            return subcommand == "run"
+    return False
+
+
+def container_runs_workers(pid: int = 1) -> bool:
+    """Whether process `pid` (a container's main process) runs worker processes: ``nova-email run ...`` or
+    ``dramatiq ...`` (also when an init process runs them: its command line names theirs)."""
+    try:
+        return _runs_workers(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
 def add_healthcheck_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``nova-email healthcheck``."""
-    parser.add_argument(
+    checks = parser.add_mutually_exclusive_group()
+    checks.add_argument(
         "--worker", action="store_true", help="also require this host's worker processes to be heartbeating"
+    )
+    checks.add_argument(
+        "--container",
+        action="store_true",
+        help="as --worker when this container's main process runs workers (nova-email run, dramatiq), else without: "
+        "the image's HEALTHCHECK, right for every command",
     )
     parser.add_argument(
         "--max-age",
@@ -209,6 +252,7 @@ def run_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
 
     # A probe's output is its one line: the connection's INFO notes would only bury it in the container's log.
     setup_logging(attrs.evolve(settings, log_level="warning"))
-    health = check_health(settings, worker=args.worker, max_age_s=args.max_age)
+    worker = args.worker or (args.container and container_runs_workers())
+    health = check_health(settings, worker=worker, max_age_s=args.max_age)
     print(health.line)
     return 0 if health.healthy else 1

@@ -11,11 +11,14 @@ Postgres. Each worker process also counts its Nylas API calls, retried attempts 
 process.
 
 The database gauges describe the whole deployment, not one worker group, so they are collected by one exposition
-process at a time and at most once per `DATABASE_INTERVAL_S`: the process holding a Postgres advisory lock
-(`DATABASE_COLLECTOR_LOCK`) on its own connection collects them; the others report only ``nova_database_up`` and
-``nova_metrics_database_collector 0``, and take over when the holder's connection goes away. Sum or max them
-across instances in queries (``max by (queue) (...)``): during a hand-over two instances may briefly report them.
-Labels are bounded: queue names, states, endpoints and status codes; per-configuration detail (config ids,
+process at a time and at most once per `DATABASE_INTERVAL_S`: the process holding the collector's lease (a row with
+an expiry, nova_email/sql/071, renewed at each collection) collects them; the others report only
+``nova_database_up`` and ``nova_metrics_database_collector 0``, and the first to scrape after the holder's lease
+has run out (`DATABASE_LEASE_S`; at once when the holder shut down cleanly) takes over. Each collection uses a
+connection of its own, closed afterwards, with statements that stand alone, so all this also works through a
+transaction-mode pooler (DATABASE_TRANSACTION_POOLER). Take the max across instances in queries
+(``max by (queue_name) (...)``): during a hand-over two instances may briefly report them.
+Labels are bounded, and named as Dramatiq's own series on the same endpoint name them (``queue_name``): queue names, states, endpoints and status codes; per-configuration detail (config ids,
 inboxes) stays in ``nova-email status``. A database outage turns ``nova_database_up`` to 0; the scrape still answers.
 
 Wiring: ``add_metrics(broker, settings)`` in ``nova_email.worker.build_broker``. Configuration: METRICS_PORT
@@ -28,9 +31,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,10 +46,12 @@ import psycopg
 from dramatiq.middleware.prometheus import Prometheus
 from loguru import logger
 from prometheus_client.exposition import ThreadingWSGIServer
+from psycopg.rows import class_row, scalar_row
 
 from ..config import Settings
 from ..nylas.metrics import ApiCallCounter, process_counter
 from . import queries
+from .liveness import is_running
 from .progress import BackfillProgress, fetch_progress
 
 if TYPE_CHECKING:
@@ -54,14 +61,16 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector, CollectorRegistry
 
 __all__ = [
-    "DATABASE_COLLECTOR_LOCK",
     "DATABASE_INTERVAL_S",
+    "DATABASE_LEASE_S",
     "DEFAULT_METRICS_HOST",
     "NYLAS_LATENCY_BUCKETS_S",
+    "BackfillStateCount",
     "DatabaseCollector",
     "MetricsOptions",
     "MetricsServer",
     "NylasCallMetrics",
+    "QueueGauges",
     "WorkerMetrics",
     "add_metrics",
     "build_registry",
@@ -79,8 +88,9 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 SCRAPE_CONNECT_TIMEOUT_S = 5
 #: Seconds the database gauges are reused for: Prometheus's default scrape interval.
 DATABASE_INTERVAL_S = 15.0
-#: Session advisory lock held by the exposition process that collects the database gauges ("novametr").
-DATABASE_COLLECTOR_LOCK = 0x6E6F76616D657472
+#: Seconds the collector's lease lasts unless renewed: a vanished collector's gauges are missing at most this long
+#: (plus one scrape interval) before another worker group takes over.
+DATABASE_LEASE_S = 4 * DATABASE_INTERVAL_S
 #: Seconds buckets of a Nylas call, in-call retries included: tens of milliseconds to the 30 s timeout and beyond.
 NYLAS_LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _MULTIPROC_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
@@ -119,14 +129,14 @@ def _families() -> dict[str, Any]:
         GaugeMetricFamily(
             "nova_queue_messages",
             "Messages in a PGMQ queue by state (ready, delayed, in_flight).",
-            labels=["queue", "state"],
+            labels=["queue_name", "state"],
         ),
         GaugeMetricFamily(
             "nova_queue_oldest_message_age_seconds",
             "Age of the oldest ready message of a queue (0 when none).",
-            labels=["queue"],
+            labels=["queue_name"],
         ),
-        GaugeMetricFamily("nova_queue_dead_letters", "Dead letters recorded for a queue.", labels=["queue"]),
+        GaugeMetricFamily("nova_queue_dead_letters", "Dead letters recorded for a queue.", labels=["queue_name"]),
         GaugeMetricFamily("nova_backfills", "Inbox configurations by backfill state.", labels=["state"]),
         GaugeMetricFamily(
             "nova_backfill_threads", "Threads of the active backfills by state, summed.", labels=["state"]
@@ -138,7 +148,8 @@ def _families() -> dict[str, Any]:
         ),
         GaugeMetricFamily(
             "nova_backfill_longest_idle_seconds",
-            "Longest time an active backfill has gone without progress (a thread finished, or its run started).",
+            "Longest time a started, unfinished backfill has gone without progress (its run or thread sync started, "
+            "or a thread finished); backfills not started yet do not count.",
         ),
     ]
     return {family.name: family for family in families}
@@ -158,28 +169,69 @@ def _add_backfill_gauges(families: dict[str, Any], backfills: Sequence[BackfillP
     total = sum(b.threads_total for b in active)
     done = threads["completed"] + threads["failed"]
     families["nova_backfill_completion_ratio"].add_metric([], min(1.0, done / total) if total else 0.0)
+    # Measured from progress only: a backfill still waiting on its queue to start (a mass onboarding queues many at
+    # once) is not stalled; its wait shows in nova_queue_oldest_message_age_seconds.
     idle = 0.0
     for b in active:
-        moments = [b.last_thread_at, b.sync_started_at, b.backfill_started_at, b.backfill_requested_at]
+        moments = [b.last_thread_at, b.sync_started_at, b.backfill_started_at]
         last = max((m for m in moments if m is not None), default=None)
         if last is not None:
             idle = max(idle, (b.observed_at - last).total_seconds())
     families["nova_backfill_longest_idle_seconds"].add_metric([], idle)
 
 
+@attrs.frozen(kw_only=True)
+class QueueGauges:
+    """One PGMQ queue's row of `queries.QUEUE_METRICS`."""
+
+    queue_name: str
+    queued: int
+    delayed: int
+    in_flight: int
+    oldest_age_ms: int
+    dead_lettered: int
+
+
+@attrs.frozen(kw_only=True)
+class BackfillStateCount:
+    """One row of `queries.BACKFILL_STATUS_COUNTS`: how many configurations are in a backfill state."""
+
+    state: str
+    count: int
+
+
+@attrs.frozen(kw_only=True)
+class _Collection:
+    """What one collection read: whether this process holds the collector's lease, and if so the gauges' rows."""
+
+    claimed: bool
+    queues: list[QueueGauges] = attrs.Factory(list)
+    states: list[BackfillStateCount] = attrs.Factory(list)
+    backfills: list[BackfillProgress] = attrs.Factory(list)
+
+
 class DatabaseCollector:
     """A prometheus-client collector of the deployment's queue and backfill gauges (module docstring).
 
-    `connect` opens a new autocommit connection; the collector keeps it between scrapes, since the advisory lock
-    that elects the collecting process lives as long as its session.
+    Each collection opens a connection with `connect` (autocommit), claims or renews the collector's lease for
+    `lease_s` seconds (nova_email/sql/071), reads the gauges if it holds it, and closes the connection: nothing is
+    held open between scrapes, and every statement stands alone, so it also works through a transaction pooler.
     """
 
-    def __init__(self, connect: Callable[[], psycopg.Connection], *, interval_s: float = DATABASE_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection],
+        *,
+        interval_s: float = DATABASE_INTERVAL_S,
+        lease_s: float = DATABASE_LEASE_S,
+    ) -> None:
         self._connect = connect
         self.interval_s = interval_s
+        self.lease_s = lease_s
+        #: This process's name in the lease row (unique: a restarted process with the same pid is another holder).
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
-        self._conn: psycopg.Connection | None = None
-        self._holds_lock = False
+        self._holds_lease = False
         self._cached: list[Metric] = []
         self._cached_at = float("-inf")
 
@@ -197,64 +249,52 @@ class DatabaseCollector:
         yield from cached
 
     def close(self) -> None:
-        """Close the connection (and so give up collecting the database gauges)."""
+        """Give the lease up if this process holds it, so another worker group collects from its next scrape."""
         with self._lock:
-            if self._conn is None:
+            if not self._holds_lease:
                 return
-            if self._holds_lock and not self._conn.closed:
-                # Released here rather than when the server notices the session ended, which happens a moment
-                # after close() returns: another group may take over at once.
-                with contextlib.suppress(psycopg.Error):
-                    self._conn.execute(queries.RELEASE_COLLECTOR_LOCK, {"key": DATABASE_COLLECTOR_LOCK})
-            self._conn.close()
-            self._conn = None
-            self._holds_lock = False
+            self._holds_lease = False
+            with contextlib.suppress(psycopg.Error), self._connect() as conn:
+                conn.execute(queries.RELEASE_COLLECTOR, {"holder": self.holder})
+
+    def _read(self) -> _Collection:
+        with self._connect() as conn:
+            with conn.cursor(row_factory=scalar_row) as cur:
+                claimed = cur.execute(queries.CLAIM_COLLECTOR, {"holder": self.holder, "lease_s": self.lease_s})
+                if not claimed.fetchone():
+                    return _Collection(claimed=False)
+            with conn.cursor(row_factory=class_row(QueueGauges)) as cur:
+                queues = cur.execute(queries.QUEUE_METRICS).fetchall()
+            with conn.cursor(row_factory=class_row(BackfillStateCount)) as cur:
+                states = cur.execute(queries.BACKFILL_STATUS_COUNTS).fetchall()
+            return _Collection(claimed=True, queues=queues, states=states, backfills=fetch_progress(conn))
 
     def _collect(self) -> Iterator[Metric]:
         families = _families()
         try:
-            conn = self._collecting_connection()
-            if conn is not None:
-                queues = conn.execute(queries.QUEUE_METRICS).fetchall()
-                states = conn.execute(queries.BACKFILL_STATUS_COUNTS).fetchall()
-                backfills = fetch_progress(conn)
+            collection = self._read()
         except psycopg.Error as exc:
             log.warning("Database unavailable during a scrape: {}", exc)
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
             families["nova_database_up"].add_metric([], 0)
             yield families["nova_database_up"]
             return
+        self._holds_lease = collection.claimed
         families["nova_database_up"].add_metric([], 1)
-        families["nova_metrics_database_collector"].add_metric([], 0 if conn is None else 1)
+        families["nova_metrics_database_collector"].add_metric([], 1 if collection.claimed else 0)
         yield families.pop("nova_database_up")
         yield families.pop("nova_metrics_database_collector")
-        if conn is None:
+        if not collection.claimed:
             return
-        for queue_name, queued, delayed, in_flight, oldest_age_ms, dead in queues:
-            families["nova_queue_messages"].add_metric([queue_name, "ready"], queued)
-            families["nova_queue_messages"].add_metric([queue_name, "delayed"], delayed)
-            families["nova_queue_messages"].add_metric([queue_name, "in_flight"], in_flight)
-            families["nova_queue_oldest_message_age_seconds"].add_metric([queue_name], oldest_age_ms / 1000)
-            families["nova_queue_dead_letters"].add_metric([queue_name], dead)
-        for state, count in states:
-            families["nova_backfills"].add_metric([state], count)
-        _add_backfill_gauges(families, backfills)
+        for queue in collection.queues:
+            families["nova_queue_messages"].add_metric([queue.queue_name, "ready"], queue.queued)
+            families["nova_queue_messages"].add_metric([queue.queue_name, "delayed"], queue.delayed)
+            families["nova_queue_messages"].add_metric([queue.queue_name, "in_flight"], queue.in_flight)
+            families["nova_queue_oldest_message_age_seconds"].add_metric([queue.queue_name], queue.oldest_age_ms / 1000)
+            families["nova_queue_dead_letters"].add_metric([queue.queue_name], queue.dead_lettered)
+        for state in collection.states:
+            families["nova_backfills"].add_metric([state.state], state.count)
+        _add_backfill_gauges(families, collection.backfills)
         yield from families.values()
-
-    def _collecting_connection(self) -> psycopg.Connection | None:
-        """This process's connection when it holds the collector's lock (taken if free), else None.
-
-        Opens the connection if needed; either way the database has answered.
-        """
-        if self._conn is None or self._conn.closed:
-            self._conn = self._connect()
-            self._holds_lock = False
-        if not self._holds_lock:
-            row = self._conn.execute(queries.TRY_COLLECTOR_LOCK, {"key": DATABASE_COLLECTOR_LOCK}).fetchone()
-            self._holds_lock = bool(row and row[0])
-        return self._conn if self._holds_lock else None
 
 
 def _enable_multiprocess(directory: Path) -> None:
@@ -374,7 +414,7 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer(ThreadingWSGIServer):
     """The exposition server: a thread per request, so a slow or stalled client never holds up another scrape.
 
-    Closing it closes the database collector's connection, which hands the collection to another group.
+    Closing it gives the database collector's lease up, which hands the collection to another group at once.
     """
 
     database: DatabaseCollector | None = None
@@ -418,13 +458,9 @@ def remove_stale_counts(directory: Path) -> list[Path]:
         match = _PID_SUFFIX.search(path.name)
         if match is None:
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
+        if not is_running(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
-        except PermissionError:
-            pass  # alive, under another user
     return removed
 
 

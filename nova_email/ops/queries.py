@@ -48,14 +48,17 @@ select p.config_id, p.inbox_id, i.email, p.backfill_status, p.threads_total, p.t
  order by c.backfill_requested_at nulls last, c.id
 """
 
-#: Take the metrics collector's session advisory lock if no other session holds it; true when this session does.
-TRY_COLLECTOR_LOCK: LiteralString = "select pg_try_advisory_lock(%(key)s)"
-#: Give the metrics collector's lock up (on shutdown), so another process can take it at once.
-RELEASE_COLLECTOR_LOCK: LiteralString = "select pg_advisory_unlock(%(key)s)"
+#: Take or renew the lease of the deployment's metrics collector (nova_email/sql/071); true when `holder` holds it.
+CLAIM_COLLECTOR: LiteralString = "select nova_claim_metrics_collector(%(holder)s, %(lease_s)s) as claimed"
+#: Give the metrics collector's lease up (on shutdown), so another worker group can take it at once.
+RELEASE_COLLECTOR: LiteralString = "select nova_release_metrics_collector(%(holder)s)"
 
 #: How many configurations are in each backfill status (the metrics' overview of every inbox).
 BACKFILL_STATUS_COUNTS: LiteralString = """
-select backfill_status, count(*) from flux_inbox_configurations group by backfill_status order by backfill_status
+select backfill_status as state, count(*) as count
+  from flux_inbox_configurations
+ group by backfill_status
+ order by backfill_status
 """
 
 #: The inbox named by its id, e-mail address or Nylas grant id.

@@ -2,7 +2,8 @@
 describes, every command it names is one the image's entry point accepts, DATABASE_URL from .env wins, only
 migrate connects as the owner, each worker service names its processes and may finish its jobs on stop.
 
-Compose interpolates ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` (nested) from the --env-file;
+Compose interpolates ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alternative}`` and ``${VAR:?message}`` (nested) from
+the --env-file;
 `interpolate` does the same so the tests can read each container's environment for a given .env."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class MissingVariable(Exception):
 
 def interpolate(text: str, env: dict[str, str]) -> str:
     """Compose's variable substitution (innermost first), raising MissingVariable for ``${VAR:?message}``."""
-    pattern = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^${}]*))?\}")
+    pattern = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?|:\+)([^${}]*))?\}")
     while True:
         match = pattern.search(text)
         if match is None:
@@ -46,6 +47,8 @@ def interpolate(text: str, env: dict[str, str]) -> str:
             value = argument
         elif not value and operator == ":?":
             raise MissingVariable(argument)
+        elif operator == ":+":
+            value = argument if value else ""
         text = text[: match.start()] + value + text[match.end() :]
 
 
@@ -73,8 +76,9 @@ def _option(command: list[str], name: str) -> str:
 
 
 def test_compose_has_postgres_migrate_the_receiver_and_the_four_processors(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", *SERVICE_IMAGE_SERVICES}
+    assert set(compose["services"]) == {"postgres", "roles", *SERVICE_IMAGE_SERVICES}
     assert re.fullmatch(r"postgres:\d+\.\d+", compose["services"]["postgres"]["image"])
+    assert compose["services"]["roles"]["image"] == compose["services"]["postgres"]["image"]
 
 
 def test_every_service_command_is_a_nova_email_subcommand_of_the_image(
@@ -139,21 +143,33 @@ def test_only_migrate_connects_as_the_owner_of_the_bundled_database(compose: dic
     assert {u.hostname for u in users.values()} == {"postgres"}
 
 
-def test_the_bundled_postgres_creates_the_login_roles_as_members_of_nova_worker_only(compose: dict[str, Any]) -> None:
-    postgres = compose["services"]["postgres"]
-    assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
-    assert (ROOT / "docker" / "postgres-init").resolve() == INIT_SCRIPT.parent
-    script = INIT_SCRIPT.read_text()
-    roles = re.findall(r"^CREATE ROLE (\w+) (.*);$", script, re.MULTILINE)
-    assert dict(roles) == {
-        "nova_worker": "NOLOGIN",
-        "nova_app": "LOGIN PASSWORD :'app_password' IN ROLE nova_worker",
-        "nova_receiver": "LOGIN PASSWORD :'receiver_password' IN ROLE nova_worker",
-    }
-    for variable in ("NOVA_APP_PASSWORD", "NOVA_RECEIVER_PASSWORD"):
-        assert postgres["environment"][variable] == f"${{{variable}:?set {variable} in .env}}"
+def test_the_roles_service_sets_up_the_login_roles_before_every_migrate(compose: dict[str, Any]) -> None:
+    # Not the image's initdb hook, which runs only on an empty volume: an existing deployment gets the roles too.
+    roles = compose["services"]["roles"]
+    assert "docker-entrypoint-initdb.d" not in str(compose["services"]["postgres"].get("volumes"))
+    (mount,) = roles["volumes"]
+    source, target, mode = mount.split(":")
+    assert (ROOT / "docker" / source).resolve() == INIT_SCRIPT.parent and mode == "ro"
+    assert roles["command"] == ["sh", f"{target}/{INIT_SCRIPT.name}"]
+    assert roles["restart"] == "no"
+    assert roles["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    env = environment(compose, "roles", BUNDLED_ENV)
+    owner = compose["services"]["postgres"]["environment"]["POSTGRES_USER"]
+    assert (env["PGHOST"], env["PGUSER"], env["PGPASSWORD"]) == ("postgres", owner, "owner-pw")
+    assert (env["NOVA_APP_PASSWORD"], env["NOVA_RECEIVER_PASSWORD"]) == ("app-pw", "rcv-pw")
     with pytest.raises(MissingVariable, match="NOVA_APP_PASSWORD"):
-        environment(compose, "postgres", {"POSTGRES_PASSWORD": "x", "NOVA_RECEIVER_PASSWORD": "y"})
+        environment(compose, "roles", {"POSTGRES_PASSWORD": "x", "NOVA_RECEIVER_PASSWORD": "y"})
+
+
+def test_the_roles_service_learns_which_database_urls_are_set_but_never_their_values(
+    compose: dict[str, Any],
+) -> None:
+    flags = ("DATABASE_URL_SET", "RECEIVER_DATABASE_URL_SET", "MIGRATE_DATABASE_URL_SET")
+    assert [environment(compose, "roles", BUNDLED_ENV)[flag] for flag in flags] == ["", "", ""]
+    external = {"DATABASE_URL": "postgresql://app:secret-pw@db.example/mail"}
+    env = environment(compose, "roles", BUNDLED_ENV | external)
+    assert [env[flag] for flag in flags] == ["yes", "", ""]
+    assert "secret-pw" not in str(env)
 
 
 def test_each_container_gets_only_the_secrets_it_uses(compose: dict[str, Any]) -> None:
@@ -161,6 +177,7 @@ def test_each_container_gets_only_the_secrets_it_uses(compose: dict[str, Any]) -
     secrets |= {"NOVA_RECEIVER_PASSWORD"}
     passed = {name: set(compose["services"][name].get("environment") or {}) & secrets for name in compose["services"]}
     assert passed["migrate"] == set()
+    assert passed["roles"] == {"NOVA_APP_PASSWORD", "NOVA_RECEIVER_PASSWORD"}  # and the owner's, as PGPASSWORD
     assert passed["webhooks-http"] == {"NYLAS_WEBHOOK_SECRET"}
     assert all(passed[name] == {"NYLAS_API_KEY"} for name in WORKERS)
     for service in compose["services"].values():
@@ -184,7 +201,7 @@ def test_migrate_runs_once_after_postgres_is_healthy_and_everything_else_waits_f
     compose: dict[str, Any],
 ) -> None:
     services = compose["services"]
-    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert services["migrate"]["depends_on"] == {"roles": {"condition": "service_completed_successfully"}}
     assert services["migrate"]["restart"] == "no"
     for name in {"webhooks-http", *WORKERS}:
         assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}

@@ -13,6 +13,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from .conftest import ROOT
+from .test_dockerfile import dockerfile_instructions
 
 #: Releases with published advisories that the floors must exclude: (package, a vulnerable version).
 VULNERABLE = [
@@ -91,12 +92,54 @@ def test_this_environment_was_installed_from_the_constraints() -> None:
     assert not mismatched, f"installed != pinned: {mismatched}; run `make install`"
 
 
-def test_make_install_and_the_image_install_with_the_constraints() -> None:
+def _makefile_recipes() -> dict[str, list[str]]:
+    """Each Makefile rule's target -> its recipe lines (variables left as written)."""
+    recipes: dict[str, list[str]] = {}
+    target = None
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith("\t") and target is not None:
+            recipes[target].append(line.strip())
+        elif (rule := re.match(r"^([^\s:=#][^:=]*):(?!=)", line)) is not None:
+            target = rule[1].strip()
+            recipes[target] = []
+        elif not line.startswith("\t"):
+            target = None
+    return recipes
+
+
+def _pip_installs(lines: list[str]) -> list[str]:
+    """The lines that install packages with pip (upgrading pip itself is not installing the service's dependencies)."""
+    return [line for line in lines if "pip install" in line and "--upgrade pip" not in line]
+
+
+def test_every_install_of_the_checkout_and_of_the_image_is_pinned_by_the_constraints() -> None:
     makefile = (ROOT / "Makefile").read_text()
-    assert "CONSTRAINTS := constraints.txt" in makefile
-    assert "pip install --quiet -c $(CONSTRAINTS) -e '.[embedded,test]'" in makefile
-    assert re.search(r"^constraints:\n(\t.*\n)+", makefile, re.MULTILINE), "make constraints regenerates the pins"
-    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert "-c constraints.txt" in dockerfile
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "make install" in ci
+    assert re.search(r"^CONSTRAINTS := constraints\.txt$", makefile, re.MULTILINE)
+    recipes = _makefile_recipes()
+    # `make install`'s stamp installs the package with its extras, pinned
+    assert re.search(r"^install: \$\(STAMP\)$", makefile, re.MULTILINE)
+    (checkout,) = _pip_installs(recipes["$(STAMP)"])
+    assert "-c $(CONSTRAINTS)" in checkout and "'.[embedded,test]'" in checkout
+    # and every other install of a target is pinned too, except the one that re-resolves the pins
+    unpinned = [
+        (target, line)
+        for target, lines in recipes.items()
+        if target != "constraints"
+        for line in _pip_installs(lines)
+        if "-c $(CONSTRAINTS)" not in line
+    ]
+    assert not unpinned, unpinned
+    # The image: the dependencies pinned, then the package alone (it must not resolve anything again)
+    runs = [args for op, args in dockerfile_instructions() if op == "RUN"]
+    installs = [line for run in runs for line in _pip_installs([run])]
+    assert installs, runs
+    for line in installs:
+        assert "-c constraints.txt" in line or "--no-deps" in line, line
+
+
+def test_ci_installs_with_make_install_before_it_tests() -> None:
+    commands = [line.split("#", 1)[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [command for command in commands if command]
+    assert "make install" in commands
+    first_test = next(i for i, command in enumerate(commands) if "make test" in command)
+    assert commands.index("make install") < first_test

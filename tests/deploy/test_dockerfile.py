@@ -88,13 +88,14 @@ def test_the_image_runs_as_a_non_root_user_after_installing() -> None:
     assert any(op == "RUN" and "useradd" in args and users[-1] in args for op, args in final)
 
 
-def test_the_health_check_is_the_worker_probe_of_the_console_script() -> None:
+def test_the_health_check_is_the_console_scripts_probe_that_fits_the_containers_command() -> None:
     _, final = _stages()
     (check,) = [args for op, args in final if op == "HEALTHCHECK"]
     options, _, command = check.partition(" CMD ")
     argv = json.loads(command)
     assert argv[0] == "nova-email" and parses_as_nova_email_command(argv[1:])
-    assert argv[1:] == ["healthcheck", "--worker"]
+    # --container: the worker check under `run ...` (the default command), not under serve-webhooks or migrate
+    assert argv[1:] == ["healthcheck", "--container"]
     for option in ("--interval=", "--timeout=", "--start-period=", "--retries="):
         assert option in options
 

@@ -1,4 +1,4 @@
-"""Settings: defaults of the original service, one clear line per bad value, secrets never shown."""
+"""Settings: an existing deployment's defaults, one clear line per bad value, secrets never shown."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from nova_email.config import Settings, load_settings, redact_url
 from nova_email.errors import ConfigError
 
 
-def test_defaults_are_the_original_services() -> None:
+def test_unset_variables_take_the_defaults_existing_deployments_rely_on() -> None:
     settings = load_settings({}, env_file=None)
     assert (settings.poll_interval_ms, settings.visibility_timeout_s) == (5000, 300)
     assert settings.completion_check_interval_ms == 5000
@@ -28,7 +28,7 @@ def _delays(settings: Settings) -> list[int]:
 
 
 def test_legacy_delays_apply_only_when_set_explicitly_paced_or_not() -> None:
-    # NYLAS_GRANT_RATE=0 turns a limit off: it must not bring back the original's 3 s / 1 s / 200 ms sleeps.
+    # NYLAS_GRANT_RATE=0 turns a limit off: it must not bring in 3 s / 1 s / 200 ms sleeps.
     paced = load_settings({}, env_file=None)
     unpaced = load_settings({"NYLAS_GRANT_RATE": "0"}, env_file=None)
     explicit = load_settings({"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "1000", "API_DELAY_MS": "50"}, env_file=None)
@@ -100,7 +100,7 @@ def test_an_originals_env_file_with_batch_size_still_loads(tmp_path: Path) -> No
 
 
 def test_copying_the_env_example_keeps_the_legacy_delays_off_while_paced() -> None:
-    # `cp .env.example .env` must not bring back the original's sleeps that pacing replaces.
+    # `cp .env.example .env` must not bring in fixed sleeps while pacing limits the calls.
     settings = load_settings({}, env_file=Path(__file__).resolve().parents[2] / ".env.example")
     assert settings.pacing_enabled
     assert _delays(settings) == [0, 0, 0]

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import attrs
 import psycopg
 import pytest
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from brokers.dead_letters import DeadLetterReason, dead_letter
@@ -75,16 +77,29 @@ def thread_sync_backfill(conn: psycopg.Connection, inbox: Inbox) -> uuid.UUID:
     return config_id
 
 
+@attrs.frozen
+class _Delivery:
+    msg_id: int
+    last_read_at: datetime
+
+
 def make_dead_letter(
     conn: psycopg.Connection, queue: str, body: dict[str, Any], *, error: str = "boom", actor: str = "sync_thread"
 ) -> None:
-    """Put `body` on `queue` and dead-letter it through the broker's own function, as a failed actor would."""
-    row = conn.execute("select pgmq.send(%s, %s)", [queue, Jsonb(body)]).fetchone()
-    assert row is not None
+    """Put `body` on `queue`, take it as a worker does, and dead-letter that delivery through the broker's own
+    function, as a failed actor would."""
+    conn.execute("select pgmq.send(%s, %s)", [queue, Jsonb(body)])
+    # The delivery's lease (last_read_at) is the token dead_letter checks; a message with this body, not the oldest.
+    with conn.cursor(row_factory=class_row(_Delivery)) as cur:
+        delivery = cur.execute(
+            "select msg_id, last_read_at from pgmq.read(%s, 60, 1, %s)", [queue, Jsonb(body)]
+        ).fetchone()
+    assert delivery is not None
     recorded = dead_letter(
         conn,
         queue_name=queue,
-        msg_id=row[0],
+        msg_id=delivery.msg_id,
+        token=delivery.last_read_at,
         message=None,
         message_id=str(uuid.uuid4()),
         actor_name=actor,

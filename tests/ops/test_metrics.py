@@ -23,17 +23,19 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from psycopg.types.json import Jsonb
 
+from nova_email import db
 from nova_email.config import Settings, load_settings
 from nova_email.errors import ConfigError
 from nova_email.nylas.client import NylasClient
 from nova_email.nylas.errors import NotFound, ServerError
 from nova_email.nylas.metrics import ApiCallCounter
+from nova_email.ops import queries
 from nova_email.ops.metrics import DatabaseCollector, MetricsOptions, export_api_calls, make_metrics_server
 from nova_email.ops.status import collect_status
 from nova_email.simulator.server import serve_in_thread, start_in_thread
 from tests.processes import Workers, wait_for
 
-from .conftest import Inbox, make_dead_letter
+from .conftest import Inbox, make_dead_letter, queue_backfill
 
 
 def _free_port() -> int:
@@ -43,9 +45,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _collector(db_url: str, *, interval_s: float = 0.0) -> Iterator[DatabaseCollector]:
-    """A database collector as an exposition process has one; closed after, which releases the collector's lock."""
-    collector = DatabaseCollector(lambda: psycopg.connect(db_url, autocommit=True), interval_s=interval_s)
+def _collector(db_url: str, *, interval_s: float = 0.0, lease_s: float = 60.0) -> Iterator[DatabaseCollector]:
+    """A database collector as an exposition process has one; closed after, which gives the collector's lease up."""
+    collector = DatabaseCollector(
+        lambda: psycopg.connect(db_url, autocommit=True), interval_s=interval_s, lease_s=lease_s
+    )
     try:
         yield collector
     finally:
@@ -76,10 +80,10 @@ def test_scrape_reads_queue_and_backfill_gauges_from_the_database(
 
     assert "nova_database_up 1.0" in text
     assert "nova_metrics_database_collector 1.0" in text
-    assert 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 1.0' in text
-    assert 'nova_queue_messages{queue="thread_sync_jobs",state="in_flight"} 1.0' in text
-    assert 'nova_queue_dead_letters{queue="thread_sync_jobs"} 1.0' in text
-    assert 'nova_queue_messages{queue="inbox_backfill_jobs",state="ready"} 1.0' in text
+    assert 'nova_queue_messages{queue_name="thread_sync_jobs",state="ready"} 1.0' in text
+    assert 'nova_queue_messages{queue_name="thread_sync_jobs",state="in_flight"} 1.0' in text
+    assert 'nova_queue_dead_letters{queue_name="thread_sync_jobs"} 1.0' in text
+    assert 'nova_queue_messages{queue_name="inbox_backfill_jobs",state="ready"} 1.0' in text
     assert 'nova_backfills{state="thread_sync"} 1.0' in text
     # The active backfills in aggregate (per-configuration detail is `nova-email status`'s)
     assert "nova_backfill_completion_ratio 0.5" in text
@@ -93,13 +97,14 @@ def test_scrape_reads_queue_and_backfill_gauges_from_the_database(
 def test_database_gauges_are_collected_once_per_interval_and_reused_within_it(
     conn: psycopg.Connection, db_url: str
 ) -> None:
-    with _collector(db_url, interval_s=1.0) as collector:
-        assert 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 0.0' in _text(collector)
+    # The interval is long enough for the second scrape to fall within it even on a loaded machine.
+    with _collector(db_url, interval_s=5.0) as collector:
+        assert 'nova_queue_messages{queue_name="thread_sync_jobs",state="ready"} 0.0' in _text(collector)
         conn.execute("select flux_pgmq_send('thread_sync_jobs', %s)", [Jsonb({"thread_id": "t"})])
         # a second scrape within the interval reuses the first collection
-        assert 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 0.0' in _text(collector)
+        assert 'nova_queue_messages{queue_name="thread_sync_jobs",state="ready"} 0.0' in _text(collector)
         wait_for(
-            lambda: 'nova_queue_messages{queue="thread_sync_jobs",state="ready"} 1.0' in _text(collector),
+            lambda: 'nova_queue_messages{queue_name="thread_sync_jobs",state="ready"} 1.0' in _text(collector),
             timeout_s=10,
             what="the next collection",
         )
@@ -122,6 +127,67 @@ def test_one_exposition_process_collects_the_database_gauges_for_the_whole_deplo
         first.close()
         assert "nova_queue_messages{" in _text(second)
         assert "nova_metrics_database_collector 1.0" in _text(second)
+        # and keeps collecting while the first comes back
+        assert "nova_metrics_database_collector 0.0" in _text(first)
+
+
+def test_a_collector_that_vanishes_without_closing_is_replaced_once_its_lease_runs_out(db_url: str) -> None:
+    # Given a collecting group that is killed (it never gives its lease up) while another group scrapes
+    with _collector(db_url, lease_s=2.0) as second:
+        vanished = DatabaseCollector(lambda: psycopg.connect(db_url, autocommit=True), interval_s=0, lease_s=2.0)
+        assert "nova_metrics_database_collector 1.0" in _text(vanished)
+        assert "nova_metrics_database_collector 0.0" in _text(second)
+        # Then the other takes over once the lease has run out
+        wait_for(
+            lambda: "nova_metrics_database_collector 1.0" in _text(second),
+            timeout_s=30,
+            what="the second group to take the lease over",
+        )
+        assert "nova_queue_messages{" in _text(second)
+
+
+def test_a_collector_holds_no_connection_between_scrapes(db_url: str) -> None:
+    # A worker process's connection budget is small: the exposition process opens one only while it collects.
+    opened: list[psycopg.Connection] = []
+
+    def connect() -> psycopg.Connection:
+        opened.append(psycopg.connect(db_url, autocommit=True))
+        return opened[-1]
+
+    collector = DatabaseCollector(connect, interval_s=0)
+    try:
+        for _ in range(3):
+            assert "nova_metrics_database_collector 1.0" in _text(collector)
+            assert opened and all(conn.closed for conn in opened)
+    finally:
+        collector.close()
+    assert all(conn.closed for conn in opened)
+
+
+def test_a_backfill_waiting_to_start_is_not_idle(conn: psycopg.Connection, db_url: str, inbox: Inbox) -> None:
+    # Given a backfill queued two hours ago that no worker has started yet (a mass onboarding queues many at once)
+    config_id = queue_backfill(conn, inbox)
+    conn.execute(
+        "update flux_inbox_configurations set backfill_requested_at = now() - interval '2 hours' where id = %s",
+        [config_id],
+    )
+
+    text = _scrape(db_url)
+
+    # Then it is not counted as a stalled backfill (its wait is the queue's oldest message age)
+    assert 'nova_backfills{state="pending"} 1.0' in text
+    assert "nova_backfill_longest_idle_seconds 0.0" in text
+
+
+def test_connections_prepare_no_statements_behind_a_transaction_pooler(db_url: str) -> None:
+    # A transaction-mode pooler may run each statement on another server session, which never prepared it: psycopg
+    # prepares a statement on its 5th run unless told not to.
+    settings = Settings(database_url=db_url, database_transaction_pooler=True)
+    with db.connect(settings, autocommit=True) as conn:
+        for _ in range(7):
+            conn.execute(queries.QUEUE_METRICS).fetchall()
+        prepared = conn.execute("select count(*) as n from pg_prepared_statements").fetchone()
+    assert prepared == (0,)
 
 
 def test_scrape_answers_with_database_up_0_when_the_database_is_unreachable() -> None:
@@ -264,8 +330,8 @@ def test_a_worker_group_serves_actor_metrics_api_calls_and_database_gauges_on_it
             'nova_nylas_api_calls_total{code="404",endpoint="threads.get"} 2.0',
             'nova_nylas_api_call_duration_seconds_count{endpoint="threads.get"} 6.0',
             'dramatiq_message_errors_total{actor_name="explode",queue_name="ops_metrics_test"} 1.0',
-            'nova_queue_dead_letters{queue="ops_metrics_test"} 1.0',
-            'nova_queue_messages{queue="ops_metrics_test",state="ready"} 0.0',
+            'nova_queue_dead_letters{queue_name="ops_metrics_test"} 1.0',
+            'nova_queue_messages{queue_name="ops_metrics_test",state="ready"} 0.0',
             "nova_database_up 1.0",
         ]
         deadline = time.monotonic() + 60

@@ -141,3 +141,10 @@ def test_exported_metrics_follow_the_prometheus_naming_guide(db_url: str, thread
                 assert not uuid_like.search(value), (family.name, sample.labels)
         # one label name per idea: lifecycle stages are `state`, never `status`
         assert all("status" not in s.labels for s in family.samples), family.name
+
+
+def test_a_queue_is_labelled_queue_name_by_every_series_on_the_endpoint(exported: dict[str, set[str]]) -> None:
+    # Dramatiq's actor series and ours share one endpoint: one label name for one idea, so queries can join them.
+    labels = set().union(*exported.values())
+    assert "queue_name" in exported["nova_queue_messages"] and "queue_name" in exported["dramatiq_messages_total"]
+    assert "queue" not in labels
