@@ -57,10 +57,11 @@ ENABLE_FAIRNESS: LiteralString = (
 DISABLE_FAIRNESS: LiteralString = "select pgmq_broker.disable_fairness(%(queue)s)"
 #: Whether a queue is in fairness mode.
 IS_FAIR: LiteralString = "select pgmq_broker.is_fair(%(queue)s)"
-#: Lease up to %(qty)s visible messages of a fair queue, rotating across its keys (pgmq_broker.fetch's columns).
-FAIR_READ: LiteralString = (
+#: ``queries.FETCH`` for a queue in fairness mode, same parameters: delete the acknowledged ids, then lease up to
+#: %(qty)s visible messages rotating across the queue's keys.
+FAIR_FETCH: LiteralString = (
     "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
-    " from pgmq_broker.fair_read(%(queue)s, %(qty)s, %(vt_ms)s)"
+    " from pgmq_broker.fair_fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
 )
 #: A fair queue's key path and limits.
 FAIR_QUEUE: LiteralString = (

@@ -78,6 +78,181 @@ begin
 end;
 $$;
 
+-- The fetch of one queue in fairness mode, created by enable_fairness as pgmq_broker.fair_fetch_<queue>: static SQL
+-- on that queue's table, so each session plans it once (a generic function would re-plan its dynamic SQL on every
+-- call). Called through pgmq_broker.fair_fetch; see there.
+create or replace function pgmq_broker.fair_create_fetch(p_queue text) returns void
+language plpgsql volatile as $create$
+begin
+    execute format($template$
+create or replace function pgmq_broker.%2$I(
+    p_ack_ids bigint[], p_archive boolean, p_qty integer, p_vt_ms integer, p_async_commit boolean
+) returns table (
+    msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb,
+    fairness_key text
+)
+language plpgsql volatile
+-- Its statements take arrays of keys: custom plans would be re-planned on every call, for the same plan.
+set plan_cache_mode = force_generic_plan
+as $fetch$
+#variable_conflict use_column
+declare
+    v_conf pgmq_broker.fair_queues;
+    v_now timestamptz := clock_timestamp();
+    v_interval_ms double precision;
+    v_tolerance_ms double precision;
+    v_keys text[];
+    v_tats timestamptz[];
+    v_rooms integer[];
+    v_tried text[] := '{}';
+    v_served text[] := '{}';
+    v_pass_served text[];
+    v_share integer;
+    v_want integer;
+    v_key text;
+    v_next timestamptz;
+    i integer;
+begin
+    if p_async_commit then
+        perform set_config('synchronous_commit', 'off', true);
+    end if;
+    if cardinality(p_ack_ids) > 0 then
+        if p_archive then
+            perform pgmq.archive(%3$L, p_ack_ids);
+        else
+            delete from pgmq.%1$I q where q.msg_id = any(p_ack_ids);
+        end if;
+    end if;
+    if p_qty <= 0 then
+        return;
+    end if;
+    select * into v_conf from pgmq_broker.fair_queues f where f.queue_name = %3$L;
+    if v_conf.rate_per_s is not null then
+        v_interval_ms := 1000.0 / v_conf.rate_per_s;
+        v_tolerance_ms := (v_conf.burst - 1) * v_interval_ms;
+    end if;
+    loop
+        v_want := p_qty - cardinality(v_served);
+        exit when v_want <= 0 or cardinality(v_tried) >= pgmq_broker.fair_max_keys_per_read(p_qty);
+        -- 1. Whose turn it is. SKIP LOCKED: a key another fetch is serving waits for its next turn.
+        select array_agg(s.key order by s.due_at, s.key), array_agg(s.tat order by s.due_at, s.key)
+        into v_keys, v_tats
+        from (
+            select k.key, k.due_at, k.tat from pgmq_broker.fair_keys k
+            where k.queue_name = %3$L and k.due_at <= v_now and k.key <> all(v_tried)
+            order by k.due_at
+            limit v_want
+            for no key update skip locked
+        ) s;
+        exit when v_keys is null;
+        v_tried := v_tried || v_keys;
+        -- 2. Each key's room: its share of the batch, within its rate (the tokens of its GCRA bucket).
+        v_share := ceil(v_want::numeric / cardinality(v_keys));
+        v_rooms := array_fill(v_share, array[cardinality(v_keys)]);
+        if v_interval_ms is not null then
+            for i in 1 .. cardinality(v_keys) loop
+                v_rooms[i] := least(v_share, greatest(0, floor(
+                    (v_tolerance_ms - extract(epoch from greatest(coalesce(v_tats[i], v_now), v_now) - v_now) * 1000)
+                    / v_interval_ms
+                )::integer + 1));
+            end loop;
+        end if;
+        -- 3. Lease. A new statement, so its snapshot includes every lease committed before the key locks were
+        -- granted: the in-flight count below is exact for the keys this fetch holds.
+        v_pass_served := '{}';
+        for msg_id, read_ct, enqueued_at, last_read_at, message, fairness_key in
+            with keys as (
+                select u.key, u.room, u.ord from unnest(v_keys, v_rooms) with ordinality as u(key, room, ord)
+            ),
+            rooms as (
+                select keys.key, keys.ord,
+                       case when v_conf.max_in_flight is null then keys.room
+                            else least(keys.room, v_conf.max_in_flight - (
+                                select count(*) from (
+                                    select from pgmq.%1$I b
+                                    where b.fairness_key = keys.key and b.last_read_at is not null
+                                      and b.vt > clock_timestamp()
+                                    limit v_conf.max_in_flight
+                                ) c
+                            )::integer)
+                       end as room
+                from keys
+            ),
+            picked as (
+                select m.msg_id, m.vt, rooms.key, rooms.ord
+                from rooms
+                cross join lateral (
+                    select q.msg_id, q.vt from pgmq.%1$I q
+                    where q.fairness_key = rooms.key and q.vt <= clock_timestamp()
+                    order by q.vt, q.msg_id
+                    limit greatest(rooms.room, 0)
+                    for update skip locked
+                ) m
+            ),
+            chosen as (
+                select p.msg_id from (
+                    select p.msg_id, p.ord, row_number() over (partition by p.key order by p.vt, p.msg_id) as rn
+                    from picked p
+                ) p
+                order by p.rn, p.ord
+                limit v_want
+            )
+            update pgmq.%1$I m
+            set last_read_at = clock_timestamp(),
+                vt = clock_timestamp() + p_vt_ms * interval '1 millisecond',
+                read_ct = m.read_ct + 1
+            from chosen
+            where m.msg_id = chosen.msg_id
+            returning m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.fairness_key
+        loop
+            v_pass_served := v_pass_served || fairness_key;
+            return next;
+        end loop;
+        v_served := v_served || v_pass_served;
+        -- 4. Served keys go to the back of the line (a rate-limited key until its next token). One statement per key,
+        -- so each is a primary-key lookup whatever the table's statistics say.
+        for v_key, i in select u.key, count(*) from unnest(v_pass_served) as u(key) group by u.key loop
+            update pgmq_broker.fair_keys k
+            set tat = case when v_interval_ms is null then null
+                           else greatest(coalesce(k.tat, v_now), v_now) + i * v_interval_ms * interval '1 millisecond'
+                      end,
+                due_at = case when v_interval_ms is null then clock_timestamp()
+                              else greatest(clock_timestamp(),
+                                            greatest(coalesce(k.tat, v_now), v_now)
+                                            + (i * v_interval_ms - v_tolerance_ms) * interval '1 millisecond')
+                         end
+            where k.queue_name = %3$L and k.key = v_key;
+        end loop;
+        -- 5. Keys that served nothing: capped or out of tokens (their turn passes), or with nothing visible
+        -- (deleted when empty, else asleep until their next message is due). Only keys that no producer is
+        -- writing to right now are touched (FOR UPDATE conflicts with the producers' KEY SHARE).
+        foreach v_key in array v_keys loop
+            continue when v_key = any(v_pass_served);
+            perform 1 from pgmq_broker.fair_keys k where k.queue_name = %3$L and k.key = v_key
+            for update skip locked;
+            continue when not found;
+            select min(q.vt) into v_next from pgmq.%1$I q where q.fairness_key = v_key;
+            if v_next is null then
+                delete from pgmq_broker.fair_keys k where k.queue_name = %3$L and k.key = v_key;
+            elsif v_next <= clock_timestamp() then
+                -- Visible but not taken: the cap, the rate, or another fetch holds the message. Next turn.
+                update pgmq_broker.fair_keys k
+                set due_at = greatest(clock_timestamp(), coalesce(k.tat, v_now)
+                                      - coalesce(v_tolerance_ms, 0) * interval '1 millisecond')
+                where k.queue_name = %3$L and k.key = v_key;
+            else
+                update pgmq_broker.fair_keys k
+                set due_at = least(v_next, clock_timestamp() + pgmq_broker.fair_recheck())
+                where k.queue_name = %3$L and k.key = v_key;
+            end if;
+        end loop;
+    end loop;
+end;
+$fetch$
+$template$, pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'fair_fetch'), p_queue);
+end;
+$create$;
+
 -- Put a queue in fairness mode (creating it when missing), or change its key path and limits. Idempotent; call it
 -- from a migration (it alters the queue's table). Existing messages get their key from the same expression.
 --   p_key_path: where a plain JSON message keeps its key, e.g. '{grant_id}' (null: only the fairness_key option).
@@ -105,7 +280,7 @@ begin
         return;
     end if;
     execute format('drop trigger if exists pgmq_broker_fair_keys on pgmq.%I', v_qtable);
-    execute format('alter table pgmq.%I drop column if exists fairness_key', v_qtable);
+    execute format('alter table pgmq.%I drop column if exists fairness_key cascade', v_qtable);
     execute format(
         'alter table pgmq.%I add column fairness_key text not null generated always as'
         ' (coalesce(message #>> ''{options,fairness_key}'', %s, '''')) stored',
@@ -122,6 +297,7 @@ begin
         ' for each statement execute function pgmq_broker.fair_keys_on_insert()',
         v_qtable
     );
+    perform pgmq_broker.fair_create_fetch(p_queue);
     delete from pgmq_broker.fair_keys k where k.queue_name = p_queue;
     execute format(
         'insert into pgmq_broker.fair_keys (queue_name, key, due_at)'
@@ -139,6 +315,10 @@ declare
 begin
     delete from pgmq_broker.fair_queues where queue_name = p_queue;
     delete from pgmq_broker.fair_keys where queue_name = p_queue;
+    execute format(
+        'drop function if exists pgmq_broker.%I(bigint[], boolean, integer, integer, boolean)',
+        pgmq.format_table_name(p_queue, 'fair_fetch')
+    );
     if to_regclass(format('pgmq.%I', v_qtable)) is not null then
         execute format('drop trigger if exists pgmq_broker_fair_keys on pgmq.%I', v_qtable);
         execute format('alter table pgmq.%I drop column if exists fairness_key', v_qtable);
@@ -152,169 +332,38 @@ language sql stable as $$
     select exists (select from pgmq_broker.fair_queues where queue_name = p_queue);
 $$;
 
--- Lease up to p_qty visible messages of a queue in fairness mode for p_vt_ms milliseconds, rotating across keys:
--- up to p_qty keys whose turn it is (least recently served first), an equal share of the batch from each (so a
--- lone key still fills the batch), oldest visible first within a key, respecting each key's in-flight cap and rate.
--- Keys that turn out to have nothing to give are put aside and the next keys tried, so the fetch comes back empty
--- only when no key can give anything; it looks at no more than fair_max_keys_per_read(p_qty) keys.
--- Returns the same columns as pgmq_broker.fetch, plus the key. Call it in its own transaction (the key locks are
--- held until commit, which is what keeps two fetchers off one key).
+-- The most keys one fetch of p_qty messages looks at: bounds its cost when many due keys have nothing to give.
 create or replace function pgmq_broker.fair_max_keys_per_read(p_qty integer) returns integer
 language sql immutable as $$ select greatest(4 * p_qty, 32) $$;
 
+-- pgmq_broker.fetch for a queue in fairness mode, with the same arguments: delete (or archive) the acknowledged
+-- ids, then lease up to p_qty visible messages for p_vt_ms milliseconds, rotating across keys: up to p_qty keys
+-- whose turn it is (least recently served first), an equal share of the batch from each (so a lone key still fills
+-- the batch), oldest visible first within a key, within each key's in-flight cap and rate. Keys that turn out to
+-- have nothing to give are put aside and the next keys tried, so a fetch comes back empty only when no key can give
+-- anything; it looks at no more than fair_max_keys_per_read(p_qty) keys. Returns pgmq_broker.fetch's columns plus
+-- the key. Call it in its own transaction: the key locks, held until commit, keep two fetchers off one key.
+create or replace function pgmq_broker.fair_fetch(
+    p_queue text, p_ack_ids bigint[], p_archive boolean, p_qty integer, p_vt_ms integer, p_async_commit boolean
+) returns table (
+    msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb,
+    fairness_key text
+)
+language plpgsql volatile as $$
+begin
+    -- A queue not in fairness mode has no fair_fetch_<queue>: the call fails with undefined_function.
+    return query execute format(
+        'select * from pgmq_broker.%I($1, $2, $3, $4, $5)', pgmq.format_table_name(p_queue, 'fair_fetch')
+    ) using p_ack_ids, p_archive, p_qty, p_vt_ms, p_async_commit;
+end;
+$$;
+
+-- Lease up to p_qty messages of a queue in fairness mode, without acknowledging any (for SQL consumers).
 create or replace function pgmq_broker.fair_read(p_queue text, p_qty integer, p_vt_ms integer)
 returns table (
     msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb,
     fairness_key text
 )
-language plpgsql volatile as $$
-#variable_conflict use_column
-declare
-    v_qtable text := pgmq.format_table_name(p_queue, 'q');
-    v_conf pgmq_broker.fair_queues;
-    v_now timestamptz := clock_timestamp();
-    v_interval_ms double precision;
-    v_tolerance_ms double precision;
-    v_keys text[];
-    v_tats timestamptz[];
-    v_rooms integer[];
-    v_tried text[] := '{}';
-    v_served text[] := '{}';
-    v_pass_served text[];
-    v_share integer;
-    v_want integer;
-    v_key text;
-    v_next timestamptz;
-    i integer;
-begin
-    if p_qty <= 0 then
-        return;
-    end if;
-    select * into v_conf from pgmq_broker.fair_queues f where f.queue_name = p_queue;
-    if not found then
-        raise exception 'Queue % is not in fairness mode; call pgmq_broker.enable_fairness first', p_queue
-            using errcode = 'invalid_parameter_value';
-    end if;
-    if v_conf.rate_per_s is not null then
-        v_interval_ms := 1000.0 / v_conf.rate_per_s;
-        v_tolerance_ms := (v_conf.burst - 1) * v_interval_ms;
-    end if;
-    loop
-        v_want := p_qty - cardinality(v_served);
-        exit when v_want <= 0 or cardinality(v_tried) >= pgmq_broker.fair_max_keys_per_read(p_qty);
-        -- 1. Whose turn it is. SKIP LOCKED: a key another fetch is serving waits for its next turn.
-        select array_agg(s.key order by s.due_at, s.key), array_agg(s.tat order by s.due_at, s.key)
-        into v_keys, v_tats
-        from (
-            select k.key, k.due_at, k.tat from pgmq_broker.fair_keys k
-            where k.queue_name = p_queue and k.due_at <= v_now and k.key <> all(v_tried)
-            order by k.due_at
-            limit v_want
-            for no key update skip locked
-        ) s;
-        exit when v_keys is null;
-        v_tried := v_tried || v_keys;
-        -- 2. Each key's room: its share of the batch, within its rate (the tokens of its GCRA bucket).
-        v_share := ceil(v_want::numeric / cardinality(v_keys));
-        v_rooms := array_fill(v_share, array[cardinality(v_keys)]);
-        if v_interval_ms is not null then
-            for i in 1 .. cardinality(v_keys) loop
-                v_rooms[i] := least(v_share, greatest(0, floor(
-                    (v_tolerance_ms - extract(epoch from greatest(coalesce(v_tats[i], v_now), v_now) - v_now) * 1000)
-                    / v_interval_ms
-                )::integer + 1));
-            end loop;
-        end if;
-        -- 3. Lease. A new statement, so its snapshot includes every lease committed before the key locks were
-        -- granted: the in-flight count below is exact for the keys this fetch holds.
-        v_pass_served := '{}';
-        for msg_id, read_ct, enqueued_at, last_read_at, message, fairness_key in execute format(
-            $q$
-            with keys as (
-                select u.key, u.room, u.ord from unnest($1::text[], $2::integer[]) with ordinality as u(key, room, ord)
-            ),
-            rooms as (
-                select keys.key, keys.ord,
-                       case when $5::integer is null then keys.room
-                            else least(keys.room, $5 - (
-                                select count(*) from (
-                                    select from pgmq.%1$I b
-                                    where b.fairness_key = keys.key and b.last_read_at is not null
-                                      and b.vt > clock_timestamp()
-                                    limit $5
-                                ) c
-                            )::integer)
-                       end as room
-                from keys
-            ),
-            picked as (
-                select m.msg_id, m.vt, rooms.key, rooms.ord
-                from rooms
-                cross join lateral (
-                    select q.msg_id, q.vt from pgmq.%1$I q
-                    where q.fairness_key = rooms.key and q.vt <= clock_timestamp()
-                    order by q.vt, q.msg_id
-                    limit greatest(rooms.room, 0)
-                    for update skip locked
-                ) m
-            ),
-            chosen as (
-                select p.msg_id from (
-                    select p.msg_id, p.ord, row_number() over (partition by p.key order by p.vt, p.msg_id) as rn
-                    from picked p
-                ) p
-                order by p.rn, p.ord
-                limit $3
-            )
-            update pgmq.%1$I m
-            set last_read_at = clock_timestamp(),
-                vt = clock_timestamp() + $4 * interval '1 millisecond',
-                read_ct = m.read_ct + 1
-            from chosen
-            where m.msg_id = chosen.msg_id
-            returning m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.fairness_key
-            $q$, v_qtable)
-            using v_keys, v_rooms, v_want, p_vt_ms, v_conf.max_in_flight
-        loop
-            v_pass_served := v_pass_served || fairness_key;
-            return next;
-        end loop;
-        v_served := v_served || v_pass_served;
-        -- 4. Served keys go to the back of the line (a rate-limited key until its next token).
-        update pgmq_broker.fair_keys k
-        set tat = case when v_interval_ms is null then null
-                       else greatest(coalesce(k.tat, v_now), v_now) + s.n * v_interval_ms * interval '1 millisecond'
-                  end,
-            due_at = case when v_interval_ms is null then clock_timestamp()
-                          else greatest(clock_timestamp(),
-                                        greatest(coalesce(k.tat, v_now), v_now)
-                                        + (s.n * v_interval_ms - v_tolerance_ms) * interval '1 millisecond')
-                     end
-        from (select u.key, count(*) as n from unnest(v_pass_served) as u(key) group by u.key) s
-        where k.queue_name = p_queue and k.key = s.key;
-        -- 5. Keys that served nothing: capped or out of tokens (their turn passes), or with nothing visible
-        -- (deleted when empty, else asleep until their next message is due). Only keys that no producer is
-        -- writing to right now are touched (FOR UPDATE conflicts with the producers' KEY SHARE).
-        foreach v_key in array v_keys loop
-            continue when v_key = any(v_pass_served);
-            perform 1 from pgmq_broker.fair_keys k where k.queue_name = p_queue and k.key = v_key
-            for update skip locked;
-            continue when not found;
-            execute format('select min(vt) from pgmq.%I where fairness_key = $1', v_qtable) into v_next using v_key;
-            if v_next is null then
-                delete from pgmq_broker.fair_keys k where k.queue_name = p_queue and k.key = v_key;
-            elsif v_next <= clock_timestamp() then
-                -- Visible but not taken: the cap, the rate, or another fetch holds the message. Next turn.
-                update pgmq_broker.fair_keys k
-                set due_at = greatest(clock_timestamp(), coalesce(k.tat, v_now)
-                                      - coalesce(v_tolerance_ms, 0) * interval '1 millisecond')
-                where k.queue_name = p_queue and k.key = v_key;
-            else
-                update pgmq_broker.fair_keys k
-                set due_at = least(v_next, clock_timestamp() + pgmq_broker.fair_recheck())
-                where k.queue_name = p_queue and k.key = v_key;
-            end if;
-        end loop;
-    end loop;
-end;
+language sql volatile as $$
+    select * from pgmq_broker.fair_fetch(p_queue, '{}', false, p_qty, p_vt_ms, false);
 $$;

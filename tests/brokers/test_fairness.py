@@ -201,3 +201,10 @@ def test_fairness_mode_can_be_left_and_is_reported(conn: psycopg.Connection, fai
         {"t": f"q_{fair_queue_name}"},
     ).fetchall()
     assert "fairness_key" not in {row[0] for row in columns}
+
+
+def test_a_queue_not_in_fairness_mode_has_no_fair_fetch(conn: psycopg.Connection) -> None:
+    conn.execute("select pgmq.create('fair_never')")
+
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        fetch_keys(conn, "fair_never", 1)
