@@ -8,11 +8,16 @@ import time
 from collections import Counter
 from typing import Any
 
+import dramatiq
 import psycopg
 import pytest
+from dramatiq import Worker
 from psycopg.types.json import Jsonb
 
-from brokers.fairness import disable_fairness, enable_fairness, fair_queue, is_fair
+from brokers import PGMQBroker
+from brokers.fairness import FairnessKeys, disable_fairness, enable_fairness, fair_queue, is_fair
+
+from .conftest import wait_until
 
 #: Send plain JSON messages in one statement, visible after %(delay_s)s seconds.
 SEND_BATCH = "select pgmq.send_batch(%(queue)s, %(messages)s::jsonb[], %(delay_s)s::integer)"
@@ -208,3 +213,55 @@ def test_a_queue_not_in_fairness_mode_has_no_fair_fetch(conn: psycopg.Connection
 
     with pytest.raises(psycopg.errors.UndefinedFunction):
         fetch_keys(conn, "fair_never", 1)
+
+
+# -- from Python: the message option and the actor option -------------------------------------------------------
+
+
+def stored_keys(conn: psycopg.Connection, queue: str) -> list[str]:
+    return [str(row[0]) for row in conn.execute(f"select fairness_key from pgmq.q_{queue} order by msg_id")]
+
+
+def test_a_send_may_name_its_key_and_an_actor_may_derive_it_from_its_arguments(
+    broker: PGMQBroker, conn: psycopg.Connection
+) -> None:
+    enable_fairness(conn, "fair_python")
+    broker.add_middleware(FairnessKeys())
+
+    @dramatiq.actor(queue_name="fair_python", fairness_key=lambda payload: payload["tenant"])
+    def keyed(payload: dict[str, Any]) -> None:
+        pass
+
+    @dramatiq.actor(queue_name="fair_python")
+    def plain(n: int) -> None:
+        pass
+
+    keyed.send({"tenant": "derived"})
+    keyed.send_with_options(args=({"tenant": "ignored"},), fairness_key="given")
+    plain.send(1)
+    keyed.send({"no": "tenant"})  # the key function fails: no key, and the message is still sent
+
+    assert stored_keys(conn, "fair_python") == ["derived", "given", "", ""]
+
+
+def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Connection, worker: Worker) -> None:
+    enable_fairness(conn, "fair_retried", key_path=["tenant"])
+    broker.add_middleware(FairnessKeys())
+    runs: list[int] = []
+
+    @dramatiq.actor(queue_name="fair_retried", queue_handler=True, fairness_key=lambda payload: payload["tenant"],
+                    min_backoff=60_000, max_retries=3)  # fmt: skip
+    def flaky(payload: dict[str, Any]) -> None:
+        runs.append(1)
+        raise RuntimeError("once")
+
+    # A plain JSON message from SQL, keyed by its path; its retry is a Dramatiq envelope, keyed by the actor option.
+    send(conn, "fair_retried", [{"tenant": "t-1"}])
+
+    def retried() -> bool:
+        # The original was read before it ran; its retry is a new message, never read.
+        fresh = conn.execute("select count(*) from pgmq.q_fair_retried where read_ct = 0").fetchone()
+        return bool(runs) and fresh == (1,)
+
+    wait_until(retried, what="the retry enqueued")
+    assert stored_keys(conn, "fair_retried") == ["t-1"]
