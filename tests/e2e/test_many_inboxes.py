@@ -87,7 +87,7 @@ def completed_at(db_url: str, configs: dict[str, uuid.UUID]) -> dict[str, dateti
             " where c.id = any(%s) group by c.id",
             [list(configs.values())],
         ).fetchall()
-    by_config = dict(rows)
+    by_config: dict[uuid.UUID, datetime | None] = dict(rows)
     return {grant: by_config.get(config) for grant, config in configs.items()}
 
 
