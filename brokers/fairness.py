@@ -32,6 +32,7 @@ import psycopg
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware
 from loguru import logger
+from psycopg import sql
 from psycopg.rows import class_row
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "FairnessKeys",
     "disable_fairness",
     "enable_fairness",
+    "fair_fetch_query",
     "is_fair",
 ]
 
@@ -58,10 +60,16 @@ DISABLE_FAIRNESS: LiteralString = "select pgmq_broker.disable_fairness(%(queue)s
 #: Whether a queue is in fairness mode.
 IS_FAIR: LiteralString = "select pgmq_broker.is_fair(%(queue)s)"
 #: ``queries.FETCH`` for a queue in fairness mode, same parameters: delete the acknowledged ids, then lease up to
-#: %(qty)s visible messages rotating across the queue's keys.
+#: %(qty)s visible messages rotating across the queue's keys. For SQL callers; the broker calls the queue's own
+#: function (:func:`fair_fetch_query`), which saves a dispatch.
 FAIR_FETCH: LiteralString = (
     "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
     " from pgmq_broker.fair_fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
+)
+#: The same on one queue's own fetch function, ``pgmq_broker.fair_fetch_<queue>`` ({function}).
+FAIR_FETCH_OF_QUEUE = sql.SQL(
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
+    " from pgmq_broker.{function}(%(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
 )
 #: A fair queue's key path and limits.
 FAIR_QUEUE: LiteralString = (
@@ -82,6 +90,11 @@ class FairQueue:
     max_in_flight: int | None
     rate_per_s: float | None
     burst: int
+
+
+def fair_fetch_query(queue_name: str) -> bytes:
+    """The fetch statement of `queue_name` (a valid queue name) in fairness mode, ready to prepare."""
+    return FAIR_FETCH_OF_QUEUE.format(function=sql.Identifier(f"fair_fetch_{queue_name}")).as_bytes(None)
 
 
 def enable_fairness(

@@ -209,20 +209,19 @@ begin
             return next;
         end loop;
         v_served := v_served || v_pass_served;
-        -- 4. Served keys go to the back of the line (a rate-limited key until its next token). One statement per key,
-        -- so each is a primary-key lookup whatever the table's statistics say.
-        for v_key, i in select u.key, count(*) from unnest(v_pass_served) as u(key) group by u.key loop
-            update pgmq_broker.fair_keys k
-            set tat = case when v_interval_ms is null then null
-                           else greatest(coalesce(k.tat, v_now), v_now) + i * v_interval_ms * interval '1 millisecond'
-                      end,
-                due_at = case when v_interval_ms is null then clock_timestamp()
-                              else greatest(clock_timestamp(),
-                                            greatest(coalesce(k.tat, v_now), v_now)
-                                            + (i * v_interval_ms - v_tolerance_ms) * interval '1 millisecond')
-                         end
-            where k.queue_name = %3$L and k.key = v_key;
-        end loop;
+        -- 4. Served keys go to the back of the line (a rate-limited key until its next token).
+        if v_interval_ms is null then
+            update pgmq_broker.fair_keys k set due_at = clock_timestamp()
+            where k.queue_name = %3$L and k.key = any(v_pass_served);
+        else
+            for v_key, i in select u.key, count(*) from unnest(v_pass_served) as u(key) group by u.key loop
+                update pgmq_broker.fair_keys k
+                set tat = greatest(coalesce(k.tat, v_now), v_now) + i * v_interval_ms * interval '1 millisecond',
+                    due_at = greatest(clock_timestamp(), greatest(coalesce(k.tat, v_now), v_now)
+                                      + (i * v_interval_ms - v_tolerance_ms) * interval '1 millisecond')
+                where k.queue_name = %3$L and k.key = v_key;
+            end loop;
+        end if;
         -- 5. Keys that served nothing: capped or out of tokens (their turn passes), or with nothing visible
         -- (deleted when empty, else asleep until their next message is due). Only keys that no producer is
         -- writing to right now are touched (FOR UPDATE conflicts with the producers' KEY SHARE).
@@ -253,6 +252,35 @@ $template$, pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue
 end;
 $create$;
 
+-- (Re)create a queue's key column from p_key_path, with its index and trigger, and rebuild its key rows.
+create or replace function pgmq_broker.fair_key_column(p_queue text, p_key_path text[]) returns void
+language plpgsql volatile as $$
+declare
+    v_qtable text := pgmq.format_table_name(p_queue, 'q');
+begin
+    execute format('drop trigger if exists pgmq_broker_fair_keys on pgmq.%I', v_qtable);
+    execute format('alter table pgmq.%I drop column if exists fairness_key cascade', v_qtable);
+    execute format(
+        'alter table pgmq.%I add column fairness_key text not null generated always as'
+        ' (coalesce(message #>> ''{options,fairness_key}'', %s, '''')) stored',
+        v_qtable, case when cardinality(p_key_path) > 0 then format('message #>> %L::text[]', p_key_path) else 'null' end
+    );
+    execute format('create index %I on pgmq.%I (fairness_key, vt, msg_id)', v_qtable || '_fair_idx', v_qtable);
+    execute format(
+        'create trigger pgmq_broker_fair_keys after insert on pgmq.%I referencing new table as new_rows'
+        ' for each statement execute function pgmq_broker.fair_keys_on_insert()',
+        v_qtable
+    );
+    perform pgmq_broker.fair_create_fetch(p_queue);
+    delete from pgmq_broker.fair_keys k where k.queue_name = p_queue;
+    execute format(
+        'insert into pgmq_broker.fair_keys (queue_name, key, due_at)'
+        ' select $1, fairness_key, min(vt) from pgmq.%I group by fairness_key',
+        v_qtable
+    ) using p_queue;
+end;
+$$;
+
 -- Put a queue in fairness mode (creating it when missing), or change its key path and limits. Idempotent; call it
 -- from a migration (it alters the queue's table). Existing messages get their key from the same expression.
 --   p_key_path: where a plain JSON message keeps its key, e.g. '{grant_id}' (null: only the fairness_key option).
@@ -270,40 +298,28 @@ declare
 begin
     perform pgmq.create(p_queue) where not exists (select from pgmq.meta where queue_name = p_queue);
     select f.key_path into v_old from pgmq_broker.fair_queues f where f.queue_name = p_queue;
-    v_had := found;
+    v_had := found and exists (
+        select from pg_attribute
+        where attrelid = format('pgmq.%I', v_qtable)::regclass and attname = 'fairness_key' and not attisdropped
+    );
     insert into pgmq_broker.fair_queues as f (queue_name, key_path, max_in_flight, rate_per_s, burst)
     values (p_queue, p_key_path, p_max_in_flight, p_rate_per_s, p_burst)
     on conflict (queue_name) do update
     set key_path = excluded.key_path, max_in_flight = excluded.max_in_flight, rate_per_s = excluded.rate_per_s,
         burst = excluded.burst;
-    if v_had and v_old is not distinct from p_key_path then
-        return;
+    if not v_had or v_old is distinct from p_key_path then
+        perform pgmq_broker.fair_key_column(p_queue, p_key_path);
     end if;
-    execute format('drop trigger if exists pgmq_broker_fair_keys on pgmq.%I', v_qtable);
-    execute format('alter table pgmq.%I drop column if exists fairness_key cascade', v_qtable);
-    execute format(
-        'alter table pgmq.%I add column fairness_key text not null generated always as'
-        ' (coalesce(message #>> ''{options,fairness_key}'', %s, '''')) stored',
-        v_qtable, case when cardinality(p_key_path) > 0 then format('message #>> %L::text[]', p_key_path) else 'null' end
-    );
-    execute format('create index %I on pgmq.%I (fairness_key, vt, msg_id)', v_qtable || '_fair_idx', v_qtable);
-    -- Leases per key, for the in-flight cap (leased: last_read_at set; the lease lapses at vt).
-    execute format(
-        'create index %I on pgmq.%I (fairness_key, vt) where last_read_at is not null',
-        v_qtable || '_fair_leased_idx', v_qtable
-    );
-    execute format(
-        'create trigger pgmq_broker_fair_keys after insert on pgmq.%I referencing new table as new_rows'
-        ' for each statement execute function pgmq_broker.fair_keys_on_insert()',
-        v_qtable
-    );
-    perform pgmq_broker.fair_create_fetch(p_queue);
-    delete from pgmq_broker.fair_keys k where k.queue_name = p_queue;
-    execute format(
-        'insert into pgmq_broker.fair_keys (queue_name, key, due_at)'
-        ' select $1, fairness_key, min(vt) from pgmq.%I group by fairness_key',
-        v_qtable
-    ) using p_queue;
+    -- Leases per key, for the in-flight cap (leased: last_read_at set; the lease lapses at vt). Only with a cap:
+    -- otherwise it would cost every lease an index entry for nothing.
+    if p_max_in_flight is null then
+        execute format('drop index if exists pgmq.%I', v_qtable || '_fair_leased_idx');
+    else
+        execute format(
+            'create index if not exists %I on pgmq.%I (fairness_key, vt) where last_read_at is not null',
+            v_qtable || '_fair_leased_idx', v_qtable
+        );
+    end if;
 end;
 $$;
 

@@ -3,6 +3,7 @@ stored, migrated, put to sleep and woken (brokers/sql/060_fairness.sql)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ from dramatiq import Worker
 from psycopg.types.json import Jsonb
 
 from brokers import PGMQBroker
-from brokers.fairness import FairnessKeys, disable_fairness, enable_fairness, fair_queue, is_fair
+from brokers.fairness import FairnessKeys, disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
 
 from .conftest import wait_until
 
@@ -265,3 +266,13 @@ def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Conne
 
     wait_until(retried, what="the retry enqueued")
     assert stored_keys(conn, "fair_retried") == ["t-1"]
+
+
+def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    send(conn, fair_queue_name, tenants(("a", 2), ("b", 1)))
+    params = {"ack_ids": [], "archive": False, "qty": 2, "vt_ms": 30_000, "async_commit": False}
+
+    rows = conn.execute(fair_fetch_query(fair_queue_name), params).fetchall()
+
+    assert len(rows) == 2
+    assert {json.loads(row[4])["tenant"] for row in rows} == {"a", "b"}
