@@ -26,7 +26,15 @@ from loguru import logger
 
 from .errors import MigrationError
 
-__all__ = ["Migration", "apply_migrations", "install", "install_pgmq", "load_migrations"]
+__all__ = [
+    "Migration",
+    "apply_migrations",
+    "install",
+    "install_pgmq",
+    "load_migrations",
+    "pending_install",
+    "pending_migrations",
+]
 
 log = logger.bind(component="Migrate")
 
@@ -65,6 +73,10 @@ select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
        exists (select 1 from pg_available_extensions where name = 'pgmq') as available
 """
 _CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"
+#: Does the bookkeeping table exist (it does once anything was applied)?
+_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
+#: Versions recorded for a namespace.
+_APPLIED_VERSIONS: LiteralString = "select version from pgmq_broker.schema_migrations where namespace = %(namespace)s"
 
 
 @attrs.frozen
@@ -163,6 +175,30 @@ def apply_migrations(
             msg = f"Migration {namespace}/{migration.version:03d}_{migration.name} failed: {exc}".strip()
             raise MigrationError(msg) from exc
     return applied
+
+
+def pending_migrations(
+    conn: psycopg.Connection, *, namespace: str, migrations: Iterable[Migration] | Path | Traversable
+) -> list[Migration]:
+    """The migrations of `namespace` that `apply_migrations` would apply, without changing anything.
+
+    Use it to check a deployment (``migrate --check``, health checks); it needs only SELECT on the bookkeeping table.
+    """
+    if not isinstance(migrations, Iterable):
+        migrations = load_migrations(migrations)
+    applied: set[int] = set()
+    exists = conn.execute(_TABLE_EXISTS).fetchone()
+    if exists is not None and exists[0]:
+        applied = {row[0] for row in conn.execute(_APPLIED_VERSIONS, {"namespace": namespace})}
+    return [migration for migration in migrations if migration.version not in applied]
+
+
+def pending_install(conn: psycopg.Connection) -> list[str]:
+    """What `install` would do (PGMQ, the broker's migrations), as names, without changing anything."""
+    extension, schema, _ = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
+    pending = [] if extension or schema else ["pgmq"]
+    broker = pending_migrations(conn, namespace="brokers", migrations=files("brokers").joinpath("sql"))
+    return pending + [f"brokers/{m.version:03d}_{m.name}" for m in broker]
 
 
 def _bundled_pgmq() -> Migration:

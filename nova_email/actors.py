@@ -158,7 +158,7 @@ def sync_thread(payload: dict[str, Any]) -> None:
         except RateLimited:
             thread_sync.release_thread(conn, job)
             raise
-    pause_ms = settings.delay_ms("thread") + settings.delay_ms("message") * result.messages
+    pause_ms = settings.thread_delay_ms + settings.message_delay_ms * result.messages
     if pause_ms:
         time.sleep(pause_ms / 1000)  # the original's fixed delays, only when explicitly configured
 

@@ -26,10 +26,17 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from . import db
-    from .migrate import migrate
+    from .migrate import migrate, pending_migrations
 
     with db.connect(settings) as conn:
-        migrate(conn)
+        if not args.check:
+            migrate(conn)
+            return 0
+        pending = pending_migrations(conn)
+    if pending:
+        print(f"{len(pending)} migration(s) pending: {', '.join(pending)}; run nova-email migrate")
+        return 1
+    print("Database schema is current")
     return 0
 
 
@@ -59,19 +66,22 @@ PROCESSORS = {
 PROCESSORS["all"] = [queue for queues in PROCESSORS.values() for queue in queues]
 
 
-def worker_command(name: str, extra: Sequence[str] = ()) -> list[str]:
-    """The ``dramatiq`` command line that runs processor `name` (or ``all``)."""
-    return [sys.executable, "-m", "dramatiq", "nova_email.actors", "--queues", *PROCESSORS[name], *extra]
+def worker_arguments(name: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``dramatiq`` arguments that run processor `name` (or ``all``)."""
+    return ["nova_email.actors", "--queues", *PROCESSORS[name], *extra]
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    import os
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
 
-    command = worker_command(args.processor, args.dramatiq_args)
-    log.info("Starting {} processor: {}", args.processor, " ".join(command[2:]))
-    # exec: dramatiq's own signal handling (graceful SIGTERM/SIGINT) then applies to this process directly.
-    os.execv(command[0], command)
-    return 0  # pragma: no cover
+    arguments = worker_arguments(args.processor, args.dramatiq_args)
+    log.info("Starting {} processor: dramatiq {}", args.processor, " ".join(arguments))
+    # Dramatiq's main process runs here rather than exec'd: its logging.basicConfig() does nothing once this
+    # process's root logger has a handler, so its own lines (start-up, signals, worker exits) go through the sink
+    # set up above, JSON included. Its signal handling (graceful SIGTERM/SIGINT) applies to this process.
+    parsed = make_argument_parser().parse_args(arguments)  # type: ignore[no-untyped-call]
+    return int(dramatiq_main(parsed) or 0)  # type: ignore[no-untyped-call]
 
 
 def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:
@@ -96,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    migrate = add("migrate", _migrate, "install PGMQ and apply every migration (safe to run again)")
+    migrate.add_argument(
+        "--check", action="store_true", help="apply nothing; exit 1 when migrations are pending (for deploy scripts)"
+    )
     db_url = add(
         "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"
     )
@@ -116,15 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .ops import (
         add_backfill_arguments,
         add_dead_letters_arguments,
+        add_healthcheck_arguments,
         add_status_arguments,
         run_backfill,
         run_dead_letters,
+        run_healthcheck,
         run_status,
     )
 
     add_status_arguments(add("status", run_status, "queues, active backfills, webhook activity and recent failures"))
     add_backfill_arguments(add("backfill", run_backfill, "start a backfill, watch its progress, or retry it"))
     add_dead_letters_arguments(add("dead-letters", run_dead_letters, "list, show or replay dead-lettered messages"))
+    add_healthcheck_arguments(
+        add(
+            "healthcheck",
+            run_healthcheck,
+            "database reachable, schema current, queues present (--worker: this host's workers heartbeating); "
+            "exit 0 or 1 with one line",
+        )
+    )
     # Listed for --help; main() hands its arguments to the simulator's own parser.
     sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser

@@ -20,13 +20,12 @@ from dotenv import dotenv_values
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "redact_url"]
+__all__ = ["VARIABLES", "Settings", "load_settings", "redact_url"]
 
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
-_LEGACY_DELAYS_MS = {"thread": 3000, "message": 1000, "api": 200}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
 
 
@@ -69,16 +68,20 @@ class Settings:
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
     recovery_check_interval_ms: int = 60000
-    #: The original's fixed delays; None means "not set": 0 while pacing is on, else the original's default.
-    thread_delay_ms: int | None = None
-    message_delay_ms: int | None = None
-    api_delay_ms: int | None = None
+    #: The original's fixed delays (pause after a thread job, pause per message written, minimum spacing of one
+    #: grant's calls). They apply only when set: pacing replaces them, and turning pacing off must not slow
+    #: every sync down by the original's sleeps.
+    thread_delay_ms: int = 0
+    message_delay_ms: int = 0
+    api_delay_ms: int = 0
     nylas_grant_rate: float = 10.0
     nylas_grant_burst: int = 10
     nylas_app_rate: float = 0.0
     testing_mode: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    #: NO_COLOR set to anything (https://no-color.org): text logs are never coloured, even on a terminal.
+    no_color: bool = False
     database_url: str | None = attrs.field(default=None, repr=False)
     #: DATABASE_URL goes through a transaction-mode pooler (Supabase's port 6543, PgBouncer in transaction mode):
     #: no LISTEN/NOTIFY wake-ups (polling only) and no prepared statements.
@@ -97,17 +100,6 @@ class Settings:
     def pacing_enabled(self) -> bool:
         """Whether Nylas calls are paced by the shared token buckets (NYLAS_GRANT_RATE or NYLAS_APP_RATE > 0)."""
         return self.nylas_grant_rate > 0 or self.nylas_app_rate > 0
-
-    def delay_ms(self, name: str) -> int:
-        """The effective value of a legacy delay (``thread``, ``message`` or ``api``).
-
-        Set explicitly, it is honoured. Unset, it is 0 while pacing is on (pacing replaces fixed sleeps) and the
-        original's default (3000, 1000, 200) when pacing is off.
-        """
-        value: int | None = getattr(self, f"{name}_delay_ms")
-        if value is not None:
-            return value
-        return 0 if self.pacing_enabled else _LEGACY_DELAYS_MS[name]
 
     @property
     def database_url_redacted(self) -> str | None:
@@ -221,6 +213,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "TESTING_MODE": ("testing_mode", _parse_bool),
     "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
+    "NO_COLOR": ("no_color", lambda n, r: True),
     "DATABASE_URL": ("database_url", _parse_database_url),
     "DATABASE_TRANSACTION_POOLER": ("database_transaction_pooler", _parse_bool),
     "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
@@ -234,6 +227,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "METRICS_HOST": ("metrics_host", lambda n, r: r.strip()),
     "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
 }
+
+
+#: Every environment variable the service reads (.env.example lists them all).
+VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")) -> Settings:

@@ -18,7 +18,8 @@ from loguru import logger
 from psycopg_pool import ConnectionPool
 
 from .config import Settings
-from .embedded import embedded_server_url
+from .embedded import embedded_server_is_default, embedded_server_url
+from .errors import ConfigError
 
 __all__ = ["close_pool", "connect", "connection", "database_url", "get_pool", "with_database"]
 
@@ -39,9 +40,18 @@ def with_database(url: str, name: str) -> str:
 
 
 def database_url(settings: Settings) -> str:
-    """The URL to use: DATABASE_URL, or the embedded server's (started if needed). Logs the choice once."""
+    """The URL to use: DATABASE_URL, or in the source checkout the embedded server's (started if needed).
+
+    Logs the choice once.
+
+    Raises:
+        ConfigError: DATABASE_URL is not set in an installed package.
+    """
     if settings.database_url is not None:
         url, where = settings.database_url, f"DATABASE_URL {settings.database_url_redacted}"
+    elif not embedded_server_is_default():
+        msg = "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
+        raise ConfigError(msg)
     else:
         url = embedded_server_url(settings.data_dir)
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"

@@ -12,7 +12,7 @@ from loguru import logger
 
 from brokers import schema
 
-__all__ = ["SQL_DIR", "migrate"]
+__all__ = ["SQL_DIR", "migrate", "pending_migrations"]
 
 log = logger.bind(component="Migrate")
 
@@ -29,3 +29,10 @@ def migrate(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:
     else:
         log.info("Database already up to date")
     return applied
+
+
+def pending_migrations(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> list[str]:
+    """What `migrate` would apply (PGMQ, the broker's and the service's migrations), as names; changes nothing."""
+    pending = schema.pending_install(conn)
+    service = schema.pending_migrations(conn, namespace="nova_email", migrations=sql_dir)
+    return pending + [f"nova_email/{m.version:03d}_{m.name}" for m in service]

@@ -23,6 +23,7 @@ from . import db
 from .config import Settings
 from .nylas.client import NylasClient
 from .nylas.pacing import Pacer
+from .ops.health import WorkerHeartbeat
 from .ops.metrics import add_metrics
 
 __all__ = ["GiveUpHook", "TestingMode", "build_broker", "nylas_client"]
@@ -87,6 +88,7 @@ def build_broker(settings: Settings) -> PGMQBroker:
     # message failed (appended last, it ran first and never saw a failed message).
     broker.add_middleware(GiveUpHook(), before=Retries)
     add_metrics(broker, settings)
+    broker.add_middleware(WorkerHeartbeat())  # read by `nova-email healthcheck --worker`
     if settings.testing_mode:
         broker.add_middleware(TestingMode({"nylas_webhook_notifications"}))
     return broker
@@ -98,13 +100,13 @@ def nylas_client(settings: Settings) -> NylasClient:
     with _client_lock:
         if _client is None or _client[0] != os.getpid():
             pacer = None
-            if settings.pacing_enabled or settings.delay_ms("api"):
+            if settings.pacing_enabled or settings.api_delay_ms:
                 pacer = Pacer(
                     db.get_pool(settings).connection,
                     grant_rate_per_s=settings.nylas_grant_rate or None,
                     grant_burst=settings.nylas_grant_burst,
                     app_rate_per_s=settings.nylas_app_rate or None,
-                    min_interval_ms=settings.delay_ms("api"),
+                    min_interval_ms=settings.api_delay_ms,
                 )
             _client = (
                 os.getpid(),

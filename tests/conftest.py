@@ -68,6 +68,18 @@ def db_url() -> Iterator[str]:
         admin.execute(f'drop database if exists "{name}" with (force)')
 
 
+@pytest.fixture
+def empty_db_url() -> Iterator[str]:
+    """A database of this test with nothing in it yet (not migrated), dropped after it."""
+    admin_url = server_url()
+    name = f"nova_empty_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')  # name built above from digits and hex only
+    yield with_database(admin_url, name)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture(autouse=True)
 def _empty_tables_after_test(request: pytest.FixtureRequest) -> Iterator[None]:
     yield

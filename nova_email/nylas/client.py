@@ -14,6 +14,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -426,16 +427,17 @@ class NylasClient:
         if self._pacer is not None:
             self._pacer.acquire(grant_id)
         what = _describe(endpoint, grant_id, object_id)
+        started = time.monotonic()
         try:
             response = self._session.get(self._base + path, params=params, timeout=self._timeout_s, auth=self._auth)
         except requests.RequestException as exc:
-            self.counter.record(endpoint, NO_RESPONSE)
+            self.counter.record(endpoint, NO_RESPONSE, seconds=time.monotonic() - started)
             msg = self._redact(
                 f"No answer from Nylas for {what} after {self._max_retries} retries "
                 f"({type(exc).__name__}: {exc}); retry later"
             )
             raise errors.NylasConnectionError(msg, grant_id=grant_id, endpoint=endpoint) from exc
-        self.counter.record(endpoint, response.status_code)
+        self.counter.record(endpoint, response.status_code, seconds=time.monotonic() - started)
         if response.status_code >= 400:
             raise self._error_for(response, what=what, grant_id=grant_id, endpoint=endpoint, object_id=object_id)
         try:

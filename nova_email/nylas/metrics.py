@@ -1,8 +1,9 @@
 """Counts of Nylas API calls per (endpoint, status), for benchmarks, logs and the workers' Prometheus metrics.
 
 Every HTTP attempt is counted, including those urllib3 retried, so "API calls per 1,000 messages synced" includes
-the cost of faults. Status ``0`` means no HTTP answer (connection error or timeout). Listeners added with
-``ApiCallCounter.add_listener`` see each attempt too (``nova_email.ops.metrics`` forwards them to Prometheus).
+the cost of faults. Status ``0`` means no HTTP answer (connection error or timeout). A call's final attempt also
+carries the call's duration (its in-call retries included). Listeners added with ``ApiCallCounter.add_listener``
+see each attempt too (``nova_email.ops.metrics`` forwards them to Prometheus).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from urllib.parse import urlsplit
 
 __all__ = ["NO_RESPONSE", "ApiCallCounter", "CallListener", "endpoint_of", "process_counter"]
 
-#: Called with ``(endpoint, status)`` for every attempt a counter records.
-CallListener = Callable[[str, int], None]
+#: Called with ``(endpoint, status, seconds)`` for every attempt a counter records; `seconds` is the whole call's
+#: duration on its final attempt, None on the attempts urllib3 retried.
+CallListener = Callable[[str, int, float | None], None]
 
 #: Status recorded for an attempt that got no HTTP answer.
 NO_RESPONSE = 0
@@ -47,7 +49,7 @@ class ApiCallCounter:
         self._listeners: tuple[CallListener, ...] = ()
 
     def add_listener(self, listener: CallListener) -> None:
-        """Call `listener(endpoint, status)` for every attempt recorded from now on; adding it twice does nothing.
+        """Call `listener(endpoint, status, seconds)` for every attempt recorded from now on; adding it twice does nothing.
 
         Use it to export the counts elsewhere (a Prometheus counter) without the client knowing about it.
         """
@@ -55,13 +57,13 @@ class ApiCallCounter:
             if listener not in self._listeners:
                 self._listeners = (*self._listeners, listener)
 
-    def record(self, endpoint: str, status: int) -> None:
-        """Count one HTTP attempt and tell the listeners."""
+    def record(self, endpoint: str, status: int, *, seconds: float | None = None) -> None:
+        """Count one HTTP attempt (the last of a call with the call's duration) and tell the listeners."""
         with self._lock:
             self._counts[(endpoint, status)] += 1
             listeners = self._listeners
         for listener in listeners:
-            listener(endpoint, status)
+            listener(endpoint, status, seconds)
 
     def snapshot(self) -> dict[tuple[str, int], int]:
         """A copy of the counts, safe to read while calls continue."""

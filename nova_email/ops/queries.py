@@ -29,6 +29,9 @@ select m.queue_name, q.queued, q.delayed, q.in_flight, q.oldest_age_ms, q.dead_l
  order by m.queue_name
 """
 
+#: Which of the given queues exist (the health check's "queues present").
+QUEUES_PRESENT: LiteralString = "select queue_name from pgmq.meta where queue_name = any(%(queues)s)"
+
 # -- backfills -------------------------------------------------------------------------------------------------------
 
 #: Progress of every active backfill (or of the given configs), with its inbox and the database's clock.
@@ -44,6 +47,11 @@ select p.config_id, p.inbox_id, i.email, p.backfill_status, p.threads_total, p.t
     or c.id = any(%(config_ids)s::uuid[])
  order by c.backfill_requested_at nulls last, c.id
 """
+
+#: Take the metrics collector's session advisory lock if no other session holds it; true when this session does.
+TRY_COLLECTOR_LOCK: LiteralString = "select pg_try_advisory_lock(%(key)s)"
+#: Give the metrics collector's lock up (on shutdown), so another process can take it at once.
+RELEASE_COLLECTOR_LOCK: LiteralString = "select pg_advisory_unlock(%(key)s)"
 
 #: How many configurations are in each backfill status (the metrics' overview of every inbox).
 BACKFILL_STATUS_COUNTS: LiteralString = """

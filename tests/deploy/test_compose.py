@@ -1,18 +1,61 @@
 """docker/docker-compose.yml, checked without a Docker engine: it parses, it has the services the original
-describes, and every command it names is one the image's entry point accepts."""
+describes, every command it names is one the image's entry point accepts, DATABASE_URL from .env wins, only
+migrate connects as the owner, each worker service names its processes and may finish its jobs on stop.
+
+Compose interpolates ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` (nested) from the --env-file;
+`interpolate` does the same so the tests can read each container's environment for a given .env."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from dramatiq.middleware.time_limit import TimeLimit
+
+from nova_email.config import VARIABLES
 
 from .conftest import ROOT, parses_as_nova_email_command
 from .test_dockerfile import dockerfile_instructions
 
 WORKERS = {"webhooks", "backfill", "threads", "completion"}
 SERVICE_IMAGE_SERVICES = {"migrate", "webhooks-http", *WORKERS}
+#: A .env for the bundled postgres, as .env.example asks for.
+BUNDLED_ENV = {"POSTGRES_PASSWORD": "owner-pw", "NOVA_APP_PASSWORD": "app-pw", "NOVA_RECEIVER_PASSWORD": "rcv-pw"}
+INIT_SCRIPT = ROOT / "docker" / "postgres-init" / "10-nova-roles.sh"
+
+
+class MissingVariable(Exception):
+    pass
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution (innermost first), raising MissingVariable for ``${VAR:?message}``."""
+    pattern = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^${}]*))?\}")
+    while True:
+        match = pattern.search(text)
+        if match is None:
+            return text
+        name, operator, argument = match.groups()
+        value = env.get(name, "")
+        if not value and operator == ":-":
+            value = argument
+        elif not value and operator == ":?":
+            raise MissingVariable(argument)
+        text = text[: match.start()] + value + text[match.end() :]
+
+
+def environment(compose: dict[str, Any], service: str, env: dict[str, str]) -> dict[str, str]:
+    return {k: interpolate(str(v), env) for k, v in (compose["services"][service].get("environment") or {}).items()}
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration))
 
 
 def _entrypoint() -> list[str]:
@@ -25,9 +68,13 @@ def _python_snippets(test: list[str]) -> list[str]:
     return [test[i + 1] for i, arg in enumerate(test) if arg == "-c" and test[i - 1] == "python"]
 
 
+def _option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
 def test_compose_has_postgres_migrate_the_receiver_and_the_four_processors(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"postgres", *SERVICE_IMAGE_SERVICES}
-    assert compose["services"]["postgres"]["image"].startswith("postgres:")
+    assert re.fullmatch(r"postgres:\d+\.\d+", compose["services"]["postgres"]["image"])
 
 
 def test_every_service_command_is_a_nova_email_subcommand_of_the_image(
@@ -43,14 +90,94 @@ def test_every_service_command_is_a_nova_email_subcommand_of_the_image(
     assert compose["services"]["migrate"]["command"] == ["migrate"]
 
 
+def test_every_worker_service_names_its_processes_and_threads(compose: dict[str, Any]) -> None:
+    for name in WORKERS:
+        command = compose["services"][name]["command"]
+        assert int(_option(command, "--processes")) >= 1, name
+        assert int(_option(command, "--threads")) >= 1, name
+
+
+def test_stopping_a_worker_lets_its_running_jobs_finish(compose: dict[str, Any]) -> None:
+    # A job runs at most Dramatiq's time limit (no actor of ours sets another); the worker waits that long for
+    # running jobs, and Docker waits longer still before SIGKILL (its default is 10 s).
+    longest_job_s = TimeLimit().time_limit / 1000
+    for name in WORKERS:
+        service = compose["services"][name]
+        shutdown_s = int(_option(service["command"], "--worker-shutdown-timeout")) / 1000
+        assert shutdown_s >= longest_job_s, name
+        assert _seconds(service["stop_grace_period"]) > shutdown_s, name
+    assert _seconds(compose["services"]["webhooks-http"]["stop_grace_period"]) >= 30
+
+
 def test_the_services_build_the_repository_with_its_dockerfile(compose: dict[str, Any]) -> None:
     compose_dir = ROOT / "docker"
     for name in SERVICE_IMAGE_SERVICES:
         build = compose["services"][name]["build"]
         assert (compose_dir / build["context"]).resolve() == ROOT
         assert (ROOT / build["dockerfile"]).is_file()
-        assert compose["services"][name]["env_file"] == "../.env"
-        assert (compose_dir / "../.env.example").is_file()
+
+
+def test_database_url_from_the_env_file_is_honoured(compose: dict[str, Any]) -> None:
+    external = "postgresql://app:pw@db.example:5432/mail"
+    env = {**BUNDLED_ENV, "DATABASE_URL": external}
+    for name in WORKERS:
+        assert environment(compose, name, env)["DATABASE_URL"] == external, name
+    receiver = "postgresql://receiver:pw@db.example:5432/mail"
+    owner = "postgresql://owner:pw@db.example:5432/mail"
+    env |= {"RECEIVER_DATABASE_URL": receiver, "MIGRATE_DATABASE_URL": owner}
+    assert environment(compose, "webhooks-http", env)["DATABASE_URL"] == receiver
+    assert environment(compose, "migrate", env)["DATABASE_URL"] == owner
+
+
+def test_only_migrate_connects_as_the_owner_of_the_bundled_database(compose: dict[str, Any]) -> None:
+    owner = compose["services"]["postgres"]["environment"]["POSTGRES_USER"]
+    users = {name: urlsplit(environment(compose, name, BUNDLED_ENV)["DATABASE_URL"]) for name in SERVICE_IMAGE_SERVICES}
+    assert users["migrate"].username == owner and users["migrate"].password == "owner-pw"
+    assert users["webhooks-http"].username == "nova_receiver" and users["webhooks-http"].password == "rcv-pw"
+    for name in WORKERS:
+        assert (users[name].username, users[name].password) == ("nova_app", "app-pw"), name
+    assert {u.hostname for u in users.values()} == {"postgres"}
+
+
+def test_the_bundled_postgres_creates_the_login_roles_as_members_of_nova_worker_only(compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
+    assert (ROOT / "docker" / "postgres-init").resolve() == INIT_SCRIPT.parent
+    script = INIT_SCRIPT.read_text()
+    roles = re.findall(r"^CREATE ROLE (\w+) (.*);$", script, re.MULTILINE)
+    assert dict(roles) == {
+        "nova_worker": "NOLOGIN",
+        "nova_app": "LOGIN PASSWORD :'app_password' IN ROLE nova_worker",
+        "nova_receiver": "LOGIN PASSWORD :'receiver_password' IN ROLE nova_worker",
+    }
+    for variable in ("NOVA_APP_PASSWORD", "NOVA_RECEIVER_PASSWORD"):
+        assert postgres["environment"][variable] == f"${{{variable}:?set {variable} in .env}}"
+    with pytest.raises(MissingVariable, match="NOVA_APP_PASSWORD"):
+        environment(compose, "postgres", {"POSTGRES_PASSWORD": "x", "NOVA_RECEIVER_PASSWORD": "y"})
+
+
+def test_each_container_gets_only_the_secrets_it_uses(compose: dict[str, Any]) -> None:
+    secrets = {"NYLAS_API_KEY", "NYLAS_WEBHOOK_SECRET", "POSTGRES_PASSWORD", "NOVA_APP_PASSWORD"}
+    secrets |= {"NOVA_RECEIVER_PASSWORD"}
+    passed = {name: set(compose["services"][name].get("environment") or {}) & secrets for name in compose["services"]}
+    assert passed["migrate"] == set()
+    assert passed["webhooks-http"] == {"NYLAS_WEBHOOK_SECRET"}
+    assert all(passed[name] == {"NYLAS_API_KEY"} for name in WORKERS)
+    for service in compose["services"].values():
+        assert "env_file" not in service  # it would hand every variable of .env, the owner's password too, to all
+        for key, value in (service.get("environment") or {}).items():
+            if any(word in key for word in ("PASSWORD", "SECRET", "KEY")):
+                assert str(value).startswith("${"), key
+
+
+def test_every_setting_of_the_service_reaches_the_processes_that_read_it(compose: dict[str, Any]) -> None:
+    only_elsewhere = {"NOVA_DATA_DIR"}  # the embedded server's folder: never in a container
+    for name in WORKERS:
+        assert set(VARIABLES) - only_elsewhere - {"NYLAS_WEBHOOK_SECRET"} <= set(environment(compose, name, {}))
+    receiver = set(environment(compose, "webhooks-http", {}))
+    assert {"DATABASE_URL", "NYLAS_WEBHOOK_SECRET", "LOG_LEVEL", "LOG_FORMAT"} <= receiver
+    # An unset variable is passed empty, which the service reads as unset (its default).
+    assert environment(compose, "threads", BUNDLED_ENV)["BATCH_SIZE"] == ""
 
 
 def test_migrate_runs_once_after_postgres_is_healthy_and_everything_else_waits_for_it(
@@ -85,25 +212,12 @@ def test_health_checks_probe_what_each_service_serves(compose: dict[str, Any]) -
     assert f"http://127.0.0.1:{port}/readyz" in probe
     assert receiver["ports"] == [f"{port}:{port}"]
     for name in WORKERS:
-        service = services[name]
-        (probe,) = _python_snippets(service["healthcheck"]["test"])
-        assert f"http://127.0.0.1:{service['environment']['METRICS_PORT']}/metrics" in probe
-        assert "nova_database_up 1.0" in probe
-        assert service["environment"]["METRICS_HOST"] == "0.0.0.0"
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] == "nova-email", name
+        assert test[2:] == ["healthcheck", "--worker"] and parses_as_nova_email_command(test[2:]), name
     for service in services.values():
         for snippet in _python_snippets(service.get("healthcheck", {}).get("test", [])):
             compile(snippet, "<healthcheck>", "exec")
-
-
-def test_no_secret_is_written_in_the_compose_file(compose: dict[str, Any]) -> None:
-    for name, service in compose["services"].items():
-        for key, value in (service.get("environment") or {}).items():
-            if any(word in key for word in ("PASSWORD", "SECRET", "KEY")):
-                assert str(value).startswith("${"), (name, key)
-        url = (service.get("environment") or {}).get("DATABASE_URL")
-        if url is not None:
-            password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
-            assert password.startswith("${POSTGRES_PASSWORD"), name
 
 
 def test_the_compose_usage_comment_names_real_files() -> None:

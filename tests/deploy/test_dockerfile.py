@@ -1,17 +1,20 @@
-"""docker/Dockerfile, checked without a Docker engine: slim base, non-root, no secrets, and the same install as
-the README's `make install` (virtualenv, pip upgrade, editable install of the repository)."""
+"""docker/Dockerfile, checked without a Docker engine: multi-stage on a pinned slim base, the dependencies' layer
+before the code, a non-editable install at the pinned versions, a non-root user, a health check, no secrets."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 
-from nova_email.migrate import SQL_DIR
-
-from .conftest import ROOT
+from .conftest import ROOT, parses_as_nova_email_command
 
 SECRETS = ("NYLAS_API_KEY", "NYLAS_WEBHOOK_SECRET", "DATABASE_URL", "POSTGRES_PASSWORD")
+#: An exact Python release on a named Debian suite, optionally with its digest.
+PINNED_BASE = re.compile(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?")
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -27,58 +30,80 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return pairs
 
 
-def _install_commands_of_the_makefile() -> list[list[str]]:
-    """The recipe of `make install` (the README's install), with make variables expanded."""
-    text = (ROOT / "Makefile").read_text()
-    recipe = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", text, re.MULTILINE)
-    assert recipe, "Makefile has no $(STAMP) recipe (the install target)"
-    variables = {"$(BIN)": ".venv/bin", "$(VENV)": ".venv", "$(PYTHON)": "python"}
-    commands = []
-    for line in recipe.group(1).splitlines():
-        for name, value in variables.items():
-            line = line.replace(name, value)
-        command = line.strip().split("||")[-1].strip()  # "test -x X || make X" makes X
-        if command.startswith(("touch ", "test ")):
-            continue
-        commands.append(shlex.split(command))
-    return commands
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for op, args in dockerfile_instructions():
+        if op == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((op, args))
+    return stages
 
 
-def _normalise(command: list[str]) -> list[str]:
-    """Drop what differs on purpose: --quiet, and the test tools' extra (`.[test]` -> `.`)."""
-    out = [arg for arg in command if arg != "--quiet"]
-    out = [re.sub(r"^\.\[[^\]]*\]$", ".", arg) for arg in out]
-    return ["python" if arg == "python3" else arg for arg in out]
+def _index(stage: list[tuple[str, str]], op: str, needle: str) -> int:
+    (index,) = [i for i, (o, args) in enumerate(stage) if o == op and needle in args]
+    return index
 
 
-def test_the_image_installs_the_package_exactly_as_make_install_does() -> None:
-    runs = [shlex.split(args) for op, args in dockerfile_instructions() if op == "RUN"]
-    installs = [_normalise(cmd) for cmd in runs if "venv" in cmd or "pip" in cmd]
-
-    assert installs == [_normalise(cmd) for cmd in _install_commands_of_the_makefile()]
-    assert installs[-1][-2:] == ["-e", "."]
-
-
-def test_the_base_is_slim_python_of_the_supported_version() -> None:
-    (base,) = [args for op, args in dockerfile_instructions() if op == "FROM"]
-    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base), base
+def test_two_stages_on_the_same_pinned_slim_base_of_the_supported_python() -> None:
+    build, final = _stages()
+    build_base, _, name = build[0][1].partition(" AS ")
+    assert name == "build"
+    assert PINNED_BASE.fullmatch(build_base), build_base
+    assert final[0][1] == build_base
     assert 'requires-python = ">=3.11"' in (ROOT / "pyproject.toml").read_text()
+    # the final stage takes the virtualenv alone from the build stage: no source tree, compiler or pip cache
+    copies = [args for op, args in final if op == "COPY"]
+    assert copies == ["--from=build /opt/venv /opt/venv"]
+
+
+def test_dependencies_are_installed_at_the_pinned_versions_in_a_layer_before_the_code() -> None:
+    build, _ = _stages()
+    deps_copy = _index(build, "COPY", "constraints.txt")
+    deps_install = _index(build, "RUN", "-c constraints.txt")
+    code_copies = [
+        i for i, (op, args) in enumerate(build) if op == "COPY" and re.search(r"\b(nova_email|brokers)\b", args)
+    ]
+    assert shlex.split(build[deps_copy][1])[:-1] == ["pyproject.toml", "constraints.txt"]
+    assert deps_copy < deps_install < min(code_copies)
+    # only the runtime requirements of pyproject.toml: no extras (embedded server, test tools)
+    assert "['project']['dependencies']" in build[deps_install][1]
+    assert "[embedded" not in build[deps_install][1] and "[test" not in build[deps_install][1]
+
+
+def test_the_package_is_installed_from_a_built_wheel_not_editable() -> None:
+    build, _ = _stages()
+    installs = [shlex.split(args) for op, args in build if op == "RUN" and "pip install" in args]
+    assert installs[-1][-3:] == ["install", "--no-deps", "."]
+    for command in installs:
+        assert "-e" not in command and "--editable" not in command
 
 
 def test_the_image_runs_as_a_non_root_user_after_installing() -> None:
-    ops = dockerfile_instructions()
-    users = [args for op, args in ops if op == "USER"]
+    _, final = _stages()
+    users = [args for op, args in final if op == "USER"]
     assert users and users[-1] not in {"root", "0"}
-    last_run = max(i for i, (op, _) in enumerate(ops) if op == "RUN")
-    assert max(i for i, (op, _) in enumerate(ops) if op == "USER") > last_run
-    assert any(op == "RUN" and "useradd" in args and users[-1] in args for op, args in ops)
+    last_run = max(i for i, (op, _) in enumerate(final) if op == "RUN")
+    assert max(i for i, (op, _) in enumerate(final) if op == "USER") > last_run
+    assert any(op == "RUN" and "useradd" in args and users[-1] in args for op, args in final)
+
+
+def test_the_health_check_is_the_worker_probe_of_the_console_script() -> None:
+    _, final = _stages()
+    (check,) = [args for op, args in final if op == "HEALTHCHECK"]
+    options, _, command = check.partition(" CMD ")
+    argv = json.loads(command)
+    assert argv[0] == "nova-email" and parses_as_nova_email_command(argv[1:])
+    assert argv[1:] == ["healthcheck", "--worker"]
+    for option in ("--interval=", "--timeout=", "--start-period=", "--retries="):
+        assert option in options
 
 
 def test_no_secret_is_baked_in_and_the_context_leaves_env_files_out() -> None:
     for op, args in dockerfile_instructions():
         if op in {"ENV", "ARG"}:
             assert not any(secret in args for secret in SECRETS), args
-        if op in {"COPY", "ADD"}:
+        if op in {"COPY", "ADD"} and not args.startswith("--from="):
             sources = shlex.split(args)[:-1]
             assert "." not in sources and not any(".env" in s for s in sources), args
             for source in sources:
@@ -87,21 +112,30 @@ def test_no_secret_is_baked_in_and_the_context_leaves_env_files_out() -> None:
     assert ".env" in ignored and ".venv" in ignored and ".nova" in ignored
 
 
-def test_migrations_are_copied_next_to_the_package_where_migrate_reads_them() -> None:
-    ops = dockerfile_instructions()
-    (workdir,) = [args for op, args in ops if op == "WORKDIR"]
-    copies = {shlex.split(args)[0]: shlex.split(args)[-1] for op, args in ops if op == "COPY"}
-    assert copies["nova_email"] == "./nova_email"
-    assert workdir == "/app"
-    assert SQL_DIR == ROOT / "nova_email" / "sql"  # shipped inside the package, so any install finds them
-
-
 def test_the_entry_point_is_the_console_script_and_the_default_runs_everything(
     console_scripts: dict[str, str],
 ) -> None:
-    ops = dict(dockerfile_instructions())
+    _, final = _stages()
+    ops = dict(final)
     assert json.loads(ops["ENTRYPOINT"]) == ["nova-email"]
     assert "nova-email" in console_scripts
     assert json.loads(ops["CMD"]) == ["run", "all"]
-    env = ops["ENV"]
-    assert "PATH=/app/.venv/bin:$PATH" in env
+    assert "PATH=/opt/venv/bin:$PATH" in ops["ENV"]
+
+
+def test_the_requirements_step_lists_exactly_pyprojects_runtime_dependencies() -> None:
+    # Run the image's own extraction command (the part before "> requirements.txt") with this interpreter.
+    build, _ = _stages()
+    (step,) = [args for op, args in build if op == "RUN" and "tomllib" in args]
+    command = step.split(">", 1)[0].strip()
+    assert command.startswith("python ")
+    result = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" {command.removeprefix("python ")}'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        expected = tomllib.load(fh)["project"]["dependencies"]
+    assert result.stdout.splitlines() == expected

@@ -23,13 +23,19 @@ def test_defaults_are_the_original_services() -> None:
     assert settings.database_url is None
 
 
-def test_legacy_delays_are_zero_under_pacing_and_the_originals_without() -> None:
+def _delays(settings: Settings) -> list[int]:
+    return [settings.thread_delay_ms, settings.message_delay_ms, settings.api_delay_ms]
+
+
+def test_legacy_delays_apply_only_when_set_explicitly_paced_or_not() -> None:
+    # NYLAS_GRANT_RATE=0 turns a limit off: it must not bring back the original's 3 s / 1 s / 200 ms sleeps.
     paced = load_settings({}, env_file=None)
     unpaced = load_settings({"NYLAS_GRANT_RATE": "0"}, env_file=None)
-    explicit = load_settings({"THREAD_DELAY_MS": "1000", "API_DELAY_MS": "50"}, env_file=None)
-    assert [paced.delay_ms(n) for n in ("thread", "message", "api")] == [0, 0, 0]
-    assert [unpaced.delay_ms(n) for n in ("thread", "message", "api")] == [3000, 1000, 200]
-    assert [explicit.delay_ms(n) for n in ("thread", "message", "api")] == [1000, 0, 50]
+    explicit = load_settings({"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "1000", "API_DELAY_MS": "50"}, env_file=None)
+    assert _delays(paced) == [0, 0, 0]
+    assert not unpaced.pacing_enabled
+    assert _delays(unpaced) == [0, 0, 0]
+    assert _delays(explicit) == [1000, 0, 50]
 
 
 def test_environment_values_are_parsed() -> None:
@@ -86,7 +92,7 @@ def test_copying_the_env_example_keeps_the_legacy_delays_off_while_paced() -> No
     # `cp .env.example .env` must not bring back the original's sleeps that pacing replaces.
     settings = load_settings({}, env_file=Path(__file__).resolve().parents[2] / ".env.example")
     assert settings.pacing_enabled
-    assert [settings.delay_ms(name) for name in ("thread", "message", "api")] == [0, 0, 0]
+    assert _delays(settings) == [0, 0, 0]
 
 
 def test_secrets_stay_out_of_the_repr() -> None:
