@@ -1,8 +1,19 @@
-"""Backfill benchmark: how fast a large inbox is synced, and how much of a rate limit the pacing uses.
+"""Backfill benchmark: Nylas calls per thread, how fast a large inbox is synced, memory against mailbox size, and
+how much of a rate limit the pacing uses.
 
 Scenario 1, throughput: a simulated inbox of 15,000 threads, about 10,000 of them (about 58,000 messages) in the
 one-year window that is synced, no faults, pacing off; ``dramatiq nova_email.actors`` with 2 processes x 8 threads.
-Prints threads/s and messages/s, Nylas API calls per 1,000 messages, and the peak RSS of each worker process.
+Prints threads/s and messages/s, Nylas API calls per synced thread and per 1,000 messages (by endpoint), the API
+time that many calls need at the default pacing (10 calls/s per grant), and the peak RSS of each worker process.
+
+Scenario 1b, default pacing: a 300-thread inbox synced at the default NYLAS_GRANT_RATE (10/s, burst 10), measured:
+the wall time a customer waits, which the calls per thread decide.
+
+Scenario 1c, mailbox size: only the backfill processor (1 process x 1 thread) lists mailboxes of 10,000 and 50,000
+threads and fans out their thread jobs; prints the listing time and the peak RSS of the worker, which must not grow
+with the mailbox (the thread list is never held whole).
+
+Every figure is printed next to the same figure measured on the code before issue 12 (``BEFORE``, same machine).
 
 Scenario 2, pacing: an inbox of 2,000 threads served by a simulator that allows R calls/s per grant (429 with
 Retry-After above it; R is 100 by default, half of Nylas's 200/s per grant for messages and threads), with the
@@ -12,7 +23,8 @@ service paced at the same R per grant. Prints the share of the allowed rate actu
 (2 + m) / (3 + 0.2 x (1 + m)) calls/s for a thread of m messages: with m = 6 that is about 1.8 calls/s.
 
 Usage:
-    .venv/bin/python bench/backfill.py [--threads 15000] [--rate 100] [--rate-threads 2000]
+    .venv/bin/python bench/backfill.py [--threads 15000] [--paced-threads 300] [--sizes 10000,50000]
+                                       [--rate 100] [--rate-threads 2000] [--skip-...]
 
 The database is a scratch one on BENCH_DATABASE_URL's server (default: the local PostgreSQL at 127.0.0.1:5432),
 migrated with nova_email.migrate and dropped at the end. The simulator runs as its own process
@@ -46,6 +58,17 @@ from nova_email.migrate import migrate  # noqa: E402
 
 GRANT = "bench-grant"
 DAY_S = 86_400
+#: The default per-grant pacing (NYLAS_GRANT_RATE).
+DEFAULT_RATE = 10.0
+#: Figures measured with this script on the code before issue 12 (main at 221a549), on the 2-core machine
+#: shared with other work: a thread job fetched the thread and then its messages.
+BEFORE: dict[str, Any] = {
+    "calls_per_thread": 2.005,  # 20,163 calls for 10,056 threads: threads.get + messages.list each, 51 listing pages
+    "calls_per_1000_messages": 346,
+    "paced_wall_s": 45.8,  # 214 threads, 430 calls at 10/s
+    "size_listing_s": {10_000: 13.0, 50_000: 66.4},
+    "size_rss_mib": {10_000: 46, 50_000: 46},
+}
 
 
 def free_port() -> int:
@@ -63,7 +86,7 @@ class Run:
     """One scenario: a scratch database, a simulator process, worker processes."""
 
     def __init__(self, server_url: str, *, threads: int, sim_args: list[str], worker_env: dict[str, str],
-                 processes: int, worker_threads: int) -> None:  # fmt: skip
+                 processes: int, worker_threads: int, queues: list[str] | None = None) -> None:  # fmt: skip
         self.name = f"nova_bench_{secrets.token_hex(3)}"
         self.server_url = server_url
         self.anchor = int(time.time()) // DAY_S * DAY_S
@@ -93,7 +116,7 @@ class Run:
         self.log = open(ROOT / ".nova" / "bench-backfill-workers.log", "ab")  # noqa: SIM115
         self.workers = subprocess.Popen(
             [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", str(processes),
-             "--threads", str(worker_threads)],  # fmt: skip
+             "--threads", str(worker_threads), *(["--queues", *queues] if queues else [])],  # fmt: skip
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.peak_rss: dict[int, int] = {}
@@ -110,8 +133,10 @@ class Run:
                 continue
             self.peak_rss[child.pid] = max(self.peak_rss.get(child.pid, 0), rss)
 
-    def backfill(self, timeout_s: float) -> tuple[float, dict[str, int]]:
-        """Queue the backfill, wait for completion; returns (seconds, totals)."""
+    def backfill(
+        self, timeout_s: float, *, until: tuple[str, ...] = ("completed", "failed")
+    ) -> tuple[float, dict[str, int]]:
+        """Queue the backfill, wait until its status is one of `until`; returns (seconds, totals)."""
         with psycopg.connect(self.url, autocommit=True) as conn:
             inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT])
             inbox_id = inbox.fetchone()[0]  # type: ignore[index]
@@ -128,13 +153,14 @@ class Run:
                     [config_id],
                 ).fetchone()
                 assert row is not None
-                if row[0] in ("completed", "failed"):
+                if row[0] in until:
                     break
                 if time.monotonic() - started > timeout_s:
                     raise RuntimeError(f"backfill not done after {timeout_s} s: {row}")
                 time.sleep(0.5)
             elapsed = time.monotonic() - started
             messages = conn.execute("select count(*) from flux_email_messages").fetchone()[0]  # type: ignore[index]
+            listed = conn.execute("select count(*) from queued_threads").fetchone()[0]  # type: ignore[index]
             # The working time: from the request to the last thread synced (without the monitor's detection lag).
             working = conn.execute(
                 "select extract(epoch from max(q.processed_at) - c.backfill_requested_at) from queued_threads q"
@@ -142,7 +168,8 @@ class Run:
                 [config_id],
             ).fetchone()
         return elapsed, {"threads": row[1], "completed": row[2], "failed": row[3], "messages": messages,
-                         "status": row[0], "working_s": float(working[0]) if working else elapsed}  # type: ignore[dict-item]  # fmt: skip
+                         "listed": listed, "status": row[0],
+                         "working_s": float(working[0]) if working and working[0] is not None else elapsed}  # type: ignore[dict-item]  # fmt: skip
 
     def calls(self) -> dict[tuple[str, int], int]:
         stats = sim_get(self.sim_url, "/_sim/stats")
@@ -161,27 +188,70 @@ class Run:
             admin.execute(f'drop database if exists "{self.name}" with (force)')
 
 
+def measure(run: Run, until: tuple[str, ...] = ("completed", "failed")) -> tuple[float, dict[str, Any], dict[Any, int]]:
+    """Run the backfill of `run` until its status is one of `until`, then stop everything it started."""
+    try:
+        elapsed, totals = run.backfill(timeout_s=3600, until=until)
+        calls = run.calls()
+    finally:
+        run.close()
+    return elapsed, totals, calls
+
+
+def _before(value: float | None, unit: str = "") -> str:
+    return f"(before: {value:g}{unit})" if value is not None else "(before: not measured)"
+
+
 def throughput(server_url: str, args: argparse.Namespace) -> None:
     run = Run(server_url, threads=args.threads, sim_args=["--large-body-share", "0.01"],
               worker_env={"NYLAS_GRANT_RATE": "0", "THREAD_DELAY_MS": "0", "MESSAGE_DELAY_MS": "0",
                           "API_DELAY_MS": "0"},
               processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    try:
-        elapsed, totals = run.backfill(timeout_s=3600)
-        calls = run.calls()
-    finally:
-        run.close()
+    elapsed, totals, calls = measure(run)
     total_calls = sum(calls.values())
+    per_thread = total_calls / max(totals["completed"], 1)
+    per_1000 = 1000 * total_calls / max(totals["messages"], 1)
     print(f"\nScenario 1: {args.threads} threads in the mailbox, pacing off, {args.processes} x {args.worker_threads}")
     print(f"  synced        {totals['completed']} threads, {totals['messages']} messages in {elapsed:.1f} s "
           f"(status {totals['status']}, {totals['failed']} failed)")  # fmt: skip
     print(
         f"  rate          {totals['completed'] / elapsed:.1f} threads/s, {totals['messages'] / elapsed:.1f} messages/s"
     )
-    print(f"  API calls     {total_calls} ({1000 * total_calls / max(totals['messages'], 1):.0f} per 1,000 messages; "
-          f"by endpoint {dict(sorted(calls.items()))})")  # fmt: skip
+    print(f"  API calls     {total_calls}: {per_thread:.3f} per synced thread {_before(BEFORE['calls_per_thread'])}, "
+          f"{per_1000:.0f} per 1,000 messages {_before(BEFORE['calls_per_1000_messages'])}")  # fmt: skip
+    print(f"  by endpoint   {dict(sorted(calls.items()))}")
+    print(f"  at {DEFAULT_RATE:g} calls/s  these calls need {total_calls / DEFAULT_RATE / 60:.1f} min of API time "
+          f"(before: {BEFORE['calls_per_thread'] or 0:g} calls per thread, "
+          f"{(BEFORE['calls_per_thread'] or 0) * totals['completed'] / DEFAULT_RATE / 60:.1f} min)")  # fmt: skip
     rss = sorted(run.peak_rss.values())
     print(f"  peak RSS      {', '.join(f'{r / 2**20:.0f} MiB' for r in rss)} (per worker process)")
+
+
+def default_pacing(server_url: str, args: argparse.Namespace) -> None:
+    run = Run(server_url, threads=args.paced_threads, sim_args=["--large-body-share", "0"], worker_env={},
+              processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
+    elapsed, totals, calls = measure(run)
+    total_calls = sum(calls.values())
+    print(
+        f"\nScenario 1b: {args.paced_threads} threads in the mailbox, default pacing ({DEFAULT_RATE:g} calls/s per grant)"
+    )
+    print(f"  synced        {totals['completed']} threads, {totals['messages']} messages, {total_calls} calls "
+          f"({total_calls / max(totals['completed'], 1):.3f} per thread)")  # fmt: skip
+    print(f"  wall time     {totals['working_s']:.1f} s to the last thread synced {_before(BEFORE['paced_wall_s'], ' s')}, "
+          f"completion seen after {elapsed:.1f} s")  # fmt: skip
+
+
+def mailbox_sizes(server_url: str, args: argparse.Namespace) -> None:
+    print("\nScenario 1c: the backfill processor alone (1 x 1) lists a mailbox and fans out its thread jobs")
+    for size in (int(n) for n in args.sizes.split(",")):
+        run = Run(server_url, threads=size, sim_args=["--large-body-share", "0"],
+                  worker_env={"NYLAS_GRANT_RATE": "0"}, processes=1, worker_threads=1,
+                  queues=["inbox_backfill_jobs"])  # fmt: skip
+        elapsed, totals, calls = measure(run, until=("thread_sync", "completed", "failed"))
+        rss = max(run.peak_rss.values(), default=0) / 2**20
+        print(f"  {size:>6} threads  {totals['listed']} listed in {sum(calls.values())} calls, status "
+              f"{totals['status']} after {elapsed:.1f} s {_before(BEFORE['size_listing_s'].get(size), ' s')}; "
+              f"peak RSS {rss:.0f} MiB {_before(BEFORE['size_rss_mib'].get(size), ' MiB')}")  # fmt: skip
 
 
 def pacing(server_url: str, args: argparse.Namespace) -> None:
@@ -191,11 +261,7 @@ def pacing(server_url: str, args: argparse.Namespace) -> None:
                         "--large-body-share", "0"],
               worker_env={"NYLAS_GRANT_RATE": str(rate), "NYLAS_GRANT_BURST": str(int(rate))},
               processes=args.processes, worker_threads=args.worker_threads)  # fmt: skip
-    try:
-        elapsed, totals = run.backfill(timeout_s=3600)
-        calls = run.calls()
-    finally:
-        run.close()
+    elapsed, totals, calls = measure(run)
     ok = sum(n for (_, status), n in calls.items() if status == 200)
     limited = sum(n for (_, status), n in calls.items() if status == 429)
     working = totals["working_s"]
@@ -218,15 +284,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=15_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--worker-threads", type=int, default=8)
+    parser.add_argument("--paced-threads", type=int, default=300)
+    parser.add_argument("--sizes", default="10000,50000", help="mailbox sizes of scenario 1c")
     parser.add_argument("--rate", type=float, default=100.0, help="allowed calls/s per grant in scenario 2")
     parser.add_argument("--rate-threads", type=int, default=2000)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-default-pacing", action="store_true")
+    parser.add_argument("--skip-sizes", action="store_true")
     parser.add_argument("--skip-pacing", action="store_true")
     args = parser.parse_args()
     (ROOT / ".nova").mkdir(exist_ok=True)
     server_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     if not args.skip_throughput:
         throughput(server_url, args)
+    if not args.skip_default_pacing:
+        default_pacing(server_url, args)
+    if not args.skip_sizes:
+        mailbox_sizes(server_url, args)
     if not args.skip_pacing:
         pacing(server_url, args)
     return 0

@@ -128,6 +128,7 @@ def process_webhook(payload: dict[str, Any]) -> None:
     queue_handler=True,
     max_retries=2,
     min_backoff=2000,
+    time_limit=backfill.RUN_TIME_LIMIT_MS,
     throws=(InvalidJob,),
     on_give_up=_give_up(BackfillJob, backfill.record_backfill_failure),
 )

@@ -36,7 +36,8 @@ returning id
 
 # -- thread sync -----------------------------------------------------------------------------------------------------
 
-#: Claim a tracked thread for this attempt; returns its status before the claim (completed rows are left alone).
+#: Claim a tracked thread for this attempt; returns its status before the claim and the copy the listing kept
+#: (a completed row stays completed: its job runs again, as a redelivery or a ``queue_thread_sync()`` call asks).
 START_THREAD: LiteralString = """
 with previous as (
     select id, status from queued_threads
@@ -49,12 +50,14 @@ set status = case when previous.status = 'completed' then 'completed' else 'proc
     attempts = q.attempts + case when previous.status = 'completed' then 0 else 1 end
 from previous
 where q.id = previous.id
-returning previous.status
+returning previous.status, q.listed_thread, q.listed_at
 """
-#: A tracked thread is done: synced (with its message count) or gone at Nylas (with a note).
+#: A tracked thread is done: synced (with its message count) or gone at Nylas (with a note). Its listed copy has
+#: served: a later job for it (a redelivery, a ``queue_thread_sync()`` call) fetches the thread as Nylas has it then.
 COMPLETE_THREAD: LiteralString = """
 update queued_threads
-set status = 'completed', messages_synced = %(messages)s, processed_at = now(), note = %(note)s, error_message = null
+set status = 'completed', messages_synced = %(messages)s, processed_at = now(), note = %(note)s, error_message = null,
+    listed_thread = null
 where config_id = %(config_id)s and nylas_thread_id = %(thread_id)s
 """
 #: A tracked thread failed for good; the error is kept so operators can see why.
@@ -80,11 +83,13 @@ GET_CONFIG: LiteralString = (
 START_BACKFILL_RUN: LiteralString = "select start_backfill_run(%(config_id)s)"
 #: Create or recompute the progress counters of a run.
 INITIALIZE_SYNC_STATS: LiteralString = "select initialize_sync_stats(%(config_id)s, 0)"
-#: Record one listed page and its checkpoint in one transaction.
+#: Record one listed page (read at listed_at) and its checkpoint in one transaction.
 RECORD_BACKFILL_PAGE: LiteralString = (
     "select queued, skipped, threads_queued"
-    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s)"
+    " from record_backfill_page(%(config_id)s, %(threads)s, %(next_page_token)s, %(page)s, %(listed_at)s)"
 )
+#: End a slice of a long listing: queue the job that lists on from the checkpoint.
+CONTINUE_BACKFILL_LISTING: LiteralString = "select continue_backfill_listing(%(config_id)s)"
 #: Hand over to thread sync and send every thread job, atomically.
 FINISH_BACKFILL_LISTING: LiteralString = "select finish_backfill_listing(%(config_id)s)"
 #: Record a failed run (status failed, error appended, checkpoint kept).

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from . import queries
 from .nylas.models import Message, Thread, to_json
 
-__all__ = ["upsert_messages", "upsert_thread", "upsert_thread_with_messages"]
+__all__ = ["nylas_json", "upsert_messages", "upsert_thread", "upsert_thread_with_messages"]
 
 
 def _compact(value: Any) -> Any:
@@ -31,11 +31,16 @@ def _compact(value: Any) -> Any:
     return value
 
 
+def nylas_json(value: Thread | Message) -> Any:
+    """A model as the Nylas-shaped JSON the SQL functions read (absent optional fields omitted)."""
+    return _compact(to_json(value))
+
+
 def upsert_thread(conn: psycopg.Connection, inbox_id: uuid.UUID, thread: Thread, *, fetched_at: datetime) -> uuid.UUID:
     """Insert or update one thread's metadata; returns its row id."""
     row = conn.execute(
         queries.UPSERT_THREAD,
-        {"inbox_id": inbox_id, "thread": Jsonb(_compact(to_json(thread))), "fetched_at": fetched_at},
+        {"inbox_id": inbox_id, "thread": Jsonb(nylas_json(thread)), "fetched_at": fetched_at},
     ).fetchone()
     assert row is not None  # the function always returns the row id
     thread_row_id: uuid.UUID = row[0]
@@ -58,7 +63,7 @@ def upsert_messages(
         {
             "inbox_id": inbox_id,
             "thread_row_id": thread_row_id,
-            "messages": Jsonb([_compact(to_json(message)) for message in messages]),
+            "messages": Jsonb([nylas_json(message) for message in messages]),
             "fetched_at": fetched_at,
         },
     ).fetchone()
@@ -66,10 +71,19 @@ def upsert_messages(
 
 
 def upsert_thread_with_messages(
-    conn: psycopg.Connection, inbox_id: uuid.UUID, thread: Thread, messages: Sequence[Message], *, fetched_at: datetime
+    conn: psycopg.Connection,
+    inbox_id: uuid.UUID,
+    thread: Thread,
+    messages: Sequence[Message],
+    *,
+    fetched_at: datetime,
+    messages_fetched_at: datetime | None = None,
 ) -> uuid.UUID:
-    """Write a thread and its messages in one transaction; returns the thread's row id."""
+    """Write a thread and its messages in one transaction; returns the thread's row id.
+
+    ``fetched_at`` is when the thread was read, ``messages_fetched_at`` when the messages were (by default the same).
+    """
     with conn.transaction():
         thread_row_id = upsert_thread(conn, inbox_id, thread, fetched_at=fetched_at)
-        upsert_messages(conn, inbox_id, thread_row_id, messages, fetched_at=fetched_at)
+        upsert_messages(conn, inbox_id, thread_row_id, messages, fetched_at=messages_fetched_at or fetched_at)
     return thread_row_id

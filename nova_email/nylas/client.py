@@ -75,10 +75,12 @@ DEFAULT_POOL_MAXSIZE = 16
 MAX_PAGE_LIMIT = 200
 #: The backfill never looks further back than this (the original's 1-year cap).
 ONE_YEAR = timedelta(days=365)
-#: Thread fields the service stores; listing only these keeps pages small.
+#: Thread fields the service stores; listing only these keeps pages small (``latest_draft_or_message`` would carry a
+#: whole message). With them a listed thread can be written without fetching it again.
 THREAD_SELECT: tuple[str, ...] = (
-    "id", "grant_id", "subject", "snippet", "participants", "message_ids", "folders", "unread", "starred",
-    "has_attachments", "earliest_message_date", "latest_message_received_date", "latest_message_sent_date",
+    "id", "grant_id", "subject", "snippet", "participants", "message_ids", "draft_ids", "folders", "unread", "starred",
+    "has_attachments", "has_drafts", "earliest_message_date", "latest_message_received_date",
+    "latest_message_sent_date",
 )  # fmt: skip
 #: Message fields the service stores (``headers`` would need ``fields=include_headers``, which we do not ask for).
 MESSAGE_SELECT: tuple[str, ...] = (

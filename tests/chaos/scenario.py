@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -162,15 +163,17 @@ def dead_letter_count(db_url: str) -> int:
 
 
 def count_thread_fetches(nylas: SimulatorHandle) -> collections.Counter[str]:
-    """From now on, count the simulator's ``GET /threads/{id}`` answers per thread id (the first call of every sync)."""
+    """From now on, count per thread id the simulator's answers to the first page of ``GET /messages?thread_id=``:
+    the call every thread sync makes first, and exactly once."""
     fetches: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
-    original = nylas.simulator.get_thread
+    original = nylas.simulator.list_messages
 
-    def get_thread(grant_id: str, thread_id: str, query: Any) -> dict[str, Any]:
-        with lock:
-            fetches[thread_id] += 1
-        return original(grant_id, thread_id, query)
+    def list_messages(grant_id: str, query: Mapping[str, str]) -> dict[str, Any]:
+        if query.get("thread_id") and not query.get("page_token"):
+            with lock:
+                fetches[query["thread_id"]] += 1
+        return original(grant_id, query)
 
-    nylas.simulator.get_thread = get_thread  # type: ignore[method-assign]
+    nylas.simulator.list_messages = list_messages  # type: ignore[method-assign]
     return fetches

@@ -24,6 +24,8 @@ from tests.processes import running_workers, wait_for
 
 STORMY = "grant-stormy"
 EXPIRING = "grant-expiring"
+#: Threads per grant.
+THREADS = 300
 
 
 def _thread_counts(db_url: str, config_id: uuid.UUID) -> dict[str, int]:
@@ -34,25 +36,30 @@ def _thread_counts(db_url: str, config_id: uuid.UUID) -> dict[str, int]:
     return {str(status): int(count) for status, count in rows}
 
 
+#: Threads per grant.
+THREADS = 300
+
+
 @pytest.mark.slow
 @pytest.mark.processes
 def test_a_backfill_through_a_storm_finishes_exactly_and_an_expired_grant_stops_cleanly(
     db_url: str, tmp_path: Path
 ) -> None:
-    # Given two 150-thread mailboxes behind a Nylas that rate-limits each grant to 40 calls/s (with Retry-After),
-    # answers 10 % of calls with a 5xx, resets 3 % of connections and leaves 4 % hanging past the workers' 0.5 s
-    # timeout, and workers that do not pace themselves
+    # Given two 300-thread mailboxes behind a Nylas that rate-limits each grant to 15 calls/s (with Retry-After),
+    # answers 15 % of calls with a 5xx, resets 6 % of connections and leaves 4 % hanging past the workers' 0.5 s
+    # timeout, and workers that do not pace themselves (at one call per thread, 300 threads make as many calls as 150
+    # did at two, and the workers outrun 15/s even on a busy machine)
     faults = FaultConfig(
-        rate_limit_per_s=40,
+        rate_limit_per_s=15,
         rate_limit_burst=5,
-        error_rate=0.10,
-        reset_rate=0.03,
+        error_rate=0.15,
+        reset_rate=0.06,
         stall_rate=0.04,
         stall_ms=1500,
         seed=41,
     )
     nylas = start_in_thread(
-        seed=41, grants=[STORMY, EXPIRING], threads_per_grant=150, faults=faults, large_body_share=0.0
+        seed=41, grants=[STORMY, EXPIRING], threads_per_grant=THREADS, faults=faults, large_body_share=0.0
     )
     try:
         stormy = queue_backfill(db_url, nylas, STORMY)
@@ -102,7 +109,7 @@ def test_a_backfill_through_a_storm_finishes_exactly_and_an_expired_grant_stops_
     assert timeouts >= 5, timeouts
     # and no attempt was spent on the 429s: nothing was dead-lettered, no thread failed
     assert dead == []
-    assert _thread_counts(db_url, stormy.config_id) == {"completed": 150 - _outside_window(nylas, stormy)}
+    assert _thread_counts(db_url, stormy.config_id) == {"completed": THREADS - _outside_window(nylas, stormy)}
     # And the expired grant's inbox stopped cleanly: marked auth_expired, its threads settled with the reason,
     # nothing left in the queues, nothing retried forever
     assert inbox_status == ("auth_expired",)

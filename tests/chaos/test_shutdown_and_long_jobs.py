@@ -37,7 +37,7 @@ def test_sigterm_under_load_loses_nothing_and_runs_nothing_twice(db_url: str, tm
         try:
             workers.wait_ready(2)
             wait_for(lambda: _completed(db_url) >= 30, timeout_s=60, what="30 threads synced")
-            # When the supervisor sends SIGTERM to the main process while syncs are in flight (a thread fetched
+            # When the supervisor sends SIGTERM to the main process while syncs are in flight (a thread's messages fetched
             # but not yet stored; polled, because at any one instant all of them may be waiting on Nylas)
             wait_for(
                 lambda: sum(fetches.values()) - _completed(db_url) > 0,
@@ -60,7 +60,7 @@ def test_sigterm_under_load_loses_nothing_and_runs_nothing_twice(db_url: str, tm
         assert processing == (0,)
         assert "Killing worker process" not in first_log
 
-        # And a new command finishes the backfill exactly, without fetching any thread a second time
+        # And a new command finishes the backfill exactly, without syncing any thread a second time
         restarted_at = time.monotonic()
         with running_workers(env, tmp_path / "second.log", processes=2, threads=4):
             wait_for(
@@ -80,9 +80,9 @@ def test_sigterm_under_load_loses_nothing_and_runs_nothing_twice(db_url: str, tm
 @pytest.mark.slow
 @pytest.mark.processes
 def test_a_job_longer_than_the_visibility_timeout_is_not_taken_by_a_second_worker(db_url: str, tmp_path: Path) -> None:
-    # Given a visibility timeout of 2 s and thread syncs that take about 6 s (two Nylas calls of 3 s each)
+    # Given a visibility timeout of 2 s and thread syncs that take about 6 s (one Nylas call of 6 s each)
     nylas = start_in_thread(
-        seed=52, grants=["grant-long"], threads_per_grant=6, faults=FaultConfig(latency_ms=3000), large_body_share=0
+        seed=52, grants=["grant-long"], threads_per_grant=6, faults=FaultConfig(latency_ms=6000), large_body_share=0
     )
     try:
         fetches = count_thread_fetches(nylas)
@@ -98,7 +98,7 @@ def test_a_job_longer_than_the_visibility_timeout_is_not_taken_by_a_second_worke
                 timeout_s=80,
                 what="the slow backfill to complete",
             )
-        # Then each thread was fetched exactly once: the heartbeat kept every running job hidden
+        # Then each thread was synced exactly once: the heartbeat kept every running job hidden
         export = nylas.export("grant-long")
         tracked = [t["id"] for t in export["threads"] if t["latest_message_received_date"] > backfill.window_start]
         assert tracked and all(fetches[t] == 1 for t in tracked), dict(fetches)

@@ -18,6 +18,7 @@ from nova_email.nylas.client import NylasClient
 from nova_email.nylas.errors import ServerError
 from nova_email.simulator.server import SimulatorHandle
 from nova_email.thread_sync import sync_thread
+from tests.mirror import mirror_differences
 from tests.nova_email.conftest import GRANT
 
 
@@ -239,3 +240,176 @@ def test_a_transient_error_keeps_the_checkpoint_for_the_retry(
 def _no_leftover_faults(nylas: SimulatorHandle) -> Iterator[None]:
     yield
     nylas.faults.error_rate = 0.0
+
+
+def sync_every_queued_thread(conn: psycopg.Connection, client: NylasClient) -> list[str]:
+    """Run the thread job of every job on the thread queue, as the workers would; returns the thread ids."""
+    jobs = [structure_job(j, ThreadSyncJob) for j in thread_jobs(conn)]
+    for thread_job in jobs:
+        sync_thread(conn, client, thread_job)
+    conn.execute("select pgmq.purge_queue('thread_sync_jobs')")
+    return [j.thread_id for j in jobs]
+
+
+def calls_by_endpoint(nylas: SimulatorHandle) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for (endpoint, _status), count in nylas.simulator.calls.snapshot().items():
+        calls[endpoint] = calls.get(endpoint, 0) + count
+    return calls
+
+
+def window_start(job: BackfillJob) -> int:
+    return int(job.start_date.timestamp())
+
+
+def change_three_threads(nylas: SimulatorHandle, candidates: list[str]) -> list[str]:
+    """Change three of `candidates` at Nylas without webhooks, each in a field of the thread itself: a reply comes,
+    the one unread message is read, a message is starred. Returns the three ids."""
+    threads = nylas.simulator.grants[GRANT].threads
+    replied = candidates[0]
+    read = next(t for t in candidates[1:] if sum(m.unread for m in threads[t].messages) == 1)
+    starred = next(t for t in candidates[1:] if t != read and not any(m.starred for m in threads[t].messages))
+    nylas.simulator.add_message(GRANT, thread_id=replied, emit=False)
+    unread = next(m for m in threads[read].messages if m.unread)
+    nylas.simulator.update_message(GRANT, unread.id, unread=False, emit=False)
+    nylas.simulator.update_message(GRANT, threads[starred].messages[0].id, starred=True, emit=False)
+    return [replied, read, starred]
+
+
+def test_a_backfill_syncs_each_listed_thread_with_one_call_and_no_thread_get(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # When a backfill lists the inbox and every thread job runs
+    backfill.run_backfill(conn, client, job, page_size=10)
+    synced = sync_every_queued_thread(conn, client)
+
+    # Then no thread was fetched again: one message list per thread (none has over 200 messages), and the listing
+    calls = calls_by_endpoint(nylas)
+    assert sorted(synced) == sorted(in_window(nylas, job))
+    assert calls.get("threads.get", 0) == 0
+    assert calls["messages.list"] == len(synced)
+    assert calls["threads.list"] == -(-len(synced) // 10)
+    # And the mirror equals the mailbox field by field
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+
+
+def test_a_thread_that_changes_between_listing_and_sync_is_fetched_and_the_newer_data_wins(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a listing, after which three threads change at Nylas without webhooks: a reply, a read, a star
+    backfill.run_backfill(conn, client, job)
+    change_three_threads(nylas, sorted(in_window(nylas, job)))
+
+    # When the thread jobs run
+    sync_every_queued_thread(conn, client)
+
+    # Then exactly the changed threads were fetched again, and the mirror holds their new state
+    assert calls_by_endpoint(nylas).get("threads.get", 0) == 3
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+
+
+def test_a_long_listing_runs_in_slices_each_continuing_from_the_checkpoint(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, job: BackfillJob
+) -> None:
+    expected = in_window(nylas, job)
+    pages = -(-len(expected) // 3)
+    assert pages > 4
+    runs = []
+    current = job
+    # When each run may list two pages of three threads
+    while True:
+        result = backfill.run_backfill(conn, client, current, page_size=3, slice_pages=2)
+        runs.append(result)
+        if result.outcome != "continued":
+            break
+        # Then it leaves the job that lists on, for the same inbox, grant and window
+        row = conn.execute("select message from pgmq.q_inbox_backfill_jobs order by msg_id desc limit 1").fetchone()
+        assert row is not None
+        current = structure_job(row[0], BackfillJob)
+        assert current == job
+    # And together the runs listed every page once and fanned out each thread once
+    assert [r.pages for r in runs] == [2] * (pages // 2) + ([pages % 2] if pages % 2 else [])
+    assert sorted(j["thread_id"] for j in thread_jobs(conn)) == sorted(expected)
+    assert calls_by_endpoint(nylas)["threads.list"] == pages
+    assert config_state(conn, job.config_id)[0] == "thread_sync"
+
+
+class InterruptingClient(NylasClient):
+    """A real client; before its second page, another run of the same backfill records a page (a duplicate job)."""
+
+    def __init__(self, *args: Any, conn: psycopg.Connection, config_id: uuid.UUID, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn, self.config_id, self.pages = conn, config_id, 0
+
+    def list_threads(self, grant_id: str, **kwargs: Any) -> Any:
+        self.pages += 1
+        if self.pages == 2:
+            from psycopg.types.json import Jsonb
+
+            self.conn.execute("select * from record_backfill_page(%s, %s, 'other', 2)", [self.config_id, Jsonb([])])
+        return super().list_threads(grant_id, **kwargs)
+
+
+def test_a_second_run_of_the_same_backfill_stops_instead_of_listing_alongside(
+    conn: psycopg.Connection, nylas: SimulatorHandle, job: BackfillJob
+) -> None:
+    racing = InterruptingClient(api_key="k", api_uri=nylas.base_url, conn=conn, config_id=job.config_id)
+    result = backfill.run_backfill(conn, racing, job, page_size=3)
+    assert result.outcome == "superseded" and result.pages == 1
+    status, progress = config_state(conn, job.config_id)
+    assert status == "backfill" and progress["current_page"] == 2 and progress["last_page_token"] == "other"
+    assert thread_jobs(conn) == []
+
+
+def test_a_new_backfill_repairs_a_damaged_mirror_and_leaves_current_threads_alone(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a completed backfill
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+    assert conn.execute("select complete_backfill_if_done(%s)", [job.config_id]).fetchone() is not None
+    assert config_state(conn, job.config_id)[0] == "completed"
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+
+    # And damage: messages of two threads deleted, one thread row deleted, three threads changed at Nylas with
+    # their webhooks lost (a reply, a read, a star)
+    threads = sorted(in_window(nylas, job))
+    lost_messages, lost_thread = threads[0:2], threads[2]
+    for thread_id in lost_messages:
+        conn.execute(
+            "delete from flux_email_messages where id = (select min(id::text)::uuid from flux_email_messages"
+            " where inbox_id = %s and nylas_thread_id = %s)",
+            [inbox_id, thread_id],
+        )
+    conn.execute("delete from flux_email_threads where inbox_id = %s and nylas_thread_id = %s", [inbox_id, lost_thread])
+    changed = change_three_threads(nylas, threads[3:])
+    damaged = {*lost_messages, lost_thread, *changed}
+
+    # When a new backfill of the inbox runs
+    again = queue_backfill(conn, inbox_id, end=job.end_date)
+    result = backfill.run_backfill(conn, client, again)
+    synced = sync_every_queued_thread(conn, client)
+
+    # Then exactly the damaged threads were synced again, whatever the first run recorded for them
+    assert sorted(synced) == sorted(damaged)
+    assert result.threads_queued == len(damaged) and result.threads_skipped == len(threads) - len(damaged)
+    # And the mirror equals the mailbox again, field by field, and the backfill can complete
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+    conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
+    assert config_state(conn, job.config_id)[0] == "completed"
+
+
+def test_a_listed_thread_with_a_draft_is_fetched_since_its_messages_cannot_vouch_for_it(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a thread of the year holding a draft (drafts are not among the messages a thread job fetches)
+    drafted = sorted(in_window(nylas, job))[0]
+    nylas.simulator.add_draft(GRANT, thread_id=drafted, body="<p>not sent yet</p>")
+
+    # When a backfill lists the inbox and every thread job runs
+    backfill.run_backfill(conn, client, job)
+    sync_every_queued_thread(conn, client)
+
+    # Then that thread alone was fetched, and the mirror equals the mailbox
+    assert calls_by_endpoint(nylas).get("threads.get", 0) == 1
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []

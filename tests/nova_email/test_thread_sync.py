@@ -128,15 +128,25 @@ def test_an_expired_grant_marks_the_inbox_and_stops_its_jobs(
     assert sum(client.counter.snapshot().values()) - calls_before == 1
 
 
-def test_a_completed_thread_is_not_claimed_again(
+def test_a_job_for_a_completed_thread_syncs_it_again_and_keeps_it_completed(
     conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID
 ) -> None:
+    # Given a thread its backfill completed, whose stored copy then went stale (a reply came, its webhook was lost)
     thread_id = make_thread_of(nylas, 3)
     config_id = track(conn, inbox_id, thread_id)
     job = ThreadSyncJob(thread_id=thread_id, inbox_id=inbox_id, config_id=config_id)
     thread_sync.sync_thread(conn, client, job)
+    nylas.simulator.add_message(GRANT, thread_id=thread_id, emit=False)
+
+    # When a job for it runs again (a redelivery, or a queue_thread_sync() call)
     again = thread_sync.sync_thread(conn, client, job)
-    assert again.outcome is ThreadSyncOutcome.ALREADY_COMPLETED
+
+    # Then the thread is synced as Nylas has it now, and its row stays completed without another attempt counted
+    assert again.outcome is ThreadSyncOutcome.SYNCED and again.messages == 4
+    export = nylas.export(GRANT)
+    export["threads"] = [t for t in export["threads"] if t["id"] == thread_id]
+    assert mirror_differences(conn, inbox_id, export) == []
+    assert queued_row(conn, config_id, thread_id)[:2] == ("completed", 4)
     assert queued_row(conn, config_id, thread_id)[4] == 1
 
 
