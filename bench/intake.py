@@ -189,7 +189,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="concurrent wrk connections")
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker")
+    parser.add_argument("--threads", type=int, default=8, help="database connections per worker")
     parser.add_argument("--bodies", type=int, default=60_000, help="distinct pre-signed events for `unique`")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -210,7 +210,7 @@ def main() -> int:
                 database_url=url, nylas_webhook_secret=SECRET, data_dir=Path(scratch), log_level="error"
             )
             print(
-                f"intake: gunicorn {args.workers} workers x {args.threads} threads; wrk {args.wrk_threads} threads, "
+                f"intake: gunicorn {args.workers} workers x {args.threads} database connections; wrk {args.wrk_threads} threads, "
                 f"{args.connections} connections, {args.duration} s per scenario; {os.cpu_count()} CPUs",
                 flush=True,
             )

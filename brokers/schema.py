@@ -8,6 +8,8 @@ package, never both and never twice) and then the broker's own DDL from ``broker
 files: each file runs once, inside its own transaction, under a transaction-level advisory lock,
 and is recorded in ``pgmq_broker.schema_migrations`` with its namespace and checksum. Two
 processes migrating at once therefore serialise instead of racing; running it again is a no-op.
+A file edited after release lists the checksums of its earlier texts in ``-- replaces: <sha256>`` lines;
+a database that applied one of those texts is then recorded under the new one instead of being warned about.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from .errors import MigrationError
 
 __all__ = [
     "Migration",
+    "applied_checksums",
     "apply_migrations",
+    "create_migrations_table",
     "install",
     "install_pgmq",
     "load_migrations",
@@ -42,6 +46,8 @@ log = logger.bind(component="Migrate")
 MIGRATION_LOCK_KEY = 0x70676D716D696772
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
+#: ``-- replaces: <sha256>``: an earlier text of the same migration with the same effect on a database that ran it.
+_REPLACES = re.compile(r"^-- replaces: (?P<checksum>[0-9a-f]{64})$", re.MULTILINE)
 
 #: Create the bookkeeping table; runs under the advisory lock so concurrent first runs cannot race.
 _CREATE_TABLE: LiteralString = """
@@ -57,6 +63,10 @@ create table if not exists pgmq_broker.schema_migrations (
 """
 #: Serialise migrating processes for the length of one transaction.
 _LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
+#: Run after `_LOCK`: locking a catalog table makes this backend take in the catalog changes of the process it waited
+#: for. The advisory lock alone does not, so a schema this backend had looked up (and found missing) before the wait
+#: would still look missing, and ``create schema if not exists`` would collide with the one just committed.
+_SEE_COMMITTED_CATALOG: LiteralString = "select count(*) from pg_catalog.pg_namespace"
 #: Checksum of an applied migration, if any.
 _APPLIED: LiteralString = (
     "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"
@@ -65,6 +75,15 @@ _APPLIED: LiteralString = (
 _RECORD: LiteralString = (
     "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
     " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
+)
+#: Every applied migration of a namespace.
+_APPLIED_ALL: LiteralString = (
+    "select version, checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s order by version"
+)
+#: Record an applied migration under its current text.
+_RERECORD: LiteralString = (
+    "update pgmq_broker.schema_migrations set checksum = %(checksum)s, name = %(name)s"
+    " where namespace = %(namespace)s and version = %(version)s"
 )
 #: Is PGMQ present, and how: as an extension, as plain SQL, or available to create.
 _PGMQ_STATE: LiteralString = """
@@ -75,8 +94,6 @@ select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
 _CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"
 #: Does the bookkeeping table exist (it does once anything was applied)?
 _TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
-#: Versions recorded for a namespace.
-_APPLIED_VERSIONS: LiteralString = "select version from pgmq_broker.schema_migrations where namespace = %(namespace)s"
 
 
 @attrs.frozen
@@ -90,6 +107,11 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def replaces(self) -> frozenset[str]:
+        """Checksums of earlier texts of this file, declared in its ``-- replaces: <sha256>`` lines."""
+        return frozenset(_REPLACES.findall(self.sql))
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
@@ -114,6 +136,13 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def applied_checksums(conn: psycopg.Connection, namespace: str) -> dict[int, str]:
+    """Version -> checksum of every migration of `namespace` applied so far (empty before the first); reads only."""
+    if conn.execute(_TABLE_EXISTS).fetchone() != (True,):
+        return {}
+    return dict(conn.execute(_APPLIED_ALL, {"namespace": namespace}).fetchall())
+
+
 def _check_idle(conn: psycopg.Connection) -> None:
     # Each migration commits on its own; inside a caller's transaction it could not.
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -121,9 +150,11 @@ def _check_idle(conn: psycopg.Connection) -> None:
         raise MigrationError(msg)
 
 
-def _ensure_table(conn: psycopg.Connection) -> None:
+def create_migrations_table(conn: psycopg.Connection) -> None:
+    """Create the bookkeeping table if it is missing (each runner here does it first)."""
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
+        conn.execute(_SEE_COMMITTED_CATALOG)
         conn.execute(_CREATE_TABLE)
 
 
@@ -133,7 +164,10 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
         row = conn.execute(_APPLIED, params).fetchone()
         if row is not None:
-            if row[0] != migration.checksum:
+            if row[0] in migration.replaces:
+                conn.execute(_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+                log.info("Recorded {}/{:03d}_{} under its edited text", namespace, migration.version, migration.name)
+            elif row[0] != migration.checksum:
                 log.warning(
                     "{}/{:03d}_{} changed after it was applied; migrations are append-only, add a new file instead",
                     namespace,
@@ -165,7 +199,7 @@ def apply_migrations(
     if not isinstance(migrations, Iterable):
         migrations = load_migrations(migrations)
     _check_idle(conn)
-    _ensure_table(conn)
+    create_migrations_table(conn)
     applied: list[str] = []
     for migration in migrations:
         try:
@@ -186,10 +220,7 @@ def pending_migrations(
     """
     if not isinstance(migrations, Iterable):
         migrations = load_migrations(migrations)
-    applied: set[int] = set()
-    exists = conn.execute(_TABLE_EXISTS).fetchone()
-    if exists is not None and exists[0]:
-        applied = {row[0] for row in conn.execute(_APPLIED_VERSIONS, {"namespace": namespace})}
+    applied = applied_checksums(conn, namespace)
     return [migration for migration in migrations if migration.version not in applied]
 
 
@@ -217,7 +248,7 @@ def install_pgmq(conn: psycopg.Connection) -> str:
         installed by someone else, left alone).
     """
     _check_idle(conn)
-    _ensure_table(conn)
+    create_migrations_table(conn)
     with conn.transaction():
         conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
         extension, schema, available = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)

@@ -1,4 +1,5 @@
-"""The service's Dramatiq actors, one set per queue. Importing this module sets up the PGMQ broker.
+"""The service's Dramatiq actors, one set per queue. Importing this module sets up the PGMQ broker and nothing
+else: logging and the checks a worker needs happen when Dramatiq boots a worker process (`nova_email.boot`).
 
 Run one processor with ``dramatiq nova_email.actors --queues thread_sync_jobs`` (or
 ``nylas_webhook_notifications``, ``inbox_backfill_jobs``, ``completion_monitor``), all of them with
@@ -8,11 +9,13 @@ objects on the queues, which the broker hands to each queue's ``queue_handler`` 
 Each actor only decodes its payload, opens a connection, calls one processor function and
 translates errors: a bad payload is dead-lettered at once (``throws``), a Nylas 429 is
 re-scheduled after its Retry-After without using an attempt, and when the last attempt fails the
-``on_give_up`` hook leaves the domain row in a terminal state.
+``on_give_up`` hook leaves the domain row in a terminal state. Attempts are spread so that the last one comes at
+least the processor's retry window (WEBHOOK_/BACKFILL_/THREAD_RETRY_WINDOW_MS, 2 minutes) after the first.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,10 +28,10 @@ from dramatiq.middleware import CurrentMessage
 from brokers import RetryAfter
 
 from . import backfill, completion, db, thread_sync, webhooks
+from .boot import WorkerBoot
 from .config import load_settings
 from .errors import InvalidJob
 from .jobs import BackfillJob, ThreadSyncJob, WebhookJob, structure_job
-from .log import setup_logging
 from .nylas.errors import RateLimited
 from .worker import build_broker, nylas_client
 
@@ -42,6 +45,7 @@ __all__ = [
     "check_completion",
     "process_webhook",
     "recover_completions",
+    "retry_backoff_ms",
     "run_backfill",
     "settings",
     "sync_thread",
@@ -62,9 +66,20 @@ QUEUES = {
 J = TypeVar("J")
 
 settings = load_settings()
-setup_logging(settings)
 broker = build_broker(settings)
+# Last in the list, so first of the after_process_boot hooks (Dramatiq runs after_* hooks in reverse): the others log
+# through the sink it sets up.
+broker.add_middleware(WorkerBoot(settings))
 dramatiq.set_broker(broker)
+
+
+def retry_backoff_ms(window_ms: int, attempts: int) -> int:
+    """The ``min_backoff`` that puts the last of `attempts` (2 or more) at least `window_ms` after the first.
+
+    Dramatiq waits ``min_backoff * 2**k`` (times a jitter of 1 to 2) before retry k + 1, so the attempts span at
+    least ``min_backoff * (2**(attempts - 1) - 1)``.
+    """
+    return max(1, math.ceil(window_ms / ((1 << (attempts - 1)) - 1)))
 
 
 def _give_up(
@@ -109,7 +124,7 @@ def _deferred_on_rate_limit() -> Iterator[None]:
     queue_name=WEBHOOK_QUEUE,
     queue_handler=True,
     max_retries=2,
-    min_backoff=1000,
+    min_backoff=retry_backoff_ms(settings.webhook_retry_window_ms, 3),
     throws=(InvalidJob,),
     on_give_up=_give_up(WebhookJob, webhooks.record_webhook_error),
 )
@@ -127,7 +142,7 @@ def process_webhook(payload: dict[str, Any]) -> None:
     queue_name=BACKFILL_QUEUE,
     queue_handler=True,
     max_retries=2,
-    min_backoff=2000,
+    min_backoff=retry_backoff_ms(settings.backfill_retry_window_ms, 3),
     time_limit=backfill.RUN_TIME_LIMIT_MS,
     throws=(InvalidJob,),
     on_give_up=_give_up(BackfillJob, backfill.record_backfill_failure),
@@ -146,7 +161,7 @@ def run_backfill(payload: dict[str, Any]) -> None:
     queue_name=THREAD_QUEUE,
     queue_handler=True,
     max_retries=4,
-    min_backoff=1000,
+    min_backoff=retry_backoff_ms(settings.thread_retry_window_ms, 5),
     throws=(InvalidJob,),
     on_give_up=_give_up(ThreadSyncJob, thread_sync.record_thread_failure),
 )

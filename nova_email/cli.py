@@ -2,20 +2,24 @@
 
 Each subcommand is a small function that loads the settings, sets up logging and calls into the
 package. Errors the user can fix (configuration, database) end the command with one clear line
-and exit status 2, not a traceback.
+and exit status 2, not a traceback; a database error raised anywhere in a command is one of them. Such a line
+never shows a configured secret (`nova_email.masking`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+import psycopg
 from loguru import logger
 
 from .config import Settings, load_settings, redact_url
 from .errors import NovaError
 from .log import setup_logging
+from .masking import mask, secret_values
 
 __all__ = ["main"]
 
@@ -25,13 +29,22 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from brokers.errors import MigrationError
+
     from . import db
-    from .migrate import migrate, pending_migrations
+    from .errors import DatabaseError
+    from .migrate import migrate, pending_migrations, plan
 
     with db.connect(settings) as conn:
-        if not args.check:
-            migrate(conn)
-            return 0
+        try:
+            if args.dry_run:
+                print("\n".join(plan(conn).lines()))
+                return 0
+            if not args.check:
+                migrate(conn)
+                return 0
+        except MigrationError as exc:
+            raise DatabaseError(str(exc)) from exc
         pending = pending_migrations(conn)
     if pending:
         print(f"{len(pending)} migration(s) pending: {', '.join(pending)}; run nova-email migrate")
@@ -75,6 +88,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
+    from .boot import require_nylas_key
+
+    require_nylas_key(settings, PROCESSORS[args.processor])
     arguments = worker_arguments(args.processor, args.dramatiq_args)
     log.info("Starting {} processor: dramatiq {}", args.processor, " ".join(arguments))
     # Dramatiq's main process runs here rather than exec'd: its logging.basicConfig() does nothing once this
@@ -82,12 +98,6 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     # set up above, JSON included. Its signal handling (graceful SIGTERM/SIGINT) applies to this process.
     parsed = make_argument_parser().parse_args(arguments)  # type: ignore[no-untyped-call]
     return int(dramatiq_main(parsed) or 0)  # type: ignore[no-untyped-call]
-
-
-def _serve_webhooks(settings: Settings, args: argparse.Namespace) -> int:
-    from .intake.server import main as intake_main
-
-    return intake_main(settings, args.host, args.port)
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -110,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--check", action="store_true", help="apply nothing; exit 1 when migrations are pending (for deploy scripts)"
     )
+    migrate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what migrating would change (tried, then rolled back), change nothing",
+    )
     db_url = add(
         "db-url", _db_url, "print the database URL in use, password hidden (starts the embedded server if needed)"
     )
@@ -123,9 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
     add_demo_arguments(add("demo", _demo, "run the whole service on a generated mailbox and show it working"))
-    serve = add("serve-webhooks", _serve_webhooks, "receive Nylas webhooks over HTTP into the webhook queue")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    # main() runs it as a process of its own (nova_email.serve_webhooks), which parses the same options.
+    from .intake.server import add_arguments as add_intake_arguments
+
+    add_intake_arguments(
+        sub.add_parser("serve-webhooks", help="receive Nylas webhooks over HTTP into the webhook queue")
+    )
     from .ops import (
         add_backfill_arguments,
         add_dead_letters_arguments,
@@ -161,17 +179,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .simulator.server import main as simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["serve-webhooks"]:
+        # A fresh interpreter, so that gevent patches the standard library before psycopg is imported (see
+        # nova_email.serve_webhooks); exec, so that signals reach the gunicorn master directly.
+        os.execv(sys.executable, [sys.executable, "-m", "nova_email.serve_webhooks", *argv[1:]])
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = load_settings()
         setup_logging(settings)
         func: Command = args.func
         return func(settings, args)
     except NovaError as exc:
-        print(f"nova-email: {exc}", file=sys.stderr)
+        _fail(str(exc), settings)
+        return 2
+    except psycopg.Error as exc:
+        # The first line says what failed (connection refused, authentication, a missing table); the rest of
+        # libpq's text is hints and context.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"database error ({type(exc).__name__}): {first_line}", settings)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str, settings: Settings | None) -> None:
+    print(f"nova-email: {mask(message, secret_values(settings)) if settings else message}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

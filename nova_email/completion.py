@@ -121,21 +121,26 @@ def check_backfills(conn: psycopg.Connection) -> list[BackfillProgress]:
 
 
 def fail_dead_lettered_jobs(conn: psycopg.Connection) -> int:
-    """Give a terminal state to threads and webhooks whose job the broker dead-lettered behind the actors' backs.
+    """Give a terminal state to threads, webhooks and backfills whose job the broker dead-lettered behind the actors'
+    backs.
 
     The actors record every failure they see, but a poison message (its worker died ``max_deliveries`` times) or
     an undecodable body is dead-lettered by the broker before any actor runs. Without this, such a thread would
-    stay ``processing`` and its backfill would never complete. Returns how many rows were failed.
+    stay ``processing`` and its backfill would never complete, and such a backfill would stay active and refuse
+    every new one. Returns how many rows were failed.
     """
     threads = conn.execute(queries.FAIL_DEAD_LETTERED_THREADS).fetchall()
     webhooks = conn.execute(queries.FAIL_DEAD_LETTERED_WEBHOOKS).fetchall()
+    backfills = conn.execute(queries.FAIL_DEAD_LETTERED_BACKFILLS).fetchall()
     for config_id, thread_id, reason in threads:
         log.warning(
             "Config {}... thread {} failed: its job was dead-lettered ({})", str(config_id)[:8], thread_id, reason
         )
     for notification_id, reason in webhooks:
         log.warning("Webhook {} failed: its job was dead-lettered ({})", notification_id, reason)
-    return len(threads) + len(webhooks)
+    for config_id, reason, _ in backfills:
+        log.warning("Config {}... backfill failed: its job was dead-lettered ({})", str(config_id)[:8], reason)
+    return len(threads) + len(webhooks) + len(backfills)
 
 
 def recover_premature_completions(conn: psycopg.Connection) -> list[uuid.UUID]:

@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import attrs
+import psycopg
 from dotenv import dotenv_values
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError
 
@@ -27,19 +29,22 @@ T = TypeVar("T")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 _LOG_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
+#: Spellings of other ecosystems (Node's ``warn``, Python's ``fatal``) -> loguru's level name.
+_LOG_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
 
 
-#: ``scheme://user:password@``: libpq ends the userinfo at the first ``@`` before any ``/``, so a password may hold
-#: ``?`` or ``#``, which `urllib.parse.urlsplit` would take for the query or the fragment.
-_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:)[^@/]*@")
-#: A ``name=value`` parameter of a URL's query string (libpq takes ``?password=`` there too).
+#: ``scheme://user:password@``, up to the last ``@``: a password may hold ``?`` or ``#`` (which `urllib.parse.urlsplit`
+#: would take for the query or the fragment) and, unencoded, ``@`` or ``/`` (which libpq would misread, but a log
+#: line must still not show any of it).
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:).*@", re.DOTALL)
+#: A ``name=value`` parameter of a URL's query string (libpq takes ``?password=`` and ``?sslpassword=`` there too).
 _QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^&=]*)=)[^&]*")
-#: ``password=value`` in a key=value connection string: unquoted up to whitespace, or single-quoted with ``\'``.
-_CONNINFO_PASSWORD = re.compile(r"(?P<head>(?:^|\s)password\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|\S*)", re.IGNORECASE)
+#: ``*password=value`` in a key=value connection string: unquoted up to whitespace, or single-quoted with ``\'``.
+_CONNINFO_PASSWORD = re.compile(r"(?P<head>(?:^|\s)\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*(?:'|$)|\S*)", re.IGNORECASE)
 
 
 def _redact_query_parameter(match: re.Match[str]) -> str:
-    if unquote(match["name"]).strip().lower() == "password":
+    if unquote(match["name"]).strip().lower().endswith("password"):
         return f"{match['head']}***"
     return match[0]
 
@@ -47,8 +52,9 @@ def _redact_query_parameter(match: re.Match[str]) -> str:
 def redact_url(url: str) -> str:
     """`url` with every password replaced by ``***`` (for logs and errors).
 
-    Covers the userinfo (``postgresql://user:***@host``), a ``password=`` query parameter and, for a libpq
-    key=value connection string, its ``password=`` pair. Anything else is left as it was.
+    Covers the userinfo (``postgresql://user:***@host``), every ``*password=`` query parameter (``password``,
+    ``sslpassword``) and, for a libpq key=value connection string, its ``*password=`` pairs. Anything else is left
+    as it was.
     """
     if "://" not in url:
         redacted = _CONNINFO_PASSWORD.sub(lambda m: f"{m['head']}***", url)
@@ -63,7 +69,6 @@ class Settings:
     """The service's configuration. Build it with `load_settings`; tests may build it directly."""
 
     poll_interval_ms: int = 5000
-    batch_size: int = 10
     visibility_timeout_s: int = 300
     completion_check_interval_ms: int = 5000
     enable_auto_recovery: bool = True
@@ -77,6 +82,10 @@ class Settings:
     nylas_grant_rate: float = 10.0
     nylas_grant_burst: int = 10
     nylas_app_rate: float = 0.0
+    #: Shortest time from a job's first attempt to its last, per processor: a Nylas incident that short fails no job.
+    webhook_retry_window_ms: int = 120_000
+    backfill_retry_window_ms: int = 120_000
+    thread_retry_window_ms: int = 120_000
     testing_mode: bool = False
     log_level: str = "info"
     log_format: str = "text"
@@ -136,6 +145,11 @@ def _parse_choice(name: str, raw: str, choices: set[str]) -> str:
     return lowered
 
 
+def _parse_log_level(name: str, raw: str) -> str:
+    level = _parse_choice(name, raw, _LOG_LEVELS | set(_LOG_LEVEL_ALIASES))
+    return _LOG_LEVEL_ALIASES.get(level, level)
+
+
 def _parse_http_url(name: str, raw: str) -> str:
     value = raw.strip().rstrip("/")
     parts = urlsplit(value)
@@ -155,13 +169,22 @@ def _parse_database_url(name: str, raw: str) -> str:
             "or leave it unset to use the embedded server"
         )
         raise ConfigError(msg)
-    scheme = urlsplit(value).scheme if "://" in value else ""
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
     if scheme not in {"postgres", "postgresql"}:
         msg = (
             f"{name}={redact_url(value)!r} is not a PostgreSQL URL; expected postgresql://user:password@host:5432/db, "
             "or leave it unset to use the embedded server"
         )
         raise ConfigError(msg)
+    try:
+        conninfo_to_dict(value)  # libpq's own parser, so that what passes here is what libpq will accept
+    except psycopg.Error:
+        # libpq's message quotes the offending part, which may be the password: neither it nor the URL is shown.
+        msg = (
+            f"{name} is not a URL libpq can read (not shown: it holds a password); percent-encode special characters "
+            "in the user name and password (% as %25, @ as %40, / as %2F, : as %3A, # as %23, ? as %3F)"
+        )
+        raise ConfigError(msg) from None
     return value
 
 
@@ -202,7 +225,6 @@ def _ms(minimum: int = 0) -> Callable[[str, str], int]:
 #: Environment variable -> (Settings field, parser).
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "POLL_INTERVAL_MS": ("poll_interval_ms", _ms(10)),
-    "BATCH_SIZE": ("batch_size", lambda n, r: _parse_int(n, r, minimum=1, unit="messages")),
     "VISIBILITY_TIMEOUT": ("visibility_timeout_s", lambda n, r: _parse_int(n, r, minimum=1, unit="seconds")),
     "COMPLETION_CHECK_INTERVAL_MS": ("completion_check_interval_ms", _ms(100)),
     "ENABLE_AUTO_RECOVERY": ("enable_auto_recovery", _parse_bool),
@@ -210,8 +232,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "THREAD_DELAY_MS": ("thread_delay_ms", _ms()),
     "MESSAGE_DELAY_MS": ("message_delay_ms", _ms()),
     "API_DELAY_MS": ("api_delay_ms", _ms()),
+    "WEBHOOK_RETRY_WINDOW_MS": ("webhook_retry_window_ms", _ms(1)),
+    "BACKFILL_RETRY_WINDOW_MS": ("backfill_retry_window_ms", _ms(1)),
+    "THREAD_RETRY_WINDOW_MS": ("thread_retry_window_ms", _ms(1)),
     "TESTING_MODE": ("testing_mode", _parse_bool),
-    "LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, _LOG_LEVELS)),
+    "LOG_LEVEL": ("log_level", _parse_log_level),
     "LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, {"text", "json"})),
     "NO_COLOR": ("no_color", lambda n, r: True),
     "DATABASE_URL": ("database_url", _parse_database_url),

@@ -39,10 +39,10 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-def database_url(settings: Settings) -> str:
+def database_url(settings: Settings, *, announce: bool = True) -> str:
     """The URL to use: DATABASE_URL, or in the source checkout the embedded server's (started if needed).
 
-    Logs the choice once.
+    Logs the choice once, on the first call that may `announce` it (not while `nova_email.actors` is imported).
 
     Raises:
         ConfigError: DATABASE_URL is not set in an installed package.
@@ -55,9 +55,10 @@ def database_url(settings: Settings) -> str:
     else:
         url = embedded_server_url(settings.data_dir)
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"
-    if url not in _announced:
+    if announce and url not in _announced:
         _announced.add(url)
-        log.info("Using {}", where)
+        # DEBUG: a URL (even redacted) in every process's first lines tells a log reader more than they need.
+        log.debug("Using {}", where)
     return url
 
 

@@ -5,21 +5,34 @@ installs). Its data lives in a project-local folder (``.nova/pgdata`` by default
 the command that started it, so later commands (the next ``make migrate``, the workers, the tests) reuse it
 instead of starting anew. An installed package never starts one by itself: without DATABASE_URL it stops
 (`embedded_server_is_default`).
+
+The wheel initialises the server to trust every local connection, so any user of the machine who can reach its
+socket would be its superuser. Before the URL is handed out, the superuser gets a random password, kept in
+``<data dir>/pgpassword`` (readable by its owner only), and ``pg_hba.conf`` asks every connection for it
+(scram-sha-256). A server made by an earlier version is converted the same way on its next start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import secrets
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
 
 from .errors import DatabaseError
 
 __all__ = [
     "SOURCE_CHECKOUT",
+    "embedded_password_file",
     "embedded_server_is_default",
     "embedded_server_running",
     "embedded_server_url",
@@ -39,6 +52,75 @@ def embedded_server_is_default() -> bool:
     mailbox in the container's disk), so there a missing DATABASE_URL is a configuration error.
     """
     return SOURCE_CHECKOUT is not None
+
+
+#: pg_hba.conf once the password is set: nothing is trusted, every connection authenticates.
+_PASSWORD_HBA = """\
+# Written by nova_email.embedded: every connection authenticates with the password in ../pgpassword.
+local   all   all                  scram-sha-256
+host    all   all   127.0.0.1/32   scram-sha-256
+host    all   all   ::1/128        scram-sha-256
+"""
+
+
+def embedded_password_file(data_dir: Path) -> Path:
+    """Where the embedded server's superuser password is kept (mode 0600)."""
+    return data_dir.expanduser().resolve() / "pgpassword"
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{password}@{parts.hostname or ''}"))
+
+
+def _write_private(path: Path, text: str, *, like: Path | None = None) -> None:
+    # Written whole, then renamed: a reader sees the old text or the new, never a part. `like` lends its owner, so
+    # that a file the server reads stays readable by it when we run as root and the server as its own user.
+    partial = path.with_name(path.name + ".partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    if like is not None and os.geteuid() == 0:
+        owner = like.stat()
+        os.chown(partial, owner.st_uid, owner.st_gid)
+    partial.replace(path)
+
+
+def _require_password(data_dir: Path, pgdata: Path, trusted_url: str) -> str:
+    """The server's password, set (and trust removed) first if this server has none yet; one process at a time."""
+    password_file = embedded_password_file(data_dir)
+    hba = pgdata / "pg_hba.conf"
+    with (data_dir / "pgpassword.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if password_file.exists() and hba.read_text() == _PASSWORD_HBA:
+            return password_file.read_text().strip()
+        password = password_file.read_text().strip() if password_file.exists() else secrets.token_hex(24)
+        _write_private(password_file, password + "\n")
+        try:
+            conn = psycopg.connect(trusted_url, autocommit=True)
+        except psycopg.OperationalError:
+            # Trust is gone already (a run stopped after rewriting pg_hba.conf): the password file is current.
+            conn = psycopg.connect(_with_password(trusted_url, password), autocommit=True)
+        with conn:
+            conn.execute("set password_encryption = 'scram-sha-256'")
+            conn.execute(sql.SQL("alter role current_user password {}").format(sql.Literal(password)))
+            _write_private(hba, _PASSWORD_HBA, like=pgdata)
+            conn.execute("select pg_reload_conf()")
+        _wait_until_trust_is_gone(trusted_url)
+        return password
+
+
+def _wait_until_trust_is_gone(trusted_url: str, timeout_s: float = 10.0) -> None:
+    # pg_reload_conf only signals the server; the URL is handed out once a connection without the password fails.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            psycopg.connect(trusted_url, connect_timeout=5).close()
+        except psycopg.OperationalError:
+            return
+        time.sleep(0.05)  # polling the server's reload against the deadline above
+    msg = f"the embedded PostgreSQL still trusts local connections {timeout_s} s after pg_hba.conf was rewritten"
+    raise DatabaseError(msg)
 
 
 def _get_server() -> Callable[..., Any]:
@@ -78,8 +160,12 @@ def embedded_server_url(data_dir: Path, database: str | None = None) -> str:
             f"see {pgdata / 'log'}, or set DATABASE_URL to use another server"
         )
         raise DatabaseError(msg) from exc
-    url: str = server.get_uri(database)
-    return url
+    try:
+        password = _require_password(data_dir, pgdata, server.get_uri())
+    except (OSError, psycopg.Error) as exc:
+        msg = f"Could not set the embedded PostgreSQL's password in {pgdata} ({type(exc).__name__}: {exc})"
+        raise DatabaseError(msg) from exc
+    return _with_password(server.get_uri(database), password)
 
 
 def embedded_server_running(data_dir: Path) -> bool:

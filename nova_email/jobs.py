@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import attrs
@@ -18,13 +18,9 @@ import cattrs
 
 from .errors import InvalidJob
 
-__all__ = ["MAX_BACKFILL_WINDOW", "BackfillJob", "ThreadSyncJob", "WebhookJob", "structure_job", "unstructure_job"]
+__all__ = ["BackfillJob", "ThreadSyncJob", "WebhookJob", "structure_job", "unstructure_job"]
 
 J = TypeVar("J")
-
-#: Longest backfill window: ``queue_inbox_backfill`` keeps at most ``end - interval '365 days'``. Postgres counts those
-#: days in the session's time zone, so across a daylight-saving change they are up to two hours longer.
-MAX_BACKFILL_WINDOW = timedelta(days=365, hours=2)
 
 
 def _non_empty(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -55,24 +51,21 @@ class WebhookJob:
 
 
 def _window_end(instance: BackfillJob, attribute: attrs.Attribute[datetime], value: datetime) -> None:
-    # The same bounds queue_inbox_backfill enforces; an equal start and end is the empty window it accepts.
+    # queue_inbox_backfill refuses an inverted window too; an equal start and end is the empty window it accepts.
     if value < instance.start_date:
         msg = (
             f"end_date {value.isoformat()} is before start_date {instance.start_date.isoformat()}; "
             "queue backfills with queue_inbox_backfill, which refuses an inverted window"
         )
         raise ValueError(msg)
-    if value - instance.start_date > MAX_BACKFILL_WINDOW:
-        msg = (
-            f"the window {instance.start_date.isoformat()} .. {value.isoformat()} is longer than 365 days; "
-            "queue backfills with queue_inbox_backfill, which keeps the most recent 365 days"
-        )
-        raise ValueError(msg)
 
 
 @attrs.frozen(kw_only=True)
 class BackfillJob:
-    """Discover an inbox's threads in a date window of at most 365 days (queue ``inbox_backfill_jobs``)."""
+    """Discover an inbox's threads in a date window (queue ``inbox_backfill_jobs``).
+
+    A window longer than a year is listed over its last 365 days (`nova_email.nylas.one_year_window`), not refused.
+    """
 
     inbox_id: uuid.UUID
     config_id: uuid.UUID

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from .masking import MaskingStream, secret_values
+from .message_logging import MessagePayloadFilter
+
 if TYPE_CHECKING:
     from types import TracebackType
 
@@ -101,7 +104,8 @@ def setup_logging(settings: Settings) -> None:
     logger.configure(
         handlers=[
             {
-                "sink": sys.stderr,
+                # Every line, at every level, has the configured secrets masked (nova_email.masking).
+                "sink": MaskingStream(sys.stderr, secret_values(settings)),
                 "level": level,
                 "format": _json_format if as_json else TEXT_FORMAT,
                 "colorize": not as_json and not settings.no_color and sys.stderr.isatty(),
@@ -111,7 +115,9 @@ def setup_logging(settings: Settings) -> None:
         ],
         extra={"component": "App"},
     )
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    handler = InterceptHandler()
+    handler.addFilter(MessagePayloadFilter())  # a queue message is named in log lines, its payload never shown
+    logging.basicConfig(handlers=[handler], level=0, force=True)
     if as_json:
         # What Python itself would print raw (warnings, an uncaught exception in a thread or the main program) must
         # reach a log shipper as JSON lines too.

@@ -227,3 +227,25 @@ from keyed
 where w.id = keyed.notification_id and w.status in ('pending', 'processing')
 returning w.id, keyed.reason
 """
+#: Backfills whose job the broker dead-lettered while the run was pending or listing: failed, so a new one may start.
+FAIL_DEAD_LETTERED_BACKFILLS: LiteralString = """
+with lost as (
+    select coalesce(d.message -> 'args' -> 0, d.message) as payload, d.reason, d.error_message, d.dead_at
+    from pgmq_broker.dead_letters d
+    where d.queue_name = 'inbox_backfill_jobs' and d.reason <> 'failed'
+), keyed as (
+    select case when payload ->> 'config_id' ~* '^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$'
+                then (payload ->> 'config_id')::uuid end as config_id,
+           reason, error_message, dead_at
+    from lost
+), stuck as (
+    select distinct on (c.id) c.id, keyed.reason, keyed.error_message
+    from keyed join flux_inbox_configurations c on c.id = keyed.config_id
+    where c.backfill_status in ('pending', 'backfill') and keyed.dead_at > coalesce(c.backfill_requested_at, '-infinity')
+    order by c.id, keyed.dead_at desc
+)
+select stuck.id, stuck.reason,
+       record_backfill_failure(stuck.id,
+           left('job dead-lettered (' || stuck.reason || '): ' || coalesce(stuck.error_message, ''), 2000))
+from stuck
+"""

@@ -73,7 +73,7 @@ class TestingMode(Middleware):
 
 def build_broker(settings: Settings) -> PGMQBroker:
     """The PGMQ broker configured from settings, with rate-limit-aware retries, periodic ticks and give-up hooks."""
-    url = db.database_url(settings)
+    url = db.database_url(settings, announce=False)
     broker = PGMQBroker(
         url=url,
         visibility_timeout_s=settings.visibility_timeout_s,

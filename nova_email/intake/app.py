@@ -1,4 +1,4 @@
-"""The webhook intake as a WSGI application (Falcon): Nylas's challenge, signed deliveries, health and metrics.
+"""The webhook intake as a WSGI application (Falcon): Nylas's challenge, signed deliveries and health checks.
 
 Routes:
     GET  /webhooks/nylas?challenge=X   200 with the bare value X (Nylas's endpoint verification)
@@ -7,15 +7,21 @@ Routes:
                                        usable envelope, audited as rejected; 503 no secret set or no database
     GET  /healthz                      200 while the process serves requests (liveness)
     GET  /readyz                       200 when the database answers and the webhook functions exist
-    GET  /metrics                      Prometheus text format
+
+Metrics are not served here, on the port that faces the internet: the server exposes them on a port of their own
+(``nova-email serve-webhooks --metrics-port``).
 
 The order on POST is fixed: size, then signature, then parsing. Nothing from an unsigned body is parsed or
-stored, so a stranger cannot fill the audit table; a signed body that is not an envelope is kept for audit.
+stored, so a stranger cannot fill the audit table; a signed body that is not an envelope is kept for audit. Work
+done before the signature checks out is bounded by the bytes received: one HMAC over them, and for a gzip body
+at most `PREAUTH_INFLATION_RATIO` times as many inflated bytes. Refusals (401, 413) are logged as one warning a
+minute at most, with a count, so that a flood of them cannot flood the log.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import zlib
@@ -33,13 +39,36 @@ from .metrics import IntakeMetrics
 from .receiver import Receipt, Rejection, receive, record_rejected
 from .signature import SIGNATURE_HEADER, signature_matches
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_POOL_TIMEOUT_S", "WEBHOOK_PATH", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_POOL_TIMEOUT_S",
+    "MAX_CHALLENGE_CHARS",
+    "PREAUTH_INFLATION_RATIO",
+    "REFUSAL_LOG_INTERVAL_S",
+    "WEBHOOK_PATH",
+    "create_app",
+]
 
 log = logger.bind(component="Intake")
 
 #: Largest body accepted (after gzip inflation too). Nylas truncates objects over ~1 MB (``*.truncated``
-#: types), so a real delivery stays well under this; anything larger is answered 413 and not stored.
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: types), so a real delivery fits; anything larger is answered 413 and not stored.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+#: Nylas signs the body exactly as sent, i.e. compressed for a gzip delivery. Should a sender sign the inflated
+#: JSON instead, it is accepted only if it inflates to at most this many times the bytes received (JSON compresses
+#: 3-10x): checking the signature of an unsigned body must not cost much more than receiving it.
+PREAUTH_INFLATION_RATIO = 10
+
+#: Longest challenge answered. Nylas's are a few dozen URL-safe characters; the answer echoes them verbatim.
+MAX_CHALLENGE_CHARS = 256
+_CHALLENGE = re.compile(rf"[A-Za-z0-9._~+/=-]{{1,{MAX_CHALLENGE_CHARS}}}")
+
+#: Refused requests (bad signature, body too large) are logged as at most one warning per this many seconds.
+REFUSAL_LOG_INTERVAL_S = 60.0
+
+#: Headers on every answer: the challenge echoes a caller's text, which no browser may take for a page.
+_SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"}
 
 #: How long a request waits for a pooled connection before answering 503. Nylas gives up after 10 s.
 DEFAULT_POOL_TIMEOUT_S = 5.0
@@ -77,6 +106,31 @@ def _json(resp: falcon.Response, status: int, document: dict[str, Any]) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(document)
+
+
+class _RefusalLog:
+    """Logs refused requests as one warning per `REFUSAL_LOG_INTERVAL_S` at most, saying how many there were."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last_warning = -interval_s
+        self._unlogged = 0
+
+    def refused(self, remote: str | None, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._unlogged += 1
+            if now - self._last_warning < self._interval_s:
+                due, count = False, 0
+            else:
+                due, count, self._last_warning, self._unlogged = True, self._unlogged, now, 0
+        if due:
+            log.bind(event="refused").warning(
+                "Refused {} request(s) since the last such warning; latest from {}: {}", count, remote, reason
+            )
+        else:
+            log.debug("Refused a request from {}: {}", remote, reason)
 
 
 def _inflate(raw: bytes, limit: int) -> bytes:
@@ -129,6 +183,7 @@ class _Instrumentation:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
+        resp.set_headers(_SAFE_HEADERS)
         outcome = getattr(req.context, "outcome", None) or f"http_{resp.status_code}"
         elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
         self._metrics.observe(req.uri_template or "unmatched", outcome, elapsed)
@@ -143,12 +198,18 @@ class _WebhookResource:
         self._max_body_bytes = max_body_bytes
         self._pool_timeout_s = pool_timeout_s
         self._db = db
+        self._refusals = _RefusalLog()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         challenge = req.get_param("challenge")
         if not challenge:
             req.context.outcome = "bad_request"
             _json(resp, 400, {"error": "missing_challenge", "detail": "GET expects ?challenge=<value> from Nylas"})
+            return
+        if not _CHALLENGE.fullmatch(challenge):
+            req.context.outcome = "bad_request"
+            detail = f"a challenge is 1-{MAX_CHALLENGE_CHARS} characters of A-Z a-z 0-9 . _ ~ + / = -"
+            _json(resp, 400, {"error": "invalid_challenge", "detail": detail})
             return
         # Nylas activates the destination only if the body is exactly the value: no quotes, no JSON.
         req.context.outcome = "challenge"
@@ -165,15 +226,15 @@ class _WebhookResource:
             body = self._authenticated_body(req)
         except _BodyTooLarge as exc:
             req.context.outcome = "too_large"
-            log.warning(
-                "Refused a {} byte body from {} (limit {} bytes)", exc.size, req.remote_addr, self._max_body_bytes
+            self._refusals.refused(
+                req.remote_addr, f"a body of {exc.size} bytes or more (limit {self._max_body_bytes})"
             )
             detail = f"body is {exc.size} bytes or more; the limit is {self._max_body_bytes}"
             _json(resp, 413, {"error": "too_large", "detail": detail})
             return
         except _Unsigned as exc:
             req.context.outcome = "unauthorized"
-            log.warning("Refused a POST from {}: {}", req.remote_addr, exc.reason)
+            self._refusals.refused(req.remote_addr, exc.reason)
             _json(resp, 401, {"error": "unauthorized", "detail": exc.reason})
             return
         except _SignedButInvalid as exc:
@@ -204,11 +265,12 @@ class _WebhookResource:
                 return _inflate(raw, self._max_body_bytes)
             except InvalidWebhookBody as exc:
                 raise _SignedButInvalid(raw, exc.reason) from exc
-        # Whether Nylas signs compressed deliveries before or after compressing is not documented; accept both.
+        # Nylas signs what it sends; a signature over the inflated JSON is accepted too, inflating only as far as
+        # PREAUTH_INFLATION_RATIO allows (this work is done for anyone who sends a body).
         if gzipped:
             try:
-                inflated = _inflate(raw, self._max_body_bytes)
-            except InvalidWebhookBody:
+                inflated = _inflate(raw, min(self._max_body_bytes, PREAUTH_INFLATION_RATIO * len(raw)))
+            except (InvalidWebhookBody, _BodyTooLarge):
                 inflated = None
             if inflated is not None and signature_matches(self._secret, inflated, signature):
                 return inflated
@@ -289,15 +351,6 @@ class _ReadyResource:
         _json(resp, 200 if functions else 503, document)
 
 
-class _MetricsResource:
-    def __init__(self, metrics: IntakeMetrics) -> None:
-        self._metrics = metrics
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.outcome = "ok"
-        resp.data, resp.content_type = self._metrics.render()
-
-
 def _log_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
     req.context.outcome = "error"
     log.opt(exception=exc).critical("Unexpected error on {} {}", req.method, req.path)
@@ -330,6 +383,5 @@ def create_app(
     app.add_route("/healthz", _HealthResource())
     readiness_timeout_s = min(pool_timeout_s, _READINESS_TIMEOUT_S)
     app.add_route("/readyz", _ReadyResource(pool=pool, secret=secret, timeout_s=readiness_timeout_s, db=db))
-    app.add_route("/metrics", _MetricsResource(metrics))
     app.add_error_handler(Exception, _log_unexpected)
     return app

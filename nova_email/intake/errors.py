@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from ..errors import NovaError
 
-__all__ = ["IntakeError", "InvalidWebhookBody"]
+__all__ = ["MAX_REASON_CHARS", "IntakeError", "InvalidWebhookBody"]
+
+#: Longest reason kept: it is stored on the audit row, returned to the sender and logged, and it may quote the body.
+MAX_REASON_CHARS = 500
 
 
 class IntakeError(NovaError):
@@ -21,9 +24,12 @@ class IntakeError(NovaError):
 class InvalidWebhookBody(IntakeError, ValueError):
     """A correctly signed body that cannot be queued: not UTF-8, not JSON, not an object, or no usable id/type.
 
-    `reason` is the text stored in the audit row's ``error_message`` and returned to the sender.
+    `reason` is the text stored in the audit row's ``error_message`` and returned to the sender, cut to
+    `MAX_REASON_CHARS` (a value quoted from a hostile body may be megabytes long).
     """
 
     def __init__(self, reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 1] + "…"
         super().__init__(reason)
         self.reason = reason

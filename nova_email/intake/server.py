@@ -1,16 +1,23 @@
-"""Serving the intake: gunicorn with threaded workers, and a helper that runs it in a child process for tests.
+"""Serving the intake: gunicorn with gevent workers, and a helper that runs it in a child process for tests.
 
-Why gunicorn's ``gthread`` workers: the work per request is a few microseconds of Python (HMAC, JSON) around one
-Postgres round trip, so threads overlap the round trips, and one process per core gets past the GIL. Each
-worker process has its own connection pool (`nova_email.db.get_pool`, created after the fork).
+Why gevent workers with read deadlines: the receiver faces the internet, where a client may send its request one
+byte a second. Each connection is a greenlet, so a slow one holds no thread and costs the others nothing, and
+`DeadlineWorker` closes a connection whose headers, or whose body, take longer than `REQUEST_READ_TIMEOUT_S`.
+The app sees a body only once it has fully arrived. The work per request is a few microseconds of Python (HMAC,
+JSON) around one Postgres round trip; one process per core gets past the GIL. Each worker process has its own
+connection pool (`nova_email.db.get_pool`, created after the fork). psycopg and its pool wait cooperatively only
+if gevent patched the standard library before they were imported: run `main` from `nova_email.serve_webhooks`,
+the process entry that patches first (``nova-email serve-webhooks`` does).
 
-`main` is what ``nova-email serve-webhooks`` runs. `serve_in_background` starts the same server in a child
+`serve_in_background` starts the same server in a child
 process on an ephemeral port and yields its URL: gunicorn's master needs the main thread for its signals, and a
 child process is also exactly what production runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import logging
 import os
 import shutil
@@ -19,15 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
-from gunicorn import glogging
+import gevent
+import gevent.monkey
+from gunicorn import glogging, util
 from gunicorn.app.base import BaseApplication
+from gunicorn.http.body import Body
+from gunicorn.workers.ggevent import GeventWorker
 from loguru import logger
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 from .. import db
 from ..config import Settings
@@ -41,8 +55,12 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_THREADS",
     "DEFAULT_WORKERS",
+    "REQUEST_READ_TIMEOUT_S",
+    "DeadlineWorker",
     "RunningIntake",
+    "add_arguments",
     "main",
+    "run_from_arguments",
     "serve_in_background",
 ]
 
@@ -54,8 +72,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 #: Worker processes: one per core on the 2-core machines we run on.
 DEFAULT_WORKERS = 2
-#: Threads per worker, each able to hold one pooled connection while its request waits on Postgres.
+#: Database connections per worker process: at most this many requests wait on Postgres at once, the others wait
+#: for a connection (up to the pool timeout). The name is gunicorn's (``--threads``), kept for the command line.
 DEFAULT_THREADS = 8
+#: Seconds a client gets to send a request's headers, and again its body; a slower one is closed.
+REQUEST_READ_TIMEOUT_S = 5
 #: Seconds `serve_in_background` waits for the server to listen.
 DEFAULT_STARTUP_TIMEOUT_S = 30.0
 
@@ -80,36 +101,104 @@ class _GunicornLogger(glogging.Logger):  # type: ignore[misc]
         self.error_log.addHandler(handler)
 
 
+_REQUEST_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class DeadlineWorker(GeventWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker with a deadline on reading each request.
+
+    The headers must arrive within ``keepalive`` seconds (gunicorn's gevent worker already bounds the wait for the
+    next request by it; the server sets it to `REQUEST_READ_TIMEOUT_S`), and the body, up to the app's limit, within
+    another `REQUEST_READ_TIMEOUT_S`: it is read here, before the app runs, and a client that is too slow gets 408 and
+    is disconnected. A body over the limit is not read past it, and its connection is closed after the answer.
+    """
+
+    def patch(self) -> None:
+        # nova_email.serve_webhooks patched the master (all but os, signal and subprocess) before importing psycopg;
+        # gunicorn patches everything here, and gevent's warning that patching twice patches the union is noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gevent.monkey.MonkeyPatchWarning)
+            super().patch()
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        limit: int = self.app.max_body_bytes
+        try:
+            with gevent.Timeout(REQUEST_READ_TIMEOUT_S):
+                body: bytes = req.body.read(limit + 1)
+        except gevent.Timeout:
+            log.bind(event="slow_client").debug("Closed a connection whose body took over {} s", REQUEST_READ_TIMEOUT_S)
+            util.write(sock, _REQUEST_TIMEOUT_ANSWER)
+            raise StopIteration from None  # gunicorn's signal to close the connection
+        if len(body) > limit:
+            req.must_close = True  # the rest of the body is still on the socket
+        req.body = Body(io.BytesIO(body))
+        return super().handle_request(listener_name, req, sock, addr)
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _write_ready_file(path: Path, host: str, port: int) -> None:
+def _write_ready_file(path: Path, host: str, port: int, metrics_port: int | None) -> None:
     # Written whole then renamed, so a reader never sees half a line.
     partial = path.with_suffix(".partial")
-    partial.write_text(f"{host} {port}\n")
+    partial.write_text(f"{host} {port} {'-' if metrics_port is None else metrics_port}\n")
     partial.replace(path)
 
 
+def _serve_metrics(host: str, port: int, directory: Path) -> int:
+    """Serve every worker's metrics (summed from `directory`) on their own port; returns the port bound."""
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound_port: int = server.server_port
+    return bound_port
+
+
+def _environment_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"{name}={raw!r} is not a whole number >= 1; expected e.g. {name}={default}"
+        raise ConfigError(msg)
+    return value
+
+
 class _IntakeApplication(BaseApplication):  # type: ignore[misc]
+    """gunicorn's settings in gunicorn's order: ours, then GUNICORN_CMD_ARGS, then the options given explicitly."""
+
     def __init__(
         self,
         settings: Settings,
-        options: Mapping[str, Any],
+        defaults: Mapping[str, Any],
+        explicit: Mapping[str, Any],
         *,
         threads: int,
         max_body_bytes: int,
         pool_timeout_s: float,
     ) -> None:
         self._settings = settings
-        self._options = dict(options)
+        self._defaults = dict(defaults)
+        self._explicit = dict(explicit)
         self._threads = threads
-        self._max_body_bytes = max_body_bytes
+        #: Read by `DeadlineWorker`, which buffers each body up to this many bytes (and one more) for the app.
+        self.max_body_bytes = max_body_bytes
         self._pool_timeout_s = pool_timeout_s
         super().__init__()
 
     def load_config(self) -> None:
-        for key, value in self._options.items():
+        for key, value in self._defaults.items():
+            self.cfg.set(key, value)
+        from_environment = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
+        for key, value in vars(from_environment).items():
+            if value is not None and key != "args":
+                self.cfg.set(key.lower(), value)
+        for key, value in self._explicit.items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:
@@ -118,35 +207,44 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
         return create_app(
             pool=pool,
             secret=self._settings.nylas_webhook_secret,
-            max_body_bytes=self._max_body_bytes,
+            max_body_bytes=self.max_body_bytes,
             pool_timeout_s=self._pool_timeout_s,
         )
 
 
 def main(
     settings: Settings,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
+    host: str | None = None,
+    port: int | None = None,
     *,
-    workers: int = DEFAULT_WORKERS,
+    workers: int | None = None,
     threads: int = DEFAULT_THREADS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+    metrics_port: int | None = None,
+    metrics_host: str = DEFAULT_HOST,
     ready_file: Path | None = None,
 ) -> int:
     """Serve the intake until SIGTERM/SIGINT; returns the exit status. Blocks; call from the main thread.
 
+    gunicorn's conventions hold: `host`, `port` and `workers` given here win over ``GUNICORN_CMD_ARGS``, which wins
+    over the defaults: ``DEFAULT_HOST``, port ``$PORT`` or `DEFAULT_PORT`, workers ``$WEB_CONCURRENCY`` or
+    `DEFAULT_WORKERS`.
+
     Parameters:
         port: 0 picks a free port; the chosen one is logged and written to `ready_file`.
-        ready_file: if given, ``"<host> <port>"`` is written there once the server listens.
+        metrics_port: serve Prometheus metrics there (on `metrics_host`), never on the public port; None: not at all.
+        ready_file: if given, ``"<host> <port> <metrics port or ->"`` is written there once the server listens.
     """
-    if workers < 1 or threads < 1:
+    if (workers is not None and workers < 1) or threads < 1:
         msg = f"workers={workers!r} and threads={threads!r} must both be at least 1, e.g. workers=2 threads=8"
         raise ConfigError(msg)
     if not settings.nylas_webhook_secret:
         log.bind(event="secret_missing").warning(
             "NYLAS_WEBHOOK_SECRET is not set: answering Nylas's challenge only, every delivery gets 503 until it is"
         )
+    default_bind = _bind_address(host or DEFAULT_HOST, _environment_int("PORT", DEFAULT_PORT) if port is None else port)
+    default_workers = _environment_int("WEB_CONCURRENCY", DEFAULT_WORKERS)
     # Resolve the database once in the parent: starting the embedded server from several workers would race.
     settings = attrs.evolve(settings, database_url=db.database_url(settings))
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
@@ -160,24 +258,27 @@ def main(
     def when_ready(server: Any) -> None:
         bound_host, bound_port = server.LISTENERS[0].sock.getsockname()[:2]
         log.bind(event="listening").info(
-            "Listening on http://{}{} with {} workers x {} threads",
+            "Listening on http://{}{} with {} workers x {} database connections",
             _bind_address(bound_host, bound_port),
             WEBHOOK_PATH,
-            workers,
+            server.cfg.workers,
             threads,
         )
+        bound_metrics_port = None if metrics_port is None else _serve_metrics(metrics_host, metrics_port, metrics_dir)
+        if bound_metrics_port is not None:
+            log.info("Serving metrics on http://{}/metrics", _bind_address(metrics_host, bound_metrics_port))
         if ready_file is not None:
-            _write_ready_file(ready_file, bound_host, bound_port)
+            _write_ready_file(ready_file, bound_host, bound_port, bound_metrics_port)
 
-    options: dict[str, Any] = {
-        "bind": [_bind_address(host, port)],
-        "workers": workers,
-        "worker_class": "gthread",
-        "threads": threads,
+    defaults: dict[str, Any] = {
+        "bind": [default_bind],
+        "workers": default_workers,
+        "worker_class": DeadlineWorker,
         # Nylas waits 10 s for an answer; a worker stuck longer than this is restarted.
         "timeout": 30,
         "graceful_timeout": 10,
-        "keepalive": 5,
+        # Under gevent this also bounds the wait for a request's headers (see DeadlineWorker).
+        "keepalive": REQUEST_READ_TIMEOUT_S,
         "proc_name": "nova-email-intake",
         "control_socket_disable": True,
         "logger_class": _GunicornLogger,
@@ -188,8 +289,11 @@ def main(
         "child_exit": lambda server, worker: forget_process(worker.pid),
         "worker_exit": lambda server, worker: db.close_pool(),
     }
+    explicit: dict[str, Any] = {"workers": workers} if workers is not None else {}
+    if host is not None or port is not None:
+        explicit["bind"] = [default_bind]
     application = _IntakeApplication(
-        settings, options, threads=threads, max_body_bytes=max_body_bytes, pool_timeout_s=pool_timeout_s
+        settings, defaults, explicit, threads=threads, max_body_bytes=max_body_bytes, pool_timeout_s=pool_timeout_s
     )
     try:
         application.run()
@@ -201,12 +305,81 @@ def main(
     return 0
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options (``nova-email serve-webhooks``, run by `nova_email.serve_webhooks`)."""
+    parser.add_argument(
+        "--host",
+        default=None,
+        help=f"address to listen on (default {DEFAULT_HOST}; a container passes 0.0.0.0); overrides --bind in "
+        "GUNICORN_CMD_ARGS",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help=f"port to listen on (default $PORT, else {DEFAULT_PORT}; 0 picks one)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"worker processes (default $WEB_CONCURRENCY, else {DEFAULT_WORKERS}: one per core)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"database connections per worker process (default {DEFAULT_THREADS})",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest delivery accepted, after gzip inflation too (default {DEFAULT_MAX_BODY_BYTES}); larger: 413",
+    )
+    parser.add_argument(
+        "--pool-timeout-s",
+        type=float,
+        default=DEFAULT_POOL_TIMEOUT_S,
+        help=f"seconds a request waits for a database connection before answering 503 (default "
+        f"{DEFAULT_POOL_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (never on the public one); default: not served",
+    )
+    parser.add_argument(
+        "--metrics-host", default=DEFAULT_HOST, help=f"address of the metrics port (default {DEFAULT_HOST})"
+    )
+    parser.epilog = (
+        "Other gunicorn settings come from GUNICORN_CMD_ARGS, as with gunicorn itself "
+        '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it.'
+    )
+
+
+def run_from_arguments(settings: Settings, args: argparse.Namespace, ready_file: Path | None = None) -> int:
+    """`main` with the options that `add_arguments` parsed."""
+    return main(
+        settings,
+        args.host,
+        args.port,
+        workers=args.workers,
+        threads=args.threads,
+        max_body_bytes=args.max_body_bytes,
+        pool_timeout_s=args.pool_timeout_s,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        ready_file=ready_file,
+    )
+
+
 @attrs.frozen(kw_only=True)
 class RunningIntake:
     """A server started by `serve_in_background`."""
 
     url: str
     pid: int
+    #: Where the metrics are served, when `serve_in_background` was given a metrics port.
+    metrics_url: str | None = None
 
     @property
     def webhook_url(self) -> str:
@@ -240,6 +413,7 @@ def serve_in_background(
     threads: int = DEFAULT_THREADS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+    metrics_port: int | None = None,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
 ) -> Iterator[RunningIntake]:
     """Run the real server (gunicorn) in a child process until the block ends; use it in tests and benchmarks.
@@ -250,10 +424,11 @@ def serve_in_background(
     with tempfile.TemporaryDirectory(prefix="nova-intake-") as scratch:
         ready_file = Path(scratch) / "ready"
         command = [
-            sys.executable, "-m", "nova_email.intake",
+            sys.executable, "-m", "nova_email.serve_webhooks",
             "--host", host, "--port", str(port), "--workers", str(workers), "--threads", str(threads),
             "--max-body-bytes", str(max_body_bytes), "--pool-timeout-s", str(pool_timeout_s),
             "--ready-file", str(ready_file),
+            *([] if metrics_port is None else ["--metrics-port", str(metrics_port)]),
         ]  # fmt: skip
         process = subprocess.Popen(command, env=_child_environment(settings), cwd=scratch)
         try:
@@ -266,8 +441,15 @@ def serve_in_background(
                     msg = f"The intake server did not listen within {startup_timeout_s} s; see its log"
                     raise NovaError(msg)
                 time.sleep(0.02)  # polling the ready file against the deadline above
-            bound_host, bound_port = ready_file.read_text().split()
-            yield RunningIntake(url=f"http://{_bind_address(bound_host, int(bound_port))}", pid=process.pid)
+            bound_host, bound_port, bound_metrics_port = ready_file.read_text().split()
+            metrics_url = (
+                None
+                if bound_metrics_port == "-"
+                else f"http://{_bind_address(DEFAULT_HOST, int(bound_metrics_port))}/metrics"
+            )
+            yield RunningIntake(
+                url=f"http://{_bind_address(bound_host, int(bound_port))}", pid=process.pid, metrics_url=metrics_url
+            )
         finally:
             # SIGINT is gunicorn's quick shutdown: the block is over, so no request of ours is in flight, and the
             # graceful SIGTERM would hold kept-alive connections open for another 2 s.

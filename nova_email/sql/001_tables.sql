@@ -1,5 +1,9 @@
 -- The service's seven tables: inboxes, their configuration, the mail copy (threads, messages), the webhook audit
 -- log, and the backfill bookkeeping (queued_threads, inbox_sync_stats). See docs/sql-api.md.
+-- Every statement tolerates its object already existing: on a database adopted from the original service,
+-- adopt_original.sql has already completed the tables, and only what is still missing is created here.
+-- Its first text created the same objects without IF NOT EXISTS; a database that ran it needs nothing more:
+-- replaces: 22c54bd76a3b0c1888ceb7060098a14b2d5a589381477036bb510bfad6ffa587
 
 CREATE OR REPLACE FUNCTION flux_set_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -11,7 +15,7 @@ $$;
 COMMENT ON FUNCTION flux_set_updated_at() IS
     'BEFORE UPDATE trigger function: stamps updated_at with the transaction time.';
 
-CREATE TABLE flux_inboxes (
+CREATE TABLE IF NOT EXISTS flux_inboxes (
     id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     nylas_grant_id        text NOT NULL,
     email                 text,
@@ -27,7 +31,7 @@ CREATE TABLE flux_inboxes (
 );
 
 -- One configuration per inbox: queue_inbox_backfill finds "the" config of an inbox without being told.
-CREATE TABLE flux_inbox_configurations (
+CREATE TABLE IF NOT EXISTS flux_inbox_configurations (
     id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     inbox_id              uuid NOT NULL REFERENCES flux_inboxes (id) ON DELETE CASCADE,
     backfill_status       text NOT NULL DEFAULT 'pending',
@@ -48,11 +52,11 @@ CREATE TABLE flux_inbox_configurations (
         CHECK (backfill_start_date IS NULL OR backfill_end_date IS NULL OR backfill_start_date <= backfill_end_date)
 );
 -- The completion monitor polls the active ones every few seconds.
-CREATE INDEX flux_inbox_configurations_active_idx ON flux_inbox_configurations (backfill_status)
+CREATE INDEX IF NOT EXISTS flux_inbox_configurations_active_idx ON flux_inbox_configurations (backfill_status)
     WHERE backfill_status IN ('pending', 'backfill', 'thread_sync', 'in_progress');
 
 -- Nylas thread ids are per grant, so uniqueness is per inbox (the original's global unique was a latent bug).
-CREATE TABLE flux_email_threads (
+CREATE TABLE IF NOT EXISTS flux_email_threads (
     id                           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     inbox_id                     uuid NOT NULL REFERENCES flux_inboxes (id) ON DELETE CASCADE,
     nylas_thread_id              text NOT NULL,
@@ -75,11 +79,11 @@ CREATE TABLE flux_email_threads (
     CONSTRAINT flux_email_threads_inbox_id_nylas_thread_id_key UNIQUE (inbox_id, nylas_thread_id)
 );
 -- Backfill dedup asks "do we have this Nylas thread?" by id alone.
-CREATE INDEX flux_email_threads_nylas_thread_id_idx ON flux_email_threads (nylas_thread_id);
-CREATE INDEX flux_email_threads_inbox_latest_idx
+CREATE INDEX IF NOT EXISTS flux_email_threads_nylas_thread_id_idx ON flux_email_threads (nylas_thread_id);
+CREATE INDEX IF NOT EXISTS flux_email_threads_inbox_latest_idx
     ON flux_email_threads (inbox_id, latest_message_received_date DESC);
 
-CREATE TABLE flux_email_messages (
+CREATE TABLE IF NOT EXISTS flux_email_messages (
     id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     thread_id        uuid NOT NULL REFERENCES flux_email_threads (id) ON DELETE CASCADE,
     inbox_id         uuid NOT NULL REFERENCES flux_inboxes (id) ON DELETE CASCADE,
@@ -108,10 +112,10 @@ CREATE TABLE flux_email_messages (
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT flux_email_messages_inbox_id_nylas_message_id_key UNIQUE (inbox_id, nylas_message_id)
 );
-CREATE INDEX flux_email_messages_thread_id_idx ON flux_email_messages (thread_id, received_date);
-CREATE INDEX flux_email_messages_inbox_received_idx ON flux_email_messages (inbox_id, received_date DESC);
+CREATE INDEX IF NOT EXISTS flux_email_messages_thread_id_idx ON flux_email_messages (thread_id, received_date);
+CREATE INDEX IF NOT EXISTS flux_email_messages_inbox_received_idx ON flux_email_messages (inbox_id, received_date DESC);
 
-CREATE TABLE flux_webhook_notifications (
+CREATE TABLE IF NOT EXISTS flux_webhook_notifications (
     id                     uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     webhook_id             text,
     notification_type      text,
@@ -137,11 +141,11 @@ CREATE TABLE flux_webhook_notifications (
         CHECK (status = 'rejected' OR (webhook_id IS NOT NULL AND notification_type IS NOT NULL)),
     CONSTRAINT flux_webhook_notifications_attempts_check CHECK (attempts >= 0)
 );
-CREATE INDEX flux_webhook_notifications_received_at_idx ON flux_webhook_notifications (received_at);
-CREATE INDEX flux_webhook_notifications_status_idx ON flux_webhook_notifications (status, received_at DESC);
-CREATE INDEX flux_webhook_notifications_inbox_id_idx ON flux_webhook_notifications (inbox_id);
+CREATE INDEX IF NOT EXISTS flux_webhook_notifications_received_at_idx ON flux_webhook_notifications (received_at);
+CREATE INDEX IF NOT EXISTS flux_webhook_notifications_status_idx ON flux_webhook_notifications (status, received_at DESC);
+CREATE INDEX IF NOT EXISTS flux_webhook_notifications_inbox_id_idx ON flux_webhook_notifications (inbox_id);
 
-CREATE TABLE inbox_sync_stats (
+CREATE TABLE IF NOT EXISTS inbox_sync_stats (
     config_id          uuid PRIMARY KEY REFERENCES flux_inbox_configurations (id) ON DELETE CASCADE,
     threads_total      integer NOT NULL DEFAULT 0,
     threads_queued     integer NOT NULL DEFAULT 0,
@@ -156,10 +160,10 @@ CREATE TABLE inbox_sync_stats (
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX inbox_sync_stats_processing_idx ON inbox_sync_stats (config_id) WHERE threads_processing > 0;
-CREATE INDEX inbox_sync_stats_in_progress_idx ON inbox_sync_stats (config_id) WHERE sync_completed_at IS NULL;
+CREATE INDEX IF NOT EXISTS inbox_sync_stats_processing_idx ON inbox_sync_stats (config_id) WHERE threads_processing > 0;
+CREATE INDEX IF NOT EXISTS inbox_sync_stats_in_progress_idx ON inbox_sync_stats (config_id) WHERE sync_completed_at IS NULL;
 
-CREATE TABLE queued_threads (
+CREATE TABLE IF NOT EXISTS queued_threads (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     config_id       uuid NOT NULL REFERENCES flux_inbox_configurations (id) ON DELETE CASCADE,
     inbox_id        uuid NOT NULL REFERENCES flux_inboxes (id) ON DELETE CASCADE,
@@ -184,24 +188,24 @@ CREATE TABLE queued_threads (
     CONSTRAINT queued_threads_attempts_check CHECK (attempts >= 0),
     CONSTRAINT queued_threads_messages_synced_check CHECK (messages_synced >= 0)
 );
-CREATE INDEX queued_threads_config_status_idx ON queued_threads (config_id, status);
+CREATE INDEX IF NOT EXISTS queued_threads_config_status_idx ON queued_threads (config_id, status);
 -- Bulk send and crash recovery look for rows recorded but never put on the queue.
-CREATE INDEX queued_threads_unsent_idx ON queued_threads (config_id)
+CREATE INDEX IF NOT EXISTS queued_threads_unsent_idx ON queued_threads (config_id)
     WHERE status = 'queued' AND pgmq_queued_at IS NULL;
-CREATE INDEX queued_threads_inbox_id_idx ON queued_threads (inbox_id);
-CREATE INDEX queued_threads_failed_idx ON queued_threads (processed_at DESC) WHERE status = 'failed';
+CREATE INDEX IF NOT EXISTS queued_threads_inbox_id_idx ON queued_threads (inbox_id);
+CREATE INDEX IF NOT EXISTS queued_threads_failed_idx ON queued_threads (processed_at DESC) WHERE status = 'failed';
 
-CREATE TRIGGER flux_inboxes_set_updated_at BEFORE UPDATE ON flux_inboxes
+CREATE OR REPLACE TRIGGER flux_inboxes_set_updated_at BEFORE UPDATE ON flux_inboxes
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();
-CREATE TRIGGER flux_inbox_configurations_set_updated_at BEFORE UPDATE ON flux_inbox_configurations
+CREATE OR REPLACE TRIGGER flux_inbox_configurations_set_updated_at BEFORE UPDATE ON flux_inbox_configurations
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();
-CREATE TRIGGER flux_email_threads_set_updated_at BEFORE UPDATE ON flux_email_threads
+CREATE OR REPLACE TRIGGER flux_email_threads_set_updated_at BEFORE UPDATE ON flux_email_threads
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();
-CREATE TRIGGER flux_email_messages_set_updated_at BEFORE UPDATE ON flux_email_messages
+CREATE OR REPLACE TRIGGER flux_email_messages_set_updated_at BEFORE UPDATE ON flux_email_messages
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();
-CREATE TRIGGER flux_webhook_notifications_set_updated_at BEFORE UPDATE ON flux_webhook_notifications
+CREATE OR REPLACE TRIGGER flux_webhook_notifications_set_updated_at BEFORE UPDATE ON flux_webhook_notifications
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();
-CREATE TRIGGER inbox_sync_stats_set_updated_at BEFORE UPDATE ON inbox_sync_stats
+CREATE OR REPLACE TRIGGER inbox_sync_stats_set_updated_at BEFORE UPDATE ON inbox_sync_stats
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();
-CREATE TRIGGER queued_threads_set_updated_at BEFORE UPDATE ON queued_threads
+CREATE OR REPLACE TRIGGER queued_threads_set_updated_at BEFORE UPDATE ON queued_threads
     FOR EACH ROW EXECUTE FUNCTION flux_set_updated_at();

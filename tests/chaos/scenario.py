@@ -61,6 +61,14 @@ def backfill_threads(db_url: str, config_id: uuid.UUID) -> int:
     return int(row[0]) if row else 0
 
 
+#: Retry windows of the test workers, by variable: a job's last attempt comes at least this long after its first.
+SHORT_RETRY_WINDOWS_MS = {
+    "WEBHOOK_RETRY_WINDOW_MS": "3000",
+    "BACKFILL_RETRY_WINDOW_MS": "6000",
+    "THREAD_RETRY_WINDOW_MS": "15000",
+}
+
+
 def worker_env(db_url: str, nylas: SimulatorHandle, **overrides: str) -> dict[str, str]:
     """The workers' environment: no pacing and no legacy delays unless overridden, quick polls and checks."""
     env = {
@@ -74,6 +82,8 @@ def worker_env(db_url: str, nylas: SimulatorHandle, **overrides: str) -> dict[st
         "COMPLETION_CHECK_INTERVAL_MS": "500",
         "POLL_INTERVAL_MS": "200",
         "LOG_LEVEL": "info",
+        # The scenarios exhaust a job's attempts on purpose: within seconds, not the default two minutes.
+        **SHORT_RETRY_WINDOWS_MS,
     }
     env.update(overrides)
     return env

@@ -177,7 +177,7 @@ def test_every_setting_of_the_service_reaches_the_processes_that_read_it(compose
     receiver = set(environment(compose, "webhooks-http", {}))
     assert {"DATABASE_URL", "NYLAS_WEBHOOK_SECRET", "LOG_LEVEL", "LOG_FORMAT"} <= receiver
     # An unset variable is passed empty, which the service reads as unset (its default).
-    assert environment(compose, "threads", BUNDLED_ENV)["BATCH_SIZE"] == ""
+    assert environment(compose, "threads", BUNDLED_ENV)["POLL_INTERVAL_MS"] == ""
 
 
 def test_migrate_runs_once_after_postgres_is_healthy_and_everything_else_waits_for_it(

@@ -33,7 +33,7 @@ _RECORD_START = re.compile(
 #: The one failure a healthy run may log: a call that met a 5xx on its every attempt (3 % error rate, 4 attempts, so
 #: about one run in 300), which dramatiq reports with its traceback before it retries the job.
 _EXPECTED_FAILURE = re.compile(
-    r"\| ERROR +\| \[WorkerThread\] Failed to process message \w+\(.*\) with unhandled exception\.\n"
+    r"\| ERROR +\| \[WorkerThread\] Failed to process message \w+\[[\w-]+\](?: \(.*\))? with unhandled exception\.\n"
     r"Traceback \(most recent call last\):\n(?:  .*\n)+"
     r"nova_email\.nylas\.errors\.ServerError: Nylas failed on .* \(5\d\d [^)]*\).* after 3 retries; retry later\n?$"
 )
@@ -190,7 +190,8 @@ def test_the_log_check_lets_through_only_a_server_error_that_outlasted_its_retri
     info = "2026-11-29 18:39:19.128 | INFO     | [Periodic] Scheduling 2 periodic actors, polling every 500 ms"
     main = "[2026-11-29 18:39:19,131] [PID 9643] [MainThread] [dramatiq.MainProcess] [INFO] Dramatiq is booting up."
     failed = (
-        "2026-11-29 18:40:23.652 | ERROR    | [WorkerThread] Failed to process message sync_thread({'thread_id': 'thr_1'})"
+        "2026-11-29 18:40:23.652 | ERROR    | [WorkerThread] Failed to process message"
+        " sync_thread[4f6c1a52-0d1e-4a55-9a3e-0c2b7d2f9b10] (thread_id=thr_1)"
         " with unhandled exception.\nTraceback (most recent call last):\n"
         '  File "/app/nova_email/actors.py", line 147, in sync_thread\n'
         "    result = thread_sync.sync_thread(conn, nylas_client(settings), job)\n"

@@ -68,7 +68,7 @@ def _settings(db_url: str, data_dir: Path, secret: str) -> Settings:
 def intake_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningIntake]:
     """The intake as production runs it (gunicorn, 2 workers x 8 threads), shared by the session's tests."""
     settings = _settings(db_url, tmp_path_factory.mktemp("intake"), SECRET)
-    with serve_in_background(settings, workers=2, threads=8, max_body_bytes=MAX_BODY_BYTES) as server:
+    with serve_in_background(settings, workers=2, threads=8, max_body_bytes=MAX_BODY_BYTES, metrics_port=0) as server:
         yield server
 
 

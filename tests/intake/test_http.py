@@ -13,7 +13,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nova_email.intake import RunningIntake, sign
+from nova_email.intake import MAX_CHALLENGE_CHARS, RunningIntake, sign
 
 from .conftest import MAX_BODY_BYTES, SECRET, audit_rows, envelope, post_signed, queued_jobs
 
@@ -29,11 +29,28 @@ def test_the_challenge_is_answered_with_the_bare_value(server: RunningIntake, ht
 
 
 def test_a_percent_encoded_challenge_is_answered_decoded(server: RunningIntake, http: requests.Session) -> None:
-    value = "a b+c/d=é"
+    value = "a+b/c=d~e.f_g-h"
 
     answer = http.get(f"{server.webhook_url}?challenge={quote(value, safe='')}", timeout=5)
 
     assert (answer.status_code, answer.text) == (200, value)
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert answer.headers["Content-Security-Policy"] == "default-src 'none'"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["<script>alert(1)</script>", "a b", "é", "x" * (MAX_CHALLENGE_CHARS + 1)],
+    ids=["markup", "space", "non-ascii", "too-long"],
+)
+def test_a_challenge_nylas_could_not_have_sent_is_not_echoed(
+    server: RunningIntake, http: requests.Session, value: str
+) -> None:
+    answer = http.get(server.webhook_url, params={"challenge": value}, timeout=5)
+
+    assert answer.status_code == 400
+    assert value not in answer.text
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_a_get_without_a_challenge_is_a_bad_request(server: RunningIntake, http: requests.Session) -> None:
@@ -224,23 +241,29 @@ def test_health_and_readiness_report_a_working_server(server: RunningIntake, htt
     assert ready.json() == {"status": "ready", "database": True, "functions": True, "signing_secret": True}
 
 
+def test_metrics_are_not_served_on_the_public_port(server: RunningIntake, http: requests.Session) -> None:
+    assert server.metrics_url is not None and not server.metrics_url.startswith(server.url + "/")
+    assert http.get(f"{server.url}/metrics", timeout=5).status_code == 404
+
+
 def test_metrics_count_requests_by_route_and_outcome(server: RunningIntake, http: requests.Session) -> None:
     def count(text: str, outcome: str) -> float:
         prefix = f'nova_intake_requests_total{{outcome="{outcome}",route="/webhooks/nylas"}} '
         lines = [line for line in text.splitlines() if line.startswith(prefix)]
         return float(lines[0].removeprefix(prefix)) if lines else 0.0
 
-    before = http.get(f"{server.url}/metrics", timeout=5).text
+    assert server.metrics_url is not None
+    before = http.get(server.metrics_url, timeout=5).text
     # Fresh connections, so that both gunicorn workers are likely to serve some of these.
     for index in range(6):
         requests.post(server.webhook_url, data=envelope(f"ntf_metrics_{index}"), timeout=5)
-    answer = http.get(f"{server.url}/metrics", timeout=5)
+    answer = http.get(server.metrics_url, timeout=5)
 
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("text/plain")
     assert count(answer.text, "unauthorized") - count(before, "unauthorized") == 6
     # Whichever worker answers /metrics, it reports the same totals: they are summed over all workers.
-    readings = {count(requests.get(f"{server.url}/metrics", timeout=5).text, "unauthorized") for _ in range(6)}
+    readings = {count(requests.get(server.metrics_url, timeout=5).text, "unauthorized") for _ in range(6)}
     assert readings == {count(answer.text, "unauthorized")}
     assert 'nova_intake_request_duration_seconds_bucket{le="0.005",route="/webhooks/nylas"}' in answer.text
 

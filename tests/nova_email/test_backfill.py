@@ -204,6 +204,25 @@ def test_threads_already_stored_and_current_are_skipped(
     assert sorted(j["thread_id"] for j in thread_jobs(conn)) == expected[3:]
 
 
+def test_a_job_over_more_than_a_year_lists_its_last_365_days(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, job: BackfillJob
+) -> None:
+    # Given a job of the original's, whose producer did not cap its window: two years
+    two_years = attrs.evolve(job, start_date=job.end_date - timedelta(days=730))
+
+    # When it runs
+    result = backfill.run_backfill(conn, client, two_years)
+
+    # Then it lists the year before its end, as a job of one year would, instead of being refused
+    expected = in_window(nylas, attrs.evolve(job, start_date=job.end_date - timedelta(days=365)))
+    assert result.threads_queued == len(expected) > 0
+    tracked = {
+        r[0] for r in conn.execute("select nylas_thread_id from queued_threads where config_id = %s", [job.config_id])
+    }
+    assert tracked == expected
+    assert config_state(conn, job.config_id)[0] == "thread_sync"
+
+
 def test_a_window_with_no_thread_completes_at_once(
     conn: psycopg.Connection, client: NylasClient, inbox_id: uuid.UUID, nylas: SimulatorHandle
 ) -> None:

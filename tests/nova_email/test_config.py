@@ -12,7 +12,7 @@ from nova_email.errors import ConfigError
 
 def test_defaults_are_the_original_services() -> None:
     settings = load_settings({}, env_file=None)
-    assert (settings.poll_interval_ms, settings.batch_size, settings.visibility_timeout_s) == (5000, 10, 300)
+    assert (settings.poll_interval_ms, settings.visibility_timeout_s) == (5000, 300)
     assert settings.completion_check_interval_ms == 5000
     assert settings.enable_auto_recovery is True
     assert settings.recovery_check_interval_ms == 60000
@@ -62,7 +62,6 @@ def test_environment_values_are_parsed() -> None:
     ("variable", "value", "expected"),
     [
         ("POLL_INTERVAL_MS", "soon", r"POLL_INTERVAL_MS='soon' is not a whole number of milliseconds"),
-        ("BATCH_SIZE", "0", r"BATCH_SIZE='0' is not a whole number of messages >= 1"),
         ("VISIBILITY_TIMEOUT", "-5", r"VISIBILITY_TIMEOUT='-5' is not a whole number of seconds"),
         ("ENABLE_AUTO_RECOVERY", "maybe", r"ENABLE_AUTO_RECOVERY='maybe' is not a boolean"),
         ("NYLAS_GRANT_RATE", "fast", r"NYLAS_GRANT_RATE='fast' is not a rate in calls per second"),
@@ -83,9 +82,21 @@ def test_a_bad_value_fails_with_one_line_naming_the_variable(variable: str, valu
 
 def test_the_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
-    env_file.write_text("BATCH_SIZE=25\nAPI_DELAY_MS=50\n")
+    env_file.write_text("POLL_INTERVAL_MS=250\nAPI_DELAY_MS=50\n")
     settings = load_settings({"API_DELAY_MS": "75"}, env_file=env_file)
-    assert (settings.batch_size, settings.api_delay_ms) == (25, 75)
+    assert (settings.poll_interval_ms, settings.api_delay_ms) == (250, 75)
+
+
+@pytest.mark.parametrize(("value", "level"), [("warn", "warning"), ("WARN", "warning"), ("fatal", "critical")])
+def test_log_level_accepts_the_spellings_of_node_services(value: str, level: str) -> None:
+    assert load_settings({"LOG_LEVEL": value}, env_file=None).log_level == level
+
+
+def test_an_originals_env_file_with_batch_size_still_loads(tmp_path: Path) -> None:
+    # The original read BATCH_SIZE; here the broker's prefetch decides how many messages a read fetches.
+    env_file = tmp_path / ".env"
+    env_file.write_text("BATCH_SIZE=10\nPOLL_INTERVAL_MS=5000\n")
+    assert not hasattr(load_settings({}, env_file=env_file), "batch_size")
 
 
 def test_copying_the_env_example_keeps_the_legacy_delays_off_while_paced() -> None:

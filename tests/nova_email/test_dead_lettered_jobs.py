@@ -98,3 +98,24 @@ def test_the_dead_letter_scan_reads_only_the_unrecorded_ones_through_their_index
     plan = "\n".join(r[0] for r in conn.execute("explain " + queries.FAIL_DEAD_LETTERED_THREADS))
 
     assert "dead_letters_unrecorded_idx" in plan, plan
+
+
+def test_a_poisoned_backfill_job_fails_its_configuration_with_the_reason(db_url: str, conn: psycopg.Connection) -> None:
+    # Given a backfill whose job kept killing its worker in the middle of the listing
+    inbox_id = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('g-poison-bf') returning id").fetchone()[
+        0
+    ]  # type: ignore[index]
+    config_id = conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id]).fetchone()[0]  # type: ignore[index]
+    conn.execute("select start_backfill_run(%s)", [config_id])
+    poison_and_consume(db_url, conn, "inbox_backfill_jobs")
+
+    # When the completion monitor ticks
+    assert completion.fail_dead_lettered_jobs(conn) == 1
+
+    # Then the configuration failed with the dead letter's reason, so a new backfill can be queued
+    status, progress = conn.execute(
+        "select backfill_status, backfill_progress from flux_inbox_configurations where id = %s", [config_id]
+    ).fetchone()  # type: ignore[misc]
+    assert status == "failed" and "dead-lettered (max_deliveries)" in progress["error"]
+    assert completion.fail_dead_lettered_jobs(conn) == 0
+    conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -85,3 +87,66 @@ def test_nova_email_run_completion_starts_workers_and_exits_0_on_sigterm(db_url:
     assert stopped_after_s < 10, log[-3000:]
     assert "--queues completion_monitor" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+#: Another application importing the actors to send a job: its own loguru sink and stdlib handler are in place.
+_HOST_APPLICATION = """
+import logging
+from loguru import logger
+
+logger.remove()
+lines = []
+logger.add(lines.append, format="{message}")
+logging.basicConfig(handlers=[logging.StreamHandler()], level=logging.INFO)
+handlers = list(logging.getLogger().handlers)
+
+import dramatiq
+import nova_email.actors as actors
+
+logger.info("the application logs on")
+assert [line.strip() for line in lines] == ["the application logs on"], lines
+assert logging.getLogger().handlers == handlers, logging.getLogger().handlers
+assert dramatiq.get_broker() is actors.broker
+print("imported")
+"""
+
+
+def _environment_without(*names: str, **values: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if k not in names}, **values}
+
+
+def test_importing_the_actors_sets_up_the_broker_and_nothing_else(tmp_path: Path) -> None:
+    # Given a database nothing listens on: importing must not connect (nor start anything, nor log)
+    env = _environment_without("NYLAS_API_KEY", "LOG_LEVEL", DATABASE_URL="postgresql://app@127.0.0.1:9/none")
+
+    result = subprocess.run(
+        [sys.executable, "-c", _HOST_APPLICATION], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "imported\n"
+    assert result.stderr == ""
+
+
+@pytest.mark.processes
+def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db_url: str, tmp_path: Path) -> None:
+    env = _environment_without("NYLAS_API_KEY", DATABASE_URL=db_url)
+    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "1", "--threads", "1"]
+
+    dramatiq_run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    nova_run = subprocess.run(
+        [*_script(), "run", "threads"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    line = (
+        "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
+        " call Nylas with it. Set it in the environment or in .env"
+    )
+    assert dramatiq_run.returncode != 0
+    assert dramatiq_run.stderr.splitlines().count(line) == 1, dramatiq_run.stderr
+    assert "Worker process is ready" not in dramatiq_run.stderr
+    assert nova_run.returncode == 2
+    assert nova_run.stderr.splitlines() == [
+        "nova-email: NYLAS_API_KEY is not set; the workers of thread_sync_jobs call Nylas with it. "
+        "Set it in the environment or in .env"
+    ]

@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from nova_email.simulator.server import SimulatorHandle, start_in_thread
-from tests.chaos.scenario import worker_env
+from tests.chaos.scenario import SHORT_RETRY_WINDOWS_MS, worker_env
 from tests.processes import Workers, running_workers, wait_for
 
 GRANT = "grant-workers"
@@ -107,8 +107,10 @@ def test_after_the_last_attempt_each_row_is_terminal_and_the_job_dead_lettered_w
     assert backfill_config is not None
     nylas.faults.error_rate, nylas.faults.error_statuses = 1.0, (501,)
 
-    # When the workers have run every job until they gave up
-    with start_workers(db_url, nylas, tmp_path) as workers:
+    # When the workers have run every job until they gave up, with retry windows longer than Dramatiq's backoffs
+    # of the same actors without them (1 s and 2 s minimum: at most 6 s and 12 s for three attempts)
+    windows_ms = {**SHORT_RETRY_WINDOWS_MS, "WEBHOOK_RETRY_WINDOW_MS": "8000", "BACKFILL_RETRY_WINDOW_MS": "13000"}
+    with start_workers(db_url, nylas, tmp_path, **windows_ms) as workers:
         wait_for(
             lambda: len(dead_letters(conn)) == 3,
             timeout_s=60,
@@ -142,6 +144,19 @@ def test_after_the_last_attempt_each_row_is_terminal_and_the_job_dead_lettered_w
     ).fetchone()
     assert backfill is not None and backfill[0] == "failed"
     assert backfill[1].startswith("gave up after 3 attempt(s): ServerError:")
+
+    # And each job's attempts were spread over its processor's retry window
+    windows_s = {name.split("_")[0].lower(): int(ms) / 1000 for name, ms in windows_ms.items()}
+    spans_s = conn.execute(
+        "select (select extract(epoch from processed_at - received_at) from flux_webhook_notifications where id = %s),"
+        " (select extract(epoch from processed_at - pgmq_queued_at) from queued_threads where config_id = %s),"
+        " (select extract(epoch from (backfill_progress ->> 'failed_at')::timestamptz - backfill_requested_at)"
+        "  from flux_inbox_configurations where id = %s)",
+        [notification_id, config_id, backfill_config[0]],
+    ).fetchone()
+    assert spans_s is not None
+    spans = dict(zip(("webhook", "thread", "backfill"), map(float, spans_s), strict=True))
+    assert all(spans[name] >= windows_s[name] for name in spans), (spans, windows_s)
 
     # And each job was dead-lettered as failed, with the error and the attempts it had
     letters = dead_letters(conn)

@@ -147,7 +147,7 @@ def test_a_heartbeat_that_cannot_be_written_is_logged_once_and_its_recovery_once
 @pytest.mark.slow
 def test_healthcheck_worker_follows_this_hosts_worker_processes(db_url: str, tmp_path: Path) -> None:
     # Heartbeats live under the temporary directory; a private one keeps other runs' workers out of this test.
-    env = {"DATABASE_URL": db_url, "TMPDIR": str(tmp_path), "LOG_LEVEL": "info"}
+    env = {"DATABASE_URL": db_url, "NYLAS_API_KEY": "health", "TMPDIR": str(tmp_path), "LOG_LEVEL": "info"}
 
     def probe(*args: str) -> subprocess.CompletedProcess[str]:
         return _nova_email("healthcheck", "--worker", *args, env=env)

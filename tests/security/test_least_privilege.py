@@ -189,6 +189,11 @@ def test_a_backfill_with_webhooks_runs_completely_under_the_least_privilege_role
                 timeout_s=20,
                 what="an exact mirror",
             )
+            with psycopg.connect(db_url) as check:
+                # The workers' pools hold connections open: they are the least-privilege role's.
+                sessions = check.execute(
+                    "select count(*) from pg_stat_activity where usename = %s", [urlsplit(worker_url).username]
+                ).fetchone()
             log = workers.log()
         # Then everything was done, exactly, and no statement was refused
         assert run_problems(db_url, nylas, backfill, mail_arrived=True) == []
@@ -197,7 +202,7 @@ def test_a_backfill_with_webhooks_runs_completely_under_the_least_privilege_role
                 "select count(*) from flux_webhook_notifications where status = 'processed'"
             ).fetchone()
         assert processed is not None and processed[0] >= 5
-        assert f"{urlsplit(worker_url).username}:***@" in log, "the workers did not use the least-privilege role"
+        assert sessions is not None and sessions[0] >= 1, "the workers did not use the least-privilege role"
         assert "permission denied" not in log, log[-3000:]
         assert "InsufficientPrivilege" not in log
     finally:

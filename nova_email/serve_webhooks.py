@@ -1,0 +1,49 @@
+"""``python -m nova_email.serve_webhooks``: the webhook receiver's process, which ``nova-email serve-webhooks`` runs.
+
+The receiver's workers are gevent workers, and gevent must patch the standard library before psycopg and
+psycopg_pool are imported: they bind ``select``, ``selectors``, ``threading``'s locks and ``time.sleep`` when they are
+imported, and bound to the blocking versions, one request waiting on Postgres (or for a pooled connection) would
+stall every other connection of its worker. So this module patches first and imports the service afterwards, in a
+process of its own. The gunicorn master keeps its own signals, ``os`` and ``subprocess``; the workers patch those
+too, as gunicorn's gevent worker always does.
+"""
+
+# ruff: noqa: E402  (the patch must come before every other import)
+from gevent import monkey
+
+monkey.patch_all(os=False, signal=False, subprocess=False)
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nova_email.config import load_settings
+from nova_email.errors import NovaError
+from nova_email.intake.server import add_arguments, run_from_arguments
+from nova_email.log import setup_logging
+
+__all__ = ["run"]
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, load the settings from the environment and serve until stopped."""
+    parser = argparse.ArgumentParser(
+        prog="nova-email serve-webhooks", description="Receive Nylas webhooks over HTTP into the webhook queue."
+    )
+    add_arguments(parser)
+    parser.add_argument(
+        "--ready-file", type=Path, default=None, help='write "<host> <port> <metrics port or ->" here once listening'
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings)
+        return run_from_arguments(settings, args, args.ready_file)
+    except NovaError as exc:
+        print(f"nova-email serve-webhooks: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

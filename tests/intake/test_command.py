@@ -1,0 +1,76 @@
+"""``nova-email serve-webhooks`` as an operator starts it: gunicorn's conventions (PORT, WEB_CONCURRENCY,
+GUNICORN_CMD_ARGS) and help for every option."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.processes import wait_for
+
+NOVA_EMAIL = str(Path(sys.executable).parent / "nova-email")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_every_option_of_serve_webhooks_has_help() -> None:
+    done = subprocess.run([NOVA_EMAIL, "serve-webhooks", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for option in (
+        "--host",
+        "--port",
+        "--workers",
+        "--threads",
+        "--max-body-bytes",
+        "--pool-timeout-s",
+        "--metrics-port",
+    ):
+        [index] = [index for index, line in enumerate(lines) if line.strip().startswith(option + " ")]
+        # argparse puts the help after the option, or on the next line when the option is long
+        same_line, next_line = lines[index].split(maxsplit=2)[2:], lines[index + 1].strip()
+        assert same_line or (next_line and not next_line.startswith("-")), lines[index]
+    assert "$PORT" in done.stdout and "$WEB_CONCURRENCY" in done.stdout and "GUNICORN_CMD_ARGS" in done.stdout
+
+
+@pytest.mark.processes
+def test_serve_webhooks_honours_port_web_concurrency_and_gunicorn_cmd_args(db_url: str, tmp_path: Path) -> None:
+    # Given the variables a platform sets for a gunicorn app
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "LOG_LEVEL": "debug",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "3",
+        "GUNICORN_CMD_ARGS": "--backlog 37",
+    }
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [NOVA_EMAIL, "serve-webhooks"], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+    try:
+        # When it starts without options
+        wait_for(lambda: "Listening on" in log_path.read_text(), timeout_s=60, what="the server to listen")
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    log = log_path.read_text()
+    # Then it listens on $PORT with $WEB_CONCURRENCY workers and the settings from GUNICORN_CMD_ARGS
+    assert health.status_code == 200
+    assert f"Listening on http://127.0.0.1:{port}/webhooks/nylas with 3 workers" in log
+    assert "backlog: 37" in log

@@ -1,0 +1,94 @@
+"""What a stranger can make the receiver do before (and after) a signature checks out: bounded work, bounded
+logs, bounded stored text."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from nova_email.config import Settings
+from nova_email.intake import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_REASON_CHARS,
+    PREAUTH_INFLATION_RATIO,
+    RunningIntake,
+    serve_in_background,
+    sign,
+)
+
+from .conftest import SECRET, audit_rows, envelope, post_signed
+
+
+def _gzip_signed_over_inflated(body: bytes) -> dict[str, Any]:
+    compressed = gzip.compress(body)
+    return {
+        "data": compressed,
+        "headers": {"X-Nylas-Signature": sign(SECRET, body), "Content-Encoding": "gzip"},
+        "ratio": len(body) / len(compressed),
+    }
+
+
+def test_the_default_body_limit_is_close_to_what_nylas_sends() -> None:
+    assert DEFAULT_MAX_BODY_BYTES <= 1024 * 1024
+
+
+def test_a_body_signed_before_compression_is_inflated_only_to_a_small_multiple_of_what_arrived(
+    server: RunningIntake, http: requests.Session, conn: psycopg.Connection[Any]
+) -> None:
+    # Given two gzip bodies signed over their inflated JSON: one compresses like a delivery, one far better
+    document = json.loads(envelope("ntf_ratio_low"))
+    document["data"]["object"]["snippet"] = os.urandom(600).hex()
+    ordinary = _gzip_signed_over_inflated(json.dumps(document).encode())
+    padded = json.loads(envelope("ntf_ratio_high"))
+    padded["data"]["object"]["snippet"] = " " * 40_000
+    suspicious = _gzip_signed_over_inflated(json.dumps(padded).encode())
+    assert ordinary["ratio"] < PREAUTH_INFLATION_RATIO < suspicious["ratio"]
+
+    # When both are delivered
+    accepted = http.post(server.webhook_url, data=ordinary["data"], headers=ordinary["headers"], timeout=5)
+    refused = http.post(server.webhook_url, data=suspicious["data"], headers=suspicious["headers"], timeout=5)
+
+    # Then the one that would need inflating past the bound before its signature is known is refused, unstored
+    assert accepted.status_code == 200
+    assert refused.status_code == 401
+    assert [row["webhook_id"] for row in audit_rows(conn)] == ["ntf_ratio_low"]
+
+
+def test_a_signed_rejection_stores_and_returns_a_bounded_reason(
+    server: RunningIntake, http: requests.Session, conn: psycopg.Connection[Any]
+) -> None:
+    # Given a signed body whose id is a very long list (quoted in the reason it is rejected for)
+    body = json.dumps({"id": ["x" * 16] * 3000, "type": "message.created"}).encode()
+
+    answer = post_signed(http, server, body)
+
+    assert answer.status_code == 400
+    assert len(answer.json()["detail"]) <= MAX_REASON_CHARS
+    [row] = audit_rows(conn)
+    assert row["status"] == "rejected"
+    assert len(row["error_message"]) <= MAX_REASON_CHARS
+
+
+@pytest.mark.processes
+def test_a_flood_of_refused_requests_logs_one_warning(
+    db_url: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="info")
+    with serve_in_background(settings, workers=1, max_body_bytes=1024) as server, requests.Session() as http:
+        capfd.readouterr()
+        # When strangers send 40 unsigned bodies and 40 oversized ones
+        answers = [http.post(server.webhook_url, data=b"{}", timeout=5).status_code for _ in range(40)]
+        answers += [http.post(server.webhook_url, data=b"x" * 2048, timeout=5).status_code for _ in range(40)]
+        # And one delivery that is fine, whose answer proves the refusals before it were handled
+        assert post_signed(http, server, envelope("ntf_after_flood")).status_code == 200
+    assert answers == [401] * 40 + [413] * 40
+    # Then the log holds one warning about them, not eighty
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line and "Refused" in line]
+    assert len(warnings) == 1, warnings
