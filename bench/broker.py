@@ -81,7 +81,7 @@ if _kind in ("pgmq", "redis"):
     def stamp(sent_at: float) -> None:
         """Record how long the message took from send to start."""
         picked_up = time.time()
-        with worker_broker._connection() as conn:
+        with worker_broker.database.connection() as conn:
             conn.execute("insert into bench_latency (ms) values (%s)", [(picked_up - sent_at) * 1000])
 
 

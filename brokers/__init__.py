@@ -2,26 +2,34 @@
 
 ``PGMQBroker`` is the broker; ``brokers.schema.install(conn)`` installs PGMQ and the broker's tables.
 Dead letters are listed, counted, purged and replayed through the broker (see ``brokers.dead_letters``).
+``Database`` is the fork-safe pool with outage logging that the broker, ``PeriodicScheduler`` and
+``PostgresBackend`` use; pass one instance to each (``database=``) for one pool per process.
 """
 
 from __future__ import annotations
 
-from .broker import PGMQBroker, QueueMetrics, validate_queue_name
+from .broker import PGMQBroker
+from .consumer import KEEP_ON_ACK_OPTION
+from .database import Database, PerProcess
 from .dead_letters import DeadLetter, DeadLetterReason
 from .envelope import foreign_message_id
 from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
 from .listener import channel_name
 from .periodic import PeriodicScheduler, Schedule
+from .queues import QueueMetrics, validate_queue_name
 from .rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate_limit_retries
 
 __all__ = [
+    "Database",
     "DatabaseUnavailable",
     "DeadLetter",
     "DeadLetterReason",
     "InvalidQueueName",
+    "KEEP_ON_ACK_OPTION",
     "MigrationError",
     "PGMQBroker",
     "PGMQBrokerError",
+    "PerProcess",
     "PeriodicScheduler",
     "PostgresBackend",
     "QueueMetrics",

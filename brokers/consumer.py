@@ -1,7 +1,7 @@
-"""The consumer and message proxy of the PGMQ broker (private: reached only through ``PGMQBroker.consume``).
+"""The consumer and message proxy of the PGMQ broker (reached through ``PGMQBroker.consume``).
 
 One consumer serves one queue in one process. Each database round trip deletes the messages acknowledged since
-the last one and leases as many new messages as the prefetch allows (``pgmq_broker.fetch``), so the ack path
+the last one and leases as many new messages as the prefetch allows (:meth:`Settlement.fetch`), so the ack path
 costs no round trip of its own while the worker is busy. An idle consumer waits for a PGMQ insert notification,
 an acknowledgement that frees prefetch room, the next delayed message's due time, or the poll interval,
 whichever comes first, and returns ``None`` by its timeout so that the worker can notice a shutdown.
@@ -9,51 +9,47 @@ whichever comes first, and returns ``None`` by its timeout so that the worker ca
 A consumer rides out a database outage by itself: a fetch that fails keeps its acknowledgements for the next one
 and waits with a growing pause, still returning ``None`` by its timeout, instead of raising ``ConnectionClosed``
 to Dramatiq's consumer thread (which would log a critical line and rebuild the consumer every few seconds). The
-broker logs the outage once when it starts and once when it ends.
+database logs the outage once when it starts and once when it ends.
+
+A fetched row is decoded only after its lease is tracked, one row at a time: a row that cannot become a message
+is dead-lettered with its reason and costs the rows fetched with it nothing. A delivery counts towards
+``max_deliveries`` when it starts running (:class:`DeliveryStart`), not when it is fetched.
 
 Dramatiq calls ``ack``/``nack`` from worker threads while the consumer thread iterates, so everything shared is
-guarded by a lock or an :class:`threading.Event`. How a delivery ends (ack, nack, requeue, release, a retry's
-resend) lives here too, in the ``_Settlement`` mixin of the broker, with the per-queue state the consumers of
-one queue share (Dramatiq may replace a consumer while messages it fetched are still running).
+guarded by a lock or an :class:`threading.Event`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, LiteralString
+from typing import Any
 
-import attrs
+import dramatiq
 import psycopg
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.errors import ActorNotFound
 from dramatiq.message import Message
+from dramatiq.middleware import Middleware, SkipMessage
 from loguru import logger
 
-from . import dead_letters as _dead_letters
-from . import queries
+from .database import Backoff
 from .dead_letters import DeadLetterReason, reason_from_exception
 from .envelope import Undecodable, decode_body
 from .errors import DatabaseUnavailable
-from .lease import Lease, LeaseKeeper
+from .lease import Lease
+from .settlement import Fetched, Settlement
 
-if TYPE_CHECKING:
-    from .broker import PGMQBroker, _Outage
+__all__ = ["KEEP_ON_ACK_OPTION", "DeliveryStart", "PGMQConsumer", "PGMQMessageProxy"]
 
 log = logger.bind(component="PGMQBroker")
-
-__all__: list[str] = []
 
 #: Message option: an ack leaves the message on the queue (it reappears after its visibility timeout) instead of
 #: deleting it. Set it from a middleware's ``before_process_message``.
 KEEP_ON_ACK_OPTION = "pgmq_keep_on_ack"
-#: The shortest idle wait, in seconds: stops a consumer from spinning on a visible message another reader holds.
-MIN_IDLE_WAIT_S = 0.005
 #: First pause, in seconds, of a consumer whose fetch failed because the database is unavailable; doubled on each
 #: further failure.
 OUTAGE_MIN_BACKOFF_S = 0.5
@@ -61,48 +57,84 @@ OUTAGE_MIN_BACKOFF_S = 0.5
 OUTAGE_MAX_BACKOFF_S = 5.0
 
 
-class _PGMQMessageProxy(MessageProxy):
+class PGMQMessageProxy(MessageProxy):
     """A message leased from PGMQ, settled exactly once by ack, nack, requeue or a retry's resend."""
 
-    def __init__(self, message: Message[Any], *, lease: Lease, consumer: _PGMQConsumer) -> None:
+    def __init__(self, message: Message[Any], *, lease: Lease, consumer: PGMQConsumer) -> None:
         super().__init__(message)
-        self._lease = lease
-        self._consumer = consumer
-        self._settled = False
-        # Set while a retry's re-enqueue is under way; still set at ack time means the re-enqueue failed.
-        self._resend_pending = False
+        #: The delivery, with its settlement's state.
+        self.lease = lease
+        #: The consumer that fetched the message (Dramatiq may settle it through a newer one).
+        self.consumer = consumer
+        #: The actor's exception, as Dramatiq stuffed it (a nack records it in the dead letter).
+        self.exception: BaseException | None = None
 
     @property
     def pgmq_msg_id(self) -> int:
         """The PGMQ ``msg_id`` of this delivery."""
-        return self._lease.msg_id
+        return self.lease.msg_id
+
+    def stuff_exception(self, exception: BaseException) -> None:
+        super().stuff_exception(exception)
+        self.exception = exception
+
+    def clear_exception(self) -> None:
+        super().clear_exception()
+        self.exception = None
 
 
-class _PGMQConsumer(Consumer):
-    def __init__(self, broker: PGMQBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        self._broker = broker
-        self._state: _QueueState = broker._queue_state(queue_name)
+class PGMQConsumer(Consumer):
+    """Dramatiq's consumer of one queue: fetches through the broker's :class:`Settlement` and settles through it.
+
+    Parameters:
+        settlement: The broker's commands.
+        queue_name: The queue.
+        prefetch: Most messages held at once, buffered or running.
+        timeout: Milliseconds an idle iteration waits before returning ``None``.
+        max_deliveries: Started runs without a settlement after which a message is dead-lettered as poison.
+        handlers: The actor of each queue that takes its foreign messages (the broker's, kept up to date).
+    """
+
+    def __init__(
+        self,
+        settlement: Settlement,
+        queue_name: str,
+        prefetch: int,
+        timeout: int,
+        *,
+        max_deliveries: int,
+        handlers: Mapping[str, str],
+    ) -> None:
+        self.settlement = settlement
+        self.state = settlement.queue_state(queue_name)
         self.queue_name = queue_name
         self.prefetch = max(1, prefetch)
         self.timeout = timeout
-        self._buffer: deque[_PGMQMessageProxy] = deque()
+        self.max_deliveries = max_deliveries
+        self.handlers = handlers
+        self._buffer: deque[PGMQMessageProxy] = deque()
         self._outstanding: set[int] = set()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
-        self._busy = False
+        self._iterating = False
         self._closed = False
-        self._backoff_s = 0.0
+        self._backoff = Backoff(min_s=OUTAGE_MIN_BACKOFF_S, max_s=OUTAGE_MAX_BACKOFF_S)
         self._retry_at = 0.0
-        self._state.consumers.add(self)
-        broker._start_consuming(queue_name)
+        self.state.consumers.add(self)
 
-    # Called by the broker's listener and by settlements.
+    @property
+    def iterating(self) -> bool:
+        """Whether this consumer is inside ``next()`` now, and so deletes deferred acks with its next fetch."""
+        return self._iterating and not self._closed
+
     def wake(self) -> None:
+        """End an idle wait now (a notification, an ack that frees prefetch room)."""
         self._wakeup.set()
 
-    def _discharge(self, proxy: _PGMQMessageProxy) -> None:
+    def discharge(self, lease: Lease) -> None:
+        """Free the prefetch room of a settled delivery this consumer fetched."""
         with self._lock:
-            self._outstanding.discard(proxy._lease.msg_id)
+            self._outstanding.discard(lease.msg_id)
         self._wakeup.set()
 
     @property
@@ -111,33 +143,127 @@ class _PGMQConsumer(Consumer):
         with self._lock:
             return len(self._outstanding)
 
+    # -- settling (Dramatiq's worker calls these with messages of this queue, maybe fetched by an older consumer) --
+
+    def start(self, message: PGMQMessageProxy) -> None:
+        """Count the delivery as started, or skip the message when its lease is gone (or cannot be checked).
+
+        Raises:
+            SkipMessage: The delivery no longer holds the message (another worker may run it) or the database is
+                unavailable; the message is not run here.
+        """
+        lease = message.lease
+        try:
+            if self.settlement.start(lease):
+                return
+            reason = "its lease lapsed and another worker may have it"
+        except DatabaseUnavailable as exc:
+            reason = f"the database is unavailable ({exc}); it runs once its lease lapses"
+        lease.settled = True
+        self.settlement.forget([lease])
+        message.consumer.discharge(lease)
+        msg = f"Message {message.message_id} was not started: {reason}"
+        raise SkipMessage(msg)
+
     def ack(self, message: MessageProxy) -> None:
-        self._broker._settle_ack(_own(message))
+        proxy = _own(message)
+        lease = proxy.lease
+        if not lease.settled:
+            lease.settled = True
+            if lease.resend_pending:
+                self._keep_original(proxy)
+                return
+            proxy.consumer.discharge(lease)
+            if proxy.options.get(KEEP_ON_ACK_OPTION):
+                # Processed but kept: a dry-run mode for consumers that must not delete. The run is not counted,
+                # or the message would be dead-lettered after max_deliveries runs.
+                self.settlement.keep(lease)
+                return
+            self.settlement.ack(lease)
+        state = self.settlement.queue_state(lease.queue_name)
+        iterating = state.iterating_consumers()
+        for consumer in iterating:
+            consumer.wake()
+        if not iterating:
+            self.settlement.flush_acks(state)
+
+    def _keep_original(self, proxy: PGMQMessageProxy) -> None:
+        """A retry's re-enqueue failed: make the original visible again rather than delete it."""
+        lease = proxy.lease
+        lease.resend_pending = False
+        self.settlement.forget([lease])
+        proxy.consumer.discharge(lease)
+        # In an outage the database has logged it once already; one line per message would be noise.
+        level = "DEBUG" if self.settlement.database.outage.ongoing else "WARNING"
+        log.log(level, "Re-enqueueing message {} failed; its original delivery will run again", proxy.message_id)
+        try:
+            self.settlement.release([lease], uncount=False)
+        except DatabaseUnavailable:
+            # Not raised to the worker, which would retry the ack every 5 s: nothing holds the lease any more, so
+            # the original comes back by itself once it lapses.
+            log.debug("Message {} will run again once its lease lapses", proxy.message_id)
 
     def nack(self, message: MessageProxy) -> None:
-        self._broker._settle_nack(_own(message))
+        proxy = _own(message)
+        lease = proxy.lease
+        if lease.settled:
+            return
+        retries = proxy.options.get("retries")
+        attempts = int(retries) if retries else 1
+        reason = "unknown_actor" if isinstance(proxy.exception, ActorNotFound) else "failed"
+        why = reason_from_exception(proxy.exception, attempts=attempts, reason=reason)
+        self.settlement.dead_letter(lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name)
+        lease.settled = True
+        proxy.consumer.discharge(lease)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        self._broker._settle_requeue([_own(m) for m in messages])
+        self._requeue([_own(m) for m in messages])
+
+    def _requeue(self, proxies: Iterable[PGMQMessageProxy]) -> None:
+        leases = []
+        for proxy in proxies:
+            if not proxy.lease.settled:
+                proxy.lease.settled = True
+                leases.append(proxy.lease)
+                proxy.consumer.discharge(proxy.lease)
+        self.settlement.requeue(leases)
+
+    def resend(
+        self, proxy: PGMQMessageProxy, params: dict[str, Any], connection: psycopg.Connection[Any] | None
+    ) -> None:
+        """Replace the delivery by its retry (the broker's ``enqueue`` of a message this broker delivered).
+
+        The broker sets ``lease.resend_pending`` first; it stays set if this raises, so the ack keeps the original.
+
+        Raises:
+            DatabaseUnavailable: The retry was not sent.
+        """
+        lease = proxy.lease
+        self.settlement.resend(lease, params, connection)
+        lease.resend_pending = False
+        lease.settled = True
+        proxy.consumer.discharge(lease)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._state.consumers.discard(self)
+        self.state.consumers.discard(self)
         buffered = list(self._buffer)
         self._buffer.clear()
         try:
-            self._broker._settle_requeue(buffered)
+            self._requeue(buffered)
         finally:
-            self._broker._flush_acks(self._state)
+            self.settlement.flush_acks(self.state)
+
+    # -- fetching ---------------------------------------------------------------------------------------------
 
     def __next__(self) -> MessageProxy | None:
-        self._busy = True
+        self._iterating = True
         try:
             return self._next()
         finally:
-            self._busy = False
+            self._iterating = False
 
     def _next(self) -> MessageProxy | None:
         deadline = time.monotonic() + self.timeout / 1000
@@ -154,19 +280,17 @@ class _PGMQConsumer(Consumer):
                 continue
             # Cleared before looking, so a notification or ack that lands after the fetch still wakes the wait.
             self._wakeup.clear()
-            room = self.prefetch - self.outstanding_count
-            acks = self._state.take_acks()
+            room = max(self.prefetch - self.outstanding_count, 0)
             wait_s = deadline - time.monotonic()
             try:
-                rows = self._broker._fetch(self._state, acks, max(room, 0)) if room > 0 or acks else []
-                if room > 0 and not rows:
-                    wait_s = min(wait_s, self._broker._idle_wait_s(self.queue_name))
+                rows = self.settlement.fetch(self.state, room) if room or self.state.pending_acks else []
+                if room and not rows:
+                    wait_s = min(wait_s, self.settlement.idle_wait_s(self.queue_name))
             except DatabaseUnavailable:
-                # _fetch put the acks back; the broker logged the outage (once).
-                self._backoff_s = min(max(self._backoff_s * 2, OUTAGE_MIN_BACKOFF_S), OUTAGE_MAX_BACKOFF_S)
-                self._retry_at = time.monotonic() + self._backoff_s
+                # The acks are back in the queue's state; the database logged the outage (once).
+                self._retry_at = time.monotonic() + self._backoff.next_s()
                 continue
-            self._backoff_s = 0.0
+            self._backoff.reset()
             if rows:
                 self._accept(rows)
                 continue
@@ -174,232 +298,84 @@ class _PGMQConsumer(Consumer):
             if not woke and time.monotonic() >= deadline:
                 return None
 
-    def _accept(self, rows: list[tuple[int, int, datetime, datetime, str]]) -> None:
-        broker = self._broker
-        good: list[_PGMQMessageProxy] = []
-        for msg_id, read_ct, enqueued_at, token, body in rows:
-            lease = Lease(self.queue_name, msg_id, token, read_ct)
-            if read_ct > broker.max_deliveries:
-                why = DeadLetterReason(
-                    reason="max_deliveries",
-                    error_type="MaxDeliveriesExceeded",
-                    error_message=(
-                        f"Delivered {read_ct} times without being acknowledged (max_deliveries="
-                        f"{broker.max_deliveries}); a worker probably died while running it"
-                    ),
-                    attempts=read_ct,
+    def _accept(self, rows: list[Fetched]) -> None:
+        leased = [(Lease(self.queue_name, row.msg_id, _token(row), row.read_ct or 0), row) for row in rows]
+        # Tracked before anything can fail, so that no fetched message is left to lapse unnoticed.
+        self.settlement.track([lease for lease, _ in leased])
+        good: list[PGMQMessageProxy] = []
+        doomed: list[tuple[Lease, DeadLetterReason]] = []
+        for lease, row in leased:
+            try:
+                delivery = self._delivery(lease, row)
+            except Exception as exc:  # one row that cannot be decoded costs its neighbours nothing
+                delivery = DeadLetterReason(
+                    reason="undecodable",
+                    error_type=type(exc).__name__,
+                    error_message=f"The body could not be decoded: {exc}",
+                    attempts=lease.read_ct,
                 )
-                broker._dead_letter_lease(lease, None, None, None, why)
-                continue
-            decoded = decode_body(
-                body, queue_name=self.queue_name, msg_id=msg_id, enqueued_at=enqueued_at, handlers=broker._handlers
-            )
-            if isinstance(decoded, Undecodable):
-                why = DeadLetterReason(
-                    reason=decoded.reason,
-                    error_type=decoded.error_type,
-                    error_message=decoded.error_message,
-                    attempts=read_ct,
-                )
-                broker._dead_letter_lease(lease, None, None, None, why)
-                continue
-            good.append(_PGMQMessageProxy(decoded, lease=lease, consumer=self))
+            if isinstance(delivery, DeadLetterReason):
+                doomed.append((lease, delivery))
+            else:
+                good.append(delivery)
         if good:
-            broker._keeper_track([proxy._lease for proxy in good])
             with self._lock:
-                self._outstanding.update(proxy._lease.msg_id for proxy in good)
+                self._outstanding.update(proxy.lease.msg_id for proxy in good)
             self._buffer.extend(good)
+        for lease, why in doomed:
+            try:
+                self.settlement.dead_letter(lease, why)
+            except DatabaseUnavailable:
+                # The outage is logged; the row comes back once its lease lapses, and is dead-lettered then.
+                self.settlement.forget([lease])
+
+    def _delivery(self, lease: Lease, row: Fetched) -> PGMQMessageProxy | DeadLetterReason:
+        if lease.read_ct >= self.max_deliveries:
+            return DeadLetterReason(
+                reason="max_deliveries",
+                error_type="MaxDeliveriesExceeded",
+                error_message=(
+                    f"Started {lease.read_ct} times without being settled (max_deliveries={self.max_deliveries}); "
+                    "a worker probably died while running it"
+                ),
+                attempts=lease.read_ct,
+            )
+        assert row.message is not None and row.enqueued_at is not None
+        decoded = decode_body(
+            row.message, queue_name=self.queue_name, msg_id=lease.msg_id, enqueued_at=row.enqueued_at,
+            handlers=self.handlers,
+        )  # fmt: skip
+        if isinstance(decoded, Undecodable):
+            return DeadLetterReason(
+                reason=decoded.reason,
+                error_type=decoded.error_type,
+                error_message=decoded.error_message,
+                attempts=lease.read_ct,
+            )
+        lease.message_id = decoded.message_id
+        return PGMQMessageProxy(decoded, lease=lease, consumer=self)
 
 
-@attrs.define(eq=False)
-class _QueueState:
-    """Per-process state of one queue, shared by its consumers (Dramatiq may replace a consumer mid-flight)."""
+class DeliveryStart(Middleware):
+    """Counts a delivery towards ``max_deliveries`` when it starts running, not when it is fetched.
 
-    name: str
-    pending_acks: list[Lease] = attrs.field(factory=list)
-    consumers: weakref.WeakSet[_PGMQConsumer] = attrs.field(factory=weakref.WeakSet)
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
-
-    def add_ack(self, lease: Lease) -> None:
-        with self.lock:
-            self.pending_acks.append(lease)
-
-    def take_acks(self) -> list[Lease]:
-        with self.lock:
-            acks, self.pending_acks = self.pending_acks, []
-        return acks
-
-    def return_acks(self, acks: list[Lease]) -> None:
-        with self.lock:
-            self.pending_acks[:0] = acks
-
-
-class _Settlement:
-    """How deliveries end: fetched (and acks flushed), acknowledged, dead-lettered, requeued or released.
-
-    A mixin of :class:`~brokers.PGMQBroker`, kept next to the consumer whose lifecycle it implements.
+    The broker puts it first, so its ``before_process_message`` runs before any other: a message buffered behind
+    a job that kills its process never ran and keeps its count, and a delivery whose lease is gone is skipped
+    instead of run a second time next to the worker that holds it now.
     """
 
-    if TYPE_CHECKING:
-        _keeper: LeaseKeeper | None
-        _outage: _Outage
-        _handlers: dict[str, str]
-        max_deliveries: int
-        archive_on_ack: bool
-        async_commit: bool
-        visibility_timeout_ms: int
-        poll_interval_ms: int
-
-        def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]: ...
-        def _execute(self, query: LiteralString, params: dict[str, Any]) -> list[Any]: ...
-        def _queue_state(self, queue_name: str) -> _QueueState: ...
-
-    def _keeper_track(self, leases: list[Lease]) -> None:
-        if self._keeper is not None:
-            self._keeper.track(leases)
-
-    def _keeper_forget(self, leases: list[Lease]) -> None:
-        if self._keeper is not None:
-            self._keeper.forget(leases)
-
-    def _fetch(self, state: _QueueState, acks: list[Lease], qty: int) -> list[Any]:
-        params = {
-            "queue": state.name,
-            "ack_ids": [lease.msg_id for lease in acks],
-            "archive": self.archive_on_ack,
-            "qty": qty,
-            "vt_ms": self.visibility_timeout_ms,
-            "async_commit": self.async_commit,
-        }
-        try:
-            rows = self._execute(queries.FETCH, params)
-        except BaseException:
-            state.return_acks(acks)
-            raise
-        if acks:
-            self._keeper_forget(acks)
-        return rows
-
-    def _flush_acks(self, state: _QueueState) -> None:
-        acks = state.take_acks()
-        if acks:
-            self._fetch(state, acks, 0)
-
-    def _idle_wait_s(self, queue_name: str) -> float:
-        """How long an idle consumer may wait: until the next delayed message is due, at most the poll interval."""
-        wait_s = self.poll_interval_ms / 1000
-        with self._connection() as conn:
-            row = conn.execute(queries.NEXT_VISIBLE_IN_MS, {"queue": queue_name}).fetchone()
-        if row is not None and row[0] is not None:
-            wait_s = min(wait_s, max(row[0] / 1000, 0.0))
-        return max(wait_s, MIN_IDLE_WAIT_S)
-
-    def _settle_ack(self, proxy: _PGMQMessageProxy) -> None:
-        state = self._queue_state(proxy._lease.queue_name)
-        if not proxy._settled:
-            proxy._settled = True
-            if proxy._resend_pending:
-                # The retry's re-enqueue failed: keep the original, visible again, rather than delete it.
-                proxy._resend_pending = False
-                self._keeper_forget([proxy._lease])
-                proxy._consumer._discharge(proxy)
-                # In an outage the broker has logged it once already; one line per message would be noise.
-                level = "DEBUG" if self._outage.since is not None else "WARNING"
-                log.log(
-                    level, "Re-enqueueing message {} failed; its original delivery will run again", proxy.message_id
-                )
-                try:
-                    self._release([proxy._lease], uncount=False)
-                except DatabaseUnavailable:
-                    # Not raised to the worker, which would retry the ack every 5 s: nothing holds the lease any
-                    # more, so the original comes back by itself once it lapses.
-                    log.debug("Message {} will run again once its lease lapses", proxy.message_id)
-                return
-            if proxy.options.get(KEEP_ON_ACK_OPTION):
-                # Processed but kept: stop extending the lease and leave the message where it is, so it comes
-                # back after a visibility timeout (a dry-run mode for consumers that must not delete). The
-                # delivery is not counted, or the message would be dead-lettered after max_deliveries runs.
-                self._keeper_forget([proxy._lease])
-                proxy._consumer._discharge(proxy)
-                self._release([proxy._lease], uncount=True, delay_ms=self.visibility_timeout_ms)
-                return
-            proxy._lease.settling = True
-            state.add_ack(proxy._lease)
-            proxy._consumer._discharge(proxy)
-        # A consumer of the queue iterating in this process (maybe not the one that fetched the message, which
-        # Dramatiq replaces after a connection error) deletes the ack with its next fetch; otherwise do it now.
-        iterating = [consumer for consumer in list(state.consumers) if consumer._busy and not consumer._closed]
-        if iterating:
-            for consumer in iterating:
-                consumer.wake()
-        else:
-            self._flush_acks(state)
-
-    def _settle_nack(self, proxy: _PGMQMessageProxy) -> None:
-        if proxy._settled:
-            return
-        exc = proxy._exception
-        attempts = int(proxy.options.get("retries", 0) or 0) + (0 if proxy.options.get("retries") else 1)
-        reason = "unknown_actor" if isinstance(exc, ActorNotFound) else "failed"
-        why = reason_from_exception(exc, attempts=max(attempts, 1), reason=reason)
-        proxy._lease.settling = True
-        self._dead_letter_lease(proxy._lease, proxy.encode().decode("utf-8"), proxy.message_id, proxy.actor_name, why)
-        proxy._settled = True
-        self._keeper_forget([proxy._lease])
-        proxy._consumer._discharge(proxy)
-
-    def _settle_requeue(self, proxies: Sequence[_PGMQMessageProxy]) -> None:
-        leases = []
-        for proxy in proxies:
-            if not proxy._settled:
-                proxy._settled = True
-                leases.append(proxy._lease)
-                proxy._consumer._discharge(proxy)
-        self._keeper_forget(leases)
-        self._release(leases, uncount=True)
-
-    def _release(self, leases: list[Lease], *, uncount: bool, delay_ms: int = 0) -> None:
-        by_queue: dict[str, list[Lease]] = {}
-        for lease in leases:
-            by_queue.setdefault(lease.queue_name, []).append(lease)
-        for queue_name, group in by_queue.items():
-            with self._connection() as conn:
-                conn.execute(
-                    queries.RELEASE,
-                    {
-                        "queue": queue_name,
-                        "ids": [lease.msg_id for lease in group],
-                        "tokens": [lease.token for lease in group],
-                        "delay_ms": delay_ms,
-                        "uncount": uncount,
-                    },
-                )
-
-    def _dead_letter_lease(
-        self, lease: Lease, message: str | None, message_id: str | None, actor_name: str | None, why: DeadLetterReason
-    ) -> None:
-        with self._connection() as conn:
-            recorded = _dead_letters.dead_letter(
-                conn,
-                queue_name=lease.queue_name,
-                msg_id=lease.msg_id,
-                message=message,
-                message_id=message_id,
-                actor_name=actor_name,
-                why=why,
-            )
-        if recorded:
-            log.bind(event="dead_lettered").warning(
-                "Dead-lettered message {} of queue {!r} ({}: {})",
-                message_id or lease.msg_id,
-                lease.queue_name,
-                why.reason,
-                why.error_type,
-            )
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if isinstance(message, PGMQMessageProxy):
+            message.consumer.start(message)
 
 
-def _own(message: MessageProxy) -> _PGMQMessageProxy:
-    if not isinstance(message, _PGMQMessageProxy):
+def _token(row: Fetched) -> datetime:
+    assert row.last_read_at is not None, "a leased row always has its token"
+    return row.last_read_at
+
+
+def _own(message: MessageProxy) -> PGMQMessageProxy:
+    if not isinstance(message, PGMQMessageProxy):
         msg = f"{message!r} was not fetched by a PGMQBroker consumer; only its own messages can be settled"
         raise TypeError(msg)
     return message

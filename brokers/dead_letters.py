@@ -87,6 +87,7 @@ def dead_letter(
     *,
     queue_name: str,
     msg_id: int,
+    token: datetime,
     message: str | None,
     message_id: str | None,
     actor_name: str | None,
@@ -94,14 +95,16 @@ def dead_letter(
 ) -> bool:
     """Record one delivery as a dead letter and delete it from its queue, atomically.
 
-    `message` is the encoded envelope to keep (None keeps the body as it is in the queue).
-    Returns False, recording nothing, when the message is no longer in the queue.
+    The delivery is `msg_id` as fetched with lease `token` (its ``last_read_at``). `message` is the encoded
+    envelope to keep (None keeps the body as it is in the queue). Returns False, recording nothing, when that
+    delivery no longer holds the message (its lease lapsed and another worker took it, or it is gone).
     """
     row = conn.execute(
         queries.DEAD_LETTER,
         {
             "queue": queue_name,
             "msg_id": msg_id,
+            "token": token,
             "message": message,
             "message_id": message_id,
             "actor_name": actor_name,

@@ -18,14 +18,30 @@ from typing import Any
 
 import attrs
 from dramatiq import Message, get_encoder
+from dramatiq.middleware import Middleware
 
-__all__ = ["ENVELOPE_KEYS", "FOREIGN_MESSAGE_NAMESPACE", "Undecodable", "decode_body", "foreign_message_id"]
+__all__ = [
+    "ENVELOPE_KEYS",
+    "FOREIGN_MESSAGE_NAMESPACE",
+    "QueueHandlerOption",
+    "Undecodable",
+    "decode_body",
+    "foreign_message_id",
+]
 
 #: The keys that make a JSON object a Dramatiq envelope rather than a foreign message.
 ENVELOPE_KEYS = frozenset({"actor_name", "args", "kwargs", "options", "message_id"})
 
 #: UUID namespace of foreign message ids (uuid5 over "<queue>:<msg_id>").
 FOREIGN_MESSAGE_NAMESPACE = uuid.UUID("6f1f3c62-61a7-4e53-9c55-8f4a5d0e2b1e")
+
+
+class QueueHandlerOption(Middleware):
+    """Registers the ``queue_handler`` actor option: the actor receives its queue's foreign messages."""
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"queue_handler"}
 
 
 @attrs.frozen

@@ -15,15 +15,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from datetime import datetime
 
 import attrs
-import psycopg
 from loguru import logger
 
 from . import queries
 from .background import BackgroundThread
+from .database import Database
+from .errors import DatabaseUnavailable
 
 __all__ = ["Lease", "LeaseKeeper"]
 
@@ -35,16 +35,26 @@ EXTENSIONS_PER_TIMEOUT = 3
 
 @attrs.define(eq=False)
 class Lease:
-    """One delivery of one PGMQ message to this process."""
+    """One delivery of one PGMQ message to this process, and how far it is settled.
+
+    The settlement's state is public: the consumer, the broker's retry and the lease keeper all read it.
+    """
 
     queue_name: str
     msg_id: int
     token: datetime
+    #: Runs of the message that started before this delivery (deliveries counted towards max_deliveries).
     read_ct: int
     fetched_at: float = attrs.field(factory=time.monotonic)
+    #: The Dramatiq message id, once the body is decoded (for log lines).
+    message_id: str | None = None
     #: Set before a settlement deletes the message (an ack, which stays leased until its deferred delete, a dead
     #: letter, a retry's resend); the settlement forgets the lease only after the delete.
     settling: bool = False
+    #: Set once the delivery is settled (acked, nacked, requeued, resent, or skipped): later settlements are no-ops.
+    settled: bool = False
+    #: Set while a retry's re-enqueue is under way; still set at ack time means the re-enqueue failed.
+    resend_pending: bool = False
 
 
 class LeaseKeeper(BackgroundThread):
@@ -53,7 +63,7 @@ class LeaseKeeper(BackgroundThread):
     Once stopped, the leases it held lapse after the visibility timeout unless settled first.
 
     Parameters:
-        connect: Returns a context manager yielding a connection (the broker's pool).
+        database: The broker's database.
         visibility_timeout_ms: How long each extension hides a message for.
         max_lease_s: Give up extending a lease after this many seconds.
         async_commit: Commit extensions without waiting for the WAL flush (see ``PGMQBroker``).
@@ -65,21 +75,20 @@ class LeaseKeeper(BackgroundThread):
     def __init__(
         self,
         *,
-        connect: Callable[[], AbstractContextManager[psycopg.Connection]],
+        database: Database,
         visibility_timeout_ms: int,
         max_lease_s: float,
         async_commit: bool = True,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        self._connect = connect
+        self._database = database
         self._vt_ms = visibility_timeout_ms
         self._max_lease_s = max_lease_s
         self._async_commit = async_commit
         self._on_tick = on_tick
         self._leases: dict[str, dict[int, Lease]] = {}
         self._lock = threading.Lock()
-        self._failing = False
 
     @property
     def interval_s(self) -> float:
@@ -141,26 +150,17 @@ class LeaseKeeper(BackgroundThread):
             )
         held_count = 0
         for queue_name, leases in snapshot.items():
+            params = {
+                "queue": queue_name,
+                "ids": [lease.msg_id for lease in leases],
+                "tokens": [lease.token for lease in leases],
+                "vt_ms": self._vt_ms,
+                "async_commit": self._async_commit,
+            }
             try:
-                with self._connect() as conn:
-                    rows = conn.execute(
-                        queries.EXTEND,
-                        {
-                            "queue": queue_name,
-                            "ids": [lease.msg_id for lease in leases],
-                            "tokens": [lease.token for lease in leases],
-                            "vt_ms": self._vt_ms,
-                            "async_commit": self._async_commit,
-                        },
-                    ).fetchall()
-            except psycopg.Error as exc:
-                if not self._failing:
-                    log.warning("Could not extend {} leases: {}", len(leases), exc)
-                self._failing = True
-                continue
-            if self._failing:
-                log.info("Extending leases again")
-                self._failing = False
+                rows = self._database.execute(queries.EXTEND, params)
+            except DatabaseUnavailable:
+                continue  # the database logged the outage once; the next round tries again
             extended = {row[0] for row in rows}
             held_count += len(extended)
             lost = [lease for lease in leases if lease.msg_id not in extended and self.is_tracked(lease)]

@@ -14,15 +14,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
-from loguru import logger
 from psycopg import sql
 
 from . import queries
 from .background import BackgroundThread
+from .database import Backoff, Outage
 
 __all__ = ["Listener", "channel_name"]
-
-log = logger.bind(component="Listener")
 
 #: How long one wait for notifications lasts before new subscriptions are applied, in seconds.
 WAIT_S = 0.25
@@ -64,29 +62,29 @@ class Listener(BackgroundThread):
             self._queues.add(queue_name)
 
     def _run(self) -> None:
-        backoff = MIN_BACKOFF_S
-        outage = False
+        backoff = Backoff(min_s=MIN_BACKOFF_S, max_s=MAX_BACKOFF_S)
+        outage = Outage(
+            component="Listener",
+            lost="Lost the LISTEN connection, reconnecting with backoff: {}",
+            recovered="Listening again after {:.1f} s",
+        )
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs) as conn:
                     self._listening = set()
-                    if outage:
-                        log.info("Listening again")
+                    if outage.ongoing:
+                        outage.recovered()
                         with self._lock:
                             queues = set(self._queues)
                         for queue_name in queues:
                             self._on_notify(queue_name)
-                    outage = False
-                    backoff = MIN_BACKOFF_S
+                    backoff.reset()
                     self.connected.set()
                     self._listen_loop(conn)
             except psycopg.Error as exc:
                 self.connected.clear()
-                if not outage:
-                    log.warning("Lost the LISTEN connection, reconnecting with backoff: {}", exc)
-                outage = True
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                outage.lost(exc)
+                self._stop.wait(backoff.next_s())
 
     def _listen_loop(self, conn: psycopg.Connection) -> None:
         prefix, suffix = "pgmq.q_", ".INSERT"

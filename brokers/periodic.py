@@ -30,10 +30,9 @@ lease); keep ``lease_ms`` well above ``poll_interval_ms``.
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import timedelta
-from typing import Any, LiteralString
+from typing import Any
 
 import attrs
 import dramatiq
@@ -42,7 +41,10 @@ from dramatiq.middleware import Middleware, SkipMessage
 from loguru import logger
 from psycopg_pool import ConnectionPool
 
+from . import queries
 from .broker import PGMQBroker
+from .database import Database
+from .errors import DatabaseUnavailable
 
 __all__ = ["PeriodicScheduler", "Schedule"]
 
@@ -56,21 +58,6 @@ DEFAULT_LEASE_MS = 30_000
 #: Message options that identify a tick.
 SCHEDULE_OPTION = "periodic_schedule"
 SLOT_OPTION = "periodic_slot_ms"
-
-#: Create or update one schedule.
-_UPSERT: LiteralString = (
-    "select pgmq_broker.schedule_upsert(%(name)s, %(actor_name)s, %(queue_name)s, %(interval_ms)s, %(lease_ms)s)"
-)
-#: Take the due schedules among these names (call inside the enqueueing transaction).
-_CLAIM_DUE: LiteralString = (
-    "select name, slot_ms, slots_missed, lost_state from pgmq_broker.schedule_claim_due(%(names)s)"
-)
-#: Start a tick; null when stale.
-_START: LiteralString = "select pgmq_broker.schedule_start(%(name)s, %(slot_ms)s)"
-#: Renew the leases of the runs in this process.
-_RENEW: LiteralString = "select pgmq_broker.schedule_renew(%(names)s, %(tokens)s)"
-#: End a run, recording its error if any.
-_FINISH: LiteralString = "select pgmq_broker.schedule_finish(%(name)s, %(token)s, %(error)s)"
 
 
 @attrs.frozen(kw_only=True)
@@ -95,10 +82,11 @@ class PeriodicScheduler(Middleware):
     It works with :class:`~brokers.PGMQBroker` only: a tick is enqueued in the transaction that claims its slot.
 
     Parameters:
-      conninfo: By default the scheduler uses the broker's pool. Or a connection string of the broker's database:
-        the scheduler then opens its own small autocommit pool in each worker process (never shared across
-        ``fork()``) and closes it at worker shutdown.
+      conninfo: By default the scheduler uses the broker's :class:`~brokers.Database`. Or a connection string of the
+        broker's database: the scheduler then opens its own small autocommit pool in each worker process (never
+        shared across ``fork()``) and closes it at worker shutdown.
       pool: Or a pool you own (autocommit connections), used as is.
+      database: Or a :class:`~brokers.Database` to share (you own it).
       prepare_statements: Let psycopg prepare the hot statements on the pool built from ``conninfo`` (its default).
         Turn it off behind a transaction-mode pooler (PgBouncer ``pool_mode = transaction``): its connections then
         run with ``prepare_threshold=None``. The broker's pool follows the broker's own ``prepare_statements``, and
@@ -109,7 +97,8 @@ class PeriodicScheduler(Middleware):
         schedule. Must be at least three poll intervals.
 
     Raises:
-      ValueError: For both ``conninfo`` and ``pool``, or a lease too short for the poll interval.
+      ValueError: For more than one of ``conninfo``, ``pool`` and ``database``, or a lease too short for the poll
+        interval.
     """
 
     def __init__(
@@ -117,14 +106,16 @@ class PeriodicScheduler(Middleware):
         *,
         conninfo: str | None = None,
         pool: ConnectionPool[Any] | None = None,
+        database: Database | None = None,
         prepare_statements: bool = True,
         poll_interval_ms: int = DEFAULT_POLL_INTERVAL_MS,
         lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
-        if pool is not None and conninfo is not None:
+        if sum(given is not None for given in (conninfo, pool, database)) > 1:
             msg = (
-                f"PeriodicScheduler takes at most one of conninfo= and pool= (got pool={pool!r} and a conninfo); "
-                "pass neither to use the broker's own pool"
+                "PeriodicScheduler takes at most one of conninfo=, pool= and database= "
+                f"(got pool={pool!r}, database={database!r} and conninfo given: {conninfo is not None}); "
+                "pass none of them to use the broker's own database"
             )
             raise ValueError(msg)
         if lease_ms < 3 * poll_interval_ms:
@@ -137,17 +128,17 @@ class PeriodicScheduler(Middleware):
         self.lease_ms = lease_ms
         self.schedules: dict[str, Schedule] = {}
         self._active: list[str] = []
-        self._given_pool = pool
-        self._conninfo = conninfo
-        self._prepare_statements = prepare_statements
+        self._own_database: Database | None = None
+        if conninfo is not None or pool is not None:
+            self._own_database = Database(
+                conninfo, pool=pool, name="periodic", max_size=4, prepare_statements=prepare_statements
+            )
+        self._database = database or self._own_database
         self._broker: PGMQBroker | None = None
-        self._own_pool: ConnectionPool[Any] | None = None
-        self._own_pool_pid = 0
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}  # message id -> run in this process
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failing = False
 
     @property
     def actor_options(self) -> set[str]:
@@ -191,9 +182,9 @@ class PeriodicScheduler(Middleware):
         self._active = [name for name, s in self.schedules.items() if not consumed or s.queue_name in consumed]
         if not self._active:
             return
-        with self._pool().connection() as conn:
+        with self.database.connection() as conn:
             for schedule in self.schedules.values():
-                conn.execute(_UPSERT, {**attrs.asdict(schedule), "lease_ms": self.lease_ms})
+                conn.execute(queries.SCHEDULE_UPSERT, {**attrs.asdict(schedule), "lease_ms": self.lease_ms})
         self._stop.clear()
         self._thread = threading.Thread(target=self._run_scheduler, args=(broker,), name="periodic-scheduler")
         self._thread.daemon = True
@@ -207,10 +198,8 @@ class PeriodicScheduler(Middleware):
             self._thread = None
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        with self._lock:
-            pool, self._own_pool = self._own_pool, None
-        if pool is not None and self._own_pool_pid == os.getpid():
-            pool.close()
+        if self._own_database is not None:
+            self._own_database.close()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         name = message.options.get(SCHEDULE_OPTION)
@@ -220,9 +209,9 @@ class PeriodicScheduler(Middleware):
             self._broker = broker
         slot_ms = message.options.get(SLOT_OPTION)
         try:
-            with self._pool().connection() as conn:
-                row = conn.execute(_START, {"name": name, "slot_ms": slot_ms}).fetchone()
-        except psycopg.Error as exc:
+            with self.database.connection() as conn:
+                row = conn.execute(queries.SCHEDULE_START, {"name": name, "slot_ms": slot_ms}).fetchone()
+        except (psycopg.Error, DatabaseUnavailable) as exc:
             # Running without a lease could overlap another tick; skipping costs one slot.
             log.bind(event="tick_not_started", schedule=name).warning("Skipped a tick of {}: {}", name, exc)
             msg = f"cannot start the tick of {name!r}: {exc}"
@@ -259,8 +248,10 @@ class PeriodicScheduler(Middleware):
             run = self._runs.pop(message.message_id, None)
         if run is None:
             return
-        with self._pool().connection() as conn:
-            row = conn.execute(_FINISH, {"name": run.name, "token": run.token, "error": error}).fetchone()
+        with self.database.connection() as conn:
+            row = conn.execute(
+                queries.SCHEDULE_FINISH, {"name": run.name, "token": run.token, "error": error}
+            ).fetchone()
         if not (row and row[0]):
             log.bind(event="tick_lease_lost", schedule=run.name).warning(
                 "The tick of {} finished after losing its lease; a later tick may have overlapped it", run.name
@@ -271,14 +262,8 @@ class PeriodicScheduler(Middleware):
             try:
                 self._renew_leases()
                 self._send_due_ticks(broker)
-                if self._failing:
-                    log.info("Scheduling works again")
-                    self._failing = False
-            except psycopg.Error:
-                # Logged once per outage; the loop keeps polling and recovers by itself.
-                if not self._failing:
-                    log.opt(exception=True).error("Cannot reach the database to schedule ticks; retrying")
-                    self._failing = True
+            except DatabaseUnavailable:
+                pass  # the database logs the outage once; the loop keeps polling and recovers by itself
             except Exception:
                 log.opt(exception=True).critical("Unexpected failure while scheduling ticks; retrying")
             self._stop.wait(self.poll_interval_ms / 1000)
@@ -288,14 +273,16 @@ class PeriodicScheduler(Middleware):
             runs = list(self._runs.values())
         if not runs:
             return
-        with self._pool().connection() as conn:
-            conn.execute(_RENEW, {"names": [run.name for run in runs], "tokens": [run.token for run in runs]})
+        with self.database.connection() as conn:
+            conn.execute(
+                queries.SCHEDULE_RENEW, {"names": [run.name for run in runs], "tokens": [run.token for run in runs]}
+            )
 
     def _send_due_ticks(self, broker: dramatiq.Broker) -> None:
         pgmq_broker = self._broker
         assert pgmq_broker is not None
-        with self._pool().connection() as conn, conn.transaction():
-            claimed = conn.execute(_CLAIM_DUE, {"names": self._active}).fetchall()
+        with self.database.connection() as conn, conn.transaction():
+            claimed = conn.execute(queries.SCHEDULE_CLAIM_DUE, {"names": self._active}).fetchall()
             for name, slot_ms, slots_missed, lost_state in claimed:
                 schedule = self.schedules[name]
                 actor = broker.get_actor(schedule.actor_name)
@@ -310,25 +297,13 @@ class PeriodicScheduler(Middleware):
                         "Skipped {} slots of {} that had no tick", slots_missed, name
                     )
 
-    def _pool(self) -> ConnectionPool[Any]:
-        if self._given_pool is not None:
-            return self._given_pool
-        if self._conninfo is None:
-            assert self._broker is not None, "the scheduler is used before the worker booted"
-            return self._broker.pool
-        pid = os.getpid()
-        with self._lock:
-            # A pool inherited through fork() shares its sockets with the parent: never use or close it here.
-            if self._own_pool is None or self._own_pool_pid != pid:
-                assert self._conninfo is not None
-                kwargs: dict[str, Any] = {"autocommit": True}
-                if not self._prepare_statements:
-                    kwargs["prepare_threshold"] = None
-                self._own_pool = ConnectionPool(
-                    self._conninfo, min_size=1, max_size=4, kwargs=kwargs, name="periodic", open=True
-                )
-                self._own_pool_pid = pid
-            return self._own_pool
+    @property
+    def database(self) -> Database:
+        """Where the schedules are: the one given, or the broker's once the worker booted."""
+        if self._database is not None:
+            return self._database
+        assert self._broker is not None, "the scheduler is used before the worker booted"
+        return self._broker.database
 
 
 def _to_ms(interval: int | timedelta) -> int:

@@ -29,15 +29,24 @@ SEND_BATCH: LiteralString = (
     " array(select jsonb_array_elements(%(messages)s::jsonb)), %(delay_ms)s) as msg_id"
 )
 
-#: Replace a delivery by its retry, atomically (null when the original is already gone).
+#: Replace a delivery by its retry, atomically, if it still holds its lease (null when it does not: nothing sent).
 RESEND: LiteralString = (
-    "select pgmq_broker.resend(%(old_queue)s, %(old_msg_id)s, %(queue)s, %(message)s::jsonb, %(delay_ms)s)"
+    "select pgmq_broker.resend(%(old_queue)s, %(old_msg_id)s, %(old_token)s, %(queue)s, %(message)s::jsonb,"
+    " %(delay_ms)s)"
 )
 
-#: Delete the acknowledged ids, then lease up to %(qty)s visible messages.
+#: Delete the acknowledged deliveries still held, then lease up to %(qty)s visible messages. Rows with ``stale``
+#: are acknowledged deliveries that were no longer held (left alone).
 FETCH: LiteralString = (
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
-    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
+    " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s, %(qty)s,"
+    " %(vt_ms)s, %(async_commit)s)"
+)
+
+#: Count these deliveries as started, those still holding their lease; returns (msg_id, read_ct) of each counted.
+START: LiteralString = (
+    "select msg_id, read_ct from pgmq_broker.start(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[],"
+    " %(async_commit)s)"
 )
 
 #: Milliseconds until the queue's next message becomes visible.
@@ -55,10 +64,10 @@ RELEASE: LiteralString = (
     "select pgmq_broker.release(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(delay_ms)s, %(uncount)s)"
 )
 
-#: Record one delivery as a dead letter and delete it from its queue.
+#: Record one delivery as a dead letter and delete it from its queue, if it still holds its lease (false if not).
 DEAD_LETTER: LiteralString = (
-    "select pgmq_broker.dead_letter(%(queue)s, %(msg_id)s, %(message)s::jsonb, %(message_id)s, %(actor_name)s,"
-    " %(reason)s, %(error_type)s, %(error_message)s, %(traceback)s, %(attempts)s)"
+    "select pgmq_broker.dead_letter(%(queue)s, %(msg_id)s, %(token)s, %(message)s::jsonb, %(message_id)s,"
+    " %(actor_name)s, %(reason)s, %(error_type)s, %(error_message)s, %(traceback)s, %(attempts)s)"
 )
 
 #: Dead letters, newest last, optionally of one queue.
@@ -103,3 +112,92 @@ ENABLE_NOTIFY: LiteralString = "select pgmq_broker.enable_notify(%(queue)s)"
 
 #: Subscribe the listening connection to a queue's insert notifications.
 LISTEN: LiteralString = "listen {channel}"
+
+# -- periodic schedules (brokers/periodic.py, brokers/sql/051_schedules.sql) -------------------------------------
+
+#: Create or update one schedule.
+SCHEDULE_UPSERT: LiteralString = (
+    "select pgmq_broker.schedule_upsert(%(name)s, %(actor_name)s, %(queue_name)s, %(interval_ms)s, %(lease_ms)s)"
+)
+#: Take the due schedules among these names (call inside the enqueueing transaction).
+SCHEDULE_CLAIM_DUE: LiteralString = (
+    "select name, slot_ms, slots_missed, lost_state from pgmq_broker.schedule_claim_due(%(names)s)"
+)
+#: Start a tick; null when stale.
+SCHEDULE_START: LiteralString = "select pgmq_broker.schedule_start(%(name)s, %(slot_ms)s)"
+#: Renew the leases of the runs in this process.
+SCHEDULE_RENEW: LiteralString = "select pgmq_broker.schedule_renew(%(names)s, %(tokens)s)"
+#: End a run, recording its error if any.
+SCHEDULE_FINISH: LiteralString = "select pgmq_broker.schedule_finish(%(name)s, %(token)s, %(error)s)"
+
+# -- rate limits (brokers/rate_limits.py, brokers/sql/050_rate_limits.sql) ----------------------------------------
+
+#: Set key iff absent or expired.
+RATE_LIMIT_ADD: LiteralString = "select pgmq_broker.rate_limit_add(%(key)s, %(value)s, %(ttl)s)"
+#: Increment key up to a maximum.
+RATE_LIMIT_INCR: LiteralString = "select pgmq_broker.rate_limit_incr(%(key)s, %(amount)s, %(maximum)s, %(ttl)s)"
+#: Decrement key down to a minimum.
+RATE_LIMIT_DECR: LiteralString = "select pgmq_broker.rate_limit_decr(%(key)s, %(amount)s, %(minimum)s, %(ttl)s)"
+#: Increment key unless the sum over keys would pass the maximum.
+RATE_LIMIT_INCR_AND_SUM: LiteralString = (
+    "select pgmq_broker.rate_limit_incr_and_sum(%(key)s, %(keys)s, %(amount)s, %(maximum)s, %(ttl)s)"
+)
+#: Is there a live event on key?
+RATE_LIMIT_EVENT_EXISTS: LiteralString = "select pgmq_broker.rate_limit_value(%(key)s) is not null"
+#: Publish an event on key for ttl ms and wake the listeners.
+RATE_LIMIT_NOTIFY: LiteralString = "select pgmq_broker.rate_limit_notify(%(key)s, %(ttl)s)"
+#: Delete a batch of expired rows.
+RATE_LIMIT_SWEEP: LiteralString = "select pgmq_broker.rate_limit_sweep(%(limit)s)"
+#: Start receiving wait_notify() events on this connection.
+RATE_LIMIT_LISTEN: LiteralString = "listen pgmq_broker_rate_limits"
+#: Stop receiving them.
+RATE_LIMIT_UNLISTEN: LiteralString = "unlisten pgmq_broker_rate_limits"
+
+# -- migrations (brokers/schema.py) ----------------------------------------------------------------------------
+
+#: Create the bookkeeping table; runs under the advisory lock so concurrent first runs cannot race.
+MIGRATIONS_CREATE_TABLE: LiteralString = """
+create schema if not exists pgmq_broker;
+create table if not exists pgmq_broker.schema_migrations (
+    namespace text not null,
+    version integer not null,
+    name text not null,
+    checksum text not null,
+    applied_at timestamptz not null default now(),
+    primary key (namespace, version)
+)
+"""
+#: Serialise migrating processes for the length of one transaction.
+MIGRATIONS_LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
+#: Does the bookkeeping table exist (it does once anything was applied)?
+MIGRATIONS_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
+#: Run after `MIGRATIONS_LOCK`: locking a catalog table makes this backend take in the catalog changes of the process
+#: it waited for. The advisory lock alone does not, so a schema this backend had looked up (and found missing) before
+#: the wait would still look missing, and ``create schema if not exists`` would collide with the one just committed.
+MIGRATIONS_SEE_COMMITTED_CATALOG: LiteralString = "select count(*) from pg_catalog.pg_namespace"
+#: Version and checksum of every applied migration of a namespace.
+MIGRATION_CHECKSUMS: LiteralString = (
+    "select version, checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s order by version"
+)
+#: Record an applied migration under its current text (its earlier text named by ``-- replaces:``).
+MIGRATION_RERECORD: LiteralString = (
+    "update pgmq_broker.schema_migrations set checksum = %(checksum)s, name = %(name)s"
+    " where namespace = %(namespace)s and version = %(version)s"
+)
+#: Checksum of an applied migration, if any.
+MIGRATION_CHECKSUM: LiteralString = (
+    "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"
+)
+#: Record one applied migration.
+MIGRATION_RECORD: LiteralString = (
+    "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
+    " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
+)
+#: Is PGMQ present, and how: as an extension, as plain SQL, or available to create.
+PGMQ_STATE: LiteralString = """
+select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
+       to_regclass('pgmq.meta') is not null as schema,
+       exists (select 1 from pg_available_extensions where name = 'pgmq') as available
+"""
+#: Install PGMQ as the server's extension.
+PGMQ_CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"

@@ -22,9 +22,7 @@ growing, jittered delay without counting it against ``max_retries``.
 
 from __future__ import annotations
 
-import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, LiteralString
@@ -37,6 +35,9 @@ from dramatiq.middleware import Retries
 from dramatiq.rate_limits import RateLimiterBackend
 from loguru import logger
 from psycopg_pool import ConnectionPool
+
+from . import queries
+from .database import Database
 
 __all__ = ["PostgresBackend", "RateLimitRetries", "RetryAfter", "use_rate_limit_retries"]
 
@@ -58,26 +59,6 @@ DEFAULT_RATE_LIMIT_MAX_BACKOFF_MS = 60_000
 #: The LISTEN/NOTIFY channel that wait_notify() publishes on (the payload is the key).
 NOTIFY_CHANNEL = "pgmq_broker_rate_limits"
 
-#: Set key iff absent or expired.
-_ADD: LiteralString = "select pgmq_broker.rate_limit_add(%(key)s, %(value)s, %(ttl)s)"
-#: Increment key up to a maximum.
-_INCR: LiteralString = "select pgmq_broker.rate_limit_incr(%(key)s, %(amount)s, %(maximum)s, %(ttl)s)"
-#: Decrement key down to a minimum.
-_DECR: LiteralString = "select pgmq_broker.rate_limit_decr(%(key)s, %(amount)s, %(minimum)s, %(ttl)s)"
-#: Increment key unless the sum over keys would pass the maximum.
-_INCR_AND_SUM: LiteralString = (
-    "select pgmq_broker.rate_limit_incr_and_sum(%(key)s, %(keys)s, %(amount)s, %(maximum)s, %(ttl)s)"
-)
-#: Is there a live event on key?
-_EVENT_EXISTS: LiteralString = "select pgmq_broker.rate_limit_value(%(key)s) is not null"
-#: Publish an event on key for ttl ms and wake the listeners.
-_NOTIFY: LiteralString = "select pgmq_broker.rate_limit_notify(%(key)s, %(ttl)s)"
-#: Delete a batch of expired rows.
-_SWEEP: LiteralString = "select pgmq_broker.rate_limit_sweep(%(limit)s)"
-#: Start / stop receiving wait_notify() events on this connection.
-_LISTEN: LiteralString = "listen pgmq_broker_rate_limits"
-_UNLISTEN: LiteralString = "unlisten pgmq_broker_rate_limits"
-
 
 class PostgresBackend(RateLimiterBackend):
     """A rate limiter backend whose counters live in ``pgmq_broker.rate_limits``.
@@ -86,7 +67,8 @@ class PostgresBackend(RateLimiterBackend):
     with the database clock, so machines with skewed clocks agree.
 
     Parameters:
-      pool: A pool you own (opened, and closed by you). Each call borrows one connection for one statement.
+      database: A :class:`~brokers.Database` to share with the broker (you own it): one pool for both.
+      pool: Or a pool you own (opened, and closed by you). Each call borrows one connection for one statement.
       conninfo: Otherwise, a connection string: the backend then opens its own small autocommit pool on first use,
         re-creates it after a ``fork()`` (a pool is never shared between processes) and closes it in :meth:`close`.
       max_pool_size: Size of that own pool.
@@ -97,47 +79,47 @@ class PostgresBackend(RateLimiterBackend):
       sweep_interval_ms: How often expired rows are deleted.
 
     Raises:
-      ValueError: When neither or both of ``pool`` and ``conninfo`` are given.
+      ValueError: When not exactly one of ``database``, ``pool`` and ``conninfo`` is given.
     """
 
     def __init__(
         self,
         *,
+        database: Database | None = None,
         pool: ConnectionPool[Any] | None = None,
         conninfo: str | None = None,
         max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
         prepare_statements: bool = True,
         sweep_interval_ms: int = DEFAULT_SWEEP_INTERVAL_MS,
     ) -> None:
-        if (pool is None) == (conninfo is None):
+        if sum(given is not None for given in (database, pool, conninfo)) != 1:
             msg = (
                 "PostgresBackend needs exactly one of pool= (a psycopg_pool.ConnectionPool you own) "
-                f"or conninfo= (a connection string); got pool={pool!r}, conninfo given: {conninfo is not None}"
+                "or conninfo= (a connection string) or database= (a brokers.Database you own); "
+                f"got pool={pool!r}, database={database!r}, conninfo given: {conninfo is not None}"
             )
             raise ValueError(msg)
-        self._given_pool = pool
-        self._conninfo = conninfo
-        self._max_pool_size = max_pool_size
-        self._prepare_statements = prepare_statements
+        self._owns_database = database is None
+        #: Where the counters are (this process's pool).
+        self.database = database or Database(
+            conninfo, pool=pool, name="rate-limits", max_size=max_pool_size, prepare_statements=prepare_statements
+        )
         self._sweep_interval_s = sweep_interval_ms / 1000
-        self._own_pool: ConnectionPool[Any] | None = None
-        self._own_pool_pid = 0
-        self._lock = threading.Lock()
         self._next_sweep_at = time.monotonic() + self._sweep_interval_s
 
     # Dramatiq's interface (untyped upstream); the semantics are those of its Redis and stub backends.
 
     def add(self, key: str, value: int, ttl: int) -> bool:
         """Set ``key`` to ``value`` for ``ttl`` ms iff it has no live value. True when set."""
-        return self._call(_ADD, {"key": key, "value": value, "ttl": ttl})
+        return self._call(queries.RATE_LIMIT_ADD, {"key": key, "value": value, "ttl": ttl})
 
     def incr(self, key: str, amount: int, maximum: int, ttl: int) -> bool:
         """Add ``amount`` to ``key`` (absent counts as 0) unless that passes ``maximum``. True when incremented."""
-        return self._call(_INCR, {"key": key, "amount": amount, "maximum": maximum, "ttl": ttl})
+        return self._call(queries.RATE_LIMIT_INCR, {"key": key, "amount": amount, "maximum": maximum, "ttl": ttl})
 
     def decr(self, key: str, amount: int, minimum: int, ttl: int) -> bool:
         """Subtract ``amount`` from ``key`` unless that goes below ``minimum``. True when decremented."""
-        return self._call(_DECR, {"key": key, "amount": amount, "minimum": minimum, "ttl": ttl})
+        return self._call(queries.RATE_LIMIT_DECR, {"key": key, "amount": amount, "minimum": minimum, "ttl": ttl})
 
     def incr_and_sum(
         self, key: str, keys: Callable[[], Iterable[str]] | Iterable[str], amount: int, maximum: int, ttl: int
@@ -148,7 +130,7 @@ class PostgresBackend(RateLimiterBackend):
         """
         key_list = list(keys() if callable(keys) else keys)
         params = {"key": key, "keys": key_list, "amount": amount, "maximum": maximum, "ttl": ttl}
-        return self._call(_INCR_AND_SUM, params)
+        return self._call(queries.RATE_LIMIT_INCR_AND_SUM, params)
 
     def wait(self, key: str, timeout: int | None) -> bool:
         """Block until an event is published on ``key`` or ``timeout`` ms pass (``None``: forever).
@@ -157,14 +139,14 @@ class PostgresBackend(RateLimiterBackend):
         Holds one pool connection for the duration of the wait.
         """
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
-        with self._pool().connection() as conn:
+        with self.database.connection() as conn:
             was_autocommit = conn.autocommit
             conn.autocommit = True
             try:
                 # LISTEN before the first check, so an event published in between still wakes us.
-                conn.execute(_LISTEN)
+                conn.execute(queries.RATE_LIMIT_LISTEN)
                 while True:
-                    if _fetch_bool(conn, _EVENT_EXISTS, {"key": key}):
+                    if _fetch_bool(conn, queries.RATE_LIMIT_EVENT_EXISTS, {"key": key}):
                         return True
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -176,29 +158,27 @@ class PostgresBackend(RateLimiterBackend):
                             break
             finally:
                 if not conn.closed:
-                    conn.execute(_UNLISTEN)
+                    conn.execute(queries.RATE_LIMIT_UNLISTEN)
                     conn.autocommit = was_autocommit
 
     def wait_notify(self, key: str, ttl: int) -> None:
         """Publish an event on ``key`` that lasts ``ttl`` ms and wake every :meth:`wait` on it."""
-        with self._pool().connection() as conn:
-            conn.execute(_NOTIFY, {"key": key, "ttl": ttl})
+        with self.database.connection() as conn:
+            conn.execute(queries.RATE_LIMIT_NOTIFY, {"key": key, "ttl": ttl})
 
     def sweep(self, *, limit: int = DEFAULT_SWEEP_LIMIT) -> int:
         """Delete up to ``limit`` expired rows and return how many. Runs by itself every ``sweep_interval_ms``."""
-        with self._pool().connection() as conn:
-            row = conn.execute(_SWEEP, {"limit": limit}).fetchone()
+        with self.database.connection() as conn:
+            row = conn.execute(queries.RATE_LIMIT_SWEEP, {"limit": limit}).fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
-        """Close the pool this backend opened from a conninfo (a pool passed in is left to its owner)."""
-        with self._lock:
-            pool, self._own_pool = self._own_pool, None
-        if pool is not None and self._own_pool_pid == os.getpid():
-            pool.close()
+        """Close the pool this backend opened from a conninfo (a pool or database passed in is left to its owner)."""
+        if self._owns_database:
+            self.database.close()
 
     def _call(self, query: LiteralString, params: dict[str, Any]) -> bool:
-        with self._pool().connection() as conn:
+        with self.database.connection() as conn:
             result = _fetch_bool(conn, query, params)
         self._maybe_sweep()
         return result
@@ -211,28 +191,6 @@ class PostgresBackend(RateLimiterBackend):
         deleted = self.sweep()
         if deleted:
             log.debug("Deleted {} expired rate-limit rows", deleted)
-
-    def _pool(self) -> ConnectionPool[Any]:
-        if self._given_pool is not None:
-            return self._given_pool
-        pid = os.getpid()
-        with self._lock:
-            # A pool inherited through fork() shares its sockets with the parent: never use or close it here.
-            if self._own_pool is None or self._own_pool_pid != pid:
-                assert self._conninfo is not None
-                kwargs: dict[str, Any] = {"autocommit": True}
-                if not self._prepare_statements:
-                    kwargs["prepare_threshold"] = None
-                self._own_pool = ConnectionPool(
-                    self._conninfo,
-                    min_size=1,
-                    max_size=self._max_pool_size,
-                    kwargs=kwargs,
-                    name="rate-limits",
-                    open=True,
-                )
-                self._own_pool_pid = pid
-            return self._own_pool
 
 
 def _fetch_bool(conn: psycopg.Connection[Any], query: LiteralString, params: dict[str, Any]) -> bool:

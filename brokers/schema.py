@@ -20,12 +20,12 @@ from collections.abc import Iterable
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import LiteralString
 
 import attrs
 import psycopg
 from loguru import logger
 
+from . import queries
 from .errors import MigrationError
 
 __all__ = [
@@ -48,52 +48,6 @@ MIGRATION_LOCK_KEY = 0x70676D716D696772
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
 #: ``-- replaces: <sha256>``: an earlier text of the same migration with the same effect on a database that ran it.
 _REPLACES = re.compile(r"^-- replaces: (?P<checksum>[0-9a-f]{64})$", re.MULTILINE)
-
-#: Create the bookkeeping table; runs under the advisory lock so concurrent first runs cannot race.
-_CREATE_TABLE: LiteralString = """
-create schema if not exists pgmq_broker;
-create table if not exists pgmq_broker.schema_migrations (
-    namespace text not null,
-    version integer not null,
-    name text not null,
-    checksum text not null,
-    applied_at timestamptz not null default now(),
-    primary key (namespace, version)
-)
-"""
-#: Serialise migrating processes for the length of one transaction.
-_LOCK: LiteralString = "select pg_advisory_xact_lock(%(key)s)"
-#: Run after `_LOCK`: locking a catalog table makes this backend take in the catalog changes of the process it waited
-#: for. The advisory lock alone does not, so a schema this backend had looked up (and found missing) before the wait
-#: would still look missing, and ``create schema if not exists`` would collide with the one just committed.
-_SEE_COMMITTED_CATALOG: LiteralString = "select count(*) from pg_catalog.pg_namespace"
-#: Checksum of an applied migration, if any.
-_APPLIED: LiteralString = (
-    "select checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s and version = %(version)s"
-)
-#: Record one applied migration.
-_RECORD: LiteralString = (
-    "insert into pgmq_broker.schema_migrations (namespace, version, name, checksum)"
-    " values (%(namespace)s, %(version)s, %(name)s, %(checksum)s)"
-)
-#: Every applied migration of a namespace.
-_APPLIED_ALL: LiteralString = (
-    "select version, checksum from pgmq_broker.schema_migrations where namespace = %(namespace)s order by version"
-)
-#: Record an applied migration under its current text.
-_RERECORD: LiteralString = (
-    "update pgmq_broker.schema_migrations set checksum = %(checksum)s, name = %(name)s"
-    " where namespace = %(namespace)s and version = %(version)s"
-)
-#: Is PGMQ present, and how: as an extension, as plain SQL, or available to create.
-_PGMQ_STATE: LiteralString = """
-select exists (select 1 from pg_extension where extname = 'pgmq') as extension,
-       to_regclass('pgmq.meta') is not null as schema,
-       exists (select 1 from pg_available_extensions where name = 'pgmq') as available
-"""
-_CREATE_EXTENSION: LiteralString = "create extension if not exists pgmq"
-#: Does the bookkeeping table exist (it does once anything was applied)?
-_TABLE_EXISTS: LiteralString = "select to_regclass('pgmq_broker.schema_migrations') is not null"
 
 
 @attrs.frozen
@@ -138,9 +92,9 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
 
 def applied_checksums(conn: psycopg.Connection, namespace: str) -> dict[int, str]:
     """Version -> checksum of every migration of `namespace` applied so far (empty before the first); reads only."""
-    if conn.execute(_TABLE_EXISTS).fetchone() != (True,):
+    if conn.execute(queries.MIGRATIONS_TABLE_EXISTS).fetchone() != (True,):
         return {}
-    return dict(conn.execute(_APPLIED_ALL, {"namespace": namespace}).fetchall())
+    return dict(conn.execute(queries.MIGRATION_CHECKSUMS, {"namespace": namespace}).fetchall())
 
 
 def _check_idle(conn: psycopg.Connection) -> None:
@@ -153,19 +107,21 @@ def _check_idle(conn: psycopg.Connection) -> None:
 def create_migrations_table(conn: psycopg.Connection) -> None:
     """Create the bookkeeping table if it is missing (each runner here does it first)."""
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        conn.execute(_SEE_COMMITTED_CATALOG)
-        conn.execute(_CREATE_TABLE)
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        conn.execute(queries.MIGRATIONS_SEE_COMMITTED_CATALOG)
+        conn.execute(queries.MIGRATIONS_CREATE_TABLE)
 
 
 def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -> bool:
     params = {"namespace": namespace, "version": migration.version}
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        row = conn.execute(_APPLIED, params).fetchone()
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        row = conn.execute(queries.MIGRATION_CHECKSUM, params).fetchone()
         if row is not None:
             if row[0] in migration.replaces:
-                conn.execute(_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+                conn.execute(
+                    queries.MIGRATION_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum}
+                )
                 log.info("Recorded {}/{:03d}_{} under its edited text", namespace, migration.version, migration.name)
             elif row[0] != migration.checksum:
                 log.warning(
@@ -177,7 +133,7 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
             return False
         # The text comes from files shipped with the package, never from user input.
         conn.execute(migration.sql.encode())
-        conn.execute(_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
+        conn.execute(queries.MIGRATION_RECORD, {**params, "name": migration.name, "checksum": migration.checksum})
     log.info("Applied {}/{:03d}_{}", namespace, migration.version, migration.name)
     return True
 
@@ -226,7 +182,7 @@ def pending_migrations(
 
 def pending_install(conn: psycopg.Connection) -> list[str]:
     """What `install` would do (PGMQ, the broker's migrations), as names, without changing anything."""
-    extension, schema, _ = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
+    extension, schema, _ = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
     pending = [] if extension or schema else ["pgmq"]
     broker = pending_migrations(conn, namespace="brokers", migrations=files("brokers").joinpath("sql"))
     return pending + [f"brokers/{m.version:03d}_{m.name}" for m in broker]
@@ -250,15 +206,15 @@ def install_pgmq(conn: psycopg.Connection) -> str:
     _check_idle(conn)
     create_migrations_table(conn)
     with conn.transaction():
-        conn.execute(_LOCK, {"key": MIGRATION_LOCK_KEY})
-        extension, schema, available = conn.execute(_PGMQ_STATE).fetchone() or (False, False, False)
-        recorded = conn.execute(_APPLIED, {"namespace": "pgmq", "version": 1}).fetchone() is not None
+        conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
+        extension, schema, available = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
+        recorded = conn.execute(queries.MIGRATION_CHECKSUM, {"namespace": "pgmq", "version": 1}).fetchone() is not None
         if extension:
             return "extension"
         if schema:
             return "sql" if recorded else "external"
         if available:
-            conn.execute(_CREATE_EXTENSION)
+            conn.execute(queries.PGMQ_CREATE_EXTENSION)
             log.info("Installed PGMQ with CREATE EXTENSION")
             return "extension"
     bundled = _bundled_pgmq()

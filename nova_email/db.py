@@ -1,13 +1,13 @@
 """How the service reaches PostgreSQL: which server, and a connection pool per process.
 
 This is the only module that knows where the database is. DATABASE_URL wins; without it the
-embedded server (`nova_email.embedded`) is started on demand and reused. The pool is created
-lazily in each process, so a forked Dramatiq worker never shares its parent's sockets.
+embedded server (`nova_email.embedded`) is started on demand and reused. The pool is the broker's
+kind of :class:`brokers.Database`, opened lazily in each process, so a forked Dramatiq worker never
+shares its parent's sockets; `database` returns it, so the broker and the service can share one pool.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +17,13 @@ import psycopg
 from loguru import logger
 from psycopg_pool import ConnectionPool
 
+from brokers import Database
+
 from .config import Settings
 from .embedded import embedded_server_is_default, embedded_server_url
 from .errors import ConfigError
 
-__all__ = ["close_pool", "connect", "connection", "database_url", "get_pool", "with_database"]
+__all__ = ["close_pool", "connect", "connection", "database", "database_url", "get_pool", "with_database"]
 
 log = logger.bind(component="Database")
 
@@ -29,8 +31,7 @@ log = logger.bind(component="Database")
 DEFAULT_POOL_MAX_SIZE = 10
 
 _lock = threading.Lock()
-_pool: ConnectionPool | None = None
-_pool_pid: int | None = None
+_database: Database | None = None
 _announced: set[str] = set()
 
 
@@ -67,22 +68,28 @@ def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
     return psycopg.connect(database_url(settings), **kwargs)  # type: ignore[arg-type]
 
 
-def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> ConnectionPool:
-    """This process's pool, created on first use (and anew after a fork)."""
-    global _pool, _pool_pid
+def database(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> Database:
+    """The service's database: one pool per process, opened on first use (and anew after a fork).
+
+    `max_size` counts when the first call builds it. Hand it to the broker (``PGMQBroker(database=...)``) to make
+    the broker use the same pool.
+    """
+    global _database
     with _lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ConnectionPool(
+        if _database is None:
+            _database = Database(
                 database_url(settings),
-                min_size=1,
+                name="nova_email",
                 max_size=max_size,
                 # Prepared statements break behind transaction-mode poolers (DATABASE_TRANSACTION_POOLER).
-                kwargs={"autocommit": True, "prepare_threshold": None if settings.database_transaction_pooler else 5},
-                name="nova_email",
-                open=True,
+                prepare_statements=not settings.database_transaction_pooler,
             )
-            _pool_pid = os.getpid()
-        return _pool
+        return _database
+
+
+def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> ConnectionPool:
+    """This process's pool, created on first use (and anew after a fork)."""
+    return database(settings, max_size=max_size).pool
 
 
 @contextmanager
@@ -94,8 +101,8 @@ def connection(settings: Settings) -> Iterator[psycopg.Connection]:
 
 def close_pool() -> None:
     """Close this process's pool (on shutdown)."""
-    global _pool
+    global _database
     with _lock:
-        if _pool is not None and _pool_pid == os.getpid():
-            _pool.close()
-        _pool = None
+        if _database is not None:
+            _database.close()
+        _database = None

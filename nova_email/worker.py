@@ -7,17 +7,13 @@ use, so forked workers never share sockets.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage, Middleware, Retries
 
-from brokers import PGMQBroker
-from brokers.consumer import KEEP_ON_ACK_OPTION
-from brokers.periodic import PeriodicScheduler
-from brokers.rate_limits import use_rate_limit_retries
+from brokers import KEEP_ON_ACK_OPTION, PeriodicScheduler, PerProcess, PGMQBroker, use_rate_limit_retries
 
 from . import db
 from .config import Settings
@@ -29,7 +25,7 @@ from .ops.metrics import add_metrics
 __all__ = ["GiveUpHook", "TestingMode", "build_broker", "nylas_client"]
 
 _client_lock = threading.Lock()
-_client: tuple[int, NylasClient] | None = None
+_client: PerProcess[NylasClient] | None = None
 
 
 class GiveUpHook(Middleware):
@@ -98,23 +94,24 @@ def nylas_client(settings: Settings) -> NylasClient:
     """This process's Nylas client (one pooled HTTP session), paced through the shared buckets."""
     global _client
     with _client_lock:
-        if _client is None or _client[0] != os.getpid():
-            pacer = None
-            if settings.pacing_enabled or settings.api_delay_ms:
-                pacer = Pacer(
-                    db.get_pool(settings).connection,
-                    grant_rate_per_s=settings.nylas_grant_rate or None,
-                    grant_burst=settings.nylas_grant_burst,
-                    app_rate_per_s=settings.nylas_app_rate or None,
-                    min_interval_ms=settings.api_delay_ms,
-                )
-            _client = (
-                os.getpid(),
-                NylasClient(
-                    api_key=settings.nylas_api_key,
-                    api_uri=settings.nylas_api_uri,
-                    timeout_s=settings.nylas_timeout_s,
-                    pacer=pacer,
-                ),
-            )
-        return _client[1]
+        if _client is None:
+            _client = PerProcess(lambda: _build_client(settings))
+    return _client.get()
+
+
+def _build_client(settings: Settings) -> NylasClient:
+    pacer = None
+    if settings.pacing_enabled or settings.api_delay_ms:
+        pacer = Pacer(
+            db.get_pool(settings).connection,
+            grant_rate_per_s=settings.nylas_grant_rate or None,
+            grant_burst=settings.nylas_grant_burst,
+            app_rate_per_s=settings.nylas_app_rate or None,
+            min_interval_ms=settings.api_delay_ms,
+        )
+    return NylasClient(
+        api_key=settings.nylas_api_key,
+        api_uri=settings.nylas_api_uri,
+        timeout_s=settings.nylas_timeout_s,
+        pacer=pacer,
+    )

@@ -116,20 +116,24 @@ def proxy(db_url: str) -> Iterator[TCPProxy]:
 
 
 @pytest.fixture
-def start_cli(db_url: str, runs_table: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start ``dramatiq tests.brokers.cli_app`` processes (as dramatiq's own tests do); always terminated."""
+def start_cli(db_url: str, runs_table: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``dramatiq tests.brokers.cli_app`` processes (as dramatiq's own tests do); always terminated.
+
+    Each command logs to ``tmp_path / "cli-<n>.log"`` (n counting from 1), read with :func:`cli_log`.
+    """
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         full_env = {**os.environ, "BROKER_TEST_DATABASE_URL": db_url, **(env or {})}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "tests.brokers.cli_app", *args],
-            cwd=ROOT,
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with (tmp_path / f"cli-{len(procs) + 1}.log").open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dramatiq", "tests.brokers.cli_app", *args],
+                cwd=ROOT,
+                env=full_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(proc)
         return proc
 
@@ -138,8 +142,11 @@ def start_cli(db_url: str, runs_table: str) -> Iterator[Callable[..., subprocess
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+
+
+def cli_log(tmp_path: Path, number: int) -> str:
+    """What the `number`-th command started by ``start_cli`` in this test logged so far."""
+    return (tmp_path / f"cli-{number}.log").read_text(errors="replace")
 
 
 @pytest.fixture

@@ -298,7 +298,7 @@ def test_brokers_connect_lazily() -> None:
         pass
 
     assert broker.get_declared_queues() == {"lazy"}
-    assert broker._pool is None
+    assert not broker.database.opened_here()
     broker.close()
 
 
@@ -367,7 +367,7 @@ def test_requeue_and_close_make_unrun_messages_visible_at_once(broker: PGMQBroke
     metrics = broker.metrics("requeue")
     assert (metrics.queued, metrics.in_flight) == (3, 0)
     # A requeued delivery is not counted against max_deliveries
-    with broker._connection() as conn:
+    with broker.database.connection() as conn:
         counts = [row[0] for row in conn.execute("select read_ct from pgmq.q_requeue")]
     assert counts == [0, 0, 0]
 
@@ -402,7 +402,7 @@ def test_archive_on_ack_keeps_acknowledged_messages_until_purged(make_broker: Ca
     consumer.ack(message)
     consumer.close()
 
-    with broker._connection() as conn:
+    with broker.database.connection() as conn:
         assert conn.execute("select count(*) from pgmq.a_archived").fetchone() == (1,)
     assert broker.purge_archive("archived", older_than_s=0) == 1
 
@@ -428,7 +428,7 @@ def test_a_message_delivered_too_often_without_an_ack_is_dead_lettered(
     # Then it is dead-lettered instead of run
     wait_until(lambda: broker.count_dead_letters("poison") == 1, what="a dead letter")
     [letter] = broker.dead_letters("poison")
-    assert (letter.reason, letter.attempts, letter.message_id) == ("max_deliveries", 4, None)
+    assert (letter.reason, letter.attempts, letter.message_id) == ("max_deliveries", 3, None)
     assert ran == []
 
 
@@ -487,7 +487,8 @@ def test_an_idle_worker_wakes_on_insert_notifications(
 
     make_worker(broker)
     wait_until(
-        lambda: broker._listener is not None and broker._listener.connected.is_set(), what="the listener to connect"
+        lambda: broker.threads.listener is not None and broker.threads.listener.connected.is_set(),
+        what="the listener to connect",
     )
     time.sleep(0.5)  # let the listener subscribe and the consumer settle into its long wait
 
@@ -511,7 +512,7 @@ def test_polling_alone_delivers_when_listen_is_off(
     make_worker(broker)
     ping.send()
     assert ran.wait(5)
-    assert broker._listener is None
+    assert broker.threads.listener is None
 
 
 def test_metrics_report_depth_delay_in_flight_and_age(broker: PGMQBroker) -> None:
@@ -581,7 +582,7 @@ def test_concurrent_processes_declaring_a_new_queue_do_not_collide(
 
     def declare(broker: PGMQBroker) -> None:
         try:
-            broker._ensure_queue("raced")
+            broker.create_queue("raced")
         except BaseException as exc:
             errors.append(exc)
 
@@ -640,7 +641,7 @@ def test_the_least_privilege_worker_role_can_do_everything_a_worker_does(
     # Then all of it worked under the role's privileges
     assert sorted(ran) == [0, 0, 1, 2]
     assert broker.metrics("least_privilege").delayed == 0
-    with broker._connection() as role_conn:
+    with broker.database.connection() as role_conn:
         assert role_conn.execute("select current_user").fetchone() == ("nova_worker",)
 
 
@@ -671,7 +672,7 @@ def test_a_message_kept_on_ack_keeps_coming_back_and_is_never_taken_for_poison(
 ) -> None:
     from dramatiq.middleware import Middleware
 
-    from brokers.consumer import KEEP_ON_ACK_OPTION
+    from brokers import KEEP_ON_ACK_OPTION
 
     class Keep(Middleware):
         def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:

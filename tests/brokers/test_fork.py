@@ -18,7 +18,7 @@ def message(text: str) -> Message[None]:
 
 
 def backend_pid(broker: PGMQBroker) -> int:
-    with broker._connection() as conn:
+    with broker.database.connection() as conn:
         row = conn.execute("select pg_backend_pid()").fetchone()
     assert row is not None
     return int(row[0])

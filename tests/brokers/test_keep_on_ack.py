@@ -11,8 +11,7 @@ import psycopg
 from dramatiq import Worker
 from dramatiq.middleware import Middleware
 
-from brokers import PGMQBroker
-from brokers.consumer import KEEP_ON_ACK_OPTION
+from brokers import KEEP_ON_ACK_OPTION, PGMQBroker
 from tests.brokers.conftest import wait_until
 
 

@@ -67,7 +67,7 @@ def test_the_keeper_extends_held_leases_and_forgets_lost_ones(
     conn.execute("select pgmq.send_batch('leases', array['{}'::jsonb, '{}'::jsonb])")
     rows = conn.execute("select msg_id, last_read_at, read_ct from pgmq.read('leases', 1, 2)").fetchall()
     leases = [Lease("leases", msg_id, token, read_ct) for msg_id, token, read_ct in rows]
-    keeper = LeaseKeeper(connect=broker._raw_connection, visibility_timeout_ms=60_000, max_lease_s=3600)
+    keeper = LeaseKeeper(database=broker.database, visibility_timeout_ms=60_000, max_lease_s=3600)
     keeper.track(leases)
 
     # A lease re-read elsewhere (its token changed) is lost, the other is pushed a minute ahead
@@ -91,7 +91,7 @@ def test_a_heartbeat_between_a_settlements_delete_and_its_forget_reports_no_lost
 
     job.send()
     consumer, message = first_delivery(broker, "settling")
-    keeper = broker._keeper
+    keeper = broker.settlement.keeper
     assert keeper is not None and keeper.tracked_count() == 1
 
     # When a heartbeat runs after the settlement deleted the message and before it forgets the lease
@@ -129,7 +129,7 @@ def test_the_keeper_gives_up_after_the_maximum_lease(broker: PGMQBroker, conn: p
     msg_id, token, read_ct = conn.execute(
         "select msg_id, last_read_at, read_ct from pgmq.read('given_up', 1, 1)"
     ).fetchone()  # type: ignore[misc]
-    keeper = LeaseKeeper(connect=broker._raw_connection, visibility_timeout_ms=60_000, max_lease_s=0.0)
+    keeper = LeaseKeeper(database=broker.database, visibility_timeout_ms=60_000, max_lease_s=0.0)
     keeper.track([Lease("given_up", msg_id, token, read_ct, fetched_at=time.monotonic() - 1)])
 
     assert keeper.extend_all() == 0
@@ -148,11 +148,11 @@ def test_a_requeued_message_cannot_be_hidden_again_by_a_heartbeat_in_flight(
         "select msg_id, last_read_at, read_ct from pgmq.read('released', 30, 1)"
     ).fetchone()  # type: ignore[misc]
     lease = Lease("released", msg_id, token, read_ct)
-    keeper = LeaseKeeper(connect=broker._raw_connection, visibility_timeout_ms=60_000, max_lease_s=3600)
+    keeper = LeaseKeeper(database=broker.database, visibility_timeout_ms=60_000, max_lease_s=3600)
     keeper.track([lease])
 
     # When the message is released (requeued) and only then the heartbeat runs
-    broker._release([lease], uncount=True)
+    broker.settlement.release([lease], uncount=True)
     keeper.extend_all()
 
     # Then it stays visible

@@ -19,7 +19,8 @@ from dramatiq import Worker
 from dramatiq.middleware import CurrentMessage
 
 from brokers import PGMQBroker
-from brokers.periodic import _RENEW, SCHEDULE_OPTION, SLOT_OPTION, PeriodicScheduler
+from brokers.periodic import SCHEDULE_OPTION, SLOT_OPTION, PeriodicScheduler
+from brokers.queries import SCHEDULE_RENEW
 
 from .test_periodic_worker_app import BOOTS_TABLE, TICKS_TABLE
 
@@ -54,7 +55,7 @@ def test_the_scheduler_takes_at_most_one_connection_source(db_url: str) -> None:
     from psycopg_pool import ConnectionPool
 
     pool: ConnectionPool[Any] = ConnectionPool(db_url, open=False)
-    with pytest.raises(ValueError, match="at most one of conninfo= and pool="):
+    with pytest.raises(ValueError, match="at most one of conninfo=, pool= and database="):
         PeriodicScheduler(conninfo=db_url, pool=pool)
 
 
@@ -64,12 +65,12 @@ def test_prepare_statements_false_keeps_the_schedulers_own_pool_free_of_prepared
 ) -> None:
     # Given a scheduler with a pool of its own, as behind a transaction-mode pooler when prepare is off
     scheduler = PeriodicScheduler(conninfo=db_url, prepare_statements=prepare)
-    pool = scheduler._pool()
+    pool = scheduler.database.pool
     try:
         # When its connection renews leases more often than psycopg's prepare threshold
         with pool.connection() as conn:
             for _ in range(10):
-                conn.execute(_RENEW, {"names": ["none"], "tokens": [0]})
+                conn.execute(SCHEDULE_RENEW, {"names": ["none"], "tokens": [0]})
             threshold = conn.prepare_threshold
             row = conn.execute("select count(*) from pg_prepared_statements").fetchone()
     finally:

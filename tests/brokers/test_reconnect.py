@@ -15,7 +15,7 @@ from dramatiq.errors import ConnectionClosed
 from loguru import logger
 
 from brokers import DatabaseUnavailable, PGMQBroker
-from brokers.broker import _Outage
+from brokers.database import Outage
 
 from .conftest import first_delivery, wait_until
 from .proxy import TCPProxy
@@ -227,7 +227,7 @@ def test_a_call_already_under_way_when_the_database_went_away_does_not_end_the_o
     broker_logs: list[str],
 ) -> None:
     # Given an outage noticed by one call while another, started before it, is still running
-    outage = _Outage()
+    outage = Outage()
     started_before = time.monotonic()
     outage.lost(ConnectionError("terminating connection due to administrator command"))
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from psycopg import errors
 
 from brokers import PGMQBroker
-from brokers.broker import MAX_QUEUE_NAME_LENGTH, validate_queue_name
 from brokers.errors import InvalidQueueName
+from brokers.queues import MAX_QUEUE_NAME_LENGTH, validate_queue_name
 
 #: Names that would break out of an identifier or a string if they were pasted into SQL.
 HOSTILE = [

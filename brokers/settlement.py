@@ -1,0 +1,368 @@
+"""How deliveries end: the commands a consumer calls on the database, each fenced by the delivery's lease.
+
+A delivery is ``(msg_id, token)``, the token being what its fetch wrote in ``last_read_at`` (see
+``brokers/sql/052_fenced_settlements.sql``). Acknowledging, retrying (resend), dead-lettering, releasing, starting
+and extending all match both, so a worker whose lease lapsed while another worker took the message changes nothing;
+such a stale settlement is logged once, at warning, with the message id.
+
+Acks are deferred: they are deleted by the next fetch of a consumer of the queue in this process, so the ack path
+costs no round trip of its own while the worker is busy. The per-queue :class:`QueueState` holds them, shared by the
+queue's consumers (Dramatiq may replace a consumer while messages it fetched are still running).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import attrs
+import psycopg
+from loguru import logger
+from psycopg.rows import class_row
+
+from . import dead_letters, queries
+from .database import Database
+from .dead_letters import DeadLetterReason
+from .lease import Lease, LeaseKeeper
+
+__all__ = ["Fetched", "QueueState", "Settlement", "Starts", "Waker"]
+
+log = logger.bind(component="PGMQBroker")
+
+#: The shortest idle wait, in seconds: stops a consumer from spinning on a visible message another reader holds.
+MIN_IDLE_WAIT_S = 0.005
+
+
+class Waker(Protocol):
+    """A consumer as its queue's state sees it: it can be woken, and says whether it is iterating right now."""
+
+    @property
+    def iterating(self) -> bool: ...
+
+    def wake(self) -> None: ...
+
+
+@attrs.define(eq=False)
+class QueueState:
+    """Per-process state of one queue: its deferred acks and its consumers."""
+
+    name: str
+    pending_acks: list[Lease] = attrs.field(factory=list)
+    consumers: weakref.WeakSet[Any] = attrs.field(factory=weakref.WeakSet)
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    def add_ack(self, lease: Lease) -> None:
+        with self.lock:
+            self.pending_acks.append(lease)
+
+    def take_acks(self) -> list[Lease]:
+        with self.lock:
+            acks, self.pending_acks = self.pending_acks, []
+        return acks
+
+    def return_acks(self, acks: list[Lease]) -> None:
+        with self.lock:
+            self.pending_acks[:0] = acks
+
+    def iterating_consumers(self) -> list[Waker]:
+        """The consumers fetching right now, one of which deletes a deferred ack with its next fetch."""
+        return [consumer for consumer in list(self.consumers) if consumer.iterating]
+
+
+@attrs.frozen
+class Fetched:
+    """One row of ``pgmq_broker.fetch``: a leased message, or (``stale``) an ack whose delivery was no longer held."""
+
+    msg_id: int
+    read_ct: int | None
+    enqueued_at: datetime | None
+    last_read_at: datetime | None
+    message: str | None
+    stale: bool
+
+
+class Settlement:
+    """The broker's commands that lease, start and end deliveries.
+
+    The consumer holds one (the broker's) and calls it; the state of each delivery is public on its
+    :class:`~brokers.lease.Lease`. ``keeper`` is this process's lease keeper, set by the broker once it consumes.
+
+    Parameters:
+        database: Where the queues are.
+        visibility_timeout_ms: How long a fetch hides a message (the keeper extends it while held).
+        poll_interval_ms: Longest idle wait of a consumer.
+        archive_on_ack: Archive acknowledged messages instead of deleting them.
+        async_commit: Commit the bookkeeping without waiting for the WAL flush (see ``PGMQBroker``).
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        visibility_timeout_ms: int,
+        poll_interval_ms: int,
+        archive_on_ack: bool,
+        async_commit: bool,
+    ) -> None:
+        self.database = database
+        self.visibility_timeout_ms = visibility_timeout_ms
+        self.poll_interval_ms = poll_interval_ms
+        self.archive_on_ack = archive_on_ack
+        self.async_commit = async_commit
+        self.keeper: LeaseKeeper | None = None
+        self.states: dict[str, QueueState] = {}
+        self._lock = threading.Lock()
+        self._starts = Starts(self._count_starts)
+
+    def queue_state(self, queue_name: str) -> QueueState:
+        state = self.states.get(queue_name)
+        if state is None:
+            with self._lock:
+                state = self.states.setdefault(queue_name, QueueState(queue_name))
+        return state
+
+    def track(self, leases: Iterable[Lease]) -> None:
+        if self.keeper is not None:
+            self.keeper.track(leases)
+
+    def forget(self, leases: Iterable[Lease]) -> None:
+        if self.keeper is not None:
+            self.keeper.forget(leases)
+
+    # -- fetching ---------------------------------------------------------------------------------------------
+
+    def fetch(self, state: QueueState, qty: int) -> list[Fetched]:
+        """Delete the queue's deferred acks and lease up to `qty` messages, in one round trip.
+
+        Raises:
+            DatabaseUnavailable: The acks are put back for the next fetch.
+        """
+        acks = state.take_acks()
+        params = {
+            "queue": state.name,
+            "ack_ids": [lease.msg_id for lease in acks],
+            "ack_tokens": [lease.token for lease in acks],
+            "archive": self.archive_on_ack,
+            "qty": qty,
+            "vt_ms": self.visibility_timeout_ms,
+            "async_commit": self.async_commit,
+        }
+        try:
+            rows: list[Fetched] = self.database.execute(queries.FETCH, params, row_factory=class_row(Fetched))
+        except BaseException:
+            state.return_acks(acks)
+            raise
+        if not acks:
+            return rows
+        self.forget(acks)
+        stale = {row.msg_id for row in rows if row.stale}
+        if not stale:
+            return rows
+        for lease in acks:
+            if lease.msg_id in stale:
+                log_stale("ack", lease)
+        return [row for row in rows if not row.stale]
+
+    def flush_acks(self, state: QueueState) -> None:
+        """Delete the queue's deferred acks now (no consumer of it is fetching)."""
+        if state.pending_acks:
+            self.fetch(state, 0)
+
+    def idle_wait_s(self, queue_name: str) -> float:
+        """How long an idle consumer may wait: until the next delayed message is due, at most the poll interval."""
+        wait_s = self.poll_interval_ms / 1000
+        [(due_in_ms,)] = self.database.execute(queries.NEXT_VISIBLE_IN_MS, {"queue": queue_name})
+        if due_in_ms is not None:
+            wait_s = min(wait_s, max(due_in_ms / 1000, 0.0))
+        return max(wait_s, MIN_IDLE_WAIT_S)
+
+    # -- settling ---------------------------------------------------------------------------------------------
+
+    def start(self, lease: Lease) -> bool:
+        """Count the delivery as started (towards ``max_deliveries``); False when it no longer holds its message.
+
+        Worker threads starting at the same moment share one round trip (see :class:`Starts`).
+
+        Raises:
+            DatabaseUnavailable: Nothing was counted.
+        """
+        count = self._starts.start(lease)
+        if count is None:
+            log_stale("start", lease)
+            return False
+        lease.read_ct = count
+        return True
+
+    def _count_starts(self, leases: list[Lease]) -> dict[tuple[str, int], int]:
+        by_queue: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_queue.setdefault(lease.queue_name, []).append(lease)
+        counts: dict[tuple[str, int], int] = {}
+        for queue_name, group in by_queue.items():
+            params = {
+                "queue": queue_name,
+                "ids": [lease.msg_id for lease in group],
+                "tokens": [lease.token for lease in group],
+                "async_commit": self.async_commit,
+            }
+            counts.update(
+                ((queue_name, msg_id), count) for msg_id, count in self.database.execute(queries.START, params)
+            )
+        return counts
+
+    def ack(self, lease: Lease) -> None:
+        """Defer the delete of an acknowledged delivery to the queue's next fetch."""
+        lease.settling = True
+        self.queue_state(lease.queue_name).add_ack(lease)
+
+    def keep(self, lease: Lease) -> None:
+        """Leave a processed message where it is: it comes back after a visibility timeout, uncounted."""
+        self.forget([lease])
+        self.release([lease], uncount=True, delay_ms=self.visibility_timeout_ms)
+
+    def requeue(self, leases: Sequence[Lease]) -> None:
+        """Make deliveries that never started visible again at once."""
+        self.forget(leases)
+        self.release(leases, uncount=False)
+
+    def release(self, leases: Sequence[Lease], *, uncount: bool, delay_ms: int = 0) -> None:
+        """Make held deliveries visible again after `delay_ms`; with `uncount`, their start is not counted."""
+        by_queue: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_queue.setdefault(lease.queue_name, []).append(lease)
+        for queue_name, group in by_queue.items():
+            params = {
+                "queue": queue_name,
+                "ids": [lease.msg_id for lease in group],
+                "tokens": [lease.token for lease in group],
+                "delay_ms": delay_ms,
+                "uncount": uncount,
+            }
+            self.database.execute(queries.RELEASE, params)
+
+    def dead_letter(
+        self, lease: Lease, why: DeadLetterReason, *, message: str | None = None, actor_name: str | None = None
+    ) -> bool:
+        """Record the delivery as a dead letter and delete it, if it still holds its message (else False)."""
+        lease.settling = True
+        with self.database.connection() as conn:
+            recorded = dead_letters.dead_letter(
+                conn,
+                queue_name=lease.queue_name,
+                msg_id=lease.msg_id,
+                token=lease.token,
+                message=message,
+                message_id=lease.message_id if message is not None else None,
+                actor_name=actor_name,
+                why=why,
+            )
+        self.forget([lease])
+        if not recorded:
+            log_stale("dead-letter", lease)
+            return False
+        log.bind(event="dead_lettered").warning(
+            "Dead-lettered message {} of queue {!r} ({}: {})",
+            lease.message_id if message is not None else lease.msg_id,
+            lease.queue_name,
+            why.reason,
+            why.error_type,
+        )
+        return True
+
+    def resend(self, lease: Lease, params: dict[str, Any], connection: psycopg.Connection[Any] | None) -> bool:
+        """Replace the delivery by its retry (`params` of ``RESEND``), if it still holds its message (else False).
+
+        With `connection`, in the caller's transaction.
+        """
+        lease.settling = True
+        params = {**params, "old_queue": lease.queue_name, "old_msg_id": lease.msg_id, "old_token": lease.token}
+        if connection is not None:
+            row = connection.execute(queries.RESEND, params).fetchone()
+        else:
+            [row] = self.database.execute(queries.RESEND, params)
+        self.forget([lease])
+        if row is None or row[0] is None:
+            log_stale("retry", lease)
+            return False
+        return True
+
+
+@attrs.define(eq=False)
+class _Start:
+    lease: Lease
+    done: threading.Event = attrs.field(factory=threading.Event)
+    count: int | None = None
+    error: BaseException | None = None
+    #: Set on the first waiting start when the statement before it is done: it runs the next one.
+    leads: bool = False
+
+
+class Starts:
+    """Counts deliveries as started with one statement for every worker thread starting at the same moment.
+
+    A group commit: the first thread to arrive runs the statement for itself and every start queued meanwhile;
+    the threads arriving while it runs wait, and the first of them runs the next statement for all of them.
+
+    Parameters:
+        count: Runs the statement for some leases; returns the new count of each counted ``(queue, msg_id)``.
+    """
+
+    def __init__(self, count: Callable[[list[Lease]], dict[tuple[str, int], int]]) -> None:
+        self._count = count
+        self._queued: list[_Start] = []
+        self._running = False
+        self._lock = threading.Lock()
+
+    def start(self, lease: Lease) -> int | None:
+        """The delivery's new count, or None when it no longer holds its message.
+
+        Raises:
+            DatabaseUnavailable: The statement that carried this start failed.
+        """
+        entry = _Start(lease)
+        with self._lock:
+            self._queued.append(entry)
+            leads = not self._running
+            self._running = True
+        if not leads:
+            entry.done.wait()
+        if leads or entry.leads:
+            self._run_queued()
+        if entry.error is not None:
+            raise entry.error
+        return entry.count
+
+    def _run_queued(self) -> None:
+        with self._lock:
+            batch, self._queued = self._queued, []
+        try:
+            counts = self._count([entry.lease for entry in batch])
+        except BaseException as exc:
+            counts = {}
+            for entry in batch:
+                entry.error = exc
+        for entry in batch:
+            entry.count = counts.get((entry.lease.queue_name, entry.lease.msg_id))
+        with self._lock:
+            if self._queued:
+                self._queued[0].leads = True
+                self._queued[0].done.set()
+            else:
+                self._running = False
+        for entry in batch:
+            entry.done.set()
+
+
+def log_stale(settlement: str, lease: Lease) -> None:
+    """Say, once per stale settlement, that a delivery which lost its lease changed nothing."""
+    log.bind(event="stale_settlement").warning(
+        "Did not {} message {} (delivery {} of queue {!r}): it is no longer held by this worker, whose lease lapsed;"
+        " another worker may be running it, so it was left alone",
+        settlement,
+        lease.message_id or lease.msg_id,
+        lease.msg_id,
+        lease.queue_name,
+    )
