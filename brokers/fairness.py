@@ -24,7 +24,7 @@ its payload the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, LiteralString
+from typing import Any
 
 import attrs
 import dramatiq
@@ -34,6 +34,8 @@ from dramatiq.middleware import Middleware
 from loguru import logger
 from psycopg import sql
 from psycopg.rows import class_row
+
+from . import queries
 
 __all__ = [
     "FAIRNESS_KEY_OPTION",
@@ -49,33 +51,6 @@ log = logger.bind(component="PGMQBroker")
 
 #: Message option and actor option naming a message's fairness key (see the module's docstring).
 FAIRNESS_KEY_OPTION = "fairness_key"
-
-#: Put a queue in fairness mode, or change its key path and limits (alters the queue's table: set-up code only).
-ENABLE_FAIRNESS: LiteralString = (
-    "select pgmq_broker.enable_fairness(%(queue)s, %(key_path)s::text[], %(max_in_flight)s::integer,"
-    " %(rate_per_s)s::double precision, %(burst)s::integer)"
-)
-#: Take a queue out of fairness mode.
-DISABLE_FAIRNESS: LiteralString = "select pgmq_broker.disable_fairness(%(queue)s)"
-#: Whether a queue is in fairness mode.
-IS_FAIR: LiteralString = "select pgmq_broker.is_fair(%(queue)s)"
-#: ``queries.FETCH`` for a queue in fairness mode, same parameters: delete the acknowledged ids, then lease up to
-#: %(qty)s visible messages rotating across the queue's keys. For SQL callers; the broker calls the queue's own
-#: function (:func:`fair_fetch_query`), which saves a dispatch.
-FAIR_FETCH: LiteralString = (
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
-    " from pgmq_broker.fair_fetch(%(queue)s, %(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
-)
-#: The same on one queue's own fetch function, ``pgmq_broker.fair_fetch_<queue>`` ({function}).
-FAIR_FETCH_OF_QUEUE = sql.SQL(
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text"
-    " from pgmq_broker.{function}(%(ack_ids)s::bigint[], %(archive)s, %(qty)s, %(vt_ms)s, %(async_commit)s)"
-)
-#: A fair queue's key path and limits.
-FAIR_QUEUE: LiteralString = (
-    "select queue_name, key_path, max_in_flight, rate_per_s, burst from pgmq_broker.fair_queues"
-    " where queue_name = %(queue)s"
-)
 
 #: How an actor derives a message's key from its arguments (``None``: the message has no key).
 KeyFunction = Callable[..., object]
@@ -94,7 +69,7 @@ class FairQueue:
 
 def fair_fetch_query(queue_name: str) -> bytes:
     """The fetch statement of `queue_name` (a valid queue name) in fairness mode, ready to prepare."""
-    return FAIR_FETCH_OF_QUEUE.format(function=sql.Identifier(f"fair_fetch_{queue_name}")).as_bytes(None)
+    return queries.FAIR_FETCH_OF_QUEUE.format(function=sql.Identifier(f"fair_fetch_{queue_name}")).as_bytes(None)
 
 
 def enable_fairness(
@@ -114,7 +89,7 @@ def enable_fairness(
         rate_per_s: per key, messages served per second (``None``: unpaced); `burst` for a rested key.
     """
     conn.execute(
-        ENABLE_FAIRNESS,
+        queries.ENABLE_FAIRNESS,
         {
             "queue": queue_name,
             "key_path": list(key_path) if key_path is not None else None,
@@ -130,19 +105,19 @@ def enable_fairness(
 
 def disable_fairness(conn: psycopg.Connection[Any], queue_name: str) -> None:
     """Take `queue_name` out of fairness mode: fetches take its oldest messages again."""
-    conn.execute(DISABLE_FAIRNESS, {"queue": queue_name})
+    conn.execute(queries.DISABLE_FAIRNESS, {"queue": queue_name})
 
 
 def is_fair(conn: psycopg.Connection[Any], queue_name: str) -> bool:
     """Whether `queue_name` is in fairness mode."""
-    row = conn.execute(IS_FAIR, {"queue": queue_name}).fetchone()
+    row = conn.execute(queries.IS_FAIR, {"queue": queue_name}).fetchone()
     return bool(row and row[0])
 
 
 def fair_queue(conn: psycopg.Connection[Any], queue_name: str) -> FairQueue | None:
     """The fairness settings of `queue_name`, or ``None`` when it is not in fairness mode."""
     with conn.cursor(row_factory=class_row(FairQueue)) as cursor:
-        return cursor.execute(FAIR_QUEUE, {"queue": queue_name}).fetchone()
+        return cursor.execute(queries.FAIR_QUEUE, {"queue": queue_name}).fetchone()
 
 
 class FairnessKeys(Middleware):

@@ -86,9 +86,10 @@ language plpgsql volatile as $create$
 begin
     execute format($template$
 create or replace function pgmq_broker.%2$I(
-    p_ack_ids bigint[], p_archive boolean, p_qty integer, p_vt_ms integer, p_async_commit boolean
+    p_ack_ids bigint[], p_ack_tokens timestamptz[], p_archive boolean, p_qty integer, p_vt_ms integer,
+    p_async_commit boolean
 ) returns table (
-    msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb,
+    msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb, stale boolean,
     fairness_key text
 )
 language plpgsql volatile
@@ -113,16 +114,11 @@ declare
     v_next timestamptz;
     i integer;
 begin
-    if p_async_commit then
-        perform set_config('synchronous_commit', 'off', true);
-    end if;
-    if cardinality(p_ack_ids) > 0 then
-        if p_archive then
-            perform pgmq.archive(%3$L, p_ack_ids);
-        else
-            delete from pgmq.%1$I q where q.msg_id = any(p_ack_ids);
-        end if;
-    end if;
+    -- The acknowledged deliveries still held are settled as pgmq_broker.fetch settles them (fenced by the lease);
+    -- the others come back as stale rows.
+    return query select f.*, null::text from pgmq_broker.fetch(
+        %3$L, p_ack_ids, p_ack_tokens, p_archive, 0, p_vt_ms, p_async_commit
+    ) f;
     if p_qty <= 0 then
         return;
     end if;
@@ -160,6 +156,7 @@ begin
         -- 3. Lease. A new statement, so its snapshot includes every lease committed before the key locks were
         -- granted: the in-flight count below is exact for the keys this fetch holds.
         v_pass_served := '{}';
+        -- Leasing does not count the delivery: pgmq_broker.start does, when it starts running.
         for msg_id, read_ct, enqueued_at, last_read_at, message, fairness_key in
             with keys as (
                 select u.key, u.room, u.ord from unnest(v_keys, v_rooms) with ordinality as u(key, room, ord)
@@ -199,12 +196,12 @@ begin
             )
             update pgmq.%1$I m
             set last_read_at = clock_timestamp(),
-                vt = clock_timestamp() + p_vt_ms * interval '1 millisecond',
-                read_ct = m.read_ct + 1
+                vt = clock_timestamp() + p_vt_ms * interval '1 millisecond'
             from chosen
             where m.msg_id = chosen.msg_id
             returning m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.fairness_key
         loop
+            stale := false;
             v_pass_served := v_pass_served || fairness_key;
             return next;
         end loop;
@@ -332,7 +329,7 @@ begin
     delete from pgmq_broker.fair_queues where queue_name = p_queue;
     delete from pgmq_broker.fair_keys where queue_name = p_queue;
     execute format(
-        'drop function if exists pgmq_broker.%I(bigint[], boolean, integer, integer, boolean)',
+        'drop function if exists pgmq_broker.%I(bigint[], timestamptz[], boolean, integer, integer, boolean)',
         pgmq.format_table_name(p_queue, 'fair_fetch')
     );
     if to_regclass(format('pgmq.%I', v_qtable)) is not null then
@@ -353,24 +350,25 @@ create or replace function pgmq_broker.fair_max_keys_per_read(p_qty integer) ret
 language sql immutable as $$ select greatest(4 * p_qty, 32) $$;
 
 -- pgmq_broker.fetch for a queue in fairness mode, with the same arguments: delete (or archive) the acknowledged
--- ids, then lease up to p_qty visible messages for p_vt_ms milliseconds, rotating across keys: up to p_qty keys
--- whose turn it is (least recently served first), an equal share of the batch from each (so a lone key still fills
--- the batch), oldest visible first within a key, within each key's in-flight cap and rate. Keys that turn out to
--- have nothing to give are put aside and the next keys tried, so a fetch comes back empty only when no key can give
--- anything; it looks at no more than fair_max_keys_per_read(p_qty) keys. Returns pgmq_broker.fetch's columns plus
--- the key. Call it in its own transaction: the key locks, held until commit, keep two fetchers off one key.
+-- deliveries still held, then lease up to p_qty visible messages for p_vt_ms milliseconds, rotating across keys: up to
+-- p_qty keys whose turn it is (least recently served first), an equal share of the batch from each (so a lone key
+-- still fills the batch), oldest visible first within a key, within each key's in-flight cap and rate. Keys that turn
+-- out to have nothing to give are put aside and the next keys tried, so a fetch comes back empty only when no key can
+-- give anything; it looks at no more than fair_max_keys_per_read(p_qty) keys. Returns pgmq_broker.fetch's columns
+-- plus the key. Call it in its own transaction: the key locks, held until commit, keep two fetchers off one key.
 create or replace function pgmq_broker.fair_fetch(
-    p_queue text, p_ack_ids bigint[], p_archive boolean, p_qty integer, p_vt_ms integer, p_async_commit boolean
+    p_queue text, p_ack_ids bigint[], p_ack_tokens timestamptz[], p_archive boolean, p_qty integer, p_vt_ms integer,
+    p_async_commit boolean
 ) returns table (
-    msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb,
+    msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz, message jsonb, stale boolean,
     fairness_key text
 )
 language plpgsql volatile as $$
 begin
     -- A queue not in fairness mode has no fair_fetch_<queue>: the call fails with undefined_function.
     return query execute format(
-        'select * from pgmq_broker.%I($1, $2, $3, $4, $5)', pgmq.format_table_name(p_queue, 'fair_fetch')
-    ) using p_ack_ids, p_archive, p_qty, p_vt_ms, p_async_commit;
+        'select * from pgmq_broker.%I($1, $2, $3, $4, $5, $6)', pgmq.format_table_name(p_queue, 'fair_fetch')
+    ) using p_ack_ids, p_ack_tokens, p_archive, p_qty, p_vt_ms, p_async_commit;
 end;
 $$;
 
@@ -381,5 +379,6 @@ returns table (
     fairness_key text
 )
 language sql volatile as $$
-    select * from pgmq_broker.fair_fetch(p_queue, '{}', false, p_qty, p_vt_ms, false);
+    select f.msg_id, f.read_ct, f.enqueued_at, f.last_read_at, f.message, f.fairness_key
+    from pgmq_broker.fair_fetch(p_queue, '{}', '{}', false, p_qty, p_vt_ms, false) f;
 $$;

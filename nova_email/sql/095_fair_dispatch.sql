@@ -12,7 +12,7 @@ GRANT SELECT ON pgmq_broker.fair_queues TO nova_worker;
 GRANT SELECT, UPDATE, DELETE ON pgmq_broker.fair_keys TO nova_worker;
 GRANT EXECUTE ON FUNCTION
     pgmq_broker.is_fair(text),
-    pgmq_broker.fair_fetch(text, bigint[], boolean, integer, integer, boolean),
+    pgmq_broker.fair_fetch(text, bigint[], timestamptz[], boolean, integer, integer, boolean),
     pgmq_broker.fair_read(text, integer, integer),
     pgmq_broker.fair_max_keys_per_read(integer),
     pgmq_broker.fair_recheck()

@@ -16,7 +16,7 @@ from dramatiq import Worker
 from psycopg.types.json import Jsonb
 
 from brokers import PGMQBroker
-from brokers.fairness import FairnessKeys, disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
+from brokers.fairness import disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
 
 from .conftest import wait_until
 
@@ -227,7 +227,6 @@ def test_a_send_may_name_its_key_and_an_actor_may_derive_it_from_its_arguments(
     broker: PGMQBroker, conn: psycopg.Connection
 ) -> None:
     enable_fairness(conn, "fair_python")
-    broker.add_middleware(FairnessKeys())
 
     @dramatiq.actor(queue_name="fair_python", fairness_key=lambda payload: payload["tenant"])
     def keyed(payload: dict[str, Any]) -> None:
@@ -247,7 +246,6 @@ def test_a_send_may_name_its_key_and_an_actor_may_derive_it_from_its_arguments(
 
 def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Connection, worker: Worker) -> None:
     enable_fairness(conn, "fair_retried", key_path=["tenant"])
-    broker.add_middleware(FairnessKeys())
     runs: list[int] = []
 
     @dramatiq.actor(queue_name="fair_retried", queue_handler=True, fairness_key=lambda payload: payload["tenant"],
@@ -270,7 +268,7 @@ def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Conne
 
 def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connection, fair_queue_name: str) -> None:
     send(conn, fair_queue_name, tenants(("a", 2), ("b", 1)))
-    params = {"ack_ids": [], "archive": False, "qty": 2, "vt_ms": 30_000, "async_commit": False}
+    params = {"ack_ids": [], "ack_tokens": [], "archive": False, "qty": 2, "vt_ms": 30_000, "async_commit": False}
 
     rows = conn.execute(fair_fetch_query(fair_queue_name), params).fetchall()
 
