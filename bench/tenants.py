@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.backfill import DAY_S, free_port, sim_get  # noqa: E402
+from bench.processes import stop_groups  # noqa: E402
 from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
 
@@ -252,13 +252,7 @@ class Run:
         return counted
 
     def close(self) -> None:
-        for process in (self.workers, self.sim):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+        stop_groups(self.workers, self.sim, timeout_s=30)
         self.proxy.terminate()
         self.manager.shutdown()
         self.log.close()
