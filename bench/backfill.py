@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +55,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import stop_groups  # noqa: E402
 from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
 
@@ -187,13 +187,7 @@ class Run:
         return {(c["endpoint"], c["status"]): c["count"] for c in stats["calls"]}
 
     def close(self) -> None:
-        for process in (self.workers, self.sim):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+        stop_groups(self.workers, self.sim, timeout_s=30)
         self.log.close()
         with psycopg.connect(self.server_url, autocommit=True) as admin:
             admin.execute(f'drop database if exists "{self.name}" with (force)')

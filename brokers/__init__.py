@@ -4,6 +4,8 @@
 Dead letters are listed, counted, purged and replayed through the broker (see ``brokers.dead_letters``).
 ``Database`` is the fork-safe pool with outage logging that the broker, ``PeriodicScheduler`` and
 ``PostgresBackend`` use; pass one instance to each (``database=``) for one pool per process.
+Fairness keys (``brokers.fairness``): on a queue put in fairness mode with ``enable_fairness``, fetches rotate across
+the keys of its messages (the ``FAIRNESS_KEY_OPTION`` message option, or a JSON path declared with the queue).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from .database import Database, PerProcess
 from .dead_letters import DeadLetter, DeadLetterReason
 from .envelope import foreign_message_id
 from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
+from .fairness import FAIRNESS_KEY_OPTION, enable_fairness
 from .listener import channel_name
 from .periodic import PeriodicScheduler, Schedule
 from .queues import QueueMetrics, validate_queue_name
@@ -24,6 +27,7 @@ __all__ = [
     "DatabaseUnavailable",
     "DeadLetter",
     "DeadLetterReason",
+    "FAIRNESS_KEY_OPTION",
     "InvalidQueueName",
     "KEEP_ON_ACK_OPTION",
     "MigrationError",
@@ -37,6 +41,7 @@ __all__ = [
     "RetryAfter",
     "Schedule",
     "channel_name",
+    "enable_fairness",
     "foreign_message_id",
     "use_rate_limit_retries",
     "validate_queue_name",

@@ -36,6 +36,7 @@ from .database import DEFAULT_POOL_MAX_SIZE, DEFAULT_POOL_TIMEOUT_S, Database
 from .dead_letters import DeadLetter
 from .envelope import QueueHandlerOption
 from .errors import DatabaseUnavailable
+from .fairness import FairnessKeys
 from .hooks import MiddlewareHooks
 from .process_threads import ProcessThreads
 from .queues import QueueMetrics, QueueTables, validate_queue_name
@@ -115,6 +116,7 @@ class PGMQBroker(Broker):
         self.hooks = MiddlewareHooks()
         super().__init__(middleware=middleware)
         self.add_middleware(QueueHandlerOption())
+        self.add_middleware(FairnessKeys())
         # First, so that no other middleware's before_process_message runs for a delivery that will not start.
         self.add_middleware(DeliveryStart(), before=type(self.middleware[0]))
         self.url = url

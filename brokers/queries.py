@@ -113,6 +113,38 @@ ENABLE_NOTIFY: LiteralString = "select pgmq_broker.enable_notify(%(queue)s)"
 #: Subscribe the listening connection to a queue's insert notifications.
 LISTEN: LiteralString = "listen {channel}"
 
+# -- fairness keys (brokers/fairness.py, brokers/sql/060_fairness.sql) -------------------------------------------------
+
+#: Put a queue in fairness mode, or change its key path and limits (alters the queue's table: set-up code only).
+ENABLE_FAIRNESS: LiteralString = (
+    "select pgmq_broker.enable_fairness(%(queue)s, %(key_path)s::text[], %(max_in_flight)s::integer,"
+    " %(rate_per_s)s::double precision, %(burst)s::integer)"
+)
+#: Take a queue out of fairness mode.
+DISABLE_FAIRNESS: LiteralString = "select pgmq_broker.disable_fairness(%(queue)s)"
+#: Whether a queue is in fairness mode.
+IS_FAIR: LiteralString = "select pgmq_broker.is_fair(%(queue)s)"
+#: ``FETCH`` for a queue in fairness mode, same parameters: delete the acknowledged ids, then lease up to
+#: %(qty)s visible messages rotating across the queue's keys. For SQL callers; the broker calls the queue's own
+#: function (``brokers.fairness.fair_fetch_query``), which saves a dispatch.
+FAIR_FETCH: LiteralString = (
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
+    " from pgmq_broker.fair_fetch(%(queue)s, %(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s,"
+    " %(qty)s, %(vt_ms)s, %(async_commit)s)"
+)
+#: The same on one queue's own fetch function, ``pgmq_broker.fair_fetch_<queue>`` ({function}).
+FAIR_FETCH_OF_QUEUE = sql.SQL(
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
+    " from pgmq_broker.{function}(%(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s, %(qty)s,"
+    " %(vt_ms)s, %(async_commit)s)"
+)
+#: A fair queue's key path and limits.
+FAIR_QUEUE: LiteralString = (
+    "select queue_name, key_path, max_in_flight, rate_per_s, burst from pgmq_broker.fair_queues"
+    " where queue_name = %(queue)s"
+)
+
+
 # -- periodic schedules (brokers/periodic.py, brokers/sql/051_schedules.sql) -------------------------------------
 
 #: Create or update one schedule.

@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, LiteralString, Protocol
 
 import attrs
 import psycopg
@@ -26,6 +26,7 @@ from psycopg.rows import class_row
 from . import dead_letters, queries
 from .database import Database
 from .dead_letters import DeadLetterReason
+from .fairness import fair_fetch_query
 from .lease import Lease, LeaseKeeper
 
 __all__ = ["Fetched", "QueueState", "Settlement", "Starts", "Waker"]
@@ -53,6 +54,8 @@ class QueueState:
     pending_acks: list[Lease] = attrs.field(factory=list)
     consumers: weakref.WeakSet[Any] = attrs.field(factory=weakref.WeakSet)
     lock: threading.Lock = attrs.field(factory=threading.Lock)
+    #: The statement that fetches from this queue: ``queries.FETCH``, or its own in fairness mode (asked once).
+    fetch_query: LiteralString | bytes | None = None
 
     def add_ack(self, lease: Lease) -> None:
         with self.lock:
@@ -151,7 +154,8 @@ class Settlement:
             "async_commit": self.async_commit,
         }
         try:
-            rows: list[Fetched] = self.database.execute(queries.FETCH, params, row_factory=class_row(Fetched))
+            query = state.fetch_query or self._fetch_query(state)
+            rows: list[Fetched] = self.database.execute(query, params, row_factory=class_row(Fetched))
         except BaseException:
             state.return_acks(acks)
             raise
@@ -165,6 +169,11 @@ class Settlement:
             if lease.msg_id in stale:
                 log_stale("ack", lease)
         return [row for row in rows if not row.stale]
+
+    def _fetch_query(self, state: QueueState) -> LiteralString | bytes:
+        [(fair,)] = self.database.execute(queries.IS_FAIR, {"queue": state.name})
+        state.fetch_query = fair_fetch_query(state.name) if fair else queries.FETCH
+        return state.fetch_query
 
     def flush_acks(self, state: QueueState) -> None:
         """Delete the queue's deferred acks now (no consumer of it is fetching)."""

@@ -102,6 +102,12 @@ def _give_up(
     return hook
 
 
+def _grant_of(payload: object) -> object:
+    """A job's fairness key: its grant, so jobs are dispatched fairly across grants (a payload without one is
+    unkeyed, and the actor rejects it)."""
+    return payload.get("grant_id") if isinstance(payload, dict) else None
+
+
 def _attempt() -> int | None:
     """This run's attempt number (1 for the first); a rate-limit deferral does not advance it."""
     message = CurrentMessage.get_current_message()
@@ -123,6 +129,7 @@ def _deferred_on_rate_limit() -> Iterator[None]:
 @dramatiq.actor(
     queue_name=WEBHOOK_QUEUE,
     queue_handler=True,
+    fairness_key=_grant_of,
     max_retries=2,
     min_backoff=retry_backoff_ms(settings.webhook_retry_window_ms, 3),
     throws=(InvalidJob,),
@@ -141,6 +148,7 @@ def process_webhook(payload: dict[str, Any]) -> None:
 @dramatiq.actor(
     queue_name=BACKFILL_QUEUE,
     queue_handler=True,
+    fairness_key=_grant_of,
     max_retries=2,
     min_backoff=retry_backoff_ms(settings.backfill_retry_window_ms, 3),
     time_limit=backfill.run_time_limit_ms(settings.nylas_timeout_s),
@@ -160,6 +168,10 @@ def run_backfill(payload: dict[str, Any]) -> None:
 @dramatiq.actor(
     queue_name=THREAD_QUEUE,
     queue_handler=True,
+    fairness_key=_grant_of,
+    # Among the jobs a worker process holds, webhooks and backfills (priority 0) go first: a listing fans out a
+    # whole inbox's thread jobs, and a webhook is a live change.
+    priority=10,
     max_retries=4,
     min_backoff=retry_backoff_ms(settings.thread_retry_window_ms, 5),
     throws=(InvalidJob,),

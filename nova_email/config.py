@@ -96,6 +96,10 @@ class Settings:
     #: DATABASE_URL goes through a transaction-mode pooler (Supabase's port 6543, PgBouncer in transaction mode):
     #: no LISTEN/NOTIFY wake-ups (polling only) and no prepared statements.
     database_transaction_pooler: bool = False
+    #: Connections in a worker process's one pool, shared by the broker, the processors, the pacer and the scheduler
+    #: (plus one LISTEN connection, unless behind a transaction pooler). Jobs borrow a connection per statement or
+    #: transaction, never while they wait for Nylas, so a few serve any number of worker threads.
+    database_pool_size: int = 3
     nylas_api_key: str = attrs.field(default="", repr=False)
     nylas_api_uri: str = "https://api.us.nylas.com"
     nylas_webhook_secret: str = attrs.field(default="", repr=False)
@@ -242,6 +246,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "NO_COLOR": ("no_color", lambda n, r: True),
     "DATABASE_URL": ("database_url", _parse_database_url),
     "DATABASE_TRANSACTION_POOLER": ("database_transaction_pooler", _parse_bool),
+    "DATABASE_POOL_SIZE": ("database_pool_size", lambda n, r: _parse_int(n, r, minimum=1, unit="connections")),
     "NYLAS_API_KEY": ("nylas_api_key", lambda n, r: r.strip()),
     "NYLAS_API_URI": ("nylas_api_uri", _parse_http_url),
     "NYLAS_WEBHOOK_SECRET": ("nylas_webhook_secret", lambda n, r: r.strip()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -19,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from brokers import Database
 
+from .borrowing import BorrowingConnection
 from .config import Settings
 from .embedded import embedded_server_is_default, embedded_server_url
 from .errors import ConfigError
@@ -27,8 +29,6 @@ __all__ = ["close_pool", "connect", "connection", "database", "database_url", "g
 
 log = logger.bind(component="Database")
 
-#: Connections per worker process; Dramatiq's default is 8 threads, plus the broker's own.
-DEFAULT_POOL_MAX_SIZE = 10
 
 _lock = threading.Lock()
 _database: Database | None = None
@@ -79,34 +79,38 @@ def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
     return psycopg.connect(database_url(settings), **kwargs)  # type: ignore[arg-type]
 
 
-def database(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> Database:
+def database(settings: Settings, *, max_size: int | None = None, announce: bool = True) -> Database:
     """The service's database: one pool per process, opened on first use (and anew after a fork).
 
-    `max_size` counts when the first call builds it. Hand it to the broker (``PGMQBroker(database=...)``) to make
-    the broker use the same pool.
+    `max_size` (default: DATABASE_POOL_SIZE) and `announce` (see `database_url`) count when the first call builds
+    it. Hand it to the broker (``PGMQBroker(database=...)``) to make the broker use the same pool.
     """
     global _database
     with _lock:
         if _database is None:
             _database = Database(
-                database_url(settings),
+                database_url(settings, announce=announce),
                 name="nova_email",
-                max_size=max_size,
+                max_size=settings.database_pool_size if max_size is None else max_size,
                 prepare_statements=_prepares_statements(settings),
             )
         return _database
 
 
-def get_pool(settings: Settings, *, max_size: int = DEFAULT_POOL_MAX_SIZE) -> ConnectionPool:
+def get_pool(settings: Settings, *, max_size: int | None = None) -> ConnectionPool:
     """This process's pool, created on first use (and anew after a fork)."""
     return database(settings, max_size=max_size).pool
 
 
 @contextmanager
 def connection(settings: Settings) -> Iterator[psycopg.Connection]:
-    """Borrow an autocommit connection from this process's pool; use ``conn.transaction()`` for units of work."""
-    with get_pool(settings).connection() as conn:
-        yield conn
+    """A connection for one job: it borrows from this process's pool per statement, transaction or cursor block.
+
+    Use ``conn.transaction()`` for units of work. Between them no pooled connection is held, so a job waiting for
+    Nylas holds none, and a small pool serves every worker thread (see `BorrowingConnection`).
+    """
+    # Typed as the psycopg connection whose execute, transaction and cursor it provides: the processors take one.
+    yield cast(psycopg.Connection, BorrowingConnection(get_pool(settings)))
 
 
 def close_pool() -> None:

@@ -18,11 +18,11 @@ from brokers import KEEP_ON_ACK_OPTION, PeriodicScheduler, PerProcess, PGMQBroke
 from . import db
 from .config import Settings
 from .nylas.client import NylasClient
-from .nylas.pacing import Pacer
+from .nylas.pacing import Pacer, start_job
 from .ops.health import WorkerHeartbeat
 from .ops.metrics import add_metrics
 
-__all__ = ["GiveUpHook", "TestingMode", "build_broker", "nylas_client"]
+__all__ = ["GiveUpHook", "PacedJobs", "TestingMode", "build_broker", "nylas_client"]
 
 _client_lock = threading.Lock()
 _client: PerProcess[NylasClient] | None = None
@@ -49,6 +49,13 @@ class GiveUpHook(Middleware):
             hook(message, exception)
 
 
+class PacedJobs(Middleware):
+    """Tells the pacer where each job starts: its first Nylas call never sleeps on a saturated grant (see pacing)."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        start_job()
+
+
 class TestingMode(Middleware):
     """TESTING_MODE: webhook jobs are processed but stay on their queue (the original service's dry run).
 
@@ -69,9 +76,10 @@ class TestingMode(Middleware):
 
 def build_broker(settings: Settings) -> PGMQBroker:
     """The PGMQ broker configured from settings, with rate-limit-aware retries, periodic ticks and give-up hooks."""
-    url = db.database_url(settings, announce=False)
+    # One pool per process for the broker, its lease keeper and scheduler, the processors and the pacer
+    # (DATABASE_POOL_SIZE), plus the listener's one LISTEN connection.
     broker = PGMQBroker(
-        url=url,
+        database=db.database(settings, announce=False),
         visibility_timeout_s=settings.visibility_timeout_s,
         poll_interval_ms=settings.poll_interval_ms,
         listen=not settings.database_transaction_pooler,
@@ -80,6 +88,7 @@ def build_broker(settings: Settings) -> PGMQBroker:
     use_rate_limit_retries(broker)
     broker.add_middleware(CurrentMessage())  # lets an actor read its attempt number (retries + 1)
     broker.add_middleware(PeriodicScheduler())
+    broker.add_middleware(PacedJobs())
     # Dramatiq runs after_* hooks in reverse order: placed before Retries, the hook runs after Retries marked the
     # message failed (appended last, it ran first and never saw a failed message).
     broker.add_middleware(GiveUpHook(), before=Retries)

@@ -28,10 +28,11 @@ hypothesis_settings.register_profile("fast", max_examples=25, deadline=None)
 hypothesis_settings.register_profile("thorough", max_examples=300, deadline=None)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
-#: Tables emptied after each database test: the service's, the broker's, and PGMQ's queues and archives.
+#: Tables emptied after each database test: the service's, the broker's, and PGMQ's queues and archives (not
+#: the bookkeeping that migrations write: applied migrations, and which queues are in fairness mode).
 _TABLES_TO_EMPTY = r"""
 select format('%I.%I', schemaname, tablename) from pg_tables
-where (schemaname in ('public', 'pgmq_broker') and tablename <> 'schema_migrations')
+where (schemaname in ('public', 'pgmq_broker') and tablename not in ('schema_migrations', 'fair_queues'))
    or (schemaname = 'pgmq' and (tablename like 'q\_%' or tablename like 'a\_%'))
 """
 

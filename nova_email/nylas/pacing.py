@@ -6,6 +6,12 @@ once, exactly as long as needed, and never polls. Those sleeps are bounded by ``
 slot is further away, nothing is reserved and ``PacingLimitReached`` (a ``RateLimited``) is raised, so the actor
 re-schedules its job with that delay and frees the worker thread, as it does for a 429.
 
+A worker thread must not sleep on a saturated grant while other grants have work. So the first call of a job (see
+:func:`start_job`, called by the worker before each job) waits at most ``max_start_wait_ms``, a fraction of one
+slot: when the grant's next slot is further away, the job goes back to the queue with the delay the bucket names
+and the thread takes another grant's job. Later calls of a job that has started wait up to ``max_wait_ms``, since
+handing the job back then would throw away the calls it already made.
+
 Compatibility with the original's settings:
 
 - ``API_DELAY_MS`` keeps its meaning, a minimum spacing between calls of one grant: when set, the grant bucket's
@@ -17,6 +23,7 @@ Compatibility with the original's settings:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -31,8 +38,10 @@ from nova_email.nylas.queries import PACING_ACQUIRE
 __all__ = [
     "DEFAULT_GRANT_BURST",
     "DEFAULT_GRANT_RATE_PER_S",
+    "DEFAULT_MAX_START_WAIT_MS",
     "DEFAULT_MAX_WAIT_MS",
     "Pacer",
+    "start_job",
 ]
 
 log = logger.bind(component="Pacer")
@@ -46,6 +55,18 @@ DEFAULT_GRANT_BURST = 10
 DEFAULT_APP_BURST = 20
 #: Longest a call may sleep for its slot inside a worker thread before it is handed back as ``PacingLimitReached``.
 DEFAULT_MAX_WAIT_MS = 5_000
+#: Longest the first call of a job may sleep for its slot: "nearly immediate". Beyond it the job goes back to the
+#: queue and the thread serves another grant.
+DEFAULT_MAX_START_WAIT_MS = 50
+
+#: Per worker thread: whether the job it runs has not made a paced call yet.
+_job = threading.local()
+
+
+def start_job() -> None:
+    """Mark the start of a job in this thread: its first paced call waits at most ``max_start_wait_ms``."""
+    _job.starting = True
+
 
 ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 
@@ -61,6 +82,7 @@ class Pacer:
         app_burst: calls a rested application may send back to back.
         min_interval_ms: ``API_DELAY_MS``: minimum spacing between two calls of one grant (0 = none).
         max_wait_ms: longest sleep per call; beyond it ``PacingLimitReached`` is raised and nothing is reserved.
+        max_start_wait_ms: the same for the first call of a job (after :func:`start_job` in this thread).
         app_key: names the application bucket when several applications share a database.
         sleep: ``time.sleep``, replaceable for tests that count waits.
     """
@@ -75,6 +97,7 @@ class Pacer:
         app_burst: int = DEFAULT_APP_BURST,
         min_interval_ms: int = 0,
         max_wait_ms: int = DEFAULT_MAX_WAIT_MS,
+        max_start_wait_ms: int = DEFAULT_MAX_START_WAIT_MS,
         app_key: str = "default",
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -82,12 +105,16 @@ class Pacer:
             if value < 1:
                 msg = f"{name}={value!r} must be at least 1 (1 = strictly spaced calls)"
                 raise ValueError(msg)
-        if min_interval_ms < 0 or max_wait_ms < 0:
-            msg = f"min_interval_ms={min_interval_ms!r} and max_wait_ms={max_wait_ms!r} must not be negative"
+        if min(min_interval_ms, max_wait_ms, max_start_wait_ms) < 0:
+            msg = (
+                f"min_interval_ms={min_interval_ms!r}, max_wait_ms={max_wait_ms!r} and "
+                f"max_start_wait_ms={max_start_wait_ms!r} must not be negative"
+            )
             raise ValueError(msg)
         self._connect = connect
         self._sleep = sleep
         self._max_wait_ms = max_wait_ms
+        self._max_start_wait_ms = max_start_wait_ms
         self._app_key = f"app:{app_key}"
         grant_interval_ms = 1000.0 / grant_rate_per_s if grant_rate_per_s else 0.0
         self._grant_interval_ms = max(grant_interval_ms, float(min_interval_ms))
@@ -108,7 +135,8 @@ class Pacer:
         """Wait for this grant's next slot and return the ms waited.
 
         Raises:
-            PacingLimitReached: the slot is more than ``max_wait_ms`` away; re-schedule after ``retry_after_ms``.
+            PacingLimitReached: the slot is more than ``max_wait_ms`` away (``max_start_wait_ms`` for the first call
+                of a job); re-schedule after ``retry_after_ms``.
             psycopg.Error: the database could not be reached (the job would fail on it anyway).
         """
         keys: list[str] = []
@@ -124,24 +152,22 @@ class Pacer:
             tolerances.append(self._app_tolerance_ms)
         if not keys:
             return 0
-        params = {
-            "keys": keys,
-            "intervals_ms": intervals,
-            "tolerances_ms": tolerances,
-            "max_wait_ms": self._max_wait_ms,
-        }
+        starting = getattr(_job, "starting", False)
+        max_wait_ms = self._max_start_wait_ms if starting else self._max_wait_ms
+        params = {"keys": keys, "intervals_ms": intervals, "tolerances_ms": tolerances, "max_wait_ms": max_wait_ms}
         with self._connect() as conn:
             row = conn.execute(PACING_ACQUIRE, params).fetchone()
         wait_ms = int(row[0]) if row else 0
-        if wait_ms > self._max_wait_ms:
+        if wait_ms > max_wait_ms:
             msg = (
-                f"Pacing holds calls for grant {grant_id!r} for {wait_ms} ms, more than max_wait_ms="
-                f"{self._max_wait_ms}; re-schedule the job after {wait_ms} ms"
+                f"Pacing holds calls for grant {grant_id!r} for {wait_ms} ms, more than the {max_wait_ms} ms "
+                f"{'a job may wait to start' if starting else 'a call may wait'}; re-schedule the job after {wait_ms} ms"
             )
             log.debug("Deferred a call for grant {} by {} ms", grant_id, wait_ms)
             raise PacingLimitReached(
                 msg, retry_after_ms=wait_ms, status=429, grant_id=grant_id, error_type="local_pacing"
             )
+        _job.starting = False
         if wait_ms > 0:
             self._sleep(wait_ms / 1000.0)
             self.waited_ms += wait_ms

@@ -47,9 +47,11 @@ def test_environment_values_are_parsed() -> None:
             "LOG_LEVEL": "DEBUG",
             "NYLAS_API_URI": "https://api.eu.nylas.com/",
             "DATABASE_URL": "postgresql://svc:pw@db:5432/mail",
+            "DATABASE_POOL_SIZE": "5",
         },
         env_file=None,
     )
+    assert settings.database_pool_size == 5
     assert settings.poll_interval_ms == 250
     assert settings.enable_auto_recovery is False
     assert settings.testing_mode is True
@@ -70,6 +72,7 @@ def test_environment_values_are_parsed() -> None:
         ("LOG_LEVEL", "loud", r"LOG_LEVEL='loud' is not one of"),
         ("LOG_FORMAT", "xml", r"LOG_FORMAT='xml' is not one of json, text"),
         ("NYLAS_API_URI", "api.nylas.com", r"NYLAS_API_URI='api.nylas.com' is not an http\(s\) URL"),
+        ("DATABASE_POOL_SIZE", "0", r"DATABASE_POOL_SIZE='0' is not a whole number of connections >= 1"),
         ("DATABASE_URL", "mysql://u:pw@h/db", r"DATABASE_URL='mysql://u:\*\*\*@h/db' is not a PostgreSQL URL"),
     ],
     ids=lambda v: str(v)[:20],

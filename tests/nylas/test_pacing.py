@@ -14,7 +14,7 @@ import responses
 from psycopg_pool import ConnectionPool
 
 from nova_email.nylas import ApiCallCounter, NylasClient, PacingLimitReached, RateLimited, build_session
-from nova_email.nylas.pacing import Pacer
+from nova_email.nylas.pacing import Pacer, start_job
 
 
 @pytest.fixture
@@ -90,6 +90,33 @@ def test_a_slot_beyond_max_wait_is_handed_back_as_rate_limited_and_not_reserved(
             "select extract(epoch from tat - clock_timestamp()) * 1000 from nylas_pacing_buckets where key = 'grant:g1'"
         ).fetchone()
     assert pending_ms <= 1000
+
+
+def test_a_job_whose_grant_is_saturated_goes_back_at_its_first_call_instead_of_sleeping(
+    pool: ConnectionPool[Any],
+) -> None:
+    slept: list[float] = []
+    pacer = Pacer(pool.connection, grant_rate_per_s=5, grant_burst=1, max_start_wait_ms=50, sleep=slept.append)
+    start_job()
+    pacer.acquire("busy")  # the grant's one slot: the next is 200 ms away
+
+    start_job()
+    with pytest.raises(PacingLimitReached) as caught:
+        pacer.acquire("busy")
+
+    assert 150 <= caught.value.retry_after_ms <= 200  # the delay the bucket names
+    assert slept == []
+
+
+def test_later_calls_of_a_started_job_wait_for_their_slot(pool: ConnectionPool[Any]) -> None:
+    slept: list[float] = []
+    pacer = Pacer(pool.connection, grant_rate_per_s=5, grant_burst=1, max_start_wait_ms=50, sleep=slept.append)
+    start_job()
+
+    pacer.acquire("g1")  # the job's first call, at once
+    pacer.acquire("g1")  # its second: the job has started, so it waits instead of throwing the first call away
+
+    assert len(slept) == 1 and 0.15 <= slept[0] <= 0.2
 
 
 def test_the_application_bucket_caps_all_grants_together(pool: ConnectionPool[Any]) -> None:

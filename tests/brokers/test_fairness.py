@@ -1,0 +1,276 @@
+"""Fairness keys at the SQL level: the order of pgmq_broker.fair_read, its per-key cap and rate, and how keys are
+stored, migrated, put to sleep and woken (brokers/sql/060_fairness.sql)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import dramatiq
+import psycopg
+import pytest
+from dramatiq import Worker
+from psycopg.types.json import Jsonb
+
+from brokers import PGMQBroker
+from brokers.fairness import disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
+
+from .conftest import wait_until
+
+#: Send plain JSON messages in one statement, visible after %(delay_s)s seconds.
+SEND_BATCH = "select pgmq.send_batch(%(queue)s, %(messages)s::jsonb[], %(delay_s)s::integer)"
+#: How many messages of each key are leased right now.
+LEASED_BY_KEY = (
+    "select fairness_key, count(*) from pgmq.{table} where last_read_at is not null and vt > clock_timestamp()"
+    " group by fairness_key"
+)
+#: The key rows of a queue.
+KEYS = "select key, due_at > clock_timestamp() as asleep from pgmq_broker.fair_keys where queue_name = %(queue)s"
+
+
+def send(conn: psycopg.Connection, queue: str, messages: list[dict[str, Any]], delay_s: int = 0) -> None:
+    conn.execute(SEND_BATCH, {"queue": queue, "messages": [Jsonb(m) for m in messages], "delay_s": delay_s})
+
+
+def fetch_keys(conn: psycopg.Connection, queue: str, qty: int) -> list[str]:
+    rows = conn.execute(
+        "select fairness_key from pgmq_broker.fair_read(%(queue)s, %(qty)s, 30000)", {"queue": queue, "qty": qty}
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def tenants(*counts: tuple[str, int]) -> list[dict[str, Any]]:
+    return [{"tenant": key, "n": i} for key, count in counts for i in range(count)]
+
+
+@pytest.fixture
+def fair_queue_name(conn: psycopg.Connection, request: pytest.FixtureRequest) -> str:
+    name = "fair_" + str(request.node.name).removeprefix("test_")[:40].lower()
+    conn.execute(
+        "select pgmq.drop_queue(%(q)s) where exists (select from pgmq.meta where queue_name = %(q)s)", {"q": name}
+    )
+    enable_fairness(conn, name, key_path=["tenant"])
+    return name
+
+
+def test_the_first_three_fetched_hold_all_three_keys(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    send(conn, fair_queue_name, tenants(("big", 100), ("mid", 10), ("small", 1)))
+
+    assert sorted(fetch_keys(conn, fair_queue_name, 3)) == ["big", "mid", "small"]
+
+
+def test_fetches_of_one_rotate_across_keys(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    send(conn, fair_queue_name, tenants(("big", 100), ("mid", 10), ("small", 1)))
+
+    first_nine = [key for _ in range(9) for key in fetch_keys(conn, fair_queue_name, 1)]
+
+    assert first_nine[:3] == ["big", "mid", "small"]
+    assert first_nine[3:] == ["big", "mid", "big", "mid", "big", "mid"]
+
+
+def test_a_lone_key_fills_the_batch_in_fifo_order(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    send(conn, fair_queue_name, tenants(("only", 20)))
+
+    rows = conn.execute(
+        "select (message->>'n')::int from pgmq_broker.fair_read(%(q)s, 10, 30000)", {"q": fair_queue_name}
+    ).fetchall()
+
+    assert [row[0] for row in rows] == list(range(10))
+
+
+def test_the_key_comes_from_the_option_then_the_path_else_the_unkeyed_group(
+    conn: psycopg.Connection, fair_queue_name: str
+) -> None:
+    send(
+        conn,
+        fair_queue_name,
+        [
+            {"tenant": "from-path"},
+            {
+                "actor_name": "a",
+                "args": [],
+                "kwargs": {},
+                "message_id": "m",
+                "options": {"fairness_key": "from-option"},
+            },
+            {"something": "else"},
+        ],
+    )
+
+    stored = conn.execute(f"select fairness_key from pgmq.q_{fair_queue_name} order by msg_id").fetchall()
+
+    assert [row[0] for row in stored] == ["from-path", "from-option", ""]
+    assert sorted(fetch_keys(conn, fair_queue_name, 3)) == ["", "from-option", "from-path"]
+
+
+def test_a_capped_key_never_exceeds_its_cap_across_two_concurrent_fetchers(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    queue = "fair_capped"
+    enable_fairness(conn, queue, key_path=["tenant"], max_in_flight=2)
+    send(conn, queue, tenants(("hot", 200), ("cold", 200)))
+    peaks: Counter[str] = Counter()
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def fetcher() -> None:
+        try:
+            with psycopg.connect(db_url, autocommit=True) as own:
+                start.wait()
+                for round_ in range(60):
+                    rows = own.execute(
+                        "select msg_id from pgmq_broker.fair_read(%(q)s, 5, 30000)", {"q": queue}
+                    ).fetchall()
+                    leased: dict[str, int] = dict(own.execute(LEASED_BY_KEY.format(table=f"q_{queue}")).fetchall())
+                    for key, count in leased.items():
+                        peaks[key] = max(peaks[key], count)
+                    if round_ % 3 == 2 and rows:
+                        # Settle some, so the cap frees room and the fetchers keep competing for it.
+                        own.execute(
+                            f"delete from pgmq.q_{queue} where msg_id = any(%(ids)s)", {"ids": [r[0] for r in rows]}
+                        )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetcher) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert not errors
+    assert peaks["hot"] == 2
+    assert peaks["cold"] == 2
+
+
+def test_a_rated_key_is_served_no_faster_than_its_rate(conn: psycopg.Connection) -> None:
+    queue = "fair_rated"
+    enable_fairness(conn, queue, key_path=["tenant"], rate_per_s=20, burst=2)
+    send(conn, queue, tenants(("paced", 200)))
+    served = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        served += len(fetch_keys(conn, queue, 10))
+
+    elapsed = time.monotonic() - started
+    # A burst of 2, then one every 50 ms.
+    assert served <= 2 + int(elapsed * 20) + 1
+    assert served >= int(0.5 * 20) - 2
+
+
+def test_messages_queued_before_fairness_mode_get_their_keys(conn: psycopg.Connection) -> None:
+    queue = "fair_migrated"
+    conn.execute("select pgmq.create(%(q)s)", {"q": queue})
+    send(conn, queue, tenants(("early", 5), ("late", 1)))
+
+    enable_fairness(conn, queue, key_path=["tenant"])
+
+    assert sorted(fetch_keys(conn, queue, 2)) == ["early", "late"]
+
+
+def test_a_key_with_only_delayed_messages_sleeps_and_a_new_visible_message_wakes_it(
+    conn: psycopg.Connection, fair_queue_name: str
+) -> None:
+    send(conn, fair_queue_name, tenants(("later", 1)), delay_s=30)
+
+    assert fetch_keys(conn, fair_queue_name, 5) == []
+    assert conn.execute(KEYS, {"queue": fair_queue_name}).fetchall() == [("later", True)]
+
+    send(conn, fair_queue_name, tenants(("later", 1)))
+
+    assert fetch_keys(conn, fair_queue_name, 5) == ["later"]
+
+
+def test_a_key_without_messages_leaves_the_rotation(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    send(conn, fair_queue_name, tenants(("gone", 1), ("stays", 2)))
+    conn.execute(f"delete from pgmq.q_{fair_queue_name} where fairness_key = 'gone'")
+
+    assert fetch_keys(conn, fair_queue_name, 5) == ["stays", "stays"]
+    fetch_keys(conn, fair_queue_name, 5)
+
+    assert conn.execute(KEYS, {"queue": fair_queue_name}).fetchall() == [("stays", True)]
+
+
+def test_fairness_mode_can_be_left_and_is_reported(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    settings = fair_queue(conn, fair_queue_name)
+    assert settings is not None and settings.key_path == ["tenant"]
+    assert is_fair(conn, fair_queue_name)
+
+    disable_fairness(conn, fair_queue_name)
+
+    assert not is_fair(conn, fair_queue_name)
+    columns = conn.execute(
+        "select column_name from information_schema.columns where table_schema = 'pgmq' and table_name = %(t)s",
+        {"t": f"q_{fair_queue_name}"},
+    ).fetchall()
+    assert "fairness_key" not in {row[0] for row in columns}
+
+
+def test_a_queue_not_in_fairness_mode_has_no_fair_fetch(conn: psycopg.Connection) -> None:
+    conn.execute("select pgmq.create('fair_never')")
+
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        fetch_keys(conn, "fair_never", 1)
+
+
+# -- from Python: the message option and the actor option -------------------------------------------------------
+
+
+def stored_keys(conn: psycopg.Connection, queue: str) -> list[str]:
+    return [str(row[0]) for row in conn.execute(f"select fairness_key from pgmq.q_{queue} order by msg_id")]
+
+
+def test_a_send_may_name_its_key_and_an_actor_may_derive_it_from_its_arguments(
+    broker: PGMQBroker, conn: psycopg.Connection
+) -> None:
+    enable_fairness(conn, "fair_python")
+
+    @dramatiq.actor(queue_name="fair_python", fairness_key=lambda payload: payload["tenant"])
+    def keyed(payload: dict[str, Any]) -> None:
+        pass
+
+    @dramatiq.actor(queue_name="fair_python")
+    def plain(n: int) -> None:
+        pass
+
+    keyed.send({"tenant": "derived"})
+    keyed.send_with_options(args=({"tenant": "ignored"},), fairness_key="given")
+    plain.send(1)
+    keyed.send({"no": "tenant"})  # the key function fails: no key, and the message is still sent
+
+    assert stored_keys(conn, "fair_python") == ["derived", "given", "", ""]
+
+
+def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Connection, worker: Worker) -> None:
+    enable_fairness(conn, "fair_retried", key_path=["tenant"])
+    runs: list[int] = []
+
+    @dramatiq.actor(queue_name="fair_retried", queue_handler=True, fairness_key=lambda payload: payload["tenant"],
+                    min_backoff=60_000, max_retries=3)  # fmt: skip
+    def flaky(payload: dict[str, Any]) -> None:
+        runs.append(1)
+        raise RuntimeError("once")
+
+    # A plain JSON message from SQL, keyed by its path; its retry is a Dramatiq envelope, keyed by the actor option.
+    send(conn, "fair_retried", [{"tenant": "t-1"}])
+
+    def retried() -> bool:
+        # The original was read before it ran; its retry is a new message, never read.
+        fresh = conn.execute("select count(*) from pgmq.q_fair_retried where read_ct = 0").fetchone()
+        return bool(runs) and fresh == (1,)
+
+    wait_until(retried, what="the retry enqueued")
+    assert stored_keys(conn, "fair_retried") == ["t-1"]
+
+
+def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    send(conn, fair_queue_name, tenants(("a", 2), ("b", 1)))
+    params = {"ack_ids": [], "ack_tokens": [], "archive": False, "qty": 2, "vt_ms": 30_000, "async_commit": False}
+
+    rows = conn.execute(fair_fetch_query(fair_queue_name), params).fetchall()
+
+    assert len(rows) == 2
+    assert {json.loads(row[4])["tenant"] for row in rows} == {"a", "b"}
