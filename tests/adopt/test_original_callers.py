@@ -216,9 +216,46 @@ def test_every_monitoring_query_of_the_original_readme_runs(
     assert all(isinstance(result, list) for result in results)
     if name == "monitor-active-syncs":
         [active] = [row for row in results[0] if row[0] == config]
-        assert active[1:] == ("thread_sync", 1, 1, 0, 0, 2, 100)
+        # threads_queued counts the threads queued in the run, so the percentage is of the run: 1 of 2 done
+        assert active[1:] == ("thread_sync", 2, 1, 0, 0, 2, 50)
     if name == "queue-metrics":
         assert [len(result) for result in results] == [1, 1, 1]
+
+
+def monitor_active_syncs(database: psycopg.Connection, config: uuid.UUID) -> list[tuple[Any, ...]]:
+    rows = database.execute(README_QUERIES["monitor-active-syncs"].encode()).fetchall()
+    return [row[1:] for row in rows if row[0] == config]
+
+
+def test_monitor_active_syncs_reads_the_run_while_nothing_waits_and_drops_it_once_failed(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    inbox, config = inbox_and_config
+    for thread in ("thr_a", "thr_b"):
+        database.execute("select insert_queued_thread_idempotent(%s, %s, %s, 'grant-callers')", [config, inbox, thread])
+    database.execute("select initialize_sync_stats(%s)", [config])
+    # Mid-run with nothing waiting: one thread done, the last one being synced
+    database.execute("update queued_threads set status = 'completed' where nylas_thread_id = 'thr_a'")
+    database.execute("update queued_threads set status = 'processing' where nylas_thread_id = 'thr_b'")
+    assert monitor_active_syncs(database, config) == [("thread_sync", 2, 1, 1, 0, 0, 50)]
+    # The progress readers still see what waits right now
+    assert database.execute(
+        "select threads_total, threads_queued, threads_processing from get_sync_progress(%s)", [config]
+    ).fetchone() == (2, 0, 1)
+
+    # A failed run is over: its row leaves the active syncs
+    database.execute("select record_backfill_failure(%s, 'grant revoked')", [config])
+    assert monitor_active_syncs(database, config) == []
+
+
+def test_a_run_that_finds_no_threads_is_over_for_monitor_active_syncs(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    _, config = inbox_and_config
+    database.execute("update flux_inbox_configurations set backfill_status = 'backfill' where id = %s", [config])
+    database.execute("insert into inbox_sync_stats (config_id) values (%s)", [config])
+    database.execute("select finish_backfill_listing(%s)", [config])
+    assert monitor_active_syncs(database, config) == []
 
 
 def test_inbox_sync_stats_backfill_status_follows_the_configuration(
