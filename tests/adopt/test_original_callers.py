@@ -127,6 +127,40 @@ def test_a_pending_row_inserted_by_another_receiver_is_queued_once(
     ).fetchone() == (msg_id, "wh-direct")
 
 
+def test_a_redelivered_webhook_inserted_again_is_skipped_and_queued_once(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    body = {"id": "wh-again", "type": "message.created", "data": {"object": {"id": "m1", "grant_id": "grant-callers"}}}
+    insert = "insert into flux_webhook_notifications (payload, status) values (%s, 'pending')"
+    # Nylas delivers at least once: the receiver records the same webhook twice
+    assert database.execute(insert, [Jsonb(body)]).rowcount == 1
+    assert database.execute(insert, [Jsonb(body)]).rowcount == 0
+
+    assert database.execute(
+        "select count(*) from flux_webhook_notifications where webhook_id = 'wh-again'"
+    ).fetchone() == (1,)
+    assert [m for _, m in queued(database, "nylas_webhook_notifications") if m["webhook_id"] == "wh-again"] != []
+    assert len([m for _, m in queued(database, "nylas_webhook_notifications") if m["webhook_id"] == "wh-again"]) == 1
+
+
+def test_a_webhook_row_without_an_id_is_recorded_rejected_and_a_queued_one_is_queued(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    nameless = database.execute(
+        "insert into flux_webhook_notifications (payload, status) values (%s, 'pending') returning status, error_message",
+        [Jsonb({"type": "message.created", "data": {}})],
+    ).fetchone()
+    assert nameless is not None and nameless[0] == "rejected" and "no webhook id" in nameless[1]
+
+    body = {"id": "wh-queued", "type": "thread.replied", "data": {"object": {"grant_id": "grant-callers"}}}
+    row = database.execute(
+        "insert into flux_webhook_notifications (payload, status) values (%s, 'queued') returning status, msg_id",
+        [Jsonb(body)],
+    ).fetchone()
+    assert row is not None and row[0] == "pending"
+    assert [m["webhook_id"] for _, m in queued(database, "nylas_webhook_notifications")][-1:] == ["wh-queued"]
+
+
 def test_queue_nylas_webhook_notification_keeps_its_four_argument_form(database: psycopg.Connection) -> None:
     body = Jsonb({"id": "wh-4", "type": "grant.expired", "data": {"object": {"grant_id": "g"}}})
     first = database.execute(
