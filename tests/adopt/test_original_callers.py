@@ -230,6 +230,26 @@ def test_the_originals_backfill_and_thread_functions_keep_their_signatures(
     assert queued(database, "inbox_backfill_jobs") == []
 
 
+def test_acknowledge_thread_job_finds_a_thread_queued_before_adoption_by_its_thread_id(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    inbox, config = inbox_and_config
+    # Given a thread the original queued itself: its row knows no msg_id, its job carries the thread id
+    database.execute(
+        "insert into queued_threads (config_id, inbox_id, thread_id, grant_id, status) values (%s, %s, 'thr_old',"
+        " 'grant-callers', 'processing')",
+        [config, inbox],
+    )
+    job = {"thread_id": "thr_old", "grant_id": "grant-callers", "inbox_id": str(inbox), "config_id": str(config)}
+    msg_id = database.execute("select pgmq.send('thread_sync_jobs', %s)", [Jsonb(job)]).fetchone()[0]  # type: ignore[index]
+
+    assert database.execute("select acknowledge_thread_job(%s, %s, 5)", [msg_id, config]).fetchone() == (True,)
+
+    assert database.execute(
+        "select status, messages_synced from queued_threads where nylas_thread_id = 'thr_old'"
+    ).fetchone() == ("completed", 5)
+
+
 @pytest.mark.parametrize("name", list(README_QUERIES))
 def test_every_monitoring_query_of_the_original_readme_runs(
     database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID], name: str
