@@ -257,7 +257,6 @@ def test_the_dry_run_of_a_new_database_lists_every_migration(empty_url: str) -> 
         assert conn.execute("select to_regclass('pgmq.meta') is null").fetchone() == (True,)
 
 
-
 def test_the_queues_migration_runs_on_a_pgmq_without_insert_notifications(original: psycopg.Connection) -> None:
     # Given PGMQ as its 1.4 releases ship it (Supabase may still run one): no throttled insert notifications
     original.execute("drop function pgmq.enable_notify_insert(text, integer), pgmq.disable_notify_insert(text)")

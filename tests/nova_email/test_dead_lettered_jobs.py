@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -121,10 +122,10 @@ def test_a_poisoned_backfill_job_fails_its_configuration_with_the_reason(db_url:
     conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id])
 
 
-def rows_read_from(plan: dict[str, object], relation: str) -> int:
+def rows_read_from(plan: dict[str, Any], relation: str) -> int:
     """Rows the executed plan read from `relation`, over every node that scans it."""
-    own = int(plan.get("Actual Rows", 0)) * int(plan.get("Actual Loops", 1)) if plan.get("Relation Name") == relation else 0  # type: ignore[call-overload]
-    return own + sum(rows_read_from(child, relation) for child in plan.get("Plans", []))  # type: ignore[attr-defined]
+    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == relation else 0
+    return int(own) + sum(rows_read_from(child, relation) for child in plan.get("Plans", []))
 
 
 def test_the_backfill_sweep_reads_no_dead_letter_once_none_can_be_unrecorded(conn: psycopg.Connection) -> None:
