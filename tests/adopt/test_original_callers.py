@@ -219,7 +219,7 @@ def test_the_originals_backfill_and_thread_functions_keep_their_signatures(
     assert database.execute("select acknowledge_thread_job(%s, %s, 3)", [jobs[0], config]).fetchone() == (True,)
     assert database.execute("select acknowledge_thread_job(%s, %s, 0, false)", [jobs[1], config]).fetchone() == (True,)
 
-    assert database.execute(stats, [config]).fetchone() == (2, 0, 1, 3)
+    assert database.execute(stats, [config]).fetchone() == (2, 2, 1, 3)
     assert queued(database, "thread_sync_jobs") == []
     assert database.execute(
         "select backfill_status from flux_inbox_configurations where id = %s", [config]
