@@ -111,6 +111,17 @@ class _RowsChanged:
     deleted: int
 
 
+@attrs.frozen
+class _DatabaseState:
+    has_tables: bool
+    has_pgmq: bool
+
+
+def _state(conn: psycopg.Connection) -> _DatabaseState:
+    with conn.cursor(row_factory=class_row(_DatabaseState)) as cur:
+        return cur.execute(_STATE).fetchone() or _DatabaseState(has_tables=False, has_pgmq=False)
+
+
 @attrs.frozen(kw_only=True)
 class Plan:
     """What `migrate` would do to a database: the steps to run and, when they could be tried, their effect."""
@@ -134,9 +145,8 @@ class Plan:
 
 def needs_adoption(conn: psycopg.Connection) -> bool:
     """True for a database with the original service's tables on which no migration of ours ever ran."""
-    has_tables, _ = conn.execute(_STATE).fetchone() or (False, False)
     return (
-        bool(has_tables)
+        _state(conn).has_tables
         and not schema.applied_checksums(conn, "nova_email")
         and not schema.applied_checksums(conn, ADOPTION_NAMESPACE)
     )
@@ -206,8 +216,7 @@ def plan(conn: psycopg.Connection, *, sql_dir: Path = SQL_DIR) -> Plan:
     pending = [("brokers", m) for m in schema.pending_migrations(conn, namespace="brokers", migrations=broker)]
     pending += [("nova_email", m) for m in schema.pending_migrations(conn, namespace="nova_email", migrations=ours)]
     steps = (["adopt_original"] if adopting else []) + [f"{ns}/{m.version:03d}_{m.name}" for ns, m in pending]
-    _, has_pgmq = conn.execute(_STATE).fetchone() or (False, False)
-    if not steps or not has_pgmq:
+    if not steps or not _state(conn).has_pgmq:
         conn.rollback()
         return Plan(steps=steps, changes=[], tried=not steps)
     step = "adopt_original"

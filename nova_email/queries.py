@@ -247,11 +247,15 @@ where w.id = keyed.notification_id and w.status in ('pending', 'processing')
 returning w.id, keyed.reason
 """
 #: Backfills whose job the broker dead-lettered while the run was pending or listing: failed, so a new one may start.
+#: Only dead letters newer than the oldest such run's request are read: older ones are recorded or moot, and with no
+#: run pending or listing none is read at all.
 FAIL_DEAD_LETTERED_BACKFILLS: LiteralString = """
 with lost as (
     select coalesce(d.message -> 'args' -> 0, d.message) as payload, d.reason, d.error_message, d.dead_at
     from pgmq_broker.dead_letters d
     where d.queue_name = 'inbox_backfill_jobs' and d.reason <> 'failed'
+      and d.dead_at > (select min(coalesce(c.backfill_requested_at, '-infinity')) from flux_inbox_configurations c
+                       where c.backfill_status in ('pending', 'backfill'))
 ), keyed as (
     select case when payload ->> 'config_id' ~* '^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$'
                 then (payload ->> 'config_id')::uuid end as config_id,

@@ -1,6 +1,7 @@
 -- The original service's SQL functions that other services may still call, with their documented signatures,
 -- next to ours. Where ours differ, the old form is an overload that works the way ours do: counters follow
 -- queued_threads through triggers (006_sync_stats.sql), so the old "increment" calls recount instead of adding.
+-- replaces: 37504748a43f0cf5b7dc7f80c7b93feb2be7b0b80bc53f547aafe77137556e57
 
 -- Recount one configuration's counters from queued_threads, under the stats row's lock (see initialize_sync_stats).
 CREATE OR REPLACE FUNCTION flux_recount_sync_stats(p_config_id uuid) RETURNS void
@@ -118,7 +119,7 @@ DECLARE
 BEGIN
     v_found := acknowledge_webhook_notification(
         p_notification_id, CASE WHEN p_success THEN 'processed' ELSE 'error' END, p_error_message);
-    -- As the original did: a failure stays on the queue and comes back after its visibility timeout.
+    -- A failed webhook is retried: its job stays on the queue and comes back after its visibility timeout.
     IF p_success THEN
         PERFORM pgmq.delete('nylas_webhook_notifications', p_message_id);
     END IF;

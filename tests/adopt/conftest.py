@@ -67,7 +67,8 @@ def original_url(empty_url: str) -> str:
     """A new database with PGMQ and the original service's schema and rows; no migration of ours ran on it."""
     url = empty_url
     with psycopg.connect(url, autocommit=True) as conn:
-        # PGMQ as Supabase provides it: installed by someone else, unknown to our migration records.
+        # PGMQ installed by someone else, unknown to our migration records: the release our package bundles (a
+        # Supabase project may run an older one: test_migrate_adopts covers one without insert notifications).
         conn.execute(files("pgmq").joinpath("sql", "pgmq.sql").read_bytes())
         conn.execute(ORIGINAL_SCHEMA.read_bytes())
         conn.execute(ORIGINAL_DATA.read_bytes())

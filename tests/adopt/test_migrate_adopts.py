@@ -255,3 +255,15 @@ def test_the_dry_run_of_a_new_database_lists_every_migration(empty_url: str) -> 
         assert "adopt_original" not in result.steps
         assert result.lines()[1].startswith("PGMQ is not installed yet")
         assert conn.execute("select to_regclass('pgmq.meta') is null").fetchone() == (True,)
+
+
+def test_the_queues_migration_runs_on_a_pgmq_without_insert_notifications(original: psycopg.Connection) -> None:
+    # Given PGMQ as its 1.4 releases ship it (Supabase may still run one): no throttled insert notifications
+    original.execute("drop function pgmq.enable_notify_insert(text, integer), pgmq.disable_notify_insert(text)")
+    original.execute("drop function pgmq.list_notify_insert_throttles(), pgmq.update_notify_insert(text, integer)")
+    original.execute("drop table pgmq.notify_insert_throttle")
+
+    original.execute(SQL_DIR.joinpath("002_queues.sql").read_bytes())
+
+    queues = original.execute("select queue_name from pgmq.meta order by 1").fetchall()
+    assert {"nylas_webhook_notifications", "inbox_backfill_jobs", "thread_sync_jobs"} <= {q for (q,) in queues}

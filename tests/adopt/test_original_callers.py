@@ -127,6 +127,40 @@ def test_a_pending_row_inserted_by_another_receiver_is_queued_once(
     ).fetchone() == (msg_id, "wh-direct")
 
 
+def test_a_redelivered_webhook_inserted_again_is_skipped_and_queued_once(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    body = {"id": "wh-again", "type": "message.created", "data": {"object": {"id": "m1", "grant_id": "grant-callers"}}}
+    insert = "insert into flux_webhook_notifications (payload, status) values (%s, 'pending')"
+    # Nylas delivers at least once: the receiver records the same webhook twice
+    assert database.execute(insert, [Jsonb(body)]).rowcount == 1
+    assert database.execute(insert, [Jsonb(body)]).rowcount == 0
+
+    assert database.execute(
+        "select count(*) from flux_webhook_notifications where webhook_id = 'wh-again'"
+    ).fetchone() == (1,)
+    assert [m for _, m in queued(database, "nylas_webhook_notifications") if m["webhook_id"] == "wh-again"] != []
+    assert len([m for _, m in queued(database, "nylas_webhook_notifications") if m["webhook_id"] == "wh-again"]) == 1
+
+
+def test_a_webhook_row_without_an_id_is_recorded_rejected_and_a_queued_one_is_queued(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    nameless = database.execute(
+        "insert into flux_webhook_notifications (payload, status) values (%s, 'pending') returning status, error_message",
+        [Jsonb({"type": "message.created", "data": {}})],
+    ).fetchone()
+    assert nameless is not None and nameless[0] == "rejected" and "no webhook id" in nameless[1]
+
+    body = {"id": "wh-queued", "type": "thread.replied", "data": {"object": {"grant_id": "grant-callers"}}}
+    row = database.execute(
+        "insert into flux_webhook_notifications (payload, status) values (%s, 'queued') returning status, msg_id",
+        [Jsonb(body)],
+    ).fetchone()
+    assert row is not None and row[0] == "pending"
+    assert [m["webhook_id"] for _, m in queued(database, "nylas_webhook_notifications")][-1:] == ["wh-queued"]
+
+
 def test_queue_nylas_webhook_notification_keeps_its_four_argument_form(database: psycopg.Connection) -> None:
     body = Jsonb({"id": "wh-4", "type": "grant.expired", "data": {"object": {"grant_id": "g"}}})
     first = database.execute(
@@ -185,7 +219,7 @@ def test_the_originals_backfill_and_thread_functions_keep_their_signatures(
     assert database.execute("select acknowledge_thread_job(%s, %s, 3)", [jobs[0], config]).fetchone() == (True,)
     assert database.execute("select acknowledge_thread_job(%s, %s, 0, false)", [jobs[1], config]).fetchone() == (True,)
 
-    assert database.execute(stats, [config]).fetchone() == (2, 0, 1, 3)
+    assert database.execute(stats, [config]).fetchone() == (2, 2, 1, 3)
     assert queued(database, "thread_sync_jobs") == []
     assert database.execute(
         "select backfill_status from flux_inbox_configurations where id = %s", [config]
@@ -194,6 +228,26 @@ def test_the_originals_backfill_and_thread_functions_keep_their_signatures(
     backfill = database.execute("select msg_id from queue_inbox_backfill(%s)", [inbox]).fetchone()[0]  # type: ignore[index]
     assert database.execute("select acknowledge_backfill_job(%s, %s)", [backfill, config]).fetchone() == (True,)
     assert queued(database, "inbox_backfill_jobs") == []
+
+
+def test_acknowledge_thread_job_finds_a_thread_queued_before_adoption_by_its_thread_id(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    inbox, config = inbox_and_config
+    # Given a thread the original queued itself: its row knows no msg_id, its job carries the thread id
+    database.execute(
+        "insert into queued_threads (config_id, inbox_id, thread_id, grant_id, status) values (%s, %s, 'thr_old',"
+        " 'grant-callers', 'processing')",
+        [config, inbox],
+    )
+    job = {"thread_id": "thr_old", "grant_id": "grant-callers", "inbox_id": str(inbox), "config_id": str(config)}
+    msg_id = database.execute("select pgmq.send('thread_sync_jobs', %s)", [Jsonb(job)]).fetchone()[0]  # type: ignore[index]
+
+    assert database.execute("select acknowledge_thread_job(%s, %s, 5)", [msg_id, config]).fetchone() == (True,)
+
+    assert database.execute(
+        "select status, messages_synced from queued_threads where nylas_thread_id = 'thr_old'"
+    ).fetchone() == ("completed", 5)
 
 
 @pytest.mark.parametrize("name", list(README_QUERIES))
@@ -216,9 +270,46 @@ def test_every_monitoring_query_of_the_original_readme_runs(
     assert all(isinstance(result, list) for result in results)
     if name == "monitor-active-syncs":
         [active] = [row for row in results[0] if row[0] == config]
-        assert active[1:] == ("thread_sync", 1, 1, 0, 0, 2, 100)
+        # threads_queued counts the threads queued in the run, so the percentage is of the run: 1 of 2 done
+        assert active[1:] == ("thread_sync", 2, 1, 0, 0, 2, 50)
     if name == "queue-metrics":
         assert [len(result) for result in results] == [1, 1, 1]
+
+
+def monitor_active_syncs(database: psycopg.Connection, config: uuid.UUID) -> list[tuple[Any, ...]]:
+    rows = database.execute(README_QUERIES["monitor-active-syncs"].encode()).fetchall()
+    return [row[1:] for row in rows if row[0] == config]
+
+
+def test_monitor_active_syncs_reads_the_run_while_nothing_waits_and_drops_it_once_failed(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    inbox, config = inbox_and_config
+    for thread in ("thr_a", "thr_b"):
+        database.execute("select insert_queued_thread_idempotent(%s, %s, %s, 'grant-callers')", [config, inbox, thread])
+    database.execute("select initialize_sync_stats(%s)", [config])
+    # Mid-run with nothing waiting: one thread done, the last one being synced
+    database.execute("update queued_threads set status = 'completed' where nylas_thread_id = 'thr_a'")
+    database.execute("update queued_threads set status = 'processing' where nylas_thread_id = 'thr_b'")
+    assert monitor_active_syncs(database, config) == [("thread_sync", 2, 1, 1, 0, 0, 50)]
+    # The progress readers still see what waits right now
+    assert database.execute(
+        "select threads_total, threads_queued, threads_processing from get_sync_progress(%s)", [config]
+    ).fetchone() == (2, 0, 1)
+
+    # A failed run is over: its row leaves the active syncs
+    database.execute("select record_backfill_failure(%s, 'grant revoked')", [config])
+    assert monitor_active_syncs(database, config) == []
+
+
+def test_a_run_that_finds_no_threads_is_over_for_monitor_active_syncs(
+    database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    _, config = inbox_and_config
+    database.execute("update flux_inbox_configurations set backfill_status = 'backfill' where id = %s", [config])
+    database.execute("insert into inbox_sync_stats (config_id) values (%s)", [config])
+    database.execute("select finish_backfill_listing(%s)", [config])
+    assert monitor_active_syncs(database, config) == []
 
 
 def test_inbox_sync_stats_backfill_status_follows_the_configuration(

@@ -131,7 +131,7 @@ def run_problems(db_url: str, nylas: SimulatorHandle, backfill: Backfill, *, mai
             problems.append(f"backfill status {status!r}, expected 'completed'")
         stats = conn.execute(
             "select threads_total, threads_queued, threads_processing, threads_completed, threads_failed,"
-            " messages_synced from inbox_sync_stats where config_id = %s",
+            " messages_synced from get_sync_progress(%s)",  # threads_queued there: waiting now, as recounted
             [backfill.config_id],
         ).fetchone()
         recount = conn.execute(

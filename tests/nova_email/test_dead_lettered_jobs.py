@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -119,3 +120,28 @@ def test_a_poisoned_backfill_job_fails_its_configuration_with_the_reason(db_url:
     assert status == "failed" and "dead-lettered (max_deliveries)" in progress["error"]
     assert completion.fail_dead_lettered_jobs(conn) == 0
     conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id])
+
+
+def rows_read_from(plan: dict[str, Any], relation: str) -> int:
+    """Rows the executed plan read from `relation`, over every node that scans it."""
+    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == relation else 0
+    return int(own) + sum(rows_read_from(child, relation) for child in plan.get("Plans", []))
+
+
+def test_the_backfill_sweep_reads_no_dead_letter_once_none_can_be_unrecorded(conn: psycopg.Connection) -> None:
+    # Given backfill jobs that were poisoned long ago, whose configurations have long since ended
+    inbox_id = conn.execute("insert into flux_inboxes (nylas_grant_id) values ('g-old-bf') returning id").fetchone()[0]  # type: ignore[index]
+    config_id = conn.execute("select config_id from queue_inbox_backfill(%s)", [inbox_id]).fetchone()[0]  # type: ignore[index]
+    conn.execute(
+        "insert into pgmq_broker.dead_letters (queue_name, message, reason)"
+        " select 'inbox_backfill_jobs', jsonb_build_object('config_id', %s::text), 'max_deliveries'"
+        " from generate_series(1, 200)",
+        [config_id],
+    )
+    conn.execute("update flux_inbox_configurations set backfill_status = 'failed' where id = %s", [config_id])
+
+    # When the monitor ticks with no backfill pending or listing
+    [[[plan]]] = conn.execute("explain (analyze, format json) " + queries.FAIL_DEAD_LETTERED_BACKFILLS).fetchall()
+
+    # Then it reads none of those dead letters again
+    assert rows_read_from(plan["Plan"], "dead_letters") == 0

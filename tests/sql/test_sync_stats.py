@@ -17,13 +17,24 @@ STATUSES = ["queued", "processing", "completed", "failed"]
 
 
 def counters(conn: psycopg.Connection, config_id: uuid.UUID) -> tuple[int, ...]:
-    """(total, queued, processing, completed, failed, messages_synced) as the stats row holds them."""
+    """(total, queued, processing, completed, failed, messages_synced) as the stats row holds them.
+
+    The row's threads_queued counts the threads queued in the run (always threads_total); the threads waiting now
+    are what get_sync_progress reports from the other counters.
+    """
     row = conn.execute(
+        "select threads_total, threads_queued from inbox_sync_stats where config_id = %s", (config_id,)
+    ).fetchone()
+    if row is None:
+        return (0, 0, 0, 0, 0, 0)
+    assert row[1] == row[0]
+    progress = conn.execute(
         "select threads_total, threads_queued, threads_processing, threads_completed, threads_failed,"
-        " messages_synced from inbox_sync_stats where config_id = %s",
+        " messages_synced from get_sync_progress(%s)",
         (config_id,),
     ).fetchone()
-    return tuple(row) if row is not None else (0, 0, 0, 0, 0, 0)
+    assert progress is not None
+    return tuple(progress)
 
 
 def recount(conn: psycopg.Connection, config_id: uuid.UUID) -> tuple[int, ...]:
