@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,18 @@ class _GunicornLogger(glogging.Logger):  # type: ignore[misc]
 _REQUEST_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
+#: The interim answer to a request sent with ``Expect: 100-continue``.
+CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def expects_100_continue(version: tuple[int, int], headers: Sequence[tuple[str, str]]) -> bool:
+    """Whether a request (its HTTP version, its header fields as gunicorn lists them) waits for 100 Continue before
+    sending its body; HTTP/1.0 clients' expectation is ignored (RFC 9110 10.1.1)."""
+    return version >= (1, 1) and any(
+        name.upper() == "EXPECT" and value.strip().lower() == "100-continue" for name, value in headers
+    )
+
+
 class DeadlineWorker(GeventWorker):  # type: ignore[misc]
     """gunicorn's gevent worker with a deadline on reading each request.
 
@@ -122,6 +134,10 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         limit: int = self.app.max_body_bytes
+        if expects_100_continue(req.version, req.headers):
+            # The client sends the body only after this; gunicorn would send it after the app got the body, too
+            # late. gunicorn sends its own later, a second interim answer that HTTP/1.1 clients must accept.
+            util.write(sock, CONTINUE_ANSWER)
         try:
             with gevent.Timeout(REQUEST_READ_TIMEOUT_S):
                 body: bytes = req.body.read(limit + 1)
