@@ -185,6 +185,11 @@ def _environment_int(name: str, default: int) -> int:
     return value
 
 
+#: gunicorn settings the environment cannot change, by name, with their option: the deadline worker and its header
+#: deadline (gunicorn's keepalive; 0 would disable it).
+PINNED_SETTINGS = {"worker_class": "--worker-class", "keepalive": "--keep-alive"}
+
+
 class _IntakeApplication(BaseApplication):  # type: ignore[misc]
     """gunicorn's settings in gunicorn's order: ours, then GUNICORN_CMD_ARGS, then the options given explicitly."""
 
@@ -212,6 +217,9 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
         from_environment = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
         for key, value in vars(from_environment).items():
+            if value is not None and key in PINNED_SETTINGS:
+                msg = f"GUNICORN_CMD_ARGS may not set {PINNED_SETTINGS[key]}: the receiver's read deadline depends on it"
+                raise ConfigError(msg)
             if value is not None and key != "args":
                 self.cfg.set(key.lower(), value)
         for key, value in self._explicit.items():
@@ -368,7 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Other gunicorn settings come from GUNICORN_CMD_ARGS, as with gunicorn itself "
-        '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it.'
+        '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it. --keep-alive and --worker-class '
+        "are refused there: the read deadline depends on them."
     )
 
 
