@@ -218,7 +218,9 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
         from_environment = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
         for key, value in vars(from_environment).items():
             if value is not None and key in PINNED_SETTINGS:
-                msg = f"GUNICORN_CMD_ARGS may not set {PINNED_SETTINGS[key]}: the receiver's read deadline depends on it"
+                msg = (
+                    f"GUNICORN_CMD_ARGS may not set {PINNED_SETTINGS[key]}: the receiver's read deadline depends on it"
+                )
                 raise ConfigError(msg)
             if value is not None and key != "args":
                 self.cfg.set(key.lower(), value)
