@@ -109,7 +109,11 @@ def _json(resp: falcon.Response, status: int, document: dict[str, Any]) -> None:
 
 
 class _RefusalLog:
-    """Logs refused requests as one warning per `REFUSAL_LOG_INTERVAL_S` at most, saying how many there were."""
+    """Logs refused requests as one warning per `REFUSAL_LOG_INTERVAL_S` at most, saying how many there were.
+
+    The limit holds per worker process (each has its own), so a server of N workers logs at most N such warnings
+    per interval: still bounded whatever the request rate, without workers sharing state.
+    """
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
         self._interval_s = interval_s
