@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -162,13 +163,12 @@ def _write_ready_file(path: Path, host: str, port: int, metrics_port: int | None
     partial.replace(path)
 
 
-def _serve_metrics(host: str, port: int, directory: Path) -> int:
-    """Serve every worker's metrics (summed from `directory`) on their own port; returns the port bound."""
+def _serve_metrics(host: str, port: int, directory: Path) -> socketserver.BaseServer:
+    """Serve every worker's metrics (summed from `directory`) on their own port, from a thread of this process."""
     registry = CollectorRegistry()
     prometheus_multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     server, _thread = start_http_server(port, addr=host, registry=registry)
-    bound_port: int = server.server_port
-    return bound_port
+    return server
 
 
 def _environment_int(name: str, default: int) -> int:
@@ -281,6 +281,14 @@ def main(
     )
     enable_multiprocess(metrics_dir)
 
+    #: The metrics server, once the master started it (in when_ready).
+    metrics_servers: list[socketserver.BaseServer] = []
+
+    def post_fork(server: Any, worker: Any) -> None:
+        # A worker inherits the master's metrics socket with the fork; only the master serves it.
+        for metrics_server in metrics_servers:
+            metrics_server.server_close()
+
     def when_ready(server: Any) -> None:
         bound_host, bound_port = server.LISTENERS[0].sock.getsockname()[:2]
         log.bind(event="listening").info(
@@ -290,8 +298,10 @@ def main(
             server.cfg.workers,
             threads,
         )
-        bound_metrics_port = None if metrics_port is None else _serve_metrics(metrics_host, metrics_port, metrics_dir)
-        if bound_metrics_port is not None:
+        bound_metrics_port = None
+        if metrics_port is not None:
+            metrics_servers.append(_serve_metrics(metrics_host, metrics_port, metrics_dir))
+            bound_metrics_port = metrics_servers[0].server_address[1]
             log.info("Serving metrics on http://{}/metrics", _bind_address(metrics_host, bound_metrics_port))
         if ready_file is not None:
             _write_ready_file(ready_file, bound_host, bound_port, bound_metrics_port)
@@ -312,6 +322,7 @@ def main(
         "errorlog": "-",
         "accesslog": None,
         "when_ready": when_ready,
+        "post_fork": post_fork,
         "child_exit": lambda server, worker: forget_process(worker.pid),
         "worker_exit": lambda server, worker: db.close_pool(),
     }

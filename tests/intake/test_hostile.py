@@ -15,7 +15,6 @@ import requests
 
 from nova_email.config import Settings
 from nova_email.intake import (
-    DEFAULT_MAX_BODY_BYTES,
     MAX_REASON_CHARS,
     PREAUTH_INFLATION_RATIO,
     RunningIntake,
