@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socketserver
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import attrs
 import gevent
@@ -163,7 +163,7 @@ def _write_ready_file(path: Path, host: str, port: int, metrics_port: int | None
     partial.replace(path)
 
 
-def _serve_metrics(host: str, port: int, directory: Path) -> socketserver.BaseServer:
+def _serve_metrics(host: str, port: int, directory: Path) -> WSGIServer:
     """Serve every worker's metrics (summed from `directory`) on their own port, from a thread of this process."""
     registry = CollectorRegistry()
     prometheus_multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
@@ -282,7 +282,7 @@ def main(
     enable_multiprocess(metrics_dir)
 
     #: The metrics server, once the master started it (in when_ready).
-    metrics_servers: list[socketserver.BaseServer] = []
+    metrics_servers: list[WSGIServer] = []
 
     def post_fork(server: Any, worker: Any) -> None:
         # A worker inherits the master's metrics socket with the fork; only the master serves it.
@@ -301,7 +301,7 @@ def main(
         bound_metrics_port = None
         if metrics_port is not None:
             metrics_servers.append(_serve_metrics(metrics_host, metrics_port, metrics_dir))
-            bound_metrics_port = metrics_servers[0].server_address[1]
+            bound_metrics_port = metrics_servers[0].server_port
             log.info("Serving metrics on http://{}/metrics", _bind_address(metrics_host, bound_metrics_port))
         if ready_file is not None:
             _write_ready_file(ready_file, bound_host, bound_port, bound_metrics_port)
