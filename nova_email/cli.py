@@ -19,7 +19,7 @@ from loguru import logger
 from .config import Settings, load_settings, redact_url
 from .errors import NovaError
 from .log import setup_logging
-from .masking import mask, secret_values
+from .masking import command_error
 from .processors import PROCESSORS
 
 __all__ = ["main"]
@@ -181,21 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings)
         func: Command = args.func
         return func(settings, args)
-    except NovaError as exc:
-        _fail(str(exc), settings)
-        return 2
-    except psycopg.Error as exc:
-        # The first line says what failed (connection refused, authentication, a missing table); the rest of
-        # libpq's text is hints and context.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(f"database error ({type(exc).__name__}): {first_line}", settings)
+    except (NovaError, psycopg.Error) as exc:
+        print(command_error("nova-email", exc, settings), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _fail(message: str, settings: Settings | None) -> None:
-    print(f"nova-email: {mask(message, secret_values(settings)) if settings else message}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

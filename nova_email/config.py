@@ -38,7 +38,9 @@ _LOG_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
 #: ``scheme://user:password@``, up to the last ``@``: a password may hold ``?`` or ``#`` (which `urllib.parse.urlsplit`
 #: would take for the query or the fragment) and, unencoded, ``@`` or ``/`` (which libpq would misread, but a log
 #: line must still not show any of it).
-_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:).*@", re.DOTALL)
+_URL_USER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^@/:]*:")
+#: What ends the host part that follows a userinfo.
+_HOST_END = re.compile(r"[/?#]")
 #: A ``name=value`` parameter of a URL's query string (libpq takes ``?password=`` and ``?sslpassword=`` there too).
 _QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^&=]*)=)[^&]*")
 #: ``*password=value`` in a key=value connection string: unquoted up to whitespace, or single-quoted with ``\'``.
@@ -62,8 +64,34 @@ def redact_url(url: str) -> str:
         redacted = _CONNINFO_PASSWORD.sub(lambda m: f"{m['head']}***", url)
         # Userinfo without a scheme (user:password@host) may still hold a password: hide all of it.
         return "***@" + redacted.rsplit("@", 1)[1] if "@" in redacted else redacted
-    redacted = _URL_PASSWORD.sub(r"\g<head>***@", url)
-    return _QUERY_PARAMETER.sub(_redact_query_parameter, redacted)
+    return _QUERY_PARAMETER.sub(_redact_query_parameter, _redact_userinfo_password(url))
+
+
+def _host_end(url: str, start: int) -> int:
+    end = _HOST_END.search(url, start)
+    return len(url) if end is None else end.start()
+
+
+def _redact_userinfo_password(url: str) -> str:
+    # The password runs from the user's colon to an @ that the host follows: the @ after which libpq's parsed
+    # password ends (it may be percent-encoded or hold raw delimiters), else the first @ followed by a host that holds
+    # no @ (an @ later in the query string is not one), else the last @.
+    head = _URL_USER.match(url)
+    if head is None:
+        return url
+    try:
+        parsed: str | None = str(conninfo_to_dict(url).get("password") or "")
+    except psycopg.Error:
+        parsed = None
+    if parsed == "":
+        return url  # libpq reads no password: the colon was the port's
+    ats = [index for index in range(head.end(), len(url)) if url[index] == "@"]
+    if not ats:
+        return url
+    followed_by_a_host = [at for at in ats if "@" not in url[at + 1 : _host_end(url, at + 1)]]
+    exact = [at for at in followed_by_a_host if unquote(url[head.end() : at]) == parsed]
+    at = exact[0] if exact else followed_by_a_host[0] if followed_by_a_host else ats[-1]
+    return f"{url[: head.end()]}***{url[at:]}"
 
 
 @attrs.frozen(kw_only=True)

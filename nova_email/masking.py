@@ -21,7 +21,7 @@ from .embedded import embedded_password_file
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["MASK", "MaskingStream", "database_passwords", "mask", "secret_values"]
+__all__ = ["MASK", "MaskingStream", "command_error", "database_passwords", "mask", "secret_values"]
 
 #: What a secret value is replaced with.
 MASK = "***"
@@ -49,6 +49,18 @@ def secret_values(settings: Settings) -> list[str]:
             values.add(embedded_password_file(settings.data_dir).read_text().strip())
     values |= {quote(value, safe="") for value in values} | {quote(value) for value in values}
     return sorted((value for value in values if len(value) >= _MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+def command_error(program: str, exc: Exception, settings: Settings | None) -> str:
+    """The one line a command prints when it fails with `exc` (a `NovaError` or a `psycopg.Error`), secrets masked.
+
+    Of a database error only the first line is kept: it says what failed (connection refused, authentication, a
+    missing table); the rest of libpq's text is hints and context.
+    """
+    text = str(exc).strip()
+    if isinstance(exc, psycopg.Error):
+        text = f"database error ({type(exc).__name__}): {text.splitlines()[0] if text else type(exc).__name__}"
+    return f"{program}: {mask(text, secret_values(settings)) if settings else text}"
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:

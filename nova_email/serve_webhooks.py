@@ -18,10 +18,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nova_email.config import load_settings
+import psycopg
+
+from nova_email.config import Settings, load_settings
 from nova_email.errors import NovaError
 from nova_email.intake.server import add_arguments, run_from_arguments
 from nova_email.log import setup_logging
+from nova_email.masking import command_error
 
 __all__ = ["run"]
 
@@ -36,12 +39,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         "--ready-file", type=Path, default=None, help='write "<host> <port> <metrics port or ->" here once listening'
     )
     args = parser.parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = load_settings()
         setup_logging(settings)
         return run_from_arguments(settings, args, args.ready_file)
-    except NovaError as exc:
-        print(f"nova-email serve-webhooks: {exc}", file=sys.stderr)
+    except (NovaError, psycopg.Error) as exc:
+        print(command_error("nova-email serve-webhooks", exc, settings), file=sys.stderr)
         return 2
 
 

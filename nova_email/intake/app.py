@@ -96,10 +96,10 @@ class _Unsigned(Exception):
 
 
 class _SignedButInvalid(Exception):
-    def __init__(self, raw: bytes, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, raw: bytes, error: InvalidWebhookBody) -> None:
+        super().__init__(error.reason)
         self.raw = raw
-        self.reason = reason
+        self.error = error
 
 
 def _json(resp: falcon.Response, status: int, document: dict[str, Any]) -> None:
@@ -109,7 +109,11 @@ def _json(resp: falcon.Response, status: int, document: dict[str, Any]) -> None:
 
 
 class _RefusalLog:
-    """Logs refused requests as one warning per `REFUSAL_LOG_INTERVAL_S` at most, saying how many there were."""
+    """Logs refused requests as one warning per `REFUSAL_LOG_INTERVAL_S` at most, saying how many there were.
+
+    The limit holds per worker process (each has its own), so a server of N workers logs at most N such warnings
+    per interval: still bounded whatever the request rate, without workers sharing state.
+    """
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
         self._interval_s = interval_s
@@ -238,9 +242,13 @@ class _WebhookResource:
             _json(resp, 401, {"error": "unauthorized", "detail": exc.reason})
             return
         except _SignedButInvalid as exc:
-            raw, reason = exc.raw, exc.reason
+            raw, error = exc.raw, exc.error
             self._store(
-                req, resp, lambda conn: Rejection(notification_id=record_rejected(conn, raw, reason), reason=reason)
+                req,
+                resp,
+                lambda conn: Rejection(
+                    notification_id=record_rejected(conn, raw, error.reason), reason=error.reason, summary=error.summary
+                ),
             )
             return
         self._store(req, resp, lambda conn: receive(conn, body))
@@ -264,7 +272,7 @@ class _WebhookResource:
             try:
                 return _inflate(raw, self._max_body_bytes)
             except InvalidWebhookBody as exc:
-                raise _SignedButInvalid(raw, exc.reason) from exc
+                raise _SignedButInvalid(raw, exc) from exc
         # Nylas signs what it sends; a signature over the inflated JSON is accepted too, inflating only as far as
         # PREAUTH_INFLATION_RATIO allows (this work is done for anyone who sends a body).
         if gzipped:
@@ -294,7 +302,8 @@ class _WebhookResource:
             _json(resp, 200, {"status": req.context.outcome, "notification_id": str(result.notification_id)})
             return
         req.context.outcome = "rejected"
-        log.warning("Rejected a signed body as {}: {}", result.notification_id, result.reason)
+        # The summary, not the reason: the reason may quote the body, which may hold email content.
+        log.warning("Rejected a signed body as {}: {}", result.notification_id, result.summary)
         document = {"error": "invalid_body", "detail": result.reason, "notification_id": str(result.notification_id)}
         _json(resp, 400, document)
 

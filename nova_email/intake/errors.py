@@ -25,11 +25,14 @@ class InvalidWebhookBody(IntakeError, ValueError):
     """A correctly signed body that cannot be queued: not UTF-8, not JSON, not an object, or no usable id/type.
 
     `reason` is the text stored in the audit row's ``error_message`` and returned to the sender, cut to
-    `MAX_REASON_CHARS` (a value quoted from a hostile body may be megabytes long).
+    `MAX_REASON_CHARS` (a value quoted from a hostile body may be megabytes long). `summary` is what is logged: it
+    names the field and the kind of problem but quotes nothing from the body, which may hold email content; it
+    defaults to `reason`, for reasons that quote nothing.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, summary: str | None = None) -> None:
         if len(reason) > MAX_REASON_CHARS:
             reason = reason[: MAX_REASON_CHARS - 1] + "…"
         super().__init__(reason)
         self.reason = reason
+        self.summary = reason if summary is None else summary

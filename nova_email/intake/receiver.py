@@ -57,6 +57,8 @@ class Rejection:
 
     notification_id: UUID
     reason: str
+    #: The reason without anything quoted from the body, for the log (`InvalidWebhookBody.summary`).
+    summary: str
 
 
 def _refuse_constant(name: str) -> Any:
@@ -67,8 +69,10 @@ def _refuse_constant(name: str) -> Any:
 def _text_field(envelope: dict[str, Any], key: str) -> str:
     value = envelope.get(key)
     if not isinstance(value, str) or not value.strip():
-        msg = f"envelope {key!r} is {value!r}; expected a non-empty string (a Nylas CloudEvents envelope)"
-        raise InvalidWebhookBody(msg)
+        expected = "expected a non-empty string (a Nylas CloudEvents envelope)"
+        kind = "missing" if value is None else f"a JSON {type(value).__name__}"
+        msg = f"envelope {key!r} is {value!r}; {expected}"
+        raise InvalidWebhookBody(msg, summary=f"envelope {key!r} is {kind}; {expected}")
     if len(value) > MAX_FIELD_CHARS:
         msg = f"envelope {key!r} is {len(value)} characters long; expected at most {MAX_FIELD_CHARS}"
         raise InvalidWebhookBody(msg)
@@ -129,7 +133,8 @@ def queue_webhook(conn: psycopg.Connection[Any], envelope: Envelope) -> Receipt:
             row = cur.execute(queries.QUEUE_WEBHOOK, params).fetchone()
     except psycopg.DataError as exc:
         msg = f"payload refused by the database: {exc.diag.message_primary or exc}"
-        raise InvalidWebhookBody(msg) from exc
+        summary = f"payload refused by the database ({type(exc).__name__}, SQLSTATE {exc.sqlstate})"
+        raise InvalidWebhookBody(msg, summary=summary) from exc
     if row is None:  # the function always returns one row; this guards a broken migration
         msg = "queue_nylas_webhook_notification returned no row; run `nova-email migrate`"
         raise RuntimeError(msg)
@@ -159,4 +164,6 @@ def receive(conn: psycopg.Connection[Any], body: bytes) -> Receipt | Rejection:
     try:
         return queue_webhook(conn, parse_envelope(body))
     except InvalidWebhookBody as exc:
-        return Rejection(notification_id=record_rejected(conn, body, exc.reason), reason=exc.reason)
+        return Rejection(
+            notification_id=record_rejected(conn, body, exc.reason), reason=exc.reason, summary=exc.summary
+        )

@@ -27,10 +27,11 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import attrs
 import gevent
@@ -104,6 +105,18 @@ class _GunicornLogger(glogging.Logger):  # type: ignore[misc]
 _REQUEST_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
+#: The interim answer to a request sent with ``Expect: 100-continue``.
+CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def expects_100_continue(version: tuple[int, int], headers: Sequence[tuple[str, str]]) -> bool:
+    """Whether a request (its HTTP version, its header fields as gunicorn lists them) waits for 100 Continue before
+    sending its body; HTTP/1.0 clients' expectation is ignored (RFC 9110 10.1.1)."""
+    return version >= (1, 1) and any(
+        name.upper() == "EXPECT" and value.strip().lower() == "100-continue" for name, value in headers
+    )
+
+
 class DeadlineWorker(GeventWorker):  # type: ignore[misc]
     """gunicorn's gevent worker with a deadline on reading each request.
 
@@ -122,6 +135,10 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         limit: int = self.app.max_body_bytes
+        if expects_100_continue(req.version, req.headers):
+            # The client sends the body only after this; gunicorn would send it after the app got the body, too
+            # late. gunicorn sends its own later, a second interim answer that HTTP/1.1 clients must accept.
+            util.write(sock, CONTINUE_ANSWER)
         try:
             with gevent.Timeout(REQUEST_READ_TIMEOUT_S):
                 body: bytes = req.body.read(limit + 1)
@@ -146,13 +163,12 @@ def _write_ready_file(path: Path, host: str, port: int, metrics_port: int | None
     partial.replace(path)
 
 
-def _serve_metrics(host: str, port: int, directory: Path) -> int:
-    """Serve every worker's metrics (summed from `directory`) on their own port; returns the port bound."""
+def _serve_metrics(host: str, port: int, directory: Path) -> WSGIServer:
+    """Serve every worker's metrics (summed from `directory`) on their own port, from a thread of this process."""
     registry = CollectorRegistry()
     prometheus_multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     server, _thread = start_http_server(port, addr=host, registry=registry)
-    bound_port: int = server.server_port
-    return bound_port
+    return server
 
 
 def _environment_int(name: str, default: int) -> int:
@@ -167,6 +183,11 @@ def _environment_int(name: str, default: int) -> int:
         msg = f"{name}={raw!r} is not a whole number >= 1; expected e.g. {name}={default}"
         raise ConfigError(msg)
     return value
+
+
+#: gunicorn settings the environment cannot change, by name, with their option: the deadline worker and its header
+#: deadline (gunicorn's keepalive; 0 would disable it).
+PINNED_SETTINGS = {"worker_class": "--worker-class", "keepalive": "--keep-alive"}
 
 
 class _IntakeApplication(BaseApplication):  # type: ignore[misc]
@@ -196,6 +217,11 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
         from_environment = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
         for key, value in vars(from_environment).items():
+            if value is not None and key in PINNED_SETTINGS:
+                msg = (
+                    f"GUNICORN_CMD_ARGS may not set {PINNED_SETTINGS[key]}: the receiver's read deadline depends on it"
+                )
+                raise ConfigError(msg)
             if value is not None and key != "args":
                 self.cfg.set(key.lower(), value)
         for key, value in self._explicit.items():
@@ -255,6 +281,14 @@ def main(
     )
     enable_multiprocess(metrics_dir)
 
+    #: The metrics server, once the master started it (in when_ready).
+    metrics_servers: list[WSGIServer] = []
+
+    def post_fork(server: Any, worker: Any) -> None:
+        # A worker inherits the master's metrics socket with the fork; only the master serves it.
+        for metrics_server in metrics_servers:
+            metrics_server.server_close()
+
     def when_ready(server: Any) -> None:
         bound_host, bound_port = server.LISTENERS[0].sock.getsockname()[:2]
         log.bind(event="listening").info(
@@ -264,8 +298,10 @@ def main(
             server.cfg.workers,
             threads,
         )
-        bound_metrics_port = None if metrics_port is None else _serve_metrics(metrics_host, metrics_port, metrics_dir)
-        if bound_metrics_port is not None:
+        bound_metrics_port = None
+        if metrics_port is not None:
+            metrics_servers.append(_serve_metrics(metrics_host, metrics_port, metrics_dir))
+            bound_metrics_port = metrics_servers[0].server_port
             log.info("Serving metrics on http://{}/metrics", _bind_address(metrics_host, bound_metrics_port))
         if ready_file is not None:
             _write_ready_file(ready_file, bound_host, bound_port, bound_metrics_port)
@@ -286,6 +322,7 @@ def main(
         "errorlog": "-",
         "accesslog": None,
         "when_ready": when_ready,
+        "post_fork": post_fork,
         "child_exit": lambda server, worker: forget_process(worker.pid),
         "worker_exit": lambda server, worker: db.close_pool(),
     }
@@ -352,7 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Other gunicorn settings come from GUNICORN_CMD_ARGS, as with gunicorn itself "
-        '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it.'
+        '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it. --keep-alive and --worker-class '
+        "are refused there: the read deadline depends on them."
     )
 
 

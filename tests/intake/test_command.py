@@ -74,3 +74,26 @@ def test_serve_webhooks_honours_port_web_concurrency_and_gunicorn_cmd_args(db_ur
     assert health.status_code == 200
     assert f"Listening on http://127.0.0.1:{port}/webhooks/nylas with 3 workers" in log
     assert "backlog: 37" in log
+
+
+@pytest.mark.parametrize("cmd_args", ["--keep-alive 0", "--keep-alive 300", "--worker-class sync", "-k gthread"])
+def test_gunicorn_cmd_args_cannot_undo_the_read_deadline(db_url: str, tmp_path: Path, cmd_args: str) -> None:
+    # Given GUNICORN_CMD_ARGS that would disable or stretch the header deadline, or drop the deadline worker
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "NYLAS_WEBHOOK_SECRET": "s" * 32,
+        "PORT": str(_free_port()),
+        "GUNICORN_CMD_ARGS": cmd_args,
+    }
+
+    # When the receiver starts
+    done = subprocess.run(
+        [NOVA_EMAIL, "serve-webhooks"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+
+    # Then it refuses to, in one line naming the setting
+    assert done.returncode != 0, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    option = cmd_args.split()[0]
+    assert "GUNICORN_CMD_ARGS" in line and ("keep-alive" in line if "alive" in option else "worker-class" in line)

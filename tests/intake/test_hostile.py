@@ -15,7 +15,6 @@ import requests
 
 from nova_email.config import Settings
 from nova_email.intake import (
-    DEFAULT_MAX_BODY_BYTES,
     MAX_REASON_CHARS,
     PREAUTH_INFLATION_RATIO,
     RunningIntake,
@@ -35,8 +34,44 @@ def _gzip_signed_over_inflated(body: bytes) -> dict[str, Any]:
     }
 
 
-def test_the_default_body_limit_is_close_to_what_nylas_sends() -> None:
-    assert DEFAULT_MAX_BODY_BYTES <= 1024 * 1024
+@pytest.mark.processes
+def test_the_default_body_limit_is_close_to_what_nylas_sends(
+    db_url: str, tmp_path: Path, conn: psycopg.Connection[Any]
+) -> None:
+    # Given a delivery of about 900 KiB (Nylas truncates larger messages) and a body just over 1 MiB
+    document = json.loads(envelope("ntf_900_kib"))
+    document["data"]["object"]["body"] = "x" * (900 * 1024)
+    large_delivery = json.dumps(document).encode()
+    settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="warning")
+    # When both are sent to a server started with the default limit
+    with serve_in_background(settings, workers=1) as server, requests.Session() as http:
+        accepted = post_signed(http, server, large_delivery)
+        refused = http.post(server.webhook_url, data=b"x" * (1024 * 1024 + 1), timeout=10)
+    # Then the delivery is accepted and the body over 1 MiB is refused
+    assert (accepted.status_code, refused.status_code) == (200, 413)
+    assert [row["webhook_id"] for row in audit_rows(conn)] == ["ntf_900_kib"]
+
+
+@pytest.mark.processes
+def test_a_signed_rejection_is_logged_without_quoting_the_body(
+    db_url: str, tmp_path: Path, conn: psycopg.Connection[Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Given a signed body whose id is a list holding text from the email
+    canary = "canary-in-a-rejected-id"
+    body = json.dumps({"id": [canary], "type": "message.created"}).encode()
+    settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="debug")
+    with serve_in_background(settings, workers=1) as server, requests.Session() as http:
+        capfd.readouterr()
+        # When it is delivered
+        answer = post_signed(http, server, body)
+    # Then the log names the field and the problem, but never the value; the audit row keeps the full reason
+    log = capfd.readouterr().err
+    assert answer.status_code == 400
+    [line] = [line for line in log.splitlines() if "Rejected a signed body" in line]
+    assert "'id'" in line and "list" in line, line
+    assert canary not in log
+    [row] = audit_rows(conn)
+    assert canary in row["error_message"]
 
 
 def test_a_body_signed_before_compression_is_inflated_only_to_a_small_multiple_of_what_arrived(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import psycopg
 import pytest
@@ -190,6 +191,33 @@ def test_a_chunked_signed_delivery_is_accepted(
 
     assert answer.status_code == 200
     assert [row["webhook_id"] for row in audit_rows(conn)] == ["ntf_chunk_ok"]
+
+
+def test_a_client_expecting_100_continue_gets_it_before_sending_the_body(
+    server: RunningIntake, conn: psycopg.Connection[Any]
+) -> None:
+    body = envelope("ntf_expect_continue")
+    address = urlsplit(server.url)
+    head = (
+        f"POST {urlsplit(server.webhook_url).path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+        f"Content-Type: application/json\r\nX-Nylas-Signature: {sign(SECRET, body)}\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        # Given a client that sends its headers and holds the body back until the server says to go on
+        sock.sendall(head.encode())
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        # When it sends the body
+        sock.sendall(body)
+        answer = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        while chunk := sock.recv(4096):
+            answer += chunk
+
+    # Then the delivery is answered 200 and stored (an interim 100 may precede the final answer)
+    final = answer.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+    assert final.startswith(b"HTTP/1.1 200 "), answer
+    assert [row["webhook_id"] for row in audit_rows(conn)] == ["ntf_expect_continue"]
 
 
 @pytest.mark.parametrize("signed", ["compressed", "inflated"])

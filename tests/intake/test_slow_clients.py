@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import psycopg
 import pytest
 import requests
@@ -24,6 +26,7 @@ import requests
 from nova_email.config import Settings
 from nova_email.intake import RunningIntake, serve_in_background
 from nova_email.intake.server import REQUEST_READ_TIMEOUT_S
+from tests.processes import wait_for
 
 from .conftest import SECRET, envelope, post_signed
 
@@ -96,10 +99,22 @@ def _openings(host: str, kind: str) -> list[bytes]:
     return [head.encode()] * SLOW_CONNECTIONS
 
 
+def _wait_until_served(server: RunningIntake, workers: int) -> None:
+    """Wait for every worker to be forked and /healthz to answer: the server is ready before its workers exist."""
+    master = psutil.Process(server.pid)
+    wait_for(lambda: len(master.children()) == workers, timeout_s=60, what=f"{workers} worker process(es)")
+    wait_for(
+        lambda: _timed(lambda: requests.get(f"{server.url}/healthz", timeout=5)) < float("inf"),
+        timeout_s=60,
+        what="/healthz to answer 200",
+    )
+
+
 @contextmanager
 def _server(db_url: str, tmp_path: Path) -> Iterator[RunningIntake]:
     settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="error")
     with serve_in_background(settings, workers=2) as server:
+        _wait_until_served(server, workers=2)
         yield server
 
 
@@ -110,6 +125,13 @@ def _timed(call: object) -> float:
     except requests.RequestException:
         return float("inf")
     return time.monotonic() - started if answer.status_code == 200 else float("inf")
+
+
+def _waiting_on_the_audit_table(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "select count(*) from pg_locks where not granted and relation = 'flux_webhook_notifications'::regclass"
+    ).fetchone()
+    return row is not None and row[0] > 0
 
 
 @pytest.mark.processes
@@ -146,7 +168,12 @@ def test_forty_slow_clients_neither_freeze_the_receiver_nor_stay_open(db_url: st
 def test_a_delivery_waiting_on_the_database_does_not_hold_up_the_others(db_url: str, tmp_path: Path) -> None:
     settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="error")
     # Given one worker process, and a delivery stuck on a lock of the audit table held by another session
-    with serve_in_background(settings, workers=1) as server, psycopg.connect(db_url) as locker:
+    with (
+        serve_in_background(settings, workers=1) as server,
+        psycopg.connect(db_url) as locker,
+        psycopg.connect(db_url, autocommit=True) as watcher,
+    ):
+        _wait_until_served(server, workers=1)
         locker.execute("lock table flux_webhook_notifications in access exclusive mode")
         stuck: list[int] = []
         body = envelope(f"ntf_locked_{uuid.uuid4().hex}")
@@ -155,7 +182,9 @@ def test_a_delivery_waiting_on_the_database_does_not_hold_up_the_others(db_url: 
         )
         delivery.start()
         try:
-            time.sleep(1.0)  # the delivery is waiting on the lock
+            wait_for(
+                lambda: _waiting_on_the_audit_table(watcher), timeout_s=30, what="the delivery to wait on the lock"
+            )
             # When health checks arrive meanwhile
             health = [_timed(lambda: requests.get(f"{server.url}/healthz", timeout=5)) for _ in range(PROBES)]
         finally:

@@ -14,6 +14,7 @@ import pytest
 from dramatiq import Message
 
 from nova_email.message_logging import MessagePayloadFilter, summarize_message
+from tests.chaos.scenario import SHORT_RETRY_WINDOWS_MS
 from tests.processes import running_workers, wait_for
 
 #: Stands for a subject, a body and a password-reset code: it must not reach any log line.
@@ -78,6 +79,8 @@ def test_a_failing_webhook_never_logs_its_payload(db_url: str, conn: psycopg.Con
         "NYLAS_TIMEOUT_S": "1",
         "NYLAS_GRANT_RATE": "0",
         "LOG_LEVEL": "info",
+        # Three attempts within seconds, not the default two-minute window
+        **SHORT_RETRY_WINDOWS_MS,
     }
     # When workers try it until they give up
     with running_workers(env, tmp_path / "workers.log", queues=["nylas_webhook_notifications"]) as workers:

@@ -117,6 +117,8 @@ COMMANDS: list[tuple[list[str], bool]] = [
     (["backfill", "progress", "--timeout", "2", "00000000-0000-0000-0000-000000000000"], False),
     (["fake-nylas", "--help"], False),
     (["serve-webhooks", "--port", "0"], True),
+    # Fails to start: $PORT (set to a secret below) is not a port
+    (["serve-webhooks"], False),
     (["run", "webhooks", "--processes", "1", "--threads", "1"], True),
 ]
 RUNS_FOR_S = 12.0
@@ -155,6 +157,7 @@ def test_no_command_shows_a_secret_with_a_working_or_an_unreachable_database(
         "NYLAS_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "LOG_LEVEL": "debug",
         "NOVA_DATA_DIR": str(tmp_path / "data"),
+        "PORT": WEBHOOK_SECRET,
     }
     failures: dict[str, str] = {}
     for args, long_running in COMMANDS:
@@ -165,7 +168,12 @@ def test_no_command_shows_a_secret_with_a_working_or_an_unreachable_database(
         # Then against an unreachable database each short command fails with one line and a non-zero status
         if database == "unreachable" and not long_running and args[0] not in {"db-url", "db-stop", "fake-nylas"}:
             lines = [line for line in output.splitlines() if line.strip() and not LOG_LINE.match(line)]
-            if status == 0 or len(lines) != 1 or not lines[0].startswith("nova-email: ") or "Traceback" in output:
+            if (
+                status == 0
+                or len(lines) != 1
+                or not lines[0].startswith(f"nova-email{' serve-webhooks' if args[0] == 'serve-webhooks' else ''}: ")
+                or "Traceback" in output
+            ):
                 failures[name] = f"status {status}:\n{output[-2000:]}"
     assert failures == {}
 

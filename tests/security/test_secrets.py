@@ -136,6 +136,22 @@ def test_a_password_with_url_delimiters_is_redacted_whole(password: str) -> None
     assert redacted == "postgresql://nova:***@db:5432/nova"
 
 
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        (
+            "postgresql://nova:pw@db.example:5432/nova?application_name=a@b",
+            "postgresql://nova:***@db.example:5432/nova?application_name=a@b",
+        ),
+        ("postgresql://nova:p%40ss@db.example/nova?options=x@y", "postgresql://nova:***@db.example/nova?options=x@y"),
+        ("postgresql://nova:p@ss@db.example/nova?options=x@y", "postgresql://nova:***@db.example/nova?options=x@y"),
+    ],
+    ids=["at-in-query", "encoded-at-in-password", "raw-at-in-password"],
+)
+def test_an_at_sign_in_the_query_string_leaves_the_host_visible(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
 def test_the_nylas_client_repr_hides_the_api_key() -> None:
     client = NylasClient(api_key=API_KEY, api_uri="http://127.0.0.1:1")
     try:
