@@ -39,10 +39,6 @@ def test_an_inbox_status_of_the_applications_own_is_accepted(conn: psycopg.Conne
             "flux_webhook_notifications_status_check",
         ),
         (
-            "insert into flux_webhook_notifications (status) values ('pending')",
-            "flux_webhook_notifications_identity_check",
-        ),
-        (
             "insert into queued_threads (config_id, inbox_id, nylas_thread_id, status)"
             " values (%(config)s, %(inbox)s, 't1', 'pending')",
             "queued_threads_status_check",
@@ -52,7 +48,6 @@ def test_an_inbox_status_of_the_applications_own_is_accepted(conn: psycopg.Conne
         "config-backfill-status",
         "config-progress-not-object",
         "webhook-status",
-        "webhook-without-id",
         "queued-thread-status",
     ],
 )
