@@ -38,7 +38,7 @@ from loguru import logger
 
 from .database import Backoff
 from .dead_letters import DeadLetterReason, reason_from_exception
-from .envelope import Undecodable, decode_body
+from .envelope import MAX_COUNT_OPTION, Undecodable, decode_body
 from .errors import DatabaseUnavailable
 from .lease import Lease
 from .settlement import Fetched, Settlement
@@ -208,11 +208,25 @@ class PGMQConsumer(Consumer):
         lease = proxy.lease
         if lease.settled:
             return
-        retries = proxy.options.get("retries")
-        attempts = int(retries) if retries else 1
         reason = "unknown_actor" if isinstance(proxy.exception, ActorNotFound) else "failed"
-        why = reason_from_exception(proxy.exception, attempts=attempts, reason=reason)
-        self.settlement.dead_letter(lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name)
+        try:
+            why = reason_from_exception(
+                proxy.exception, attempts=_attempts(proxy.options.get("retries")), reason=reason
+            )
+            self.settlement.dead_letter(lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name)
+        except DatabaseUnavailable:
+            # Raised to the worker, which retries the nack until the database is back; the lease stays held.
+            raise
+        except Exception as exc:
+            # Not raised: Dramatiq would only log it as its own bug. The lease is let go, so the message runs again
+            # once it lapses and is dead-lettered as poison after max_deliveries runs.
+            self.settlement.forget([lease])
+            log.opt(exception=exc).error(
+                "Could not dead-letter message {} ({}: {}); it runs again once its lease lapses",
+                proxy.message_id,
+                type(exc).__name__,
+                exc,
+            )
         lease.settled = True
         proxy.consumer.discharge(lease)
 
@@ -328,6 +342,14 @@ class PGMQConsumer(Consumer):
             except DatabaseUnavailable:
                 # The outage is logged; the row comes back once its lease lapses, and is dead-lettered then.
                 self.settlement.forget([lease])
+            except Exception as exc:  # one row's failure costs the rest of the batch nothing
+                self.settlement.forget([lease])
+                log.opt(exception=exc).error(
+                    "Could not dead-letter delivery {} of queue {!r} ({}); it comes back once its lease lapses",
+                    lease.msg_id,
+                    self.queue_name,
+                    why.reason,
+                )
 
     def _delivery(self, lease: Lease, row: Fetched) -> PGMQMessageProxy | DeadLetterReason:
         if lease.read_ct >= self.max_deliveries:
@@ -367,6 +389,13 @@ class DeliveryStart(Middleware):
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if isinstance(message, PGMQMessageProxy):
             message.consumer.start(message)
+
+
+def _attempts(retries: object) -> int:
+    """The runs of a failed message, from its ``retries`` option, as the dead-letter store counts them."""
+    if isinstance(retries, bool) or not isinstance(retries, int | float) or not retries >= 1:
+        return 1
+    return int(min(retries, MAX_COUNT_OPTION + 1))
 
 
 def _token(row: Fetched) -> datetime:

@@ -158,10 +158,14 @@ def test_messages_for_unknown_actors_are_dead_lettered(broker: PGMQBroker, worke
         ('"just a string"', "undecodable"),
         ('{"actor_name": "x", "args": "not-a-list", "kwargs": {}, "options": {}, "message_id": "m"}', "undecodable"),
         ('{"thread_id": "t1"}', "no_handler"),
-        ('{"actor_name": "missing", "args": [], "kwargs": {}, "options": {"retries": 1e400}, "message_id": "m"}',
-         "undecodable"),
-        ('{"actor_name": "fine", "args": [2], "kwargs": {}, "options": {"time_limit": "soon"}, "message_id": "m"}',
-         "undecodable"),
+        (
+            '{"actor_name": "missing", "args": [], "kwargs": {}, "options": {"retries": 1e400}, "message_id": "m"}',
+            "undecodable",
+        ),
+        (
+            '{"actor_name": "fine", "args": [2], "kwargs": {}, "options": {"time_limit": "soon"}, "message_id": "m"}',
+            "undecodable",
+        ),
     ],
     ids=["array", "string", "malformed-envelope", "foreign-without-handler", "huge-retries", "text-time-limit"],
 )
