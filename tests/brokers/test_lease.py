@@ -78,7 +78,9 @@ def test_the_keeper_extends_held_leases_and_forgets_lost_ones(
         "select extract(epoch from vt - clock_timestamp()) from pgmq.q_leases where msg_id = %s", [leases[0].msg_id]
     ).fetchone()[0]  # type: ignore[index]
     assert 50 < vt_in_s <= 60
-    assert lost_lease_warnings == ["Lost the lease of 1 messages of queue 'leases' (settled or re-read elsewhere)"]
+    assert lost_lease_warnings == [
+        f"Lost the lease of 1 messages of queue 'leases' (settled or re-read elsewhere): {leases[1].msg_id}"
+    ]
 
 
 @pytest.mark.parametrize("settle", ["ack", "nack", "resend"])
