@@ -244,19 +244,21 @@ class PGMQConsumer(Consumer):
 
     def resend(
         self, proxy: PGMQMessageProxy, params: dict[str, Any], connection: psycopg.Connection[Any] | None
-    ) -> None:
+    ) -> bool:
         """Replace the delivery by its retry (the broker's ``enqueue`` of a message this broker delivered).
 
-        The broker sets ``lease.resend_pending`` first; it stays set if this raises, so the ack keeps the original.
+        False when the delivery was no longer held, and nothing was sent. The broker sets ``lease.resend_pending``
+        first; it stays set if this raises, so the ack keeps the original.
 
         Raises:
             DatabaseUnavailable: The retry was not sent.
         """
         lease = proxy.lease
-        self.settlement.resend(lease, params, connection)
+        sent = self.settlement.resend(lease, params, connection)
         lease.resend_pending = False
         lease.settled = True
         proxy.consumer.discharge(lease)
+        return sent
 
     def close(self) -> None:
         if self._closed:
