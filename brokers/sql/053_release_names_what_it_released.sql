@@ -21,3 +21,11 @@ begin
     using p_ids, p_tokens, p_delay_ms, p_uncount;
 end;
 $$;
+
+-- The previous release's workers still call release (during a rolling deploy): one update serves both.
+create or replace function pgmq_broker.release(
+    p_queue text, p_ids bigint[], p_tokens timestamptz[], p_delay_ms integer, p_uncount boolean
+) returns integer
+language sql volatile as $$
+    select count(*)::integer from pgmq_broker.release_held(p_queue, p_ids, p_tokens, p_delay_ms, p_uncount)
+$$;

@@ -10,25 +10,18 @@ import dramatiq
 import psycopg
 import pytest
 from dramatiq import Worker
-from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.lease import Lease, LeaseKeeper
 
-from .conftest import first_delivery, wait_until
+from .conftest import first_delivery, wait_until, warnings_of
 
 
 @pytest.fixture
 def lost_lease_warnings() -> Iterator[list[str]]:
     """The keeper's "Lost the lease" warnings logged during the test."""
-    lines: list[str] = []
-    sink = logger.add(
-        lambda m: lines.append(m.record["message"]),
-        level="WARNING",
-        filter=lambda record: record["extra"].get("event") == "lease_lost",
-    )
-    yield lines
-    logger.remove(sink)
+    with warnings_of("lease_lost") as lines:
+        yield lines
 
 
 @pytest.mark.slow

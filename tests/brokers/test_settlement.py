@@ -11,10 +11,11 @@ import dramatiq
 import psycopg
 import pytest
 from dramatiq.middleware import Middleware
-from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.consumer import PGMQMessageProxy
+
+from .conftest import warnings_of
 
 
 def fetch_all(broker: PGMQBroker, queue_name: str, count: int) -> list[PGMQMessageProxy]:
@@ -31,14 +32,8 @@ def fetch_all(broker: PGMQBroker, queue_name: str, count: int) -> list[PGMQMessa
 @pytest.fixture
 def stale_warnings() -> Iterator[list[str]]:
     """The stale-settlement warnings logged during the test."""
-    lines: list[str] = []
-    sink = logger.add(
-        lambda m: lines.append(m.record["message"]),
-        level="WARNING",
-        filter=lambda record: record["extra"].get("event") == "stale_settlement",
-    )
-    yield lines
-    logger.remove(sink)
+    with warnings_of("stale_settlement") as lines:
+        yield lines
 
 
 def test_a_stale_requeue_and_keep_are_logged_once_with_their_message_id(
