@@ -213,7 +213,9 @@ class PGMQConsumer(Consumer):
             why = reason_from_exception(
                 proxy.exception, attempts=_attempts(proxy.options.get("retries")), reason=reason
             )
-            self.settlement.dead_letter(lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name)
+            lease.dead_lettered = self.settlement.dead_letter(
+                lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name
+            )
         except DatabaseUnavailable:
             # Raised to the worker, which retries the nack until the database is back; the lease stays held.
             raise

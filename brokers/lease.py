@@ -55,6 +55,9 @@ class Lease:
     settled: bool = False
     #: Set while a retry's re-enqueue is under way; still set at ack time means the re-enqueue failed.
     resend_pending: bool = False
+    #: Set once this delivery's dead letter is recorded (it still held its message): what must happen only when a
+    #: message is given up waits for it, since a stale holder's nack changes nothing.
+    dead_lettered: bool = False
 
 
 class LeaseKeeper(BackgroundThread):
