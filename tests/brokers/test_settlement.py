@@ -15,7 +15,7 @@ from dramatiq.middleware import Middleware
 from brokers import PGMQBroker
 from brokers.consumer import PGMQMessageProxy
 
-from .conftest import warnings_of
+from .conftest import wait_until, warnings_of
 
 
 def fetch_all(broker: PGMQBroker, queue_name: str, count: int) -> list[PGMQMessageProxy]:
@@ -106,3 +106,41 @@ def test_worker_threads_starting_together_count_each_delivery_once(
     counts = dict(conn.execute("select msg_id, read_ct from pgmq.q_starting").fetchall())
     assert counts == {proxy.lease.msg_id: 0 if proxy.lease.msg_id == taken else 1 for proxy in proxies}
     assert all(proxy.lease.read_ct == 1 for proxy in proxies if proxy.lease.msg_id != taken)
+
+
+def test_a_stale_start_is_logged_once(
+    broker: PGMQBroker,
+    make_worker: Any,
+    conn: psycopg.Connection,
+    stale_warnings: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a worker with one thread, busy with one message while the next one waits in its buffer
+    busy = threading.Event()
+    release = threading.Event()
+    ran: list[int] = []
+
+    @dramatiq.actor(queue_name="stale_start", broker=broker)
+    def job(n: int) -> None:
+        ran.append(n)
+        if n == 1:
+            busy.set()
+            release.wait(10)
+
+    first = job.send(1)
+    second = job.send(2)
+    make_worker(broker, threads=1)
+    assert busy.wait(10)
+
+    # When another worker takes the buffered message meanwhile (its token changes), and the busy one finishes
+    conn.execute(
+        "update pgmq.q_stale_start set last_read_at = clock_timestamp() where message->>'message_id' = %s",
+        [second.message_id],
+    )
+    release.set()
+
+    # Then the buffered message is not run, and that is said once, with its message id
+    wait_until(lambda: len(stale_warnings) == 1, what="the stale start's warning")
+    assert ran == [1]
+    assert second.message_id in stale_warnings[0] and first.message_id not in stale_warnings[0]
+    assert "was skipped" not in caplog.text
