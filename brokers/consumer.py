@@ -21,6 +21,7 @@ guarded by a lock or an :class:`threading.Event`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -43,7 +44,7 @@ from .errors import DatabaseUnavailable
 from .lease import Lease
 from .settlement import Fetched, Settlement
 
-__all__ = ["KEEP_ON_ACK_OPTION", "DeliveryStart", "PGMQConsumer", "PGMQMessageProxy"]
+__all__ = ["KEEP_ON_ACK_OPTION", "DeliveryStart", "PGMQConsumer", "PGMQMessageProxy", "SkippedAtStart"]
 
 log = logger.bind(component="PGMQBroker")
 
@@ -160,6 +161,7 @@ class PGMQConsumer(Consumer):
         except DatabaseUnavailable as exc:
             reason = f"the database is unavailable ({exc}); it runs once its lease lapses"
         lease.settled = True
+        lease.skipped = True
         self.settlement.forget([lease])
         message.consumer.discharge(lease)
         msg = f"Message {message.message_id} was not started: {reason}"
@@ -382,6 +384,25 @@ class PGMQConsumer(Consumer):
         return PGMQMessageProxy(decoded, lease=lease, consumer=self)
 
 
+class SkippedAtStart(logging.Filter):
+    """Drops Dramatiq's "Message ... was skipped." for a delivery skipped at start: the broker logged why, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == "Message %s was skipped."
+            and isinstance(args, tuple)
+            and bool(args)
+            and isinstance(args[0], PGMQMessageProxy)
+            and args[0].lease.skipped
+        )
+
+
+#: Dramatiq's worker threads log through this logger.
+DRAMATIQ_WORKER_LOGGER = "dramatiq.worker.WorkerThread"
+_SKIPPED_AT_START = SkippedAtStart()
+
+
 class DeliveryStart(Middleware):
     """Counts a delivery towards ``max_deliveries`` when it starts running, not when it is fetched.
 
@@ -389,6 +410,9 @@ class DeliveryStart(Middleware):
     a job that kills its process never ran and keeps its count, and a delivery whose lease is gone is skipped
     instead of run a second time next to the worker that holds it now.
     """
+
+    def __init__(self) -> None:
+        logging.getLogger(DRAMATIQ_WORKER_LOGGER).addFilter(_SKIPPED_AT_START)  # added once, however many brokers
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if isinstance(message, PGMQMessageProxy):

@@ -58,6 +58,9 @@ class Lease:
     #: Set once this delivery's dead letter is recorded (it still held its message): what must happen only when a
     #: message is given up waits for it, since a stale holder's nack changes nothing.
     dead_lettered: bool = False
+    #: Set when its start found the delivery no longer held (or could not check): it did not run, and the broker
+    #: logged why.
+    skipped: bool = False
 
 
 class LeaseKeeper(BackgroundThread):
