@@ -10,7 +10,6 @@ LISTEN is impossible (transaction-mode poolers) the broker runs with ``listen=Fa
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,7 +42,8 @@ class Listener(BackgroundThread):
         connect_kwargs: Extra ``psycopg.connect`` keyword arguments.
         on_notify: Called with the queue name on every notification, and for every subscribed queue after a
             reconnection (notifications sent while disconnected are lost).
-        outage: The database's outage log: a lost LISTEN connection is part of the same outage, logged once.
+        outage: The database's outage log: a lost LISTEN connection is part of the same outage, logged once; the
+            database's next successful call ends it (a LISTEN reconnect alone proves nothing of the pool's connections).
     """
 
     thread_name = "pgmq-listener"
@@ -75,11 +75,9 @@ class Listener(BackgroundThread):
         backoff = Backoff(min_s=MIN_BACKOFF_S, max_s=MAX_BACKOFF_S)
         reconnecting = False
         while not self._stop.is_set():
-            started_at = time.monotonic()
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs) as conn:
                     self._listening = set()
-                    self._outage.recovered(started_at)
                     if reconnecting:
                         reconnecting = False
                         with self._lock:
