@@ -242,7 +242,8 @@ class PGMQBroker(Broker):
         params = {"queue": queue_name, "message": message.encode().decode("utf-8"), "delay_ms": int(delay or 0)}
         if proxy is not None:
             try:
-                proxy.consumer.resend(proxy, params, connection)
+                if not proxy.consumer.resend(proxy, params, connection):
+                    return message  # stale: nothing was sent (logged once), so no middleware hears of an enqueue
             except DatabaseUnavailable as exc:
                 if connection is not None:
                     raise

@@ -21,6 +21,7 @@ guarded by a lock or an :class:`threading.Event`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -38,12 +39,12 @@ from loguru import logger
 
 from .database import Backoff
 from .dead_letters import DeadLetterReason, reason_from_exception
-from .envelope import Undecodable, decode_body
+from .envelope import MAX_COUNT_OPTION, Undecodable, decode_body
 from .errors import DatabaseUnavailable
 from .lease import Lease
 from .settlement import Fetched, Settlement
 
-__all__ = ["KEEP_ON_ACK_OPTION", "DeliveryStart", "PGMQConsumer", "PGMQMessageProxy"]
+__all__ = ["KEEP_ON_ACK_OPTION", "DeliveryStart", "PGMQConsumer", "PGMQMessageProxy", "SkippedAtStart"]
 
 log = logger.bind(component="PGMQBroker")
 
@@ -160,6 +161,7 @@ class PGMQConsumer(Consumer):
         except DatabaseUnavailable as exc:
             reason = f"the database is unavailable ({exc}); it runs once its lease lapses"
         lease.settled = True
+        lease.skipped = True
         self.settlement.forget([lease])
         message.consumer.discharge(lease)
         msg = f"Message {message.message_id} was not started: {reason}"
@@ -208,11 +210,27 @@ class PGMQConsumer(Consumer):
         lease = proxy.lease
         if lease.settled:
             return
-        retries = proxy.options.get("retries")
-        attempts = int(retries) if retries else 1
         reason = "unknown_actor" if isinstance(proxy.exception, ActorNotFound) else "failed"
-        why = reason_from_exception(proxy.exception, attempts=attempts, reason=reason)
-        self.settlement.dead_letter(lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name)
+        try:
+            why = reason_from_exception(
+                proxy.exception, attempts=_attempts(proxy.options.get("retries")), reason=reason
+            )
+            lease.dead_lettered = self.settlement.dead_letter(
+                lease, why, message=proxy.encode().decode("utf-8"), actor_name=proxy.actor_name
+            )
+        except DatabaseUnavailable:
+            # Raised to the worker, which retries the nack until the database is back; the lease stays held.
+            raise
+        except Exception as exc:
+            # Not raised: Dramatiq would only log it as its own bug. The lease is let go, so the message runs again
+            # once it lapses and is dead-lettered as poison after max_deliveries runs.
+            self.settlement.forget([lease])
+            log.opt(exception=exc).error(
+                "Could not dead-letter message {} ({}: {}); it runs again once its lease lapses",
+                proxy.message_id,
+                type(exc).__name__,
+                exc,
+            )
         lease.settled = True
         proxy.consumer.discharge(lease)
 
@@ -230,19 +248,21 @@ class PGMQConsumer(Consumer):
 
     def resend(
         self, proxy: PGMQMessageProxy, params: dict[str, Any], connection: psycopg.Connection[Any] | None
-    ) -> None:
+    ) -> bool:
         """Replace the delivery by its retry (the broker's ``enqueue`` of a message this broker delivered).
 
-        The broker sets ``lease.resend_pending`` first; it stays set if this raises, so the ack keeps the original.
+        False when the delivery was no longer held, and nothing was sent. The broker sets ``lease.resend_pending``
+        first; it stays set if this raises, so the ack keeps the original.
 
         Raises:
             DatabaseUnavailable: The retry was not sent.
         """
         lease = proxy.lease
-        self.settlement.resend(lease, params, connection)
+        sent = self.settlement.resend(lease, params, connection)
         lease.resend_pending = False
         lease.settled = True
         proxy.consumer.discharge(lease)
+        return sent
 
     def close(self) -> None:
         if self._closed:
@@ -328,6 +348,14 @@ class PGMQConsumer(Consumer):
             except DatabaseUnavailable:
                 # The outage is logged; the row comes back once its lease lapses, and is dead-lettered then.
                 self.settlement.forget([lease])
+            except Exception as exc:  # one row's failure costs the rest of the batch nothing
+                self.settlement.forget([lease])
+                log.opt(exception=exc).error(
+                    "Could not dead-letter delivery {} of queue {!r} ({}); it comes back once its lease lapses",
+                    lease.msg_id,
+                    self.queue_name,
+                    why.reason,
+                )
 
     def _delivery(self, lease: Lease, row: Fetched) -> PGMQMessageProxy | DeadLetterReason:
         if lease.read_ct >= self.max_deliveries:
@@ -356,6 +384,25 @@ class PGMQConsumer(Consumer):
         return PGMQMessageProxy(decoded, lease=lease, consumer=self)
 
 
+class SkippedAtStart(logging.Filter):
+    """Drops Dramatiq's "Message ... was skipped." for a delivery skipped at start: the broker logged why, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == "Message %s was skipped."
+            and isinstance(args, tuple)
+            and bool(args)
+            and isinstance(args[0], PGMQMessageProxy)
+            and args[0].lease.skipped
+        )
+
+
+#: Dramatiq's worker threads log through this logger.
+DRAMATIQ_WORKER_LOGGER = "dramatiq.worker.WorkerThread"
+_SKIPPED_AT_START = SkippedAtStart()
+
+
 class DeliveryStart(Middleware):
     """Counts a delivery towards ``max_deliveries`` when it starts running, not when it is fetched.
 
@@ -364,9 +411,19 @@ class DeliveryStart(Middleware):
     instead of run a second time next to the worker that holds it now.
     """
 
+    def __init__(self) -> None:
+        logging.getLogger(DRAMATIQ_WORKER_LOGGER).addFilter(_SKIPPED_AT_START)  # added once, however many brokers
+
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         if isinstance(message, PGMQMessageProxy):
             message.consumer.start(message)
+
+
+def _attempts(retries: object) -> int:
+    """The runs of a failed message, from its ``retries`` option, as the dead-letter store counts them."""
+    if isinstance(retries, bool) or not isinstance(retries, int | float) or not retries >= 1:
+        return 1
+    return int(min(retries, MAX_COUNT_OPTION + 1))
 
 
 def _token(row: Fetched) -> datetime:

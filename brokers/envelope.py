@@ -23,6 +23,8 @@ from dramatiq.middleware import Middleware
 __all__ = [
     "ENVELOPE_KEYS",
     "FOREIGN_MESSAGE_NAMESPACE",
+    "MAX_COUNT_OPTION",
+    "NUMBER_OPTIONS",
     "QueueHandlerOption",
     "Undecodable",
     "decode_body",
@@ -31,6 +33,20 @@ __all__ = [
 
 #: The keys that make a JSON object a Dramatiq envelope rather than a foreign message.
 ENVELOPE_KEYS = frozenset({"actor_name", "args", "kwargs", "options", "message_id"})
+
+#: Largest count an envelope's ``retries`` or ``max_retries`` may hold (a dead letter's ``attempts`` is an integer).
+MAX_COUNT_OPTION = 2**31 - 2
+#: Largest duration, in milliseconds, an envelope's duration options may hold.
+MAX_DURATION_OPTION_MS = 2**53
+#: Envelope options Dramatiq's middleware reads as numbers, and the largest value each may hold.
+NUMBER_OPTIONS = {
+    "retries": MAX_COUNT_OPTION,
+    "max_retries": MAX_COUNT_OPTION,
+    "min_backoff": MAX_DURATION_OPTION_MS,
+    "max_backoff": MAX_DURATION_OPTION_MS,
+    "time_limit": MAX_DURATION_OPTION_MS,
+    "max_age": MAX_DURATION_OPTION_MS,
+}
 
 #: UUID namespace of foreign message ids (uuid5 over "<queue>:<msg_id>").
 FOREIGN_MESSAGE_NAMESPACE = uuid.UUID("6f1f3c62-61a7-4e53-9c55-8f4a5d0e2b1e")
@@ -106,6 +122,8 @@ def _decode_envelope(fields: dict[str, Any], *, queue_name: str, enqueued_at: da
     timestamp = fields.get("message_timestamp", int(enqueued_at.timestamp() * 1000))
     if not isinstance(timestamp, int | float):
         problems.append("message_timestamp must be a number")
+    if not problems:
+        problems.extend(_option_problems(fields["options"]))
     if problems:
         return Undecodable("undecodable", "TypeError", "Malformed Dramatiq envelope: " + "; ".join(problems))
     options = {k: v for k, v in fields["options"].items() if k != "eta"}
@@ -118,3 +136,17 @@ def _decode_envelope(fields: dict[str, Any], *, queue_name: str, enqueued_at: da
         message_id=fields["message_id"],
         message_timestamp=int(timestamp),
     )
+
+
+def _option_problems(options: dict[str, Any]) -> list[str]:
+    """The options Dramatiq's middleware would choke on: numbers that are not numbers, or out of range."""
+    return [
+        f"options.{key} must be a number from 0 to {largest}"
+        for key, largest in NUMBER_OPTIONS.items()
+        if key in options
+        and (
+            isinstance(options[key], bool)
+            or not isinstance(options[key], int | float)
+            or not 0 <= options[key] <= largest  # also refuses NaN
+        )
+    ]

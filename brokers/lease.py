@@ -55,6 +55,12 @@ class Lease:
     settled: bool = False
     #: Set while a retry's re-enqueue is under way; still set at ack time means the re-enqueue failed.
     resend_pending: bool = False
+    #: Set once this delivery's dead letter is recorded (it still held its message): what must happen only when a
+    #: message is given up waits for it, since a stale holder's nack changes nothing.
+    dead_lettered: bool = False
+    #: Set when its start found the delivery no longer held (or could not check): it did not run, and the broker
+    #: logged why.
+    skipped: bool = False
 
 
 class LeaseKeeper(BackgroundThread):
@@ -170,8 +176,20 @@ class LeaseKeeper(BackgroundThread):
                 lost = [lease for lease in lost if not lease.settling]
             if lost:
                 log.bind(event="lease_lost").warning(
-                    "Lost the lease of {} messages of queue {!r} (settled or re-read elsewhere)",
+                    "Lost the lease of {} messages of queue {!r} (settled or re-read elsewhere): {}",
                     len(lost),
                     queue_name,
+                    _some_ids(lost),
                 )
         return held_count
+
+
+#: Most message ids a "Lost the lease" line names; the rest are counted.
+MAX_LOGGED_IDS = 20
+
+
+def _some_ids(leases: list[Lease]) -> str:
+    """The message ids of `leases` (the PGMQ id where there is none yet), at most ``MAX_LOGGED_IDS`` of them."""
+    ids = ", ".join(str(lease.message_id or lease.msg_id) for lease in leases[:MAX_LOGGED_IDS])
+    more = len(leases) - MAX_LOGGED_IDS
+    return f"{ids} and {more} more" if more > 0 else ids

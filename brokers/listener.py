@@ -42,12 +42,22 @@ class Listener(BackgroundThread):
         connect_kwargs: Extra ``psycopg.connect`` keyword arguments.
         on_notify: Called with the queue name on every notification, and for every subscribed queue after a
             reconnection (notifications sent while disconnected are lost).
+        outage: The database's outage log: a lost LISTEN connection is part of the same outage, logged once; the
+            database's next successful call ends it (a LISTEN reconnect alone proves nothing of the pool's connections).
     """
 
     thread_name = "pgmq-listener"
 
-    def __init__(self, *, conninfo: str, connect_kwargs: Mapping[str, Any], on_notify: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        *,
+        conninfo: str,
+        connect_kwargs: Mapping[str, Any],
+        on_notify: Callable[[str], None],
+        outage: Outage,
+    ) -> None:
         super().__init__()
+        self._outage = outage
         self._conninfo = conninfo
         self._connect_kwargs = {k: v for k, v in connect_kwargs.items() if k != "autocommit"}
         self._on_notify = on_notify
@@ -63,17 +73,13 @@ class Listener(BackgroundThread):
 
     def _run(self) -> None:
         backoff = Backoff(min_s=MIN_BACKOFF_S, max_s=MAX_BACKOFF_S)
-        outage = Outage(
-            component="Listener",
-            lost="Lost the LISTEN connection, reconnecting with backoff: {}",
-            recovered="Listening again after {:.1f} s",
-        )
+        reconnecting = False
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs) as conn:
                     self._listening = set()
-                    if outage.ongoing:
-                        outage.recovered()
+                    if reconnecting:
+                        reconnecting = False
                         with self._lock:
                             queues = set(self._queues)
                         for queue_name in queues:
@@ -83,7 +89,8 @@ class Listener(BackgroundThread):
                     self._listen_loop(conn)
             except psycopg.Error as exc:
                 self.connected.clear()
-                outage.lost(exc)
+                reconnecting = True
+                self._outage.lost(exc)
                 self._stop.wait(backoff.next_s())
 
     def _listen_loop(self, conn: psycopg.Connection) -> None:

@@ -87,4 +87,4 @@ class ProcessThreads:
 
     def _new_listener(self) -> Listener:
         conninfo, kwargs = self.database.dsn_and_kwargs()
-        return Listener(conninfo=conninfo, connect_kwargs=kwargs, on_notify=self.on_notify)
+        return Listener(conninfo=conninfo, connect_kwargs=kwargs, on_notify=self.on_notify, outage=self.database.outage)

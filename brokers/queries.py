@@ -59,9 +59,10 @@ EXTEND: LiteralString = (
     " as msg_id"
 )
 
-#: Make these deliveries visible again after %(delay_ms)s.
+#: Make these deliveries visible again after %(delay_ms)s, if still held; returns the ids released.
 RELEASE: LiteralString = (
-    "select pgmq_broker.release(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[], %(delay_ms)s, %(uncount)s)"
+    "select msg_id from pgmq_broker.release_held(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[],"
+    " %(delay_ms)s, %(uncount)s) as msg_id"
 )
 
 #: Record one delivery as a dead letter and delete it from its queue, if it still holds its lease (false if not).

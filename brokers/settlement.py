@@ -230,15 +230,20 @@ class Settlement:
     def keep(self, lease: Lease) -> None:
         """Leave a processed message where it is: it comes back after a visibility timeout, uncounted."""
         self.forget([lease])
-        self.release([lease], uncount=True, delay_ms=self.visibility_timeout_ms)
+        self.release([lease], uncount=True, delay_ms=self.visibility_timeout_ms, settlement="keep")
 
     def requeue(self, leases: Sequence[Lease]) -> None:
         """Make deliveries that never started visible again at once."""
         self.forget(leases)
-        self.release(leases, uncount=False)
+        self.release(leases, uncount=False, settlement="requeue")
 
-    def release(self, leases: Sequence[Lease], *, uncount: bool, delay_ms: int = 0) -> None:
-        """Make held deliveries visible again after `delay_ms`; with `uncount`, their start is not counted."""
+    def release(
+        self, leases: Sequence[Lease], *, uncount: bool, delay_ms: int = 0, settlement: str = "release"
+    ) -> None:
+        """Make held deliveries visible again after `delay_ms`; with `uncount`, their start is not counted.
+
+        A delivery no longer held is left alone, and logged once as a stale `settlement`.
+        """
         by_queue: dict[str, list[Lease]] = {}
         for lease in leases:
             by_queue.setdefault(lease.queue_name, []).append(lease)
@@ -250,7 +255,10 @@ class Settlement:
                 "delay_ms": delay_ms,
                 "uncount": uncount,
             }
-            self.database.execute(queries.RELEASE, params)
+            released = {msg_id for (msg_id,) in self.database.execute(queries.RELEASE, params)}
+            for lease in group:
+                if lease.msg_id not in released:
+                    log_stale(settlement, lease)
 
     def dead_letter(
         self, lease: Lease, why: DeadLetterReason, *, message: str | None = None, actor_name: str | None = None

@@ -14,6 +14,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage, Middleware, Retries
 
 from brokers import KEEP_ON_ACK_OPTION, PeriodicScheduler, PerProcess, PGMQBroker, use_rate_limit_retries
+from brokers.consumer import PGMQMessageProxy
 
 from . import db
 from .config import Settings
@@ -29,24 +30,25 @@ _client: PerProcess[NylasClient] | None = None
 
 
 class GiveUpHook(Middleware):
-    """Calls an actor's ``on_give_up(message, exception)`` once its last attempt has failed.
+    """Calls an actor's ``on_give_up(message, exception)`` once its last attempt failed and it was dead-lettered.
 
-    Dramatiq's Retries marks such a message failed; this runs right after it, in the worker thread, so the
-    domain row (a thread, a webhook audit row) reaches a terminal state before the message is dead-lettered.
+    It runs after the nack, in the worker thread, and only when the nack recorded the dead letter: a worker whose
+    lease lapsed (frozen, cut off) while another took the message changes nothing, so it must not mark the domain
+    row (a thread, a webhook audit row) failed under the worker that holds it now. A worker that dies between the
+    dead letter and the hook leaves the row as it was; the dead letter says what happened.
     """
 
     @property
     def actor_options(self) -> set[str]:
         return {"on_give_up"}
 
-    def after_process_message(
-        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
-    ) -> None:
-        if exception is None or not message.failed:
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if not isinstance(message, PGMQMessageProxy) or not message.lease.dead_lettered:
             return
-        hook = broker.get_actor(message.actor_name).options.get("on_give_up")
-        if hook is not None:
-            hook(message, exception)
+        actor = broker.actors.get(message.actor_name)
+        hook = actor.options.get("on_give_up") if actor is not None else None
+        if hook is not None and message.exception is not None:
+            hook(message, message.exception)
 
 
 class PacedJobs(Middleware):

@@ -1,8 +1,8 @@
 """The module ``dramatiq tests.brokers.cli_app`` loads in the process tests: a PGMQBroker and a few actors.
 
 Settings come from the environment the test sets: BROKER_TEST_DATABASE_URL, BROKER_TEST_VT_S (visibility
-timeout), BROKER_TEST_MAX_DELIVERIES, BROKER_TEST_SLEEP_S (how long `record_slowly` and `settle_slowly` sleep)
-and BROKER_TEST_OUTCOME (``raise`` makes `settle_slowly` fail in this process). Each run writes a row with its key
+timeout), BROKER_TEST_MAX_DELIVERIES, BROKER_TEST_SLEEP_S (how long `record_slowly` and `settle_slowly` sleep),
+BROKER_TEST_GO_KEY (`settle_slowly` waits for a row with this key instead of sleeping) and BROKER_TEST_OUTCOME (``raise`` makes `settle_slowly` fail in this process). Each run writes a row with its key
 and the worker process's pid to public.broker_test_runs.
 """
 
@@ -52,11 +52,25 @@ def record_slowly(key: str) -> None:
 def settle_slowly(key: str) -> None:
     """Write a 'start:' row, sleep, then fail (BROKER_TEST_OUTCOME=raise) or write the key."""
     _record(f"start:{key}")
-    time.sleep(float(os.environ.get("BROKER_TEST_SLEEP_S", "5")))
+    go_key = os.environ.get("BROKER_TEST_GO_KEY")
+    if go_key:
+        _wait_for_row(go_key)
+    else:
+        time.sleep(float(os.environ.get("BROKER_TEST_SLEEP_S", "5")))
     if os.environ.get("BROKER_TEST_OUTCOME") == "raise":
         msg = f"{key} fails in this process"
         raise RuntimeError(msg)
     _record(key)
+
+
+def _wait_for_row(key: str) -> None:
+    """Wait until the test writes a row with `key` (at most 5 minutes, so that a lost test cannot hang a worker)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with broker.database.connection() as conn:
+            if conn.execute("select 1 from public.broker_test_runs where key = %s", [key]).fetchone():
+                return
+        time.sleep(0.05)
 
 
 @dramatiq.actor(queue_name="cli_crash", max_retries=0)

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dramatiq
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 from dramatiq import Worker
 from dramatiq.broker import Consumer, MessageProxy
+from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.schema import install
@@ -44,6 +46,21 @@ def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s} s")
         time.sleep(0.02)
+
+
+@contextmanager
+def warnings_of(event: str) -> Iterator[list[str]]:
+    """The warnings bound to `event` (their ``event`` extra) logged inside the block."""
+    lines: list[str] = []
+    sink = logger.add(
+        lambda m: lines.append(m.record["message"]),
+        level="WARNING",
+        filter=lambda record: record["extra"].get("event") == event,
+    )
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
 
 
 def first_delivery(broker: PGMQBroker, queue_name: str) -> tuple[Consumer, MessageProxy]:

@@ -158,8 +158,16 @@ def test_messages_for_unknown_actors_are_dead_lettered(broker: PGMQBroker, worke
         ('"just a string"', "undecodable"),
         ('{"actor_name": "x", "args": "not-a-list", "kwargs": {}, "options": {}, "message_id": "m"}', "undecodable"),
         ('{"thread_id": "t1"}', "no_handler"),
+        (
+            '{"actor_name": "missing", "args": [], "kwargs": {}, "options": {"retries": 1e400}, "message_id": "m"}',
+            "undecodable",
+        ),
+        (
+            '{"actor_name": "fine", "args": [2], "kwargs": {}, "options": {"time_limit": "soon"}, "message_id": "m"}',
+            "undecodable",
+        ),
     ],
-    ids=["array", "string", "malformed-envelope", "foreign-without-handler"],
+    ids=["array", "string", "malformed-envelope", "foreign-without-handler", "huge-retries", "text-time-limit"],
 )
 def test_bodies_that_cannot_run_are_dead_lettered_and_the_queue_moves_on(
     broker: PGMQBroker, worker: Worker, conn: psycopg.Connection, body: str, reason: str
@@ -430,6 +438,36 @@ def test_a_message_delivered_too_often_without_an_ack_is_dead_lettered(
     [letter] = broker.dead_letters("poison")
     assert (letter.reason, letter.attempts, letter.message_id) == ("max_deliveries", 3, None)
     assert ran == []
+
+
+def test_a_dead_letter_the_database_refuses_frees_the_slot_and_the_message_comes_back(
+    make_broker: Callable[..., PGMQBroker],
+) -> None:
+    # Given a worker taking one message at a time, and an actor whose error text PostgreSQL cannot store (a NUL)
+    broker = make_broker(max_deliveries=2, visibility_timeout_s=0.5)
+    ran: list[int] = []
+
+    @dramatiq.actor(queue_name="unstorable", max_retries=0)
+    def unstorable(n: int) -> None:
+        ran.append(n)
+        if n == 1:
+            raise ValueError("a NUL \x00 in the error")
+
+    unstorable.send(1)
+    unstorable.send(2)
+    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.queue_prefetch = 1
+    worker.start()
+    try:
+        # Then the failed dead letter does not hold the only slot: the next message runs
+        wait_until(lambda: 2 in ran, what="the next message")
+        # And the message comes back once its lease lapses, until it is dead-lettered as poison
+        wait_until(lambda: broker.count_dead_letters("unstorable") == 1, timeout_s=30, what="a dead letter")
+    finally:
+        worker.stop(timeout=10_000)
+    [letter] = broker.dead_letters("unstorable")
+    assert letter.reason == "max_deliveries"
+    assert ran.count(1) == 2
 
 
 def test_a_failing_retry_enqueue_loses_nothing(broker: PGMQBroker, worker: Worker, conn: psycopg.Connection) -> None:

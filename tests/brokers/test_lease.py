@@ -10,25 +10,18 @@ import dramatiq
 import psycopg
 import pytest
 from dramatiq import Worker
-from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.lease import Lease, LeaseKeeper
 
-from .conftest import first_delivery, wait_until
+from .conftest import first_delivery, wait_until, warnings_of
 
 
 @pytest.fixture
 def lost_lease_warnings() -> Iterator[list[str]]:
     """The keeper's "Lost the lease" warnings logged during the test."""
-    lines: list[str] = []
-    sink = logger.add(
-        lambda m: lines.append(m.record["message"]),
-        level="WARNING",
-        filter=lambda record: record["extra"].get("event") == "lease_lost",
-    )
-    yield lines
-    logger.remove(sink)
+    with warnings_of("lease_lost") as lines:
+        yield lines
 
 
 @pytest.mark.slow
@@ -78,7 +71,9 @@ def test_the_keeper_extends_held_leases_and_forgets_lost_ones(
         "select extract(epoch from vt - clock_timestamp()) from pgmq.q_leases where msg_id = %s", [leases[0].msg_id]
     ).fetchone()[0]  # type: ignore[index]
     assert 50 < vt_in_s <= 60
-    assert lost_lease_warnings == ["Lost the lease of 1 messages of queue 'leases' (settled or re-read elsewhere)"]
+    assert lost_lease_warnings == [
+        f"Lost the lease of 1 messages of queue 'leases' (settled or re-read elsewhere): {leases[1].msg_id}"
+    ]
 
 
 @pytest.mark.parametrize("settle", ["ack", "nack", "resend"])

@@ -29,6 +29,8 @@ StartCli = Callable[..., "subprocess.Popen[bytes]"]
 VT_S = "1"
 #: How long a wait that includes starting a worker command may take: imports are slow on a loaded machine.
 STARTUP_S = 90
+#: The row worker B's run waits for before it ends (written by the test once worker A has settled and stopped).
+SUCCESSOR_GO = "go:successor"
 
 
 def runs(conn: psycopg.Connection, key: str) -> list[int]:
@@ -51,7 +53,8 @@ def freeze_holder_until_another_runs_it(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Worker A starts the job and is frozen past its lease; worker B takes the job over; A resumes and settles it.
 
-    Returns worker B's command and the job's message id, once A has settled its copy and exited.
+    Returns worker B's command and the job's message id, once A has settled its copy and exited. B's run goes on
+    until the test lets it finish (:func:`let_the_successor_finish`), however long A took on a loaded machine.
     """
     # Given worker A running the job, frozen (SIGSTOP) until its lease lapsed and worker B started the job too
     holder = start_cli(
@@ -64,7 +67,7 @@ def freeze_holder_until_another_runs_it(
     os.kill(holder_pid, signal.SIGSTOP)
     successor = start_cli(
         "--queues", "cli_settle", "--processes", "1", "--threads", "1",
-        env={"BROKER_TEST_VT_S": VT_S, "BROKER_TEST_SLEEP_S": "8"},
+        env={"BROKER_TEST_VT_S": VT_S, "BROKER_TEST_GO_KEY": SUCCESSOR_GO},
     )  # fmt: skip
     try:
         wait_until(lambda: len(runs(conn, "start:job")) == 2, timeout_s=STARTUP_S, what="worker B to take the job over")
@@ -82,6 +85,10 @@ def freeze_holder_until_another_runs_it(
     holder.send_signal(signal.SIGTERM)
     holder.wait(timeout=30)
     return successor, message.message_id
+
+
+def let_the_successor_finish(conn: psycopg.Connection) -> None:
+    conn.execute("insert into public.broker_test_runs (key, pid) values (%s, 0)", [SUCCESSOR_GO])
 
 
 def assert_stale_settlement_logged_once(tmp_path: Path, message_id: str) -> None:
@@ -122,6 +129,7 @@ def test_a_frozen_holders_late_failure_enqueues_and_dead_letters_nothing(
     )
 
     # When worker B finishes its copy and the queue drains
+    let_the_successor_finish(conn)
     wait_until(lambda: len(runs(conn, "job")) == 1, timeout_s=STARTUP_S, what="worker B to finish the job")
     broker.join("cli_settle", timeout=15_000)
 
