@@ -255,10 +255,8 @@ class PGMQBroker(Broker):
                     exc,
                 )
                 return message
-        elif connection is not None:
-            connection.execute(self.tables.send_query(queue_name), params)
-        else:
-            self.database.execute(self.tables.send_query(queue_name), params)
+        else:  # in the caller's transaction when it gave one
+            (connection or self.database).execute(self.tables.send_query(queue_name), params)
         self.emit_after("enqueue", message, delay)
         return message
 
