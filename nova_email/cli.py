@@ -79,9 +79,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
+    from . import db
     from .boot import require_nylas_key
 
     require_nylas_key(settings, PROCESSORS[args.processor])
+    # Here, before Dramatiq forks: a missing DATABASE_URL in an installed package is one line, not a traceback
+    # from every worker. In the source checkout the embedded server starts once, here, instead of in each worker.
+    db.database_url(settings)
     arguments = worker_arguments(args.processor, args.dramatiq_args)
     log.info("Starting {} processor: dramatiq {}", args.processor, " ".join(arguments))
     # Dramatiq's main process runs here rather than exec'd: its logging.basicConfig() does nothing once this

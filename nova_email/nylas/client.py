@@ -73,7 +73,8 @@ MIN_REDACTED_KEY_CHARS = 8
 DEFAULT_POOL_MAXSIZE = 16
 #: The API's maximum ``limit`` for thread and message lists (docs: default 50, max 200).
 MAX_PAGE_LIMIT = 200
-#: The backfill never looks further back than this (the original's 1-year cap).
+#: The backfill never looks further back than this; the database's backfill_window() (migration 065) is the same span,
+#: which tests/sql/test_backfill_api.py checks.
 ONE_YEAR = timedelta(days=365)
 #: Thread fields the service stores; listing only these keeps pages small (``latest_draft_or_message`` would carry a
 #: whole message). With them a listed thread can be written without fetching it again.

@@ -312,6 +312,30 @@ def test_a_run_that_finds_no_threads_is_over_for_monitor_active_syncs(
     assert monitor_active_syncs(database, config) == []
 
 
+@pytest.mark.parametrize("stats_row_before", [False, True], ids=["no-stats-row", "empty-stats-row-left-open"])
+def test_monitor_active_syncs_runs_while_a_first_backfill_lists_its_first_page(
+    database: psycopg.Connection, stats_row_before: bool
+) -> None:
+    # Given a new inbox's first backfill, its first slice started and nothing listed yet (and maybe a stats row
+    # without threads that a caller of initialize_sync_stats left open)
+    inbox = database.execute(
+        "insert into flux_inboxes (nylas_grant_id) values ('grant-first') returning id"
+    ).fetchone()[0]  # type: ignore[index]
+    config = database.execute("select config_id from queue_inbox_backfill(%s)", [inbox]).fetchone()[0]  # type: ignore[index]
+    if stats_row_before:
+        database.execute("select initialize_sync_stats(%s)", [config])
+    database.execute("select start_backfill_slice(%s)", [config])
+
+    # Then the query runs and the run is not active yet: it has no threads to measure progress against
+    assert monitor_active_syncs(database, config) == []
+
+    # When the first page's threads are recorded, the run is active, with its start time
+    for thread in ("thr_a", "thr_b"):
+        database.execute("select insert_queued_thread_idempotent(%s, %s, %s, 'grant-first')", [config, inbox, thread])
+    assert monitor_active_syncs(database, config) == [("backfill", 2, 0, 0, 0, 0, 0)]
+    assert database.execute("select sync_started_at from get_sync_progress(%s)", [config]).fetchone() != (None,)
+
+
 def test_inbox_sync_stats_backfill_status_follows_the_configuration(
     database: psycopg.Connection, inbox_and_config: tuple[uuid.UUID, uuid.UUID]
 ) -> None:

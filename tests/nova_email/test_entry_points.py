@@ -150,3 +150,39 @@ def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db
         "nova-email: NYLAS_API_KEY is not set; the workers of thread_sync_jobs call Nylas with it. "
         "Set it in the environment or in .env"
     ]
+
+
+#: ``nova-email run completion`` as an installed package runs it (no embedded server to fall back on); reaching
+#: Dramatiq's main (which forks the workers) ends the process with status 3.
+_INSTALLED_RUN = """
+import sys
+
+import dramatiq.cli
+import nova_email.db
+from nova_email.cli import main
+
+nova_email.db.embedded_server_is_default = lambda: False
+
+
+def forks_workers(args):
+    print("dramatiq main reached", file=sys.stderr)
+    return 3
+
+
+dramatiq.cli.main = forks_workers
+sys.exit(main(["run", "completion", "--processes", "1", "--threads", "1"]))
+"""
+
+
+def test_run_without_database_url_in_an_installed_package_stops_with_one_line_before_forking(tmp_path: Path) -> None:
+    env = _environment_without("DATABASE_URL", "NOVA_DATA_DIR", LOG_LEVEL="info")
+
+    result = subprocess.run(
+        [sys.executable, "-c", _INSTALLED_RUN], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "nova-email: DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
+    ]
+    assert not (tmp_path / ".nova").exists()

@@ -10,6 +10,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from nova_email.nylas.client import ONE_YEAR
+
 from .conftest import Inbox, queue_messages, run_concurrently
 
 UTC = dt.UTC
@@ -398,3 +400,19 @@ def test_completion_waits_for_every_thread_and_for_the_gate(conn: psycopg.Connec
 
 def test_a_thread_sync_config_with_no_threads_is_not_completed(conn: psycopg.Connection, config_id: uuid.UUID) -> None:
     assert conn.execute("select complete_backfill_if_done(%s)", (config_id,)).fetchone() == (False,)
+
+
+def test_the_database_caps_backfills_at_the_window_the_nylas_client_caps_listings_at(conn: psycopg.Connection) -> None:
+    (window,) = conn.execute("select backfill_window()").fetchone() or (None,)
+    assert window == ONE_YEAR
+
+
+def test_no_function_but_backfill_window_spells_the_window_out(conn: psycopg.Connection) -> None:
+    spelled_out = conn.execute(
+        """
+        select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+         where n.nspname = 'public' and p.prosrc ~ %s and p.proname <> 'backfill_window'
+        """,
+        [rf"\m{ONE_YEAR.days}\M"],
+    ).fetchall()
+    assert spelled_out == []
