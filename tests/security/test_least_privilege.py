@@ -227,7 +227,7 @@ def test_a_backfill_with_webhooks_runs_completely_under_the_least_privilege_role
                     ).fetchone()
                 return backfill_status(db_url, backfill.config_id) == "completed" and row == (0,)
 
-            wait_for(settled, timeout_s=80, interval_s=0.5, what="the backfill and the webhooks under nova_worker")
+            wait_for(settled, timeout_s=180, interval_s=0.5, what="the backfill and the webhooks under nova_worker")
             wait_for(
                 lambda: not run_problems(db_url, nylas, backfill, mail_arrived=True),
                 timeout_s=20,

@@ -195,11 +195,12 @@ def test_a_mailbox_changing_mid_listing_still_lists_every_thread_that_did_not_mo
 def test_a_paced_client_stays_under_the_simulators_rate_limit(
     sim: SimulatorHandle, counter: ApiCallCounter, db_url: str
 ) -> None:
-    # Given a simulator that allows 20 calls/s per grant, and a client paced at 15/s
+    # Given a simulator that allows 20 calls/s per grant in bursts of 5, and a client paced at 15/s in bursts of 3
+    # (the smaller burst leaves room for requests that reach the server later than their slot and arrive together)
     sim.faults.rate_limit_per_s = 20
     sim.faults.rate_limit_burst = 5
     with ConnectionPool(db_url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=True) as pool:
-        client = make_client(sim, counter, pacer=Pacer(pool.connection, grant_rate_per_s=15, grant_burst=5))
+        client = make_client(sim, counter, pacer=Pacer(pool.connection, grant_rate_per_s=15, grant_burst=3))
         thread_ids = list(sim.simulator.grants["grant-a"].threads)[:30]
 
         # When it fetches 30 threads as fast as it may
