@@ -14,8 +14,14 @@ import signal
 from pathlib import Path
 
 import psutil
+from dramatiq.cli import RET_KILLED
 
 from tests.processes import Workers
+
+#: The main process's exit status after one of its worker processes died of a signal (the kills here). Dramatiq's
+#: "exited unexpectedly" log line is no proof of that: its log watcher thread may stop before it copies a stopping
+#: main process's last line.
+WORKER_KILLED = RET_KILLED
 
 
 class Fleet:
@@ -32,6 +38,9 @@ class Fleet:
         #: Where each command's current run starts in its (appended) log file.
         self._offsets: list[int] = []
         self.restarts = 0
+        #: The exit status of every main process that exited, in order: `WORKER_KILLED` when it stopped because
+        #: one of its worker processes was killed with SIGKILL.
+        self.exit_codes: list[int] = []
         for i in range(commands):
             self._offsets.append(0)
             self.commands.append(Workers(env, self._log_path(i), self.args))
@@ -49,6 +58,7 @@ class Fleet:
         restarted = 0
         for i, workers in enumerate(self.commands):
             if workers.process.poll() is not None:
+                self.exit_codes.append(workers.process.returncode)
                 workers.stop()
                 self._offsets[i] = self._log_path(i).stat().st_size
                 self.commands[i] = Workers(self.env, self._log_path(i), self.args)
