@@ -31,7 +31,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from . import dead_letters, queries
-from .consumer import DeliveryStart, PGMQConsumer, PGMQMessageProxy
+from .consumer import PGMQConsumer, PGMQMessageProxy, WorkerThreads
 from .database import DEFAULT_POOL_MAX_SIZE, DEFAULT_POOL_TIMEOUT_S, Database
 from .dead_letters import DeadLetter
 from .envelope import QueueHandlerOption
@@ -117,8 +117,6 @@ class PGMQBroker(Broker):
         super().__init__(middleware=middleware)
         self.add_middleware(QueueHandlerOption())
         self.add_middleware(FairnessKeys())
-        # First, so that no other middleware's before_process_message runs for a delivery that will not start.
-        self.add_middleware(DeliveryStart(), before=type(self.middleware[0]))
         self.url = url
         self.visibility_timeout_ms = int(visibility_timeout_s * 1000)
         self.poll_interval_ms = poll_interval_ms
@@ -149,6 +147,7 @@ class PGMQBroker(Broker):
             archive_on_ack=archive_on_ack,
             async_commit=async_commit,
         )
+        self.add_middleware(WorkerThreads(self.settlement.slots))
         #: The actor that takes each queue's foreign messages (see :meth:`set_queue_handler`).
         self.queue_handlers: dict[str, str] = {}
         #: The lease keeper and the LISTEN thread of this process.
@@ -329,7 +328,7 @@ class PGMQBroker(Broker):
         state = self.settlement.states.get(queue_name)
         if state is not None:
             for consumer in list(state.consumers):
-                consumer.wake()
+                consumer.notify()
 
     # -- queue management -------------------------------------------------------------------------------------
 

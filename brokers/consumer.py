@@ -12,8 +12,10 @@ to Dramatiq's consumer thread (which would log a critical line and rebuild the c
 database logs the outage once when it starts and once when it ends.
 
 A fetched row is decoded only after its lease is tracked, one row at a time: a row that cannot become a message
-is dead-lettered with its reason and costs the rows fetched with it nothing. A delivery counts towards
-``max_deliveries`` when it starts running (:class:`DeliveryStart`), not when it is fetched.
+is dead-lettered with its reason and costs the rows fetched with it nothing. A fetch counts each lease towards
+``max_deliveries``; the consumers of a process lease together no more messages than it has worker threads free
+(:class:`~brokers.settlement.Slots`, sized by :class:`WorkerThreads`), so every leased message starts at once and a
+job that kills its process burns no count of a message that never ran.
 
 Dramatiq calls ``ack``/``nack`` from worker threads while the consumer thread iterates, so everything shared is
 guarded by a lock or an :class:`threading.Event`.
@@ -21,7 +23,6 @@ guarded by a lock or an :class:`threading.Event`.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -34,17 +35,18 @@ import psycopg
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.errors import ActorNotFound
 from dramatiq.message import Message
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import Middleware
 from loguru import logger
 
 from .database import Backoff
 from .dead_letters import DeadLetterReason, reason_from_exception
 from .envelope import MAX_COUNT_OPTION, Undecodable, decode_body
 from .errors import DatabaseUnavailable
+from .fairness import FAIRNESS_KEY_OPTION
 from .lease import Lease
-from .settlement import Fetched, Settlement
+from .settlement import Fetched, Settlement, Slots
 
-__all__ = ["KEEP_ON_ACK_OPTION", "DeliveryStart", "PGMQConsumer", "PGMQMessageProxy", "SkippedAtStart"]
+__all__ = ["KEEP_ON_ACK_OPTION", "PGMQConsumer", "PGMQMessageProxy", "WorkerThreads"]
 
 log = logger.bind(component="PGMQBroker")
 
@@ -121,6 +123,9 @@ class PGMQConsumer(Consumer):
         self._closed = False
         self._backoff = Backoff(min_s=OUTAGE_MIN_BACKOFF_S, max_s=OUTAGE_MAX_BACKOFF_S)
         self._retry_at = 0.0
+        #: Whether the queue may hold more visible messages than the last fetch took: only then does the consumer
+        #: ask to be woken when a busy thread frees up (an idle queue waits for a notification or its poll).
+        self._backlog = True
         self.state.consumers.add(self)
 
     @property
@@ -129,13 +134,21 @@ class PGMQConsumer(Consumer):
         return self._iterating and not self._closed
 
     def wake(self) -> None:
-        """End an idle wait now (a notification, an ack that frees prefetch room)."""
+        """End an idle wait now (an ack that frees prefetch room, a free worker thread)."""
+        self._wakeup.set()
+
+    def notify(self) -> None:
+        """A message was sent to the queue: fetch now."""
+        self._backlog = True
         self._wakeup.set()
 
     def discharge(self, lease: Lease) -> None:
-        """Free the prefetch room of a settled delivery this consumer fetched."""
+        """Free the prefetch room and the thread's slot of a settled delivery this consumer fetched (once)."""
         with self._lock:
+            held = lease.msg_id in self._outstanding
             self._outstanding.discard(lease.msg_id)
+        if held:
+            self.settlement.slots.give_back(1)
         self._wakeup.set()
 
     @property
@@ -145,27 +158,6 @@ class PGMQConsumer(Consumer):
             return len(self._outstanding)
 
     # -- settling (Dramatiq's worker calls these with messages of this queue, maybe fetched by an older consumer) --
-
-    def start(self, message: PGMQMessageProxy) -> None:
-        """Count the delivery as started, or skip the message when its lease is gone (or cannot be checked).
-
-        Raises:
-            SkipMessage: The delivery no longer holds the message (another worker may run it) or the database is
-                unavailable; the message is not run here.
-        """
-        lease = message.lease
-        try:
-            if self.settlement.start(lease):
-                return
-            reason = "its lease lapsed and another worker may have it"
-        except DatabaseUnavailable as exc:
-            reason = f"the database is unavailable ({exc}); it runs once its lease lapses"
-        lease.settled = True
-        lease.skipped = True
-        self.settlement.forget([lease])
-        message.consumer.discharge(lease)
-        msg = f"Message {message.message_id} was not started: {reason}"
-        raise SkipMessage(msg)
 
     def ack(self, message: MessageProxy) -> None:
         proxy = _own(message)
@@ -300,10 +292,19 @@ class PGMQConsumer(Consumer):
                 continue
             # Cleared before looking, so a notification or ack that lands after the fetch still wakes the wait.
             self._wakeup.clear()
-            room = max(self.prefetch - self.outstanding_count, 0)
-            wait_s = deadline - time.monotonic()
+            wanted = max(self.prefetch - self.outstanding_count, 0)
+            rows: list[Fetched] = []
             try:
-                rows = self.settlement.fetch(self.state, room) if room or self.state.pending_acks else []
+                with self.settlement.slots.fetching(deadline - time.monotonic()) as turn:
+                    if not turn:
+                        return None
+                    room = self.settlement.slots.free(wanted, self if self._backlog else None) if wanted else 0
+                    if room or self.state.pending_acks:
+                        rows = self.settlement.fetch(self.state, room)
+                    self.settlement.slots.hold(len(rows))
+                if room:
+                    self._backlog = len(rows) >= room
+                wait_s = deadline - time.monotonic()
                 if room and not rows:
                     wait_s = min(wait_s, self.settlement.idle_wait_s(self.queue_name))
             except DatabaseUnavailable:
@@ -312,13 +313,18 @@ class PGMQConsumer(Consumer):
                 continue
             self._backoff.reset()
             if rows:
-                self._accept(rows)
+                leased = 0
+                try:
+                    leased = self._accept(rows)
+                finally:
+                    self.settlement.slots.give_back(len(rows) - leased)
                 continue
             woke = self._wakeup.wait(max(0.0, wait_s))
             if not woke and time.monotonic() >= deadline:
                 return None
 
-    def _accept(self, rows: list[Fetched]) -> None:
+    def _accept(self, rows: list[Fetched]) -> int:
+        """Hand the fetched rows to the worker, each as a message or a dead letter; how many became messages."""
         leased = [(Lease(self.queue_name, row.msg_id, _token(row), row.read_ct or 0), row) for row in rows]
         # Tracked before anything can fail, so that no fetched message is left to lapse unnoticed.
         self.settlement.track([lease for lease, _ in leased])
@@ -332,7 +338,7 @@ class PGMQConsumer(Consumer):
                     reason="undecodable",
                     error_type=type(exc).__name__,
                     error_message=f"The body could not be decoded: {exc}",
-                    attempts=lease.read_ct,
+                    attempts=lease.runs_before,
                 )
             if isinstance(delivery, DeadLetterReason):
                 doomed.append((lease, delivery))
@@ -356,17 +362,18 @@ class PGMQConsumer(Consumer):
                     self.queue_name,
                     why.reason,
                 )
+        return len(good)
 
     def _delivery(self, lease: Lease, row: Fetched) -> PGMQMessageProxy | DeadLetterReason:
-        if lease.read_ct >= self.max_deliveries:
+        if lease.runs_before >= self.max_deliveries:
             return DeadLetterReason(
                 reason="max_deliveries",
                 error_type="MaxDeliveriesExceeded",
                 error_message=(
-                    f"Started {lease.read_ct} times without being settled (max_deliveries={self.max_deliveries}); "
-                    "a worker probably died while running it"
+                    f"Started {lease.runs_before} times without being settled (max_deliveries="
+                    f"{self.max_deliveries}); a worker probably died while running it"
                 ),
-                attempts=lease.read_ct,
+                attempts=lease.runs_before,
             )
         assert row.message is not None and row.enqueued_at is not None
         decoded = decode_body(
@@ -378,45 +385,26 @@ class PGMQConsumer(Consumer):
                 reason=decoded.reason,
                 error_type=decoded.error_type,
                 error_message=decoded.error_message,
-                attempts=lease.read_ct,
+                attempts=lease.runs_before,
             )
+        if row.fairness_key and FAIRNESS_KEY_OPTION not in decoded.options:
+            # A plain JSON message keyed by its queue's key path: its retries are Dramatiq envelopes, keyed by option.
+            decoded.options[FAIRNESS_KEY_OPTION] = row.fairness_key
         lease.message_id = decoded.message_id
         return PGMQMessageProxy(decoded, lease=lease, consumer=self)
 
 
-class SkippedAtStart(logging.Filter):
-    """Drops Dramatiq's "Message ... was skipped." for a delivery skipped at start: the broker logged why, once."""
+class WorkerThreads(Middleware):
+    """Sizes the broker's :class:`~brokers.settlement.Slots` from the worker threads of each Dramatiq worker."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        return not (
-            record.msg == "Message %s was skipped."
-            and isinstance(args, tuple)
-            and bool(args)
-            and isinstance(args[0], PGMQMessageProxy)
-            and args[0].lease.skipped
-        )
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
 
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.slots.add_threads(worker.worker_threads)
 
-#: Dramatiq's worker threads log through this logger.
-DRAMATIQ_WORKER_LOGGER = "dramatiq.worker.WorkerThread"
-_SKIPPED_AT_START = SkippedAtStart()
-
-
-class DeliveryStart(Middleware):
-    """Counts a delivery towards ``max_deliveries`` when it starts running, not when it is fetched.
-
-    The broker puts it first, so its ``before_process_message`` runs before any other: a message buffered behind
-    a job that kills its process never ran and keeps its count, and a delivery whose lease is gone is skipped
-    instead of run a second time next to the worker that holds it now.
-    """
-
-    def __init__(self) -> None:
-        logging.getLogger(DRAMATIQ_WORKER_LOGGER).addFilter(_SKIPPED_AT_START)  # added once, however many brokers
-
-    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        if isinstance(message, PGMQMessageProxy):
-            message.consumer.start(message)
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.slots.remove_threads(worker.worker_threads)
 
 
 def _attempts(retries: object) -> int:

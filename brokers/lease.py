@@ -43,7 +43,7 @@ class Lease:
     queue_name: str
     msg_id: int
     token: datetime
-    #: Runs of the message that started before this delivery (deliveries counted towards max_deliveries).
+    #: Leases of the message so far, this one included (what counts towards max_deliveries).
     read_ct: int
     fetched_at: float = attrs.field(factory=time.monotonic)
     #: The Dramatiq message id, once the body is decoded (for log lines).
@@ -51,16 +51,18 @@ class Lease:
     #: Set before a settlement deletes the message (an ack, which stays leased until its deferred delete, a dead
     #: letter, a retry's resend); the settlement forgets the lease only after the delete.
     settling: bool = False
-    #: Set once the delivery is settled (acked, nacked, requeued, resent, or skipped): later settlements are no-ops.
+    #: Set once the delivery is settled (acked, nacked, requeued or resent): later settlements are no-ops.
     settled: bool = False
     #: Set while a retry's re-enqueue is under way; still set at ack time means the re-enqueue failed.
     resend_pending: bool = False
     #: Set once this delivery's dead letter is recorded (it still held its message): what must happen only when a
     #: message is given up waits for it, since a stale holder's nack changes nothing.
     dead_lettered: bool = False
-    #: Set when its start found the delivery no longer held (or could not check): it did not run, and the broker
-    #: logged why.
-    skipped: bool = False
+
+    @property
+    def runs_before(self) -> int:
+        """Leases of the message before this one: runs that ended without a settlement (a worker died)."""
+        return max(self.read_ct - 1, 0)
 
 
 class LeaseKeeper(BackgroundThread):

@@ -35,18 +35,13 @@ RESEND: LiteralString = (
     " %(delay_ms)s)"
 )
 
-#: Delete the acknowledged deliveries still held, then lease up to %(qty)s visible messages. Rows with ``stale``
-#: are acknowledged deliveries that were no longer held (left alone).
+#: Delete the acknowledged deliveries still held, then lease up to %(qty)s visible messages, counting each lease in
+#: ``read_ct``. Rows with ``stale`` are acknowledged deliveries that were no longer held (left alone). The columns
+#: are those of ``FAIR_FETCH_OF_QUEUE``, whose ``fairness_key`` this queue has none of.
 FETCH: LiteralString = (
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale, null::text as fairness_key"
     " from pgmq_broker.fetch(%(queue)s, %(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s, %(qty)s,"
     " %(vt_ms)s, %(async_commit)s)"
-)
-
-#: Count these deliveries as started, those still holding their lease; returns (msg_id, read_ct) of each counted.
-START: LiteralString = (
-    "select msg_id, read_ct from pgmq_broker.start(%(queue)s, %(ids)s::bigint[], %(tokens)s::timestamptz[],"
-    " %(async_commit)s)"
 )
 
 #: Milliseconds until the queue's next message becomes visible.
@@ -125,17 +120,11 @@ ENABLE_FAIRNESS: LiteralString = (
 DISABLE_FAIRNESS: LiteralString = "select pgmq_broker.disable_fairness(%(queue)s)"
 #: Whether a queue is in fairness mode.
 IS_FAIR: LiteralString = "select pgmq_broker.is_fair(%(queue)s)"
-#: ``FETCH`` for a queue in fairness mode, same parameters: delete the acknowledged ids, then lease up to
-#: %(qty)s visible messages rotating across the queue's keys. For SQL callers; the broker calls the queue's own
-#: function (``brokers.fairness.fair_fetch_query``), which saves a dispatch.
-FAIR_FETCH: LiteralString = (
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
-    " from pgmq_broker.fair_fetch(%(queue)s, %(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s,"
-    " %(qty)s, %(vt_ms)s, %(async_commit)s)"
-)
-#: The same on one queue's own fetch function, ``pgmq_broker.fair_fetch_<queue>`` ({function}).
+#: ``FETCH`` for a queue in fairness mode, same parameters, on the queue's own function
+#: ``pgmq_broker.fair_fetch_<queue>`` ({function}): leases rotate across the queue's keys, and each row has its key.
+#: (SQL callers may use ``pgmq_broker.fair_fetch(queue, ...)``, which dispatches to it.)
 FAIR_FETCH_OF_QUEUE = sql.SQL(
-    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale"
+    "select msg_id, read_ct, enqueued_at, last_read_at, message::text, stale, fairness_key"
     " from pgmq_broker.{function}(%(ack_ids)s::bigint[], %(ack_tokens)s::timestamptz[], %(archive)s, %(qty)s,"
     " %(vt_ms)s, %(async_commit)s)"
 )

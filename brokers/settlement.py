@@ -1,20 +1,25 @@
 """How deliveries end: the commands a consumer calls on the database, each fenced by the delivery's lease.
 
 A delivery is ``(msg_id, token)``, the token being what its fetch wrote in ``last_read_at`` (see
-``brokers/sql/052_fenced_settlements.sql``). Acknowledging, retrying (resend), dead-lettering, releasing, starting
-and extending all match both, so a worker whose lease lapsed while another worker took the message changes nothing;
+``brokers/sql/052_fenced_settlements.sql``). Acknowledging, retrying (resend), dead-lettering, releasing and
+extending all match both, so a worker whose lease lapsed while another worker took the message changes nothing;
 such a stale settlement is logged once, at warning, with the message id.
 
 Acks are deferred: they are deleted by the next fetch of a consumer of the queue in this process, so the ack path
 costs no round trip of its own while the worker is busy. The per-queue :class:`QueueState` holds them, shared by the
 queue's consumers (Dramatiq may replace a consumer while messages it fetched are still running).
+
+A fetch counts each lease towards ``max_deliveries``, so a process leases only what its worker threads can start at
+once (:class:`Slots`): a job that kills its process then costs nothing to messages fetched with it, since each of
+them was running too, and no message waits in a buffer while its count rises.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, LiteralString, Protocol
 
@@ -26,10 +31,10 @@ from psycopg.rows import class_row
 from . import dead_letters, queries
 from .database import Database
 from .dead_letters import DeadLetterReason
-from .fairness import fair_fetch_query
+from .fairness import fair_fetch_query, is_fair
 from .lease import Lease, LeaseKeeper
 
-__all__ = ["Fetched", "QueueState", "Settlement", "Starts", "Waker"]
+__all__ = ["Fetched", "QueueState", "Settlement", "Slots", "Waker"]
 
 log = logger.bind(component="PGMQBroker")
 
@@ -80,11 +85,81 @@ class Fetched:
     """One row of ``pgmq_broker.fetch``: a leased message, or (``stale``) an ack whose delivery was no longer held."""
 
     msg_id: int
+    #: Leases of the message so far, this one included.
     read_ct: int | None
     enqueued_at: datetime | None
     last_read_at: datetime | None
     message: str | None
     stale: bool
+    #: The message's fairness key, on a queue in fairness mode ('' for the group of messages without one).
+    fairness_key: str | None
+
+
+class Slots:
+    """The worker threads of this process free to start a message: its consumers lease no more than that, together.
+
+    Dramatiq's worker adds its thread count when it boots (``brokers.consumer.WorkerThreads``); without a worker (a
+    consumer used on its own) only the consumer's prefetch limits a fetch. The consumers of a process fetch one at
+    a time (:meth:`fetching`), each for at most the free threads, and :meth:`hold` what they leased; each leased
+    message gives its slot back when it is settled. A consumer that wanted more than was free is woken then.
+    """
+
+    def __init__(self) -> None:
+        #: Worker threads of this process, or None without a worker.
+        self.threads: int | None = None
+        #: Messages leased by this process and not settled yet.
+        self.running = 0
+        self._waiting: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()
+
+    def add_threads(self, count: int) -> None:
+        with self._lock:
+            self.threads = (self.threads or 0) + count
+        self._wake_waiting()
+
+    def remove_threads(self, count: int) -> None:
+        with self._lock:
+            remaining = (self.threads or 0) - count
+            self.threads = remaining if remaining > 0 else None
+
+    @contextmanager
+    def fetching(self, timeout_s: float) -> Iterator[bool]:
+        """Hold the process's turn to fetch (False when it did not come within `timeout_s`)."""
+        acquired = self._fetch_lock.acquire(timeout=max(timeout_s, 0.0))
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._fetch_lock.release()
+
+    def free(self, wanted: int, waker: Waker | None) -> int:
+        """How many of `wanted` messages may be leased now; `waker` is woken at the next settlement if fewer."""
+        with self._lock:
+            granted = wanted if self.threads is None else max(0, min(wanted, self.threads - self.running))
+            if granted < wanted and waker is not None:
+                self._waiting.add(waker)
+        return granted
+
+    def hold(self, count: int) -> None:
+        """Count `count` leased messages as running (call it in :meth:`fetching`, after the fetch)."""
+        with self._lock:
+            self.running += count
+
+    def give_back(self, count: int) -> None:
+        """`count` held messages were settled (or never became messages): their threads are free again."""
+        if count <= 0:
+            return
+        with self._lock:
+            self.running -= count
+        self._wake_waiting()
+
+    def _wake_waiting(self) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for waker in waiting:
+            waker.wake()
 
 
 class Settlement:
@@ -117,8 +192,9 @@ class Settlement:
         self.async_commit = async_commit
         self.keeper: LeaseKeeper | None = None
         self.states: dict[str, QueueState] = {}
+        #: The worker threads free to start a message, shared by every consumer of this process.
+        self.slots = Slots()
         self._lock = threading.Lock()
-        self._starts = Starts(self._count_starts)
 
     def queue_state(self, queue_name: str) -> QueueState:
         state = self.states.get(queue_name)
@@ -171,7 +247,8 @@ class Settlement:
         return [row for row in rows if not row.stale]
 
     def _fetch_query(self, state: QueueState) -> LiteralString | bytes:
-        [(fair,)] = self.database.execute(queries.IS_FAIR, {"queue": state.name})
+        with self.database.connection() as conn:
+            fair = is_fair(conn, state.name)
         state.fetch_query = fair_fetch_query(state.name) if fair else queries.FETCH
         return state.fetch_query
 
@@ -190,57 +267,25 @@ class Settlement:
 
     # -- settling ---------------------------------------------------------------------------------------------
 
-    def start(self, lease: Lease) -> bool:
-        """Count the delivery as started (towards ``max_deliveries``); False when it no longer holds its message.
-
-        Worker threads starting at the same moment share one round trip (see :class:`Starts`).
-
-        Raises:
-            DatabaseUnavailable: Nothing was counted.
-        """
-        count = self._starts.start(lease)
-        if count is None:
-            log_stale("start", lease)
-            return False
-        lease.read_ct = count
-        return True
-
-    def _count_starts(self, leases: list[Lease]) -> dict[tuple[str, int], int]:
-        by_queue: dict[str, list[Lease]] = {}
-        for lease in leases:
-            by_queue.setdefault(lease.queue_name, []).append(lease)
-        counts: dict[tuple[str, int], int] = {}
-        for queue_name, group in by_queue.items():
-            params = {
-                "queue": queue_name,
-                "ids": [lease.msg_id for lease in group],
-                "tokens": [lease.token for lease in group],
-                "async_commit": self.async_commit,
-            }
-            counts.update(
-                ((queue_name, msg_id), count) for msg_id, count in self.database.execute(queries.START, params)
-            )
-        return counts
-
     def ack(self, lease: Lease) -> None:
         """Defer the delete of an acknowledged delivery to the queue's next fetch."""
         lease.settling = True
         self.queue_state(lease.queue_name).add_ack(lease)
 
     def keep(self, lease: Lease) -> None:
-        """Leave a processed message where it is: it comes back after a visibility timeout, uncounted."""
+        """Leave a processed message where it is: it comes back after a visibility timeout, its lease uncounted."""
         self.forget([lease])
         self.release([lease], uncount=True, delay_ms=self.visibility_timeout_ms, settlement="keep")
 
     def requeue(self, leases: Sequence[Lease]) -> None:
-        """Make deliveries that never started visible again at once."""
+        """Make deliveries that never started visible again at once, their leases uncounted."""
         self.forget(leases)
-        self.release(leases, uncount=False, settlement="requeue")
+        self.release(leases, uncount=True, settlement="requeue")
 
     def release(
         self, leases: Sequence[Lease], *, uncount: bool, delay_ms: int = 0, settlement: str = "release"
     ) -> None:
-        """Make held deliveries visible again after `delay_ms`; with `uncount`, their start is not counted.
+        """Make held deliveries visible again after `delay_ms`; with `uncount`, their lease is not counted.
 
         A delivery no longer held is left alone, and logged once as a stale `settlement`.
         """
@@ -305,72 +350,6 @@ class Settlement:
             log_stale("retry", lease)
             return False
         return True
-
-
-@attrs.define(eq=False)
-class _Start:
-    lease: Lease
-    done: threading.Event = attrs.field(factory=threading.Event)
-    count: int | None = None
-    error: BaseException | None = None
-    #: Set on the first waiting start when the statement before it is done: it runs the next one.
-    leads: bool = False
-
-
-class Starts:
-    """Counts deliveries as started with one statement for every worker thread starting at the same moment.
-
-    A group commit: the first thread to arrive runs the statement for itself and every start queued meanwhile;
-    the threads arriving while it runs wait, and the first of them runs the next statement for all of them.
-
-    Parameters:
-        count: Runs the statement for some leases; returns the new count of each counted ``(queue, msg_id)``.
-    """
-
-    def __init__(self, count: Callable[[list[Lease]], dict[tuple[str, int], int]]) -> None:
-        self._count = count
-        self._queued: list[_Start] = []
-        self._running = False
-        self._lock = threading.Lock()
-
-    def start(self, lease: Lease) -> int | None:
-        """The delivery's new count, or None when it no longer holds its message.
-
-        Raises:
-            DatabaseUnavailable: The statement that carried this start failed.
-        """
-        entry = _Start(lease)
-        with self._lock:
-            self._queued.append(entry)
-            leads = not self._running
-            self._running = True
-        if not leads:
-            entry.done.wait()
-        if leads or entry.leads:
-            self._run_queued()
-        if entry.error is not None:
-            raise entry.error
-        return entry.count
-
-    def _run_queued(self) -> None:
-        with self._lock:
-            batch, self._queued = self._queued, []
-        try:
-            counts = self._count([entry.lease for entry in batch])
-        except BaseException as exc:
-            counts = {}
-            for entry in batch:
-                entry.error = exc
-        for entry in batch:
-            entry.count = counts.get((entry.lease.queue_name, entry.lease.msg_id))
-        with self._lock:
-            if self._queued:
-                self._queued[0].leads = True
-                self._queued[0].done.set()
-            else:
-                self._running = False
-        for entry in batch:
-            entry.done.set()
 
 
 def log_stale(settlement: str, lease: Lease) -> None:

@@ -1,18 +1,17 @@
--- Settlements fenced by the lease, and deliveries counted when they start running.
+-- Settlements fenced by the lease.
 --
 -- A delivery is (msg_id, last_read_at): the token its fetch wrote. Extend and release already matched both; here
 -- ack (inside fetch), resend and dead_letter do too, so a worker whose lease lapsed (frozen, its heartbeat failed)
 -- and whose message another worker took since can no longer delete, retry or dead-letter that worker's copy: its
 -- settlement matches no row and changes nothing.
 --
--- read_ct counts deliveries that started running (pgmq_broker.start), no longer every fetch: a message buffered
--- behind a job that kills its process never ran, and must not be dead-lettered for it.
---
--- The unfenced functions of 001 stay, unused, for workers of the previous release during a rolling deploy.
+-- read_ct counts leases, as pgmq.read does. A worker leases only as many messages as it has idle threads (see
+-- brokers/consumer.py), so a leased message starts running at once: a job that kills its process cannot burn the
+-- count of messages buffered behind it, since none are.
 
 -- Delete (or archive) the acknowledged deliveries still held, then hide up to p_qty visible messages for p_vt_ms
 -- milliseconds and return them (stale = false). An acknowledged delivery no longer held is left alone and
--- returned as a row with stale = true and only its msg_id. Leasing does not change read_ct (see start).
+-- returned as a row with stale = true and only its msg_id. Leasing adds one to read_ct.
 create or replace function pgmq_broker.fetch(
     p_queue text, p_ack_ids bigint[], p_ack_tokens timestamptz[], p_archive boolean, p_qty integer, p_vt_ms integer,
     p_async_commit boolean
@@ -70,34 +69,13 @@ begin
         )
         update pgmq.%1$I m
         set last_read_at = clock_timestamp(),
-            vt = clock_timestamp() + $2 * interval '1 millisecond'
+            vt = clock_timestamp() + $2 * interval '1 millisecond',
+            read_ct = m.read_ct + 1
         from cte
         where m.msg_id = cte.msg_id
         returning m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, false
         $q$, v_qtable)
     using p_qty, p_vt_ms;
-end;
-$$;
-
--- Count the listed deliveries as started running, those that still hold their lease. Returns the msg_id and new
--- count of each one counted; a delivery missing from the result is no longer held (its lease lapsed and another
--- worker took the message, or it was settled). Worker threads that start at the same moment share one call.
-create or replace function pgmq_broker.start(p_queue text, p_ids bigint[], p_tokens timestamptz[], p_async_commit boolean)
-returns table (msg_id bigint, read_ct integer)
-language plpgsql volatile as $$
-begin
-    if p_async_commit then
-        perform set_config('synchronous_commit', 'off', true);
-    end if;
-    return query execute format(
-        $q$
-        update pgmq.%I m
-        set read_ct = m.read_ct + 1
-        from unnest($1, $2) as s(msg_id, token)
-        where m.msg_id = s.msg_id and m.last_read_at = s.token
-        returning m.msg_id, m.read_ct
-        $q$, pgmq.format_table_name(p_queue, 'q'))
-    using p_ids, p_tokens;
 end;
 $$;
 

@@ -2,7 +2,7 @@
 -- requeue, keep or release is logged with the message id, not just counted).
 --
 -- Make the deliveries still held (msg_id and token match) visible again after p_delay_ms; with p_uncount their
--- start is not counted. A delivery no longer held is left alone and not returned.
+-- lease is not counted (they did not run, or ran without consequence). A delivery no longer held is left alone and not returned.
 create or replace function pgmq_broker.release_held(
     p_queue text, p_ids bigint[], p_tokens timestamptz[], p_delay_ms integer, p_uncount boolean
 ) returns setof bigint

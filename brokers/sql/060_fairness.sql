@@ -156,7 +156,7 @@ begin
         -- 3. Lease. A new statement, so its snapshot includes every lease committed before the key locks were
         -- granted: the in-flight count below is exact for the keys this fetch holds.
         v_pass_served := '{}';
-        -- Leasing does not count the delivery: pgmq_broker.start does, when it starts running.
+        -- Leasing counts the delivery, as pgmq_broker.fetch does.
         for msg_id, read_ct, enqueued_at, last_read_at, message, fairness_key in
             with keys as (
                 select u.key, u.room, u.ord from unnest(v_keys, v_rooms) with ordinality as u(key, room, ord)
@@ -196,7 +196,8 @@ begin
             )
             update pgmq.%1$I m
             set last_read_at = clock_timestamp(),
-                vt = clock_timestamp() + p_vt_ms * interval '1 millisecond'
+                vt = clock_timestamp() + p_vt_ms * interval '1 millisecond',
+                read_ct = m.read_ct + 1
             from chosen
             where m.msg_id = chosen.msg_id
             returning m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.fairness_key

@@ -1,10 +1,9 @@
-"""The settlement's commands against a real queue: starts counted once each, stale deliveries left alone."""
+"""The settlement's commands against a real queue: stale deliveries left alone, leases only for free threads."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dramatiq
@@ -14,6 +13,7 @@ from dramatiq.middleware import Middleware
 
 from brokers import PGMQBroker
 from brokers.consumer import PGMQMessageProxy
+from brokers.settlement import Slots
 
 from .conftest import wait_until, warnings_of
 
@@ -83,64 +83,77 @@ def test_a_stale_retry_is_not_reported_as_enqueued(
     assert len(stale_warnings) == 1
 
 
-def test_worker_threads_starting_together_count_each_delivery_once(
-    broker: PGMQBroker, conn: psycopg.Connection
+#: Leases of a queue right now: rows hidden by a fetch.
+LEASED = "select count(*) from pgmq.{table} where last_read_at is not null and vt > clock_timestamp()"
+
+
+def leased(conn: psycopg.Connection, queue_name: str) -> int:
+    row = conn.execute(LEASED.format(table=f"q_{queue_name}")).fetchone()  # the names are the tests' literals
+    return int(row[0]) if row else 0
+
+
+def test_a_worker_leases_no_more_messages_than_it_has_threads_across_its_queues(
+    broker: PGMQBroker, make_worker: Any, conn: psycopg.Connection
 ) -> None:
-    # Given 16 fetched deliveries, one of which another worker took since (its token changed)
-    proxies = fetch_all(broker, "starting", 16)
-    taken = proxies[5].lease.msg_id
-    conn.execute("update pgmq.q_starting set last_read_at = clock_timestamp() where msg_id = %s", [taken])
-
-    # When 16 worker threads start them at the same moment
-    barrier = threading.Barrier(16)
-
-    def start(proxy: PGMQMessageProxy) -> bool:
-        barrier.wait()
-        return broker.settlement.start(proxy.lease)
-
-    with ThreadPoolExecutor(16) as threads:
-        started = list(threads.map(start, proxies))
-
-    # Then each held delivery was counted once, and the one taken elsewhere was not started or counted
-    assert started == [proxy.lease.msg_id != taken for proxy in proxies]
-    counts = dict(conn.execute("select msg_id, read_ct from pgmq.q_starting").fetchall())
-    assert counts == {proxy.lease.msg_id: 0 if proxy.lease.msg_id == taken else 1 for proxy in proxies}
-    assert all(proxy.lease.read_ct == 1 for proxy in proxies if proxy.lease.msg_id != taken)
-
-
-def test_a_stale_start_is_logged_once(
-    broker: PGMQBroker,
-    make_worker: Any,
-    conn: psycopg.Connection,
-    stale_warnings: list[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Given a worker with one thread, busy with one message while the next one waits in its buffer
-    busy = threading.Event()
+    # Given two queues of 10 messages each, whose jobs wait until the test lets them finish
     release = threading.Event()
-    ran: list[int] = []
+    running: list[str] = []
 
-    @dramatiq.actor(queue_name="stale_start", broker=broker)
-    def job(n: int) -> None:
-        ran.append(n)
-        if n == 1:
-            busy.set()
-            release.wait(10)
+    @dramatiq.actor(queue_name="slots_a", broker=broker)
+    def job_a(n: int) -> None:
+        running.append(f"a{n}")
+        release.wait(10)
 
-    first = job.send(1)
-    second = job.send(2)
-    make_worker(broker, threads=1)
-    assert busy.wait(10)
+    @dramatiq.actor(queue_name="slots_b", broker=broker)
+    def job_b(n: int) -> None:
+        running.append(f"b{n}")
+        release.wait(10)
 
-    # When another worker takes the buffered message meanwhile (its token changes), and the busy one finishes
-    conn.execute(
-        "update pgmq.q_stale_start set last_read_at = clock_timestamp() where message->>'message_id' = %s",
-        [second.message_id],
-    )
+    broker.enqueue_many([job_a.message(n) for n in range(10)] + [job_b.message(n) for n in range(10)])
+
+    # When a worker of 3 threads runs (its consumers would prefetch 6 messages each)
+    worker = make_worker(broker, threads=3)
+    wait_until(lambda: len(running) == 3, what="three jobs running")
+
+    # Then exactly the three running messages are leased (and counted), none waits in a buffer
+    assert leased(conn, "slots_a") + leased(conn, "slots_b") == 3
+    counted = conn.execute(
+        "select count(*) from (select read_ct from pgmq.q_slots_a union all select read_ct from pgmq.q_slots_b) r"
+        " where read_ct > 0"
+    ).fetchone()
+    assert counted == (3,)
+
+    # And once they finish, every message runs, and no slot is lost
     release.set()
+    broker.join("slots_a", timeout=10_000)
+    broker.join("slots_b", timeout=10_000)
+    assert sorted(running) == sorted([f"a{n}" for n in range(10)] + [f"b{n}" for n in range(10)])
+    worker.stop(timeout=10_000)
+    assert broker.settlement.slots.running == 0
 
-    # Then the buffered message is not run, and that is said once, with its message id
-    wait_until(lambda: len(stale_warnings) == 1, what="the stale start's warning")
-    assert ran == [1]
-    assert second.message_id in stale_warnings[0] and first.message_id not in stale_warnings[0]
-    assert "was skipped" not in caplog.text
+
+class Waiter:
+    woken = 0
+
+    @property
+    def iterating(self) -> bool:
+        return True
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def test_a_consumer_short_of_slots_is_woken_when_a_message_is_settled() -> None:
+    # Given two slots, both running a message
+    slots, first, second = Slots(), Waiter(), Waiter()
+    slots.add_threads(2)
+    assert slots.free(2, first) == 2
+    slots.hold(2)
+
+    # When another consumer wants one, then a message is settled
+    assert slots.free(1, second) == 0
+    slots.give_back(1)
+
+    # Then the waiting consumer is woken and gets the free slot, and only that one
+    assert (second.woken, first.woken) == (1, 0)
+    assert slots.free(5, second) == 1
