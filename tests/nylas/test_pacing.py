@@ -15,6 +15,10 @@ from psycopg_pool import ConnectionPool
 
 from nova_email.nylas import ApiCallCounter, NylasClient, PacingLimitReached, RateLimited, build_session
 from nova_email.nylas.pacing import Pacer, start_job
+from nova_email.simulator import SimulatorHandle, serve_in_thread
+
+#: The simulator's API key.
+SIM_API_KEY = "sim-pacing-key-0123456789"
 
 
 @pytest.fixture
@@ -52,8 +56,9 @@ def test_a_rested_grant_bursts_then_is_spaced_at_its_rate(pool: ConnectionPool[A
 
 
 def test_grants_have_their_own_buckets(pool: ConnectionPool[Any]) -> None:
-    pacer = Pacer(pool.connection, grant_rate_per_s=2, grant_burst=1, max_wait_ms=10_000)
-    pacer.acquire("busy")
+    pacer = Pacer(pool.connection, grant_rate_per_s=2, grant_burst=1, max_wait_ms=10_000, sleep=lambda _: None)
+    for _ in range(3):
+        pacer.acquire("busy")  # the next slot of "busy" is 1.5 s away
 
     assert pacer.acquire("idle") == 0
     with pytest.raises(PacingLimitReached):
@@ -74,22 +79,26 @@ def test_api_delay_ms_is_a_minimum_spacing_without_bursts(pool: ConnectionPool[A
 
 
 def test_a_slot_beyond_max_wait_is_handed_back_as_rate_limited_and_not_reserved(pool: ConnectionPool[Any]) -> None:
+    # Given a grant spaced 1 s apart whose next three slots are taken by other threads
+    others = Pacer(pool.connection, grant_rate_per_s=1, grant_burst=1, max_wait_ms=60_000, sleep=lambda _: None)
+    for _ in range(3):
+        others.acquire("g1")
+    # ... and a pacer whose calls wait at most 200 ms, so at most two intervals (2 s): a job's own spacing
     slept: list[float] = []
     pacer = Pacer(pool.connection, grant_rate_per_s=1, grant_burst=1, max_wait_ms=200, sleep=slept.append)
-    pacer.acquire("g1")
 
     with pytest.raises(RateLimited) as caught:
         pacer.acquire("g1")
 
     assert isinstance(caught.value, PacingLimitReached)
-    assert 800 <= caught.value.retry_after_ms <= 1000 and caught.value.grant_id == "g1"
+    assert 2000 < caught.value.retry_after_ms <= 3000 and caught.value.grant_id == "g1"
     assert slept == []  # nothing slept: the worker thread is free at once
     with pool.connection() as conn:
-        # Only the first call is reserved: the next slot is one interval after it, not two.
+        # Only the three calls are reserved: the next slot is three intervals out, not four.
         (pending_ms,) = conn.execute(
             "select extract(epoch from tat - clock_timestamp()) * 1000 from nylas_pacing_buckets where key = 'grant:g1'"
         ).fetchone()
-    assert pending_ms <= 1000
+    assert pending_ms <= 3000
 
 
 def test_a_job_whose_grant_is_saturated_goes_back_at_its_first_call_instead_of_sleeping(
@@ -213,3 +222,61 @@ def test_the_sql_function_is_usable_alone_by_rate_and_burst(conn: psycopg.Connec
     assert waits[:2] == [0, 0]
     # Slots 250 ms apart after the burst of 2, less the time the calls themselves took.
     assert 0 < waits[2] <= 250 < waits[3] <= 500, waits
+
+
+# -- later calls of a started job, against the simulator -------------------------------------------------------------
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorHandle]:
+    with serve_in_thread(seed=3, grants=["g-later"], threads_per_grant=5, api_key=SIM_API_KEY) as handle:
+        yield handle
+
+
+def sim_client(sim: SimulatorHandle, pacer: Pacer, counter: ApiCallCounter) -> NylasClient:
+    session = build_session(max_retries=0, counter=counter)
+    return NylasClient(api_key=SIM_API_KEY, api_uri=sim.base_url, pacer=pacer, session=session, counter=counter)
+
+
+def test_a_later_call_of_a_started_job_goes_back_instead_of_holding_its_thread_for_seconds(
+    pool: ConnectionPool[Any], sim: SimulatorHandle
+) -> None:
+    # Given a job that has made its first call to a grant paced at 10 calls/s
+    slept: list[float] = []
+    counter = ApiCallCounter()
+    client = sim_client(sim, Pacer(pool.connection, grant_rate_per_s=10, grant_burst=1, sleep=slept.append), counter)
+    start_job()
+    client.list_threads("g-later", limit=5)
+    # ... when other worker threads have taken the grant's next 20 slots (2 s of its budget)
+    others = Pacer(pool.connection, grant_rate_per_s=10, grant_burst=1, max_wait_ms=60_000, sleep=lambda _: None)
+    for _ in range(20):
+        others.acquire("g-later")
+
+    # When the job makes its next call
+    with pytest.raises(PacingLimitReached) as caught:
+        client.list_messages("g-later", limit=5)
+
+    # Then it sleeps not at all: the job goes back with the delay the bucket names, and no request was sent
+    assert slept == []
+    assert caught.value.retry_after_ms >= 1_500 and caught.value.grant_id == "g-later"
+    assert counter.total() == 1
+    client.close()
+
+
+def test_the_calls_of_a_job_spaced_by_api_delay_ms_still_wait_for_their_slot(
+    pool: ConnectionPool[Any], sim: SimulatorHandle
+) -> None:
+    # Given API_DELAY_MS=1000, a spacing longer than a later call's usual bound
+    slept: list[float] = []
+    counter = ApiCallCounter()
+    pacer = Pacer(pool.connection, grant_rate_per_s=10, min_interval_ms=1_000, sleep=slept.append)
+    client = sim_client(sim, pacer, counter)
+    start_job()
+
+    client.list_threads("g-later", limit=5)
+    client.list_messages("g-later", limit=5)
+
+    # Then the second call waited for its slot one spacing later: a job of several calls is never sent back for ever
+    assert len(slept) == 1 and 0 < slept[0] <= 1.0, slept
+    assert counter.total() == 2
+    client.close()
