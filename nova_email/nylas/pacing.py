@@ -13,8 +13,8 @@ and the thread takes another grant's job. Later calls of a started job wait at m
 grant's slots at the default rate) and never less than two of the grant's intervals, so that a job whose calls are
 spaced by ``API_DELAY_MS`` still completes. When other threads' calls of the same grant have pushed the slot
 further (a rested grant's burst let several jobs start at once), the rest of the job goes back the same way, without
-using an attempt: every job is idempotent, a backfill resumes from the listing page it recorded last, and the calls
-the job made are not made again by a job that resumes (a backfill) or cost one call (a thread or webhook job).
+using an attempt. Every job is idempotent: a deferred backfill resumes from the listing page it recorded last, and
+a deferred thread or webhook job makes its first call or two again.
 
 Compatibility with the original's settings:
 
