@@ -11,7 +11,8 @@ pacing's fault). Printed, from one run:
                 NYLAS_GRANT_BURST calls go at once), and what this machine allows: the wall time of the very same
                 work (the same inboxes, windows and queueing order) with pacing off and a simulator without limits,
                 measured after the paced run in the same invocation, warm. Pacing only adds waits, so the paced run cannot beat it; a
-                result above 100 % means the machine was busier during the unpaced run, and is printed as such.
+                result above 100 % means the unpaced measurement came out slower (noise, or a busier machine), and is printed as
+                such.
     efficiency  ideal / wall
     per inbox   time to its first synced thread and to its last (p50 and max), from its backfill being queued
     small inbox queued after the big ones: its completion time, and whether it finished before any big one did
@@ -316,7 +317,11 @@ def many_tenants(server_url: str, args: argparse.Namespace) -> None:
         f"{args.rate:g}/s = {paced_s:.1f} s; the machine: the same work unpaced took {machine_s:.1f} s)"
     )
     efficiency = 100 * ideal / wall
-    note = "  (above 100 %: the machine was busier during the unpaced run; run again)" if efficiency > 100 else ""
+    note = (
+        "  (above 100 %: the unpaced run measured slower, noise or a busier machine; run again)"
+        if efficiency > 100
+        else ""
+    )
     print(f"  efficiency (ideal / wall)    {efficiency:8.0f} %{note}")
     print(f"  first synced thread          p50 {statistics.median(firsts):5.1f} s, max {max(firsts):5.1f} s")
     print(f"  inbox completed              p50 {statistics.median(lasts):5.1f} s, max {max(lasts):5.1f} s")
