@@ -18,7 +18,8 @@
 ALTER DEFAULT PRIVILEGES IN SCHEMA pgmq_broker GRANT EXECUTE ON FUNCTIONS TO nova_worker;
 
 -- 2. The per-queue functions that exist now, including those created after 095 ran: fair_<verb>_<queue> for each
--- queue in fairness mode, by name. Not every function of pgmq_broker: the admin and set-up functions stay the owner's.
+-- queue in fairness mode, by name (the queue's name compared as text, never as a pattern). Not every function of
+-- pgmq_broker: the admin and set-up functions stay the owner's.
 DO $$
 DECLARE
     v_func regprocedure;
@@ -26,8 +27,8 @@ BEGIN
     FOR v_func IN
         SELECT p.oid::regprocedure
           FROM pg_proc p
-          JOIN pgmq_broker.fair_queues q ON p.proname ~ ('^fair_[a-z]+_' || q.queue_name || '$')
-         WHERE p.pronamespace = 'pgmq_broker'::regnamespace
+          JOIN pgmq_broker.fair_queues q ON regexp_replace(p.proname, '^fair_[a-z]+_', '') = lower(q.queue_name)
+         WHERE p.pronamespace = 'pgmq_broker'::regnamespace AND p.proname ~ '^fair_[a-z]+_'
            AND p.proname NOT IN ('fair_create_fetch', 'fair_key_column', 'fair_keys_on_insert')
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO nova_worker', v_func);
