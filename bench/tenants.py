@@ -6,8 +6,13 @@ NYLAS_GRANT_RATE per grant, against a simulator that allows each grant a little 
 pacing's fault). Printed, from one run:
 
     wall        from the first backfill queued to the last thread synced
-    ideal       the largest of: max over grants of that grant's calls / its rate (grants are independent), and the
-                time the same total work takes as one unpaced tenant on this machine (measured first, same run)
+    ideal       a lower bound on the wall time, the larger of two: what the rate allows the busiest grant (its calls
+                after the burst / NYLAS_GRANT_RATE: grants are independent, and a rested grant's first
+                NYLAS_GRANT_BURST calls go at once), and what this machine allows: the wall time of the very same
+                work (the same inboxes, windows and queueing order) with pacing off and a simulator without limits,
+                measured after the paced run in the same invocation, warm. Pacing only adds waits, so the paced run cannot beat it; a
+                result above 100 % means the unpaced measurement came out slower (noise, or a busier machine), and is printed as
+                such.
     efficiency  ideal / wall
     per inbox   time to its first synced thread and to its last (p50 and max), from its backfill being queued
     small inbox queued after the big ones: its completion time, and whether it finished before any big one did
@@ -147,7 +152,7 @@ class Run:
         env = {**os.environ, "DATABASE_URL": self.url, "NYLAS_API_URI": proxy_url, "NYLAS_API_KEY": "bench",
                "COMPLETION_CHECK_INTERVAL_MS": "1000", "LOG_LEVEL": "warning", "THREAD_DELAY_MS": "0",
                "MESSAGE_DELAY_MS": "0", "API_DELAY_MS": "0",
-               "NYLAS_GRANT_RATE": f"{rate:g}", "NYLAS_GRANT_BURST": str(max(int(rate), 1))}  # fmt: skip
+               "NYLAS_GRANT_RATE": f"{rate:g}", "NYLAS_GRANT_BURST": str(grant_burst(rate))}  # fmt: skip
         (ROOT / ".nova").mkdir(exist_ok=True)
         self.log = open(ROOT / ".nova" / "bench-tenants-workers.log", "ab")  # noqa: SIM115
         self.workers = subprocess.Popen(
@@ -260,30 +265,45 @@ class Run:
             admin.execute(f'drop database if exists "{self.name}" with (force)')
 
 
-def unpaced_tenant(server_url: str, args: argparse.Namespace) -> float:
-    """Seconds this machine takes for the whole run's work as one tenant, unpaced: the machine's share of the ideal."""
-    run = Run(server_url, grants=1, threads=args.inboxes * args.threads, rate=0, args=args)
-    try:
-        times = run.backfill_all({run.grants[0]: 365}, timeout_s=3600)
-    finally:
-        run.close()
-    return times[run.grants[0]]["last"]
+def grant_burst(rate: float) -> int:
+    """NYLAS_GRANT_BURST of the paced run: a second's worth of calls."""
+    return max(int(rate), 1)
 
 
-def many_tenants(server_url: str, args: argparse.Namespace, machine_s: float) -> None:
-    # One grant more than the big inboxes: the small inbox, queued last.
-    run = Run(server_url, grants=args.inboxes + 1, threads=args.threads, rate=args.rate, args=args)
+def tenants_run(
+    server_url: str, args: argparse.Namespace, *, rate: float
+) -> tuple[dict[str, dict[str, float]], Counter[tuple[str, int]], Run]:
+    """The inboxes of one invocation (`--inboxes` big ones, then the small one, queued last), paced at `rate`
+    (0: unpaced); per grant its first and last synced thread, the calls counted by the proxy, and the closed run."""
+    run = Run(server_url, grants=args.inboxes + 1, threads=args.threads, rate=rate, args=args)
     big, small = run.grants[:-1], run.grants[-1]
     try:
         times = run.backfill_all({**dict.fromkeys(big, 365), small: SMALL_WINDOW_DAYS}, timeout_s=3600)
         calls = run.calls()
     finally:
         run.close()
+    return times, calls, run
+
+
+def unpaced_wall(server_url: str, args: argparse.Namespace) -> float:
+    """Seconds this machine takes for the very same work with pacing off: the machine's lower bound."""
+    times, _, _ = tenants_run(server_url, args, rate=0)
+    return max(t["last"] for t in times.values())
+
+
+def many_tenants(server_url: str, args: argparse.Namespace) -> None:
+    times, calls, run = tenants_run(server_url, args, rate=args.rate)
+    # Measured after the paced run, so that it runs warm: any start-up cost falls on the paced run, never on the
+    # bound, and the efficiency errs low.
+    machine_s = unpaced_wall(server_url, args)
+    big, small = run.grants[:-1], run.grants[-1]
     wall = max(t["last"] for t in times.values())
     answered = Counter({grant: n for (grant, status), n in calls.items() if status == 200})
     limited = sum(n for (_, status), n in calls.items() if status == 429)
     busiest = max(answered.values())
-    ideal = max(busiest / args.rate, machine_s)
+    burst = grant_burst(args.rate)
+    paced_s = max(busiest - burst, 0) / args.rate
+    ideal = max(paced_s, machine_s)
     firsts = [times[g]["first"] for g in big]
     lasts = [times[g]["last"] for g in big]
     small_done = times[small]["last"]
@@ -293,10 +313,16 @@ def many_tenants(server_url: str, args: argparse.Namespace, machine_s: float) ->
     )
     print(f"  wall time                    {wall:8.1f} s (first backfill queued -> last thread synced)")
     print(
-        f"  ideal                        {ideal:8.1f} s (busiest grant {busiest} calls / {args.rate:g}/s = "
-        f"{busiest / args.rate:.1f} s; the same work as one unpaced tenant: {machine_s:.1f} s)"
+        f"  ideal (a lower bound)        {ideal:8.1f} s (the rate: busiest grant ({busiest} calls - burst {burst}) / "
+        f"{args.rate:g}/s = {paced_s:.1f} s; the machine: the same work unpaced took {machine_s:.1f} s)"
     )
-    print(f"  efficiency (ideal / wall)    {100 * ideal / wall:8.0f} %")
+    efficiency = 100 * ideal / wall
+    note = (
+        "  (above 100 %: the unpaced run measured slower, noise or a busier machine; run again)"
+        if efficiency > 100
+        else ""
+    )
+    print(f"  efficiency (ideal / wall)    {efficiency:8.0f} %{note}")
     print(f"  first synced thread          p50 {statistics.median(firsts):5.1f} s, max {max(firsts):5.1f} s")
     print(f"  inbox completed              p50 {statistics.median(lasts):5.1f} s, max {max(lasts):5.1f} s")
     print(
@@ -319,8 +345,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="NYLAS_GRANT_RATE (the simulator allows 10 % more)")
     args = parser.parse_args()
     server_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    machine_s = unpaced_tenant(server_url, args)
-    many_tenants(server_url, args, machine_s)
+    many_tenants(server_url, args)
     return 0
 
 

@@ -33,7 +33,7 @@ from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware
 from loguru import logger
 from psycopg import sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 
 from . import queries
 
@@ -110,8 +110,9 @@ def disable_fairness(conn: psycopg.Connection[Any], queue_name: str) -> None:
 
 def is_fair(conn: psycopg.Connection[Any], queue_name: str) -> bool:
     """Whether `queue_name` is in fairness mode."""
-    row = conn.execute(queries.IS_FAIR, {"queue": queue_name}).fetchone()
-    return bool(row and row[0])
+    with conn.cursor(row_factory=scalar_row) as cursor:
+        fair = cursor.execute(queries.IS_FAIR, {"queue": queue_name}).fetchone()
+    return fair is True
 
 
 def fair_queue(conn: psycopg.Connection[Any], queue_name: str) -> FairQueue | None:

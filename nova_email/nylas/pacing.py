@@ -9,8 +9,12 @@ re-schedules its job with that delay and frees the worker thread, as it does for
 A worker thread must not sleep on a saturated grant while other grants have work. So the first call of a job (see
 :func:`start_job`, called by the worker before each job) waits at most ``max_start_wait_ms``, a fraction of one
 slot: when the grant's next slot is further away, the job goes back to the queue with the delay the bucket names
-and the thread takes another grant's job. Later calls of a job that has started wait up to ``max_wait_ms``, since
-handing the job back then would throw away the calls it already made.
+and the thread takes another grant's job. Later calls of a started job wait at most ``max_wait_ms`` (a few of the
+grant's slots at the default rate) and never less than two of the grant's intervals, so that a job whose calls are
+spaced by ``API_DELAY_MS`` still completes. When other threads' calls of the same grant have pushed the slot
+further (a rested grant's burst let several jobs start at once), the rest of the job goes back the same way, without
+using an attempt. Every job is idempotent: a deferred backfill resumes from the listing page it recorded last, and
+a deferred thread or webhook job makes its first call or two again.
 
 Compatibility with the original's settings:
 
@@ -23,6 +27,7 @@ Compatibility with the original's settings:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +36,7 @@ from typing import Any
 
 import psycopg
 from loguru import logger
+from psycopg.rows import scalar_row
 
 from nova_email.nylas.errors import PacingLimitReached
 from nova_email.nylas.queries import PACING_ACQUIRE
@@ -53,8 +59,9 @@ DEFAULT_GRANT_RATE_PER_S = 10.0
 DEFAULT_GRANT_BURST = 10
 #: Calls a rested application may send at once (when an application rate is set).
 DEFAULT_APP_BURST = 20
-#: Longest a call may sleep for its slot inside a worker thread before it is handed back as ``PacingLimitReached``.
-DEFAULT_MAX_WAIT_MS = 5_000
+#: Longest a later call of a job may sleep for its slot before the rest of the job is handed back as
+#: ``PacingLimitReached``: two and a half slots at the default rate, so a thread never idles for seconds on one grant.
+DEFAULT_MAX_WAIT_MS = 250
 #: Longest the first call of a job may sleep for its slot: "nearly immediate". Beyond it the job goes back to the
 #: queue and the thread serves another grant.
 DEFAULT_MAX_START_WAIT_MS = 50
@@ -81,7 +88,8 @@ class Pacer:
         app_rate_per_s: calls per second for the whole application; ``None`` or 0: no application bucket.
         app_burst: calls a rested application may send back to back.
         min_interval_ms: ``API_DELAY_MS``: minimum spacing between two calls of one grant (0 = none).
-        max_wait_ms: longest sleep per call; beyond it ``PacingLimitReached`` is raised and nothing is reserved.
+        max_wait_ms: longest sleep of a later call of a job (at least two of the longest bucket interval); beyond it
+            ``PacingLimitReached`` is raised and nothing is reserved.
         max_start_wait_ms: the same for the first call of a job (after :func:`start_job` in this thread).
         app_key: names the application bucket when several applications share a database.
         sleep: ``time.sleep``, replaceable for tests that count waits.
@@ -113,7 +121,6 @@ class Pacer:
             raise ValueError(msg)
         self._connect = connect
         self._sleep = sleep
-        self._max_wait_ms = max_wait_ms
         self._max_start_wait_ms = max_start_wait_ms
         self._app_key = f"app:{app_key}"
         grant_interval_ms = 1000.0 / grant_rate_per_s if grant_rate_per_s else 0.0
@@ -123,6 +130,9 @@ class Pacer:
         self._grant_tolerance_ms = (burst - 1) * self._grant_interval_ms
         self._app_interval_ms = 1000.0 / app_rate_per_s if app_rate_per_s else 0.0
         self._app_tolerance_ms = (app_burst - 1) * self._app_interval_ms
+        # A job's own calls are at least one interval apart: a bound below two would send back, again and again,
+        # every job of more than one call on a strictly spaced grant.
+        self._max_wait_ms = max(max_wait_ms, math.ceil(2 * max(self._grant_interval_ms, self._app_interval_ms)))
         #: Total ms this pacer has slept, for benchmarks.
         self.waited_ms = 0
 
@@ -155,9 +165,8 @@ class Pacer:
         starting = getattr(_job, "starting", False)
         max_wait_ms = self._max_start_wait_ms if starting else self._max_wait_ms
         params = {"keys": keys, "intervals_ms": intervals, "tolerances_ms": tolerances, "max_wait_ms": max_wait_ms}
-        with self._connect() as conn:
-            row = conn.execute(PACING_ACQUIRE, params).fetchone()
-        wait_ms = int(row[0]) if row else 0
+        with self._connect() as conn, conn.cursor(row_factory=scalar_row) as cursor:
+            wait_ms = int(cursor.execute(PACING_ACQUIRE, params).fetchone() or 0)
         if wait_ms > max_wait_ms:
             msg = (
                 f"Pacing holds calls for grant {grant_id!r} for {wait_ms} ms, more than the {max_wait_ms} ms "

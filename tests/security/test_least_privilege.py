@@ -19,8 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from psycopg import errors, sql
+from psycopg.rows import scalar_row
 
 from brokers import queries as broker_queries
+from brokers.fairness import fair_fetch_query
 from nova_email.intake import queries as intake_queries
 from nova_email.simulator.server import start_in_thread
 from nova_email.simulator.webhooks import SqlIntakeEmitter
@@ -28,6 +30,8 @@ from tests.chaos.scenario import backfill_status, queue_backfill, run_problems, 
 from tests.processes import running_workers, wait_for
 
 GRANT = "grant-least-privilege"
+#: The parameters of the broker's fetch: lease one message, acknowledge none.
+FETCH_ONE = {"ack_ids": [], "ack_tokens": [], "archive": False, "qty": 1, "vt_ms": 30_000, "async_commit": False}
 #: The service's functions in public (not an extension's): 091 grants the workers what they call, function by
 #: function, so that they keep working where PUBLIC's default EXECUTE on them has been revoked.
 SERVICE_FUNCTIONS = sql.SQL("""
@@ -42,6 +46,12 @@ def _as_user(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+def _signature(conn: psycopg.Connection[Any], function: str) -> str:
+    """The full signature of a function known by its (unique) qualified name."""
+    with conn.cursor(row_factory=scalar_row) as cursor:
+        return str(cursor.execute("select %s::regproc::regprocedure::text", [function]).fetchone())
 
 
 @pytest.fixture
@@ -151,6 +161,32 @@ def test_the_worker_role_cannot_reach_what_the_owner_creates_later_in_public(
         conn.execute(sql.SQL("drop function public.{}()").format(function))
         conn.execute(sql.SQL("drop sequence public.{}").format(sequence))
         conn.execute(sql.SQL("drop table public.{}").format(table))
+
+
+def test_the_worker_role_may_call_the_per_queue_fair_functions_the_owner_creates_later(
+    worker_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # Given, after the migrations, a queue the owner puts in fairness mode (its fetch function is new), takes out of it
+    # and puts back (the fetch is dropped and created again), and a per-queue function of a later broker migration
+    queue = f"fair_later_{secrets.token_hex(3)}"
+    fetch, lease = f"pgmq_broker.fair_fetch_{queue}", f"pgmq_broker.fair_lease_{queue}"
+    conn.execute("select pgmq_broker.enable_fairness(%s, '{tenant}')", [queue])
+    conn.execute("select pgmq_broker.disable_fairness(%s)", [queue])
+    conn.execute("select pgmq_broker.enable_fairness(%s, '{tenant}')", [queue])
+    conn.execute(sql.SQL("create function {}() returns int language sql as 'select 1'").format(sql.SQL(lease)))
+    conn.execute('select pgmq.send(%s, \'{"tenant": "t"}\')', [queue])
+    # ... in a database where PUBLIC's default EXECUTE on them is revoked, as 091 revoked it in pgmq_broker
+    for function in (fetch, lease):
+        conn.execute(sql.SQL("revoke execute on function {} from public").format(sql.SQL(_signature(conn, function))))
+    try:
+        # Then the workers may call them: the broker's statement for a fair queue, and the later function
+        with psycopg.connect(worker_url, autocommit=True) as worker:
+            assert len(worker.execute(fair_fetch_query(queue), FETCH_ONE).fetchall()) == 1
+            assert worker.execute(sql.SQL("select {}()").format(sql.SQL(lease))).fetchone() == (1,)
+    finally:
+        conn.execute(sql.SQL("drop function {}()").format(sql.SQL(lease)))
+        conn.execute("select pgmq_broker.disable_fairness(%s)", [queue])
+        conn.execute("select pgmq.drop_queue(%s)", [queue])
 
 
 def test_the_worker_role_may_use_the_queues_and_the_sql_api(worker_url: str, conn: psycopg.Connection[Any]) -> None:
