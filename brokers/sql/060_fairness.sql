@@ -83,6 +83,9 @@ $$;
 -- call). Called through pgmq_broker.fair_fetch; see there.
 create or replace function pgmq_broker.fair_create_fetch(p_queue text) returns void
 language plpgsql volatile as $create$
+declare
+    v_function text;
+    v_grantee text;
 begin
     execute format($template$
 create or replace function pgmq_broker.%2$I(
@@ -247,6 +250,26 @@ begin
 end;
 $fetch$
 $template$, pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'fair_fetch'), p_queue);
+    -- Whoever may call pgmq_broker.fetch may call the queue's own fetch: the same EXECUTE grants, and none for
+    -- PUBLIC where fetch has none (a deployment that grants the broker's functions one by one to its workers' role
+    -- then needs nothing more when a queue is put in fairness mode later).
+    v_function := format(
+        'pgmq_broker.%I(bigint[], timestamptz[], boolean, integer, integer, boolean)',
+        pgmq.format_table_name(p_queue, 'fair_fetch')
+    );
+    for v_grantee in
+        select a.grantee::regrole::text
+        from pg_proc p, aclexplode(p.proacl) a
+        where p.oid = 'pgmq_broker.fetch(text, bigint[], timestamptz[], boolean, integer, integer, boolean)'::regprocedure
+          and a.privilege_type = 'EXECUTE' and a.grantee <> 0 and a.grantee <> p.proowner
+    loop
+        execute format('grant execute on function %s to %s', v_function, v_grantee);
+    end loop;
+    if not has_function_privilege(
+        'public', 'pgmq_broker.fetch(text, bigint[], timestamptz[], boolean, integer, integer, boolean)', 'execute'
+    ) then
+        execute format('revoke execute on function %s from public', v_function);
+    end if;
 end;
 $create$;
 

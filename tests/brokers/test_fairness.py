@@ -288,6 +288,29 @@ def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Conne
     assert stored_keys(conn, "fair_retried") == ["t-1"]
 
 
+def test_a_plain_json_message_retried_by_an_actor_without_a_key_option_keeps_its_key(
+    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker
+) -> None:
+    enable_fairness(conn, "fair_plain_retried", key_path=["tenant"])
+    runs: list[int] = []
+
+    @dramatiq.actor(queue_name="fair_plain_retried", queue_handler=True, min_backoff=60_000, max_retries=3)
+    def flaky(payload: dict[str, Any]) -> None:
+        runs.append(1)
+        raise RuntimeError("once")
+
+    # A plain JSON message from SQL, keyed by its path; its retry is a Dramatiq envelope with the key as an option,
+    # though the actor derives none.
+    send(conn, "fair_plain_retried", [{"tenant": "t-2"}])
+
+    def retried() -> bool:
+        fresh = conn.execute("select count(*) from pgmq.q_fair_plain_retried where read_ct = 0").fetchone()
+        return bool(runs) and fresh == (1,)
+
+    wait_until(retried, what="the retry enqueued")
+    assert stored_keys(conn, "fair_plain_retried") == ["t-2"]
+
+
 def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connection, fair_queue_name: str) -> None:
     send(conn, fair_queue_name, tenants(("a", 2), ("b", 1)))
     params = {"ack_ids": [], "ack_tokens": [], "archive": False, "qty": 2, "vt_ms": 30_000, "async_commit": False}
