@@ -128,10 +128,50 @@ def test_importing_the_actors_sets_up_the_broker_and_nothing_else(tmp_path: Path
     assert result.stderr == ""
 
 
+#: Another application importing the actors, then sending a job. Its directory holds a `.env` that no settings could
+#: be read from, so reading it at import would fail; before sending, the `.env` names the database to use.
+_IMPORT_THEN_SEND = """
+import sys
+from pathlib import Path
+
+import nova_email.actors as actors
+
+assert not Path("data").exists(), "the embedded server was started at import"
+Path(".env").write_text(f"DATABASE_URL={sys.argv[1]}\\n")
+actors.sync_thread.send({"thread_id": "t-lazy", "inbox_id": "i", "grant_id": "g", "config_id": None})
+print("sent")
+"""
+
+
+def test_importing_the_actors_reads_no_setting_and_the_first_send_resolves_the_database(
+    conn: psycopg.Connection, db_url: str, tmp_path: Path
+) -> None:
+    # Given a directory whose .env cannot be read as settings, no DATABASE_URL, and an embedded server's data dir
+    (tmp_path / ".env").write_text("VISIBILITY_TIMEOUT=soon\nDATABASE_URL=mysql://nowhere/db\n")
+    env = _environment_without("DATABASE_URL", "NYLAS_API_KEY", NOVA_DATA_DIR=str(tmp_path / "data"))
+
+    # When another application imports the actors there, then sends a job
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_THEN_SEND, db_url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    # Then the import read neither the .env nor a database (nor started one), and the send used the .env's database
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "sent\n"
+    row = conn.execute("select count(*) from pgmq.q_thread_sync_jobs where message::text like '%t-lazy%'").fetchone()
+    assert row == (1,)
+
+
 @pytest.mark.processes
 def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db_url: str, tmp_path: Path) -> None:
     env = _environment_without("NYLAS_API_KEY", DATABASE_URL=db_url)
-    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "1", "--threads", "1"]
+    # Two worker processes, each of which finds the key missing: the command still says it once
+    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "2", "--threads", "1"]
 
     dramatiq_run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     nova_run = subprocess.run(
@@ -142,9 +182,11 @@ def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db
         "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
         " call Nylas with it. Set it in the environment or in .env"
     )
-    assert dramatiq_run.returncode != 0
+    assert dramatiq_run.returncode == 2, dramatiq_run.stderr
     assert dramatiq_run.stderr.splitlines().count(line) == 1, dramatiq_run.stderr
     assert "Worker process is ready" not in dramatiq_run.stderr
+    assert "exited unexpectedly" not in dramatiq_run.stderr
+    assert "Traceback" not in dramatiq_run.stderr
     assert nova_run.returncode == 2
     assert nova_run.stderr.splitlines() == [
         "nova-email: NYLAS_API_KEY is not set; the workers of thread_sync_jobs call Nylas with it. "
