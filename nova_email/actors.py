@@ -67,6 +67,10 @@ QUEUES = {
 
 J = TypeVar("J")
 
+#: The options the actors are declared with come from the settings' defaults (reading nothing); a worker process
+#: replaces them with its settings when it boots (`configure_worker`).
+_DEFAULTS = Settings()
+
 broker = build_broker()
 dramatiq.set_broker(broker)
 
@@ -129,6 +133,7 @@ def _deferred_on_rate_limit() -> Iterator[None]:
     queue_handler=True,
     fairness_key=_grant_of,
     max_retries=2,
+    min_backoff=retry_backoff_ms(_DEFAULTS.webhook_retry_window_ms, 3),
     throws=(InvalidJob,),
     on_give_up=_give_up(WebhookJob, webhooks.record_webhook_error),
 )
@@ -147,6 +152,8 @@ def process_webhook(payload: dict[str, Any]) -> None:
     queue_handler=True,
     fairness_key=_grant_of,
     max_retries=2,
+    min_backoff=retry_backoff_ms(_DEFAULTS.backfill_retry_window_ms, 3),
+    time_limit=backfill.run_time_limit_ms(_DEFAULTS.nylas_timeout_s),
     throws=(InvalidJob,),
     on_give_up=_give_up(BackfillJob, backfill.record_backfill_failure),
 )
@@ -168,6 +175,7 @@ def run_backfill(payload: dict[str, Any]) -> None:
     # whole inbox's thread jobs, and a webhook is a live change.
     priority=10,
     max_retries=4,
+    min_backoff=retry_backoff_ms(_DEFAULTS.thread_retry_window_ms, 5),
     throws=(InvalidJob,),
     on_give_up=_give_up(ThreadSyncJob, thread_sync.record_thread_failure),
 )
