@@ -214,7 +214,12 @@ def recover_completions() -> None:
 def configure_worker(settings: Settings) -> None:
     """What a booting worker process takes from its settings: the broker's, then each actor's retry spacing, time
     limit and schedule (without ENABLE_AUTO_RECOVERY, ``recover_completions`` exists, to be sent by hand, unscheduled).
+
+    Raises:
+        ConfigError: no database to use (DATABASE_URL unset in an installed package).
+        DatabaseError: the embedded server could not be started.
     """
+    db.database_url(settings)  # where the database is, decided (the embedded server started) before consuming
     configure_broker(broker, settings)
     process_webhook.options["min_backoff"] = retry_backoff_ms(settings.webhook_retry_window_ms, 3)
     run_backfill.options["min_backoff"] = retry_backoff_ms(settings.backfill_retry_window_ms, 3)

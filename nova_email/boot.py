@@ -18,7 +18,7 @@ import dramatiq
 from dramatiq.middleware import Middleware
 
 from .config import Settings, current_settings
-from .errors import ConfigError
+from .errors import ConfigError, DatabaseError
 from .log import setup_logging
 
 __all__ = ["NYLAS_QUEUES", "WorkerBoot", "require_nylas_key"]
@@ -51,7 +51,8 @@ class WorkerBoot(Middleware):
     `_stop_command`), however many worker processes it has.
 
     Parameters:
-        configure: Applies the settings to the broker and the actors, before anything is consumed.
+        configure: Applies the settings to the broker and the actors, before anything is consumed; it may raise
+            `ConfigError` or `DatabaseError` (no database to use) to refuse the start.
     """
 
     def __init__(self, configure: Callable[[Settings], None]) -> None:
@@ -68,15 +69,15 @@ class WorkerBoot(Middleware):
         return []
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        booted = list(broker.middleware)
         try:
             settings = current_settings()
-        except ConfigError as exc:
+            setup_logging(settings)
+            self.configure(settings)
+        except (ConfigError, DatabaseError) as exc:
             # Reported at worker boot, once the dramatiq command chose the process that reports it.
             self.refusal = str(exc)
             return
-        setup_logging(settings)
-        booted = list(broker.middleware)
-        self.configure(settings)
         for middleware in broker.middleware:
             if middleware not in booted:
                 # Added by `configure` while this signal is being sent: it would miss its own process boot.

@@ -228,3 +228,32 @@ def test_run_without_database_url_in_an_installed_package_stops_with_one_line_be
         "nova-email: DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
     ]
     assert not (tmp_path / ".nova").exists()
+
+
+#: ``dramatiq nova_email.actors`` as an installed package runs it (no embedded server to fall back on).
+_INSTALLED_DRAMATIQ = """
+import sys
+
+import dramatiq.cli
+import nova_email.db
+
+nova_email.db.embedded_server_is_default = lambda: False
+arguments = dramatiq.cli.make_argument_parser().parse_args(["nova_email.actors", "--processes", "2", "--threads", "1"])
+sys.exit(dramatiq.cli.main(arguments))
+"""
+
+
+@pytest.mark.processes
+def test_dramatiq_workers_without_database_url_in_an_installed_package_stop_with_one_line(tmp_path: Path) -> None:
+    env = _environment_without("DATABASE_URL", "NOVA_DATA_DIR", NYLAS_API_KEY="nyk_test")
+
+    result = subprocess.run(
+        [sys.executable, "-c", _INSTALLED_DRAMATIQ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 2, result.stderr
+    line = "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
+    assert result.stderr.splitlines().count(line) == 1, result.stderr
+    assert "exited unexpectedly" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".nova").exists()
