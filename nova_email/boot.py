@@ -1,8 +1,8 @@
 """What a worker process does when it boots, and only then: set up logging and check what its processors need.
 
 Importing `nova_email.actors` builds the broker and nothing else, so another application can import it to send
-jobs without its own logging being replaced or its ``.env`` read. ``dramatiq nova_email.actors`` (and ``nova-email run``) boots worker
-processes; `WorkerBoot` is the middleware through which they configure themselves.
+jobs without its own logging being replaced or its ``.env`` read. ``dramatiq nova_email.actors`` (and
+``nova-email run``) boots worker processes; `WorkerBoot` is the middleware through which they configure themselves.
 """
 
 from __future__ import annotations
