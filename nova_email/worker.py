@@ -85,7 +85,12 @@ def build_broker() -> PGMQBroker:
     """
     # One pool per process for the broker, its lease keeper and scheduler, the processors and the pacer
     # (DATABASE_POOL_SIZE), plus the listener's one LISTEN connection.
-    broker = PGMQBroker(database=db.database())
+    defaults = Settings()  # the settings' defaults, until `configure_broker`
+    broker = PGMQBroker(
+        database=db.database(),
+        visibility_timeout_s=defaults.visibility_timeout_s,
+        poll_interval_ms=defaults.poll_interval_ms,
+    )
     use_rate_limit_retries(broker)
     broker.add_middleware(CurrentMessage())  # lets an actor read its attempt number (retries + 1)
     broker.add_middleware(PeriodicScheduler())

@@ -257,3 +257,42 @@ def test_dramatiq_workers_without_database_url_in_an_installed_package_stop_with
     assert "exited unexpectedly" not in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / ".nova").exists()
+
+
+#: A worker process's boot, then what the broker and the scheduler took from its settings.
+_BOOTED = """
+from brokers import PeriodicScheduler
+from nova_email import actors
+
+before = (actors.broker.settlement.visibility_timeout_ms, actors.broker.threads.listen)
+actors.broker.emit_after("process_boot")
+scheduler = next(m for m in actors.broker.middleware if isinstance(m, PeriodicScheduler))
+print(before)
+print((actors.broker.settlement.visibility_timeout_ms, actors.broker.threads.visibility_timeout_ms))
+print((actors.broker.settlement.poll_interval_ms, actors.broker.threads.listen))
+print(sorted((s.name, s.interval_ms) for s in scheduler.schedules.values()))
+"""
+
+
+def test_a_booting_worker_process_applies_its_settings_read_from_env_file(db_url: str, tmp_path: Path) -> None:
+    # Given settings in the worker's .env only
+    (tmp_path / ".env").write_text(
+        f"DATABASE_URL={db_url}\nVISIBILITY_TIMEOUT=7\nPOLL_INTERVAL_MS=123\nDATABASE_TRANSACTION_POOLER=true\n"
+        "COMPLETION_CHECK_INTERVAL_MS=2500\nENABLE_AUTO_RECOVERY=false\nLOG_LEVEL=warning\n"
+    )
+    env = _environment_without(
+        "DATABASE_URL", "VISIBILITY_TIMEOUT", "POLL_INTERVAL_MS", "DATABASE_TRANSACTION_POOLER", "LOG_LEVEL"
+    )
+
+    shown = subprocess.run(
+        [sys.executable, "-c", _BOOTED], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    # Then the import used the defaults, and the boot the .env's settings
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [
+        "(300000, True)",
+        "(7000, 7000)",
+        "(123, False)",
+        "[('check_completion', 2500)]",
+    ]
