@@ -140,8 +140,9 @@ def _deferred_on_rate_limit() -> Iterator[None]:
 def process_webhook(payload: dict[str, Any]) -> None:
     """Apply one Nylas webhook event (message.created/updated, thread.replied, grant.expired)."""
     job = structure_job(payload, WebhookJob)
-    with db.connection(current_settings()) as conn, _deferred_on_rate_limit():
-        webhooks.process_webhook(conn, nylas_client(current_settings()), job, attempt=_attempt())
+    settings = current_settings()
+    with db.connection(settings) as conn, _deferred_on_rate_limit():
+        webhooks.process_webhook(conn, nylas_client(settings), job, attempt=_attempt())
 
 
 # -- backfill (3 attempts, checkpoint kept) --------------------------------------------------------------------------
@@ -160,8 +161,9 @@ def process_webhook(payload: dict[str, Any]) -> None:
 def run_backfill(payload: dict[str, Any]) -> None:
     """Discover an inbox's threads (up to a year), then fan out one thread job each."""
     job = structure_job(payload, BackfillJob)
-    with db.connection(current_settings()) as conn, _deferred_on_rate_limit():
-        backfill.run_backfill(conn, nylas_client(current_settings()), job)
+    settings = current_settings()
+    with db.connection(settings) as conn, _deferred_on_rate_limit():
+        backfill.run_backfill(conn, nylas_client(settings), job)
 
 
 # -- thread sync (5 attempts) ----------------------------------------------------------------------------------------
@@ -182,13 +184,13 @@ def run_backfill(payload: dict[str, Any]) -> None:
 def sync_thread(payload: dict[str, Any]) -> None:
     """Fetch one thread and all its messages and upsert them."""
     job = structure_job(payload, ThreadSyncJob)
-    with db.connection(current_settings()) as conn, _deferred_on_rate_limit():
+    settings = current_settings()
+    with db.connection(settings) as conn, _deferred_on_rate_limit():
         try:
-            result = thread_sync.sync_thread(conn, nylas_client(current_settings()), job)
+            result = thread_sync.sync_thread(conn, nylas_client(settings), job)
         except RateLimited:
             thread_sync.release_thread(conn, job)
             raise
-    settings = current_settings()
     pause_ms = settings.thread_delay_ms + settings.message_delay_ms * result.messages
     if pause_ms:
         time.sleep(pause_ms / 1000)  # the original's fixed delays, only when explicitly configured
