@@ -181,6 +181,8 @@ class Database:
         self.timeout_s = timeout_s
         self.prepare_statements = prepare_statements
         self.outage = Outage()
+        #: The pool's count of failed connection attempts at the latest wait that timed out.
+        self._connect_errors: tuple[ConnectionPool | None, int] = (None, 0)
         self._own_pool: PerProcess[ConnectionPool] = PerProcess(self._open_pool)
 
     def _open_pool(self) -> ConnectionPool:
@@ -221,7 +223,7 @@ class Database:
             with pool.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise self._busy(pool) from exc
+            raise self._timed_out(exc, pool) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self._unavailable(exc, pool) from exc
         self.outage.recovered(started_at)
@@ -253,7 +255,7 @@ class Database:
             finally:
                 pool.putconn(conn)
         except PoolTimeout as exc:
-            raise self._busy(pool) from exc
+            raise self._timed_out(exc, pool) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self._unavailable(exc, pool) from exc
         self.outage.recovered(started_at)
@@ -268,6 +270,16 @@ class Database:
             log.opt(exception=True).debug("Pool check failed during an outage")
         msg = f"The database is unavailable ({type(exc).__name__}: {exc}); retrying with backoff"
         return DatabaseUnavailable(msg)
+
+    def _timed_out(self, exc: PoolTimeout, pool: ConnectionPool) -> DatabaseUnavailable:
+        # A wait also times out when the pool cannot open connections (the server is down): that is an outage. The
+        # pool counts its failed attempts; none since the last timed-out wait, and no outage going on, means busy.
+        errors = pool.get_stats().get("connections_errors", 0)
+        seen_pool, seen = self._connect_errors
+        self._connect_errors = (pool, errors)
+        if self.outage.ongoing or errors > (seen if seen_pool is pool else 0):
+            return self._unavailable(exc, pool)
+        return self._busy(pool)
 
     def _busy(self, pool: ConnectionPool) -> DatabaseBusy:
         # Not an outage: the server may answer well, this process is using all its connections. No outage is logged

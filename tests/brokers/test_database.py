@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from brokers import Database, DatabaseBusy
+from brokers import Database, DatabaseBusy, DatabaseUnavailable
 
 from .conftest import warnings_of
+from .proxy import TCPProxy
 
 
 def test_a_conninfo_callable_is_called_on_first_use_and_may_size_the_pool(db_url: str) -> None:
@@ -48,5 +49,25 @@ def test_a_pool_whose_connections_are_all_in_use_is_busy_not_an_outage(db_url: s
         # And the pool did not open a second connection to avoid it; the connection works once it is free
         assert database.pool.get_stats()["pool_size"] == 1
         assert database.execute("select 1") == [(1,)]
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("when", ["before the first connection", "after the first connection"])
+def test_a_pool_that_cannot_connect_is_an_outage_not_busy(proxy: TCPProxy, when: str) -> None:
+    # Given a database behind a proxy that stops forwarding
+    database = Database(proxy.url_through, min_size=1, max_size=1, timeout_s=0.5)
+    try:
+        if when == "after the first connection":
+            assert database.execute("select 1") == [(1,)]
+        proxy.stop()
+        with warnings_of("database_lost") as lost:
+            # When calls wait for a connection the pool cannot open
+            for _ in range(2):
+                with pytest.raises(DatabaseUnavailable) as unavailable:
+                    database.execute("select 1")
+                # Then they are told the database is unavailable, and the outage is logged once
+                assert not isinstance(unavailable.value, DatabaseBusy)
+        assert len(lost) == 1
     finally:
         database.close()
