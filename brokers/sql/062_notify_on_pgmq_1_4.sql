@@ -11,25 +11,7 @@ begin
 end;
 $$;
 
--- Create the queue when missing and wake idle workers on its inserts. Call it from a migration, once per
--- queue (workers never do it). Idempotent. Replaces PGMQ's row trigger if pgmq.enable_notify_insert set one.
-create or replace function pgmq_broker.enable_notify(p_queue text) returns void
-language plpgsql volatile as $$
-declare
-    v_qtable text := pgmq.format_table_name(p_queue, 'q');
-begin
-    perform pgmq.create(p_queue);
-    perform pgmq_broker.disable_pgmq_notify_insert(p_queue);
-    execute format('drop trigger if exists pgmq_broker_notify_insert on pgmq.%I', v_qtable);
-    execute format(
-        'create trigger pgmq_broker_notify_insert after insert on pgmq.%I
-         for each statement execute function pgmq_broker.notify_insert()',
-        v_qtable
-    );
-end;
-$$;
-
--- Stop waking workers on the queue's inserts (they still poll).
+-- Stop waking workers on the queue's inserts (they still poll): the broker's trigger and PGMQ's, where it has one.
 create or replace function pgmq_broker.disable_notify(p_queue text) returns void
 language plpgsql volatile as $$
 begin
@@ -38,5 +20,20 @@ begin
 end;
 $$;
 
--- Called only from the two functions above, by whoever may turn notifications on and off.
+-- Create the queue when missing and wake idle workers on its inserts, with the broker's trigger alone. Call it from
+-- a migration, once per queue (workers never do it). Idempotent.
+create or replace function pgmq_broker.enable_notify(p_queue text) returns void
+language plpgsql volatile as $$
+begin
+    perform pgmq.create(p_queue);
+    perform pgmq_broker.disable_notify(p_queue);
+    execute format(
+        'create trigger pgmq_broker_notify_insert after insert on pgmq.%I
+         for each statement execute function pgmq_broker.notify_insert()',
+        pgmq.format_table_name(p_queue, 'q')
+    );
+end;
+$$;
+
+-- Called only from disable_notify, by whoever may turn notifications on and off.
 revoke execute on function pgmq_broker.disable_pgmq_notify_insert(text) from public;
