@@ -15,7 +15,7 @@ from .consumer import KEEP_ON_ACK_OPTION
 from .database import Database, PerProcess
 from .dead_letters import DeadLetter, DeadLetterReason
 from .envelope import foreign_message_id
-from .errors import DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
+from .errors import DatabaseBusy, DatabaseUnavailable, InvalidQueueName, MigrationError, PGMQBrokerError
 from .fairness import FAIRNESS_KEY_OPTION, enable_fairness
 from .listener import channel_name
 from .periodic import PeriodicScheduler, Schedule
@@ -24,6 +24,7 @@ from .rate_limits import PostgresBackend, RateLimitRetries, RetryAfter, use_rate
 
 __all__ = [
     "Database",
+    "DatabaseBusy",
     "DatabaseUnavailable",
     "DeadLetter",
     "DeadLetterReason",

@@ -4,7 +4,9 @@
 what the service builds its own pool from: hand one instance to each of them and a worker process holds one pool.
 A pool never crosses a ``fork()``: a process that inherits an opened pool leaves it to its parent and opens its own
 (:class:`PerProcess`). A connection failure becomes :class:`~brokers.DatabaseUnavailable`; the first one of an
-outage is logged at warning, the first success after it at info, and nothing in between (:class:`Outage`).
+outage is logged at warning, the first success after it at info, and nothing in between (:class:`Outage`). A pool
+whose connections are all in use for longer than its timeout is not an outage: that is :class:`~brokers.DatabaseBusy`,
+and the pool never opens more than its ``max_size`` to avoid it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Any, Generic, LiteralString, TypeVar
 import psycopg
 from loguru import logger
 from psycopg.rows import RowFactory
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import DatabaseUnavailable
+from .errors import DatabaseBusy, DatabaseUnavailable
 
 __all__ = ["Backoff", "Database", "Outage", "PerProcess"]
 
@@ -29,7 +31,7 @@ log = logger.bind(component="Database")
 
 #: Connections per process in a pool the :class:`Database` opens.
 DEFAULT_POOL_MAX_SIZE = 16
-#: Seconds to wait for a pooled connection before reporting the database unavailable.
+#: Seconds to wait for a pooled connection (all busy) before raising :class:`~brokers.DatabaseBusy`.
 DEFAULT_POOL_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
@@ -141,12 +143,15 @@ class Backoff:
 class Database:
     """A database reached through one pool per process, with outages reported as :class:`DatabaseUnavailable`.
 
-    Nothing touches the network in ``__init__``. Use :meth:`execute` for one statement, :meth:`connection` for
+    Nothing touches the network in ``__init__``, and nothing resolves the connection string either when it is given
+    as a callable. Use :meth:`execute` for one statement, :meth:`connection` for
     several (or a transaction), and :attr:`pool` for code that wants psycopg's own errors.
 
     Parameters:
-        conninfo: A libpq connection string; the pool is opened from it on first use in each process. Either this
-            or `pool`.
+        conninfo: A libpq connection string, or a callable that returns one; the pool is opened from it on first use
+            in each process. A callable is called then, before the pool reads `max_size` and `prepare_statements`
+            (so it may set them): an application can import its broker without reading its configuration. Either
+            this or `pool`.
         pool: An existing psycopg ``ConnectionPool`` you own (opened and closed by you); its connections must be
             usable in autocommit mode.
         name: The pool's name (psycopg logs it).
@@ -156,7 +161,7 @@ class Database:
 
     def __init__(
         self,
-        conninfo: str | None = None,
+        conninfo: str | Callable[[], str] | None = None,
         *,
         pool: ConnectionPool | None = None,
         name: str = "pgmq-broker",
@@ -176,11 +181,14 @@ class Database:
         self.timeout_s = timeout_s
         self.prepare_statements = prepare_statements
         self.outage = Outage()
+        #: The pool's count of failed connection attempts at the latest wait that timed out.
+        self._connect_errors: tuple[ConnectionPool | None, int] = (None, 0)
         self._own_pool: PerProcess[ConnectionPool] = PerProcess(self._open_pool)
 
     def _open_pool(self) -> ConnectionPool:
+        conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
         return ConnectionPool(
-            self.conninfo or "",
+            conninfo or "",
             min_size=self.min_size,
             max_size=self.max_size,
             timeout=self.timeout_s,
@@ -214,6 +222,8 @@ class Database:
         try:
             with pool.connection() as conn:
                 yield conn
+        except PoolTimeout as exc:
+            raise self._timed_out(exc, pool) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self._unavailable(exc, pool) from exc
         self.outage.recovered(started_at)
@@ -231,6 +241,7 @@ class Database:
 
         Raises:
             DatabaseUnavailable: The database could not be reached, or the connection broke.
+            DatabaseBusy: Every pooled connection stayed in use for `timeout_s`.
         """
         pool = self.pool
         started_at = time.monotonic()
@@ -243,6 +254,8 @@ class Database:
                 rows = cursor.fetchall() if cursor.description is not None else []
             finally:
                 pool.putconn(conn)
+        except PoolTimeout as exc:
+            raise self._timed_out(exc, pool) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise self._unavailable(exc, pool) from exc
         self.outage.recovered(started_at)
@@ -257,6 +270,25 @@ class Database:
             log.opt(exception=True).debug("Pool check failed during an outage")
         msg = f"The database is unavailable ({type(exc).__name__}: {exc}); retrying with backoff"
         return DatabaseUnavailable(msg)
+
+    def _timed_out(self, exc: PoolTimeout, pool: ConnectionPool) -> DatabaseUnavailable:
+        # A wait also times out when the pool cannot open connections (the server is down): that is an outage. The
+        # pool counts its failed attempts; none since the last timed-out wait, and no outage going on, means busy.
+        errors = pool.get_stats().get("connections_errors", 0)
+        seen_pool, seen = self._connect_errors
+        self._connect_errors = (pool, errors)
+        if self.outage.ongoing or errors > (seen if seen_pool is pool else 0):
+            return self._unavailable(exc, pool)
+        return self._busy(pool)
+
+    def _busy(self, pool: ConnectionPool) -> DatabaseBusy:
+        # Not an outage: the server may answer well, this process is using all its connections. No outage is logged
+        # and the pool is left as it is: the caller retries the job or the fetch.
+        msg = (
+            f"All {pool.max_size} connections of pool {pool.name!r} stayed in use for {pool.timeout:g} s; "
+            "retry later, or give the pool more connections if this persists"
+        )
+        return DatabaseBusy(msg, max_size=pool.max_size, timeout_s=pool.timeout)
 
     def opened_here(self) -> bool:
         """Whether this process opened its own pool already (a given pool counts as opened)."""

@@ -5,17 +5,20 @@
           ├── MigrationError        a schema migration failed (the message names the file)
           ├── InvalidQueueName      a Dramatiq queue name PGMQ cannot hold (also a ValueError)
           └── DatabaseUnavailable   the database cannot be reached (also dramatiq's ConnectionClosed)
+               └── DatabaseBusy     every pooled connection stayed in use (not an outage)
 
 ``DatabaseUnavailable`` subclasses :class:`dramatiq.errors.ConnectionClosed` so that Dramatiq's worker treats a
 database outage as it treats a lost RabbitMQ or Redis connection: it retries a failed ack or nack instead of
-dying. (The broker's consumer does not raise it: it waits for the database by itself.)
+dying. (The broker's consumer does not raise it: it waits for the database by itself.) ``DatabaseBusy`` is one of
+them so that every caller that waits and retries after an outage does the same when the pool is exhausted; what
+differs is that no outage is logged for it.
 """
 
 from __future__ import annotations
 
 from dramatiq.errors import BrokerError, ConnectionClosed
 
-__all__ = ["DatabaseUnavailable", "InvalidQueueName", "MigrationError", "PGMQBrokerError"]
+__all__ = ["DatabaseBusy", "DatabaseUnavailable", "InvalidQueueName", "MigrationError", "PGMQBrokerError"]
 
 
 class PGMQBrokerError(BrokerError):
@@ -49,3 +52,18 @@ class DatabaseUnavailable(PGMQBrokerError, ConnectionClosed):
     Dramatiq's worker retries an ack or nack on it; other callers may retry the call once the database is back.
     The psycopg error is the ``__cause__``.
     """
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """Every connection of the process's pool stayed in use for the pool's timeout; the database itself may be fine.
+
+    The pool never opens more than its ``max_size`` connections (the connection budget), so a caller waits and then
+    gets this. It is not logged as an outage. Callers retry as after an outage; if it happens often, the pool is too
+    small for the work (more threads than it can serve) or a caller holds connections too long. ``max_size`` and
+    ``timeout_s`` say which pool and wait were exhausted.
+    """
+
+    def __init__(self, message: str, *, max_size: int, timeout_s: float) -> None:
+        super().__init__(message)
+        self.max_size = max_size
+        self.timeout_s = timeout_s

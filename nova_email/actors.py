@@ -1,5 +1,7 @@
 """The service's Dramatiq actors, one set per queue. Importing this module sets up the PGMQ broker and nothing
-else: logging and the checks a worker needs happen when Dramatiq boots a worker process (`nova_email.boot`).
+else: it reads no setting and reaches no database. The first send reads the settings and the database URL;
+logging, the settings of the broker and the actors (`configure_worker`) and the checks a worker needs happen when
+Dramatiq boots a worker process (`nova_email.boot`).
 
 Run one processor with ``dramatiq nova_email.actors --queues thread_sync_jobs`` (or
 ``nylas_webhook_notifications``, ``inbox_backfill_jobs``, ``completion_monitor``), all of them with
@@ -25,15 +27,15 @@ import dramatiq
 import psycopg
 from dramatiq.middleware import CurrentMessage
 
-from brokers import RetryAfter
+from brokers import PeriodicScheduler, RetryAfter
 
 from . import backfill, completion, db, thread_sync, webhooks
 from .boot import WorkerBoot
-from .config import load_settings
+from .config import Settings, current_settings
 from .errors import InvalidJob
 from .jobs import BackfillJob, ThreadSyncJob, WebhookJob, structure_job
 from .nylas.errors import RateLimited
-from .worker import build_broker, nylas_client
+from .worker import build_broker, configure_broker, nylas_client
 
 __all__ = [
     "BACKFILL_QUEUE",
@@ -43,11 +45,11 @@ __all__ = [
     "WEBHOOK_QUEUE",
     "broker",
     "check_completion",
+    "configure_worker",
     "process_webhook",
     "recover_completions",
     "retry_backoff_ms",
     "run_backfill",
-    "settings",
     "sync_thread",
 ]
 
@@ -65,11 +67,11 @@ QUEUES = {
 
 J = TypeVar("J")
 
-settings = load_settings()
-broker = build_broker(settings)
-# Last in the list, so first of the after_process_boot hooks (Dramatiq runs after_* hooks in reverse): the others log
-# through the sink it sets up.
-broker.add_middleware(WorkerBoot(settings))
+#: The options the actors are declared with come from the settings' defaults (reading nothing); a worker process
+#: replaces them with its settings when it boots (`configure_worker`).
+_DEFAULTS = Settings()
+
+broker = build_broker()
 dramatiq.set_broker(broker)
 
 
@@ -96,7 +98,7 @@ def _give_up(
             error = f"invalid job, not retried: {exc}"  # `throws`: the one attempt was not counted as a retry
         else:
             error = f"gave up after {int(message.options.get('retries', 0))} attempt(s): {type(exc).__name__}: {exc}"
-        with db.connection(settings) as conn:
+        with db.connection(current_settings()) as conn:
             record(conn, job, error)
 
     return hook
@@ -131,13 +133,14 @@ def _deferred_on_rate_limit() -> Iterator[None]:
     queue_handler=True,
     fairness_key=_grant_of,
     max_retries=2,
-    min_backoff=retry_backoff_ms(settings.webhook_retry_window_ms, 3),
+    min_backoff=retry_backoff_ms(_DEFAULTS.webhook_retry_window_ms, 3),
     throws=(InvalidJob,),
     on_give_up=_give_up(WebhookJob, webhooks.record_webhook_error),
 )
 def process_webhook(payload: dict[str, Any]) -> None:
     """Apply one Nylas webhook event (message.created/updated, thread.replied, grant.expired)."""
     job = structure_job(payload, WebhookJob)
+    settings = current_settings()
     with db.connection(settings) as conn, _deferred_on_rate_limit():
         webhooks.process_webhook(conn, nylas_client(settings), job, attempt=_attempt())
 
@@ -150,14 +153,15 @@ def process_webhook(payload: dict[str, Any]) -> None:
     queue_handler=True,
     fairness_key=_grant_of,
     max_retries=2,
-    min_backoff=retry_backoff_ms(settings.backfill_retry_window_ms, 3),
-    time_limit=backfill.run_time_limit_ms(settings.nylas_timeout_s),
+    min_backoff=retry_backoff_ms(_DEFAULTS.backfill_retry_window_ms, 3),
+    time_limit=backfill.run_time_limit_ms(_DEFAULTS.nylas_timeout_s),
     throws=(InvalidJob,),
     on_give_up=_give_up(BackfillJob, backfill.record_backfill_failure),
 )
 def run_backfill(payload: dict[str, Any]) -> None:
     """Discover an inbox's threads (up to a year), then fan out one thread job each."""
     job = structure_job(payload, BackfillJob)
+    settings = current_settings()
     with db.connection(settings) as conn, _deferred_on_rate_limit():
         backfill.run_backfill(conn, nylas_client(settings), job)
 
@@ -173,13 +177,14 @@ def run_backfill(payload: dict[str, Any]) -> None:
     # whole inbox's thread jobs, and a webhook is a live change.
     priority=10,
     max_retries=4,
-    min_backoff=retry_backoff_ms(settings.thread_retry_window_ms, 5),
+    min_backoff=retry_backoff_ms(_DEFAULTS.thread_retry_window_ms, 5),
     throws=(InvalidJob,),
     on_give_up=_give_up(ThreadSyncJob, thread_sync.record_thread_failure),
 )
 def sync_thread(payload: dict[str, Any]) -> None:
     """Fetch one thread and all its messages and upsert them."""
     job = structure_job(payload, ThreadSyncJob)
+    settings = current_settings()
     with db.connection(settings) as conn, _deferred_on_rate_limit():
         try:
             result = thread_sync.sync_thread(conn, nylas_client(settings), job)
@@ -194,21 +199,40 @@ def sync_thread(payload: dict[str, Any]) -> None:
 # -- completion monitor (periodic) -----------------------------------------------------------------------------------
 
 
-@dramatiq.actor(queue_name=COMPLETION_QUEUE, max_retries=0, periodic_ms=settings.completion_check_interval_ms)
+@dramatiq.actor(queue_name=COMPLETION_QUEUE, max_retries=0)
 def check_completion() -> None:
     """Progress of every active backfill; completes those whose threads are all done."""
-    with db.connection(settings) as conn:
+    with db.connection(current_settings()) as conn:
         completion.check_backfills(conn)
 
 
-#: Without ENABLE_AUTO_RECOVERY the actor exists (it can be sent by hand) but has no schedule.
-_recovery_schedule: dict[str, Any] = (
-    {"periodic_ms": settings.recovery_check_interval_ms} if settings.enable_auto_recovery else {}
-)
-
-
-@dramatiq.actor(actor_name="recover_completions", queue_name=COMPLETION_QUEUE, max_retries=0, **_recovery_schedule)
+@dramatiq.actor(actor_name="recover_completions", queue_name=COMPLETION_QUEUE, max_retries=0)
 def recover_completions() -> None:
     """Re-open backfills marked completed while threads are still pending (when ENABLE_AUTO_RECOVERY)."""
-    with db.connection(settings) as conn:
+    with db.connection(current_settings()) as conn:
         completion.recover_premature_completions(conn)
+
+
+def configure_worker(settings: Settings) -> None:
+    """What a booting worker process takes from its settings: the broker's, then each actor's retry spacing, time
+    limit and schedule (without ENABLE_AUTO_RECOVERY, ``recover_completions`` exists, to be sent by hand, unscheduled).
+
+    Raises:
+        ConfigError: no database to use (DATABASE_URL unset in an installed package).
+        DatabaseError: the embedded server could not be started.
+    """
+    db.database_url(settings)  # where the database is, decided (the embedded server started) before consuming
+    configure_broker(broker, settings)
+    process_webhook.options["min_backoff"] = retry_backoff_ms(settings.webhook_retry_window_ms, 3)
+    run_backfill.options["min_backoff"] = retry_backoff_ms(settings.backfill_retry_window_ms, 3)
+    run_backfill.options["time_limit"] = backfill.run_time_limit_ms(settings.nylas_timeout_s)
+    sync_thread.options["min_backoff"] = retry_backoff_ms(settings.thread_retry_window_ms, 5)
+    scheduler = next(m for m in broker.middleware if isinstance(m, PeriodicScheduler))
+    scheduler.register(check_completion, settings.completion_check_interval_ms)
+    if settings.enable_auto_recovery:
+        scheduler.register(recover_completions, settings.recovery_check_interval_ms)
+
+
+# Last in the list, so first of the after_process_boot hooks (Dramatiq runs after_* hooks in reverse): the others run
+# with the settings it applied and log through the sink it sets up.
+broker.add_middleware(WorkerBoot(configure_worker))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError
 
-__all__ = ["VARIABLES", "Settings", "load_settings", "redact_url"]
+__all__ = ["VARIABLES", "Settings", "current_settings", "load_settings", "redact_url"]
 
 T = TypeVar("T")
 
@@ -310,3 +311,23 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
         if raw is not None and raw.strip() != "":
             values[field] = parse(variable, raw)
     return Settings(**values)
+
+
+_current_lock = threading.Lock()
+_current: Settings | None = None
+
+
+def current_settings() -> Settings:
+    """This process's settings, read (environment and ``.env``) on the first call and kept.
+
+    What the actors and the worker use, so that importing `nova_email.actors` reads nothing: the first send, consume
+    or worker boot does. Entry points that read their settings themselves pass them on instead.
+
+    Raises:
+        ConfigError: as `load_settings`.
+    """
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = load_settings()
+        return _current

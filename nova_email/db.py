@@ -4,6 +4,8 @@ This is the only module that knows where the database is. DATABASE_URL wins; wit
 embedded server (`nova_email.embedded`) is started on demand and reused. The pool is the broker's
 kind of :class:`brokers.Database`, opened lazily in each process, so a forked Dramatiq worker never
 shares its parent's sockets; `database` returns it, so the broker and the service can share one pool.
+Where the database is, and the pool's size, are resolved when the pool first opens, not when it is built: importing
+`nova_email.actors` neither reads the settings nor starts the embedded server.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from psycopg_pool import ConnectionPool
 from brokers import Database
 
 from .borrowing import BorrowingConnection
-from .config import Settings
+from .config import Settings, current_settings
 from .embedded import embedded_server_is_default, embedded_server_url
 from .errors import ConfigError
 
@@ -40,10 +42,10 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-def database_url(settings: Settings, *, announce: bool = True) -> str:
+def database_url(settings: Settings) -> str:
     """The URL to use: DATABASE_URL, or in the source checkout the embedded server's (started if needed).
 
-    Logs the choice once, on the first call that may `announce` it (not while `nova_email.actors` is imported).
+    Logs the choice once (at debug).
 
     Raises:
         ConfigError: DATABASE_URL is not set in an installed package.
@@ -56,7 +58,7 @@ def database_url(settings: Settings, *, announce: bool = True) -> str:
     else:
         url = embedded_server_url(settings.data_dir)
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"
-    if announce and url not in _announced:
+    if url not in _announced:
         _announced.add(url)
         # DEBUG: a URL (even redacted) in every process's first lines tells a log reader more than they need.
         log.debug("Using {}", where)
@@ -79,22 +81,29 @@ def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
     return psycopg.connect(database_url(settings), **kwargs)  # type: ignore[arg-type]
 
 
-def database(settings: Settings, *, max_size: int | None = None, announce: bool = True) -> Database:
+def database(settings: Settings | None = None, *, max_size: int | None = None) -> Database:
     """The service's database: one pool per process, opened on first use (and anew after a fork).
 
-    `max_size` (default: DATABASE_POOL_SIZE) and `announce` (see `database_url`) count when the first call builds
-    it. Hand it to the broker (``PGMQBroker(database=...)``) to make the broker use the same pool.
+    The first call builds it; nothing is read or reached until a connection is needed, then `settings` (default:
+    `current_settings`) name the server and the pool's size, `max_size` (default: DATABASE_POOL_SIZE) when given.
+    Hand it to the broker (``PGMQBroker(database=...)``) to make the broker use the same pool.
     """
     global _database
     with _lock:
         if _database is None:
-            _database = Database(
-                database_url(settings, announce=announce),
-                name="nova_email",
-                max_size=settings.database_pool_size if max_size is None else max_size,
-                prepare_statements=_prepares_statements(settings),
-            )
+            _database = _lazy_database(settings, max_size)
         return _database
+
+
+def _lazy_database(settings: Settings | None, max_size: int | None) -> Database:
+    def resolve() -> str:
+        chosen = settings or current_settings()
+        built.max_size = chosen.database_pool_size if max_size is None else max_size
+        built.prepare_statements = _prepares_statements(chosen)
+        return database_url(chosen)
+
+    built = Database(resolve, name="nova_email")
+    return built
 
 
 def get_pool(settings: Settings, *, max_size: int | None = None) -> ConnectionPool:

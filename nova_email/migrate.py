@@ -42,6 +42,8 @@ log = logger.bind(component="Migrate")
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 #: Completes the original service's tables into ours; run once, before the migrations, on an adopted database.
 ADOPT_SQL = SQL_DIR / "adopt_original.sql"
+#: The functions that pause and resume triggers: the adoption uses them before the numbered migrations define them.
+PAUSED_TRIGGERS_SQL = SQL_DIR / "059_paused_triggers.sql"
 #: The adoption is recorded like a migration of its own, so it runs once even when several processes migrate at once.
 ADOPTION_NAMESPACE = "nova_email.adoption"
 #: Where the migrations' own objects live: what a plan compares before and after.
@@ -154,9 +156,13 @@ def needs_adoption(conn: psycopg.Connection) -> bool:
 
 def _adoption(conn: psycopg.Connection, ours: list[schema.Migration]) -> schema.Migration:
     """``adopt_original.sql`` as a migration, told the names of our functions."""
-    names = sorted({name for m in ours for name in _FUNCTION_NAME.findall(m.sql)})
+    helpers = PAUSED_TRIGGERS_SQL.read_text(encoding="utf-8")
+    # The helpers it creates first are ours already: step 5 must not drop them as the original's.
+    names = sorted(
+        {name for m in ours for name in _FUNCTION_NAME.findall(m.sql)} - set(_FUNCTION_NAME.findall(helpers))
+    )
     preamble = _SET_ADOPT_FUNCTIONS.format(names=sql.Literal(",".join(names))).as_string(conn)
-    return schema.Migration(1, "adopt_original", preamble + ADOPT_SQL.read_text(encoding="utf-8"))
+    return schema.Migration(1, "adopt_original", preamble + helpers + ADOPT_SQL.read_text(encoding="utf-8"))
 
 
 def _catalog(conn: psycopg.Connection) -> dict[str, str]:

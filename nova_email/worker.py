@@ -1,8 +1,9 @@
 """What a worker process needs besides its actors: the broker with its middleware, and the Nylas client.
 
 `build_broker` is called once when `nova_email.actors` is imported (that is how ``dramatiq
-nova_email.actors`` finds its broker); `nylas_client` and `pool` are per process, created on first
-use, so forked workers never share sockets.
+nova_email.actors`` finds its broker), without reading any setting: `configure_broker` applies the settings when a
+worker process boots. `nylas_client` and the pool are per process, created on first use, so forked workers never
+share sockets.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .nylas.pacing import Pacer, start_job
 from .ops.health import WorkerHeartbeat
 from .ops.metrics import add_metrics
 
-__all__ = ["GiveUpHook", "PacedJobs", "TestingMode", "build_broker", "nylas_client"]
+__all__ = ["GiveUpHook", "PacedJobs", "TestingMode", "build_broker", "configure_broker", "nylas_client"]
 
 _client_lock = threading.Lock()
 _client: PerProcess[NylasClient] | None = None
@@ -76,16 +77,19 @@ class TestingMode(Middleware):
             message.options[KEEP_ON_ACK_OPTION] = True
 
 
-def build_broker(settings: Settings) -> PGMQBroker:
-    """The PGMQ broker configured from settings, with rate-limit-aware retries, periodic ticks and give-up hooks."""
+def build_broker() -> PGMQBroker:
+    """The PGMQ broker with rate-limit-aware retries, periodic ticks and give-up hooks; reads no setting.
+
+    Enough to send jobs (the database is resolved on the first send); a worker process gets its settings from
+    `configure_broker` when it boots.
+    """
     # One pool per process for the broker, its lease keeper and scheduler, the processors and the pacer
     # (DATABASE_POOL_SIZE), plus the listener's one LISTEN connection.
+    defaults = Settings()  # the settings' defaults, until `configure_broker`
     broker = PGMQBroker(
-        database=db.database(settings, announce=False),
-        visibility_timeout_s=settings.visibility_timeout_s,
-        poll_interval_ms=settings.poll_interval_ms,
-        listen=not settings.database_transaction_pooler,
-        prepare_statements=not settings.database_transaction_pooler,
+        database=db.database(),
+        visibility_timeout_s=defaults.visibility_timeout_s,
+        poll_interval_ms=defaults.poll_interval_ms,
     )
     use_rate_limit_retries(broker)
     broker.add_middleware(CurrentMessage())  # lets an actor read its attempt number (retries + 1)
@@ -94,11 +98,27 @@ def build_broker(settings: Settings) -> PGMQBroker:
     # Dramatiq runs after_* hooks in reverse order: placed before Retries, the hook runs after Retries marked the
     # message failed (appended last, it ran first and never saw a failed message).
     broker.add_middleware(GiveUpHook(), before=Retries)
-    add_metrics(broker, settings)
     broker.add_middleware(WorkerHeartbeat())  # read by `nova-email healthcheck --worker`
+    return broker
+
+
+def configure_broker(broker: PGMQBroker, settings: Settings) -> None:
+    """Apply the settings of a booting worker process to `broker`, before it consumes anything.
+
+    Sets the visibility timeout, the poll interval and LISTEN (off behind a transaction pooler) of the broker's
+    settlement and threads, which read them when consuming starts, and adds the metrics and testing-mode middleware
+    the settings ask for.
+    """
+    visibility_timeout_ms = settings.visibility_timeout_s * 1000
+    listen = not settings.database_transaction_pooler
+    broker.visibility_timeout_ms = broker.settlement.visibility_timeout_ms = visibility_timeout_ms
+    broker.threads.visibility_timeout_ms = visibility_timeout_ms
+    broker.poll_interval_ms = broker.settlement.poll_interval_ms = settings.poll_interval_ms
+    broker.listen = broker.threads.listen = listen
+    broker.prepare_statements = not settings.database_transaction_pooler
+    add_metrics(broker, settings)
     if settings.testing_mode:
         broker.add_middleware(TestingMode({"nylas_webhook_notifications"}))
-    return broker
 
 
 def nylas_client(settings: Settings) -> NylasClient:

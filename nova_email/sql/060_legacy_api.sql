@@ -2,6 +2,7 @@
 -- next to ours. Where ours differ, the old form is an overload that works the way ours do: counters follow
 -- queued_threads through triggers (006_sync_stats.sql), so the old "increment" calls recount instead of adding.
 -- replaces: 37504748a43f0cf5b7dc7f80c7b93feb2be7b0b80bc53f547aafe77137556e57
+-- replaces: a1ce082b13e7cf248cab4a52d3ddb9b648507706284e0437307722168146531e
 
 -- Recount one configuration's counters from queued_threads, under the stats row's lock (see initialize_sync_stats).
 CREATE OR REPLACE FUNCTION flux_recount_sync_stats(p_config_id uuid) RETURNS void
@@ -133,24 +134,13 @@ COMMENT ON FUNCTION acknowledge_webhook_notification(bigint, uuid, boolean, text
 -- The original README's "Monitor Active Syncs" reads each backfill's status from its stats row.
 ALTER TABLE inbox_sync_stats ADD COLUMN IF NOT EXISTS backfill_status text;
 -- Filling the new column is not an update of the rows: their triggers (updated_at) stay quiet.
-DO $$
-DECLARE
-    v_triggers name[] := ARRAY(SELECT t.tgname FROM pg_trigger t
-                                WHERE t.tgrelid = 'inbox_sync_stats'::regclass AND NOT t.tgisinternal
-                                  AND t.tgenabled <> 'D');
-    v_name     name;
-BEGIN
-    FOREACH v_name IN ARRAY v_triggers LOOP
-        EXECUTE format('ALTER TABLE inbox_sync_stats DISABLE TRIGGER %I', v_name);
-    END LOOP;
-    UPDATE inbox_sync_stats s SET backfill_status = c.backfill_status
-      FROM flux_inbox_configurations c
-     WHERE c.id = s.config_id AND s.backfill_status IS DISTINCT FROM c.backfill_status;
-    FOREACH v_name IN ARRAY v_triggers LOOP
-        EXECUTE format('ALTER TABLE inbox_sync_stats ENABLE TRIGGER %I', v_name);
-    END LOOP;
-END;
-$$;
+CREATE TEMPORARY TABLE flux_legacy_paused_triggers ON COMMIT DROP AS
+SELECT * FROM flux_pause_triggers(ARRAY['inbox_sync_stats']);
+UPDATE inbox_sync_stats s SET backfill_status = c.backfill_status
+  FROM flux_inbox_configurations c
+ WHERE c.id = s.config_id AND s.backfill_status IS DISTINCT FROM c.backfill_status;
+SELECT flux_resume_trigger(table_name, trigger_name) FROM flux_legacy_paused_triggers;
+DROP TABLE flux_legacy_paused_triggers;
 
 CREATE OR REPLACE FUNCTION flux_copy_backfill_status() RETURNS trigger
 LANGUAGE plpgsql AS $$

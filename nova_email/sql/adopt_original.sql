@@ -16,24 +16,11 @@
 -- Every existing row stays, with its values except the NULLs named in step 3. The tables' own triggers are off
 -- while this runs: completing a row is not an update of it (its updated_at stays), nor a change to count.
 
+-- flux_pause_triggers is defined by 059_paused_triggers.sql, which `nova_email.migrate` runs just before this file.
 CREATE TEMPORARY TABLE flux_adopt_paused_triggers ON COMMIT DROP AS
-SELECT t.tgrelid::regclass AS table_name, t.tgname
-  FROM pg_trigger t
- WHERE t.tgrelid IN (SELECT to_regclass(n) FROM unnest(ARRAY['flux_inboxes', 'flux_inbox_configurations',
-                                                             'flux_email_threads', 'flux_email_messages',
-                                                             'flux_webhook_notifications', 'inbox_sync_stats',
-                                                             'queued_threads']) AS n)
-   AND NOT t.tgisinternal AND t.tgenabled <> 'D';
-
-DO $$
-DECLARE
-    v_trigger record;
-BEGIN
-    FOR v_trigger IN SELECT * FROM flux_adopt_paused_triggers LOOP
-        EXECUTE format('ALTER TABLE %s DISABLE TRIGGER %I', v_trigger.table_name, v_trigger.tgname);
-    END LOOP;
-END;
-$$;
+SELECT * FROM flux_pause_triggers(ARRAY['flux_inboxes', 'flux_inbox_configurations', 'flux_email_threads',
+                                        'flux_email_messages', 'flux_webhook_notifications', 'inbox_sync_stats',
+                                        'queued_threads']);
 
 -- 1. Columns, in the order of 001_tables.sql.
 ALTER TABLE flux_inboxes
@@ -391,15 +378,4 @@ END;
 $$;
 
 -- The tables' triggers that survive step 5 are on again.
-DO $$
-DECLARE
-    v_trigger record;
-BEGIN
-    FOR v_trigger IN
-        SELECT p.* FROM flux_adopt_paused_triggers p
-         WHERE EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = p.table_name AND t.tgname = p.tgname)
-    LOOP
-        EXECUTE format('ALTER TABLE %s ENABLE TRIGGER %I', v_trigger.table_name, v_trigger.tgname);
-    END LOOP;
-END;
-$$;
+SELECT flux_resume_trigger(table_name, trigger_name) FROM flux_adopt_paused_triggers;

@@ -257,11 +257,41 @@ def test_the_dry_run_of_a_new_database_lists_every_migration(empty_url: str) -> 
         assert conn.execute("select to_regclass('pgmq.meta') is null").fetchone() == (True,)
 
 
+#: What PGMQ's 1.4 releases (which a Supabase project may still run) lack: its throttled insert notifications.
+PGMQ_1_4_MISSING = (
+    "drop function pgmq.enable_notify_insert(text, integer), pgmq.disable_notify_insert(text)",
+    "drop function pgmq.list_notify_insert_throttles(), pgmq.update_notify_insert(text, integer)",
+    "drop table pgmq.notify_insert_throttle",
+)
+
+
+def test_every_migration_and_the_brokers_notifications_work_on_a_pgmq_without_insert_notifications(
+    original: psycopg.Connection,
+) -> None:
+    # Given PGMQ as its 1.4 releases ship it
+    for statement in PGMQ_1_4_MISSING:
+        original.execute(statement)  # type: ignore[arg-type]  # constants above
+
+    # When the database is migrated (migration 042 turns the broker's notifications on for every queue)
+    migrate(original)
+
+    # Then every queue wakes workers through the broker's trigger, which can be turned off and on again
+    triggers = original.execute(
+        "select tgrelid::regclass::text from pg_trigger where tgname = 'pgmq_broker_notify_insert' order by 1"
+    ).fetchall()
+    assert ("pgmq.q_thread_sync_jobs",) in triggers and len(triggers) >= 4
+    original.execute("select pgmq_broker.disable_notify('thread_sync_jobs')")
+    original.execute("select pgmq_broker.enable_notify('thread_sync_jobs')")
+    original.execute("select pgmq_broker.enable_notify('a_new_queue')")
+    assert original.execute(
+        "select count(*) from pg_trigger where tgname = 'pgmq_broker_notify_insert'"
+    ).fetchone() == (len(triggers) + 1,)
+
+
 def test_the_queues_migration_runs_on_a_pgmq_without_insert_notifications(original: psycopg.Connection) -> None:
     # Given PGMQ as its 1.4 releases ship it (Supabase may still run one): no throttled insert notifications
-    original.execute("drop function pgmq.enable_notify_insert(text, integer), pgmq.disable_notify_insert(text)")
-    original.execute("drop function pgmq.list_notify_insert_throttles(), pgmq.update_notify_insert(text, integer)")
-    original.execute("drop table pgmq.notify_insert_throttle")
+    for statement in PGMQ_1_4_MISSING:
+        original.execute(statement)  # type: ignore[arg-type]  # constants above
 
     original.execute(SQL_DIR.joinpath("002_queues.sql").read_bytes())
 

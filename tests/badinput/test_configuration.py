@@ -68,7 +68,7 @@ def test_a_worker_with_a_malformed_variable_exits_at_once_naming_it(tmp_path: Pa
     )
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert f"ConfigError: {variable}=" in output, output[-2000:]
+    assert any(line.startswith(f"{variable}=") for line in output.splitlines()), output[-2000:]
     assert "hunter2hunter2" not in output
     TRIED[0] += 1
     print(f"\n[badinput] configuration values tried: {TRIED[0]}")

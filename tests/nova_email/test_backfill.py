@@ -483,9 +483,10 @@ def test_a_runs_time_limit_grows_with_the_nylas_timeout_and_holds_a_slice_and_it
 
 
 def test_the_backfill_actors_time_limit_follows_nylas_timeout_s(db_url: str) -> None:
-    # The actor is declared when nova_email.actors is imported, from the settings of that process
+    # A worker process applies its settings to the actors when it boots (importing them reads none)
+    boot = "from nova_email import actors; actors.broker.emit_after('process_boot')"
     shown = subprocess.run(
-        [sys.executable, "-c", "from nova_email import actors; print(actors.run_backfill.options['time_limit'])"],
+        [sys.executable, "-c", f"{boot}; print(actors.run_backfill.options['time_limit'])"],
         env={**os.environ, "DATABASE_URL": db_url, "NYLAS_API_KEY": "k", "NYLAS_TIMEOUT_S": "120"},
         capture_output=True,
         text=True,

@@ -128,10 +128,50 @@ def test_importing_the_actors_sets_up_the_broker_and_nothing_else(tmp_path: Path
     assert result.stderr == ""
 
 
+#: Another application importing the actors, then sending a job. Its directory holds a `.env` that no settings could
+#: be read from, so reading it at import would fail; before sending, the `.env` names the database to use.
+_IMPORT_THEN_SEND = """
+import sys
+from pathlib import Path
+
+import nova_email.actors as actors
+
+assert not Path("data").exists(), "the embedded server was started at import"
+Path(".env").write_text(f"DATABASE_URL={sys.argv[1]}\\n")
+actors.sync_thread.send({"thread_id": "t-lazy", "inbox_id": "i", "grant_id": "g", "config_id": None})
+print("sent")
+"""
+
+
+def test_importing_the_actors_reads_no_setting_and_the_first_send_resolves_the_database(
+    conn: psycopg.Connection, db_url: str, tmp_path: Path
+) -> None:
+    # Given a directory whose .env cannot be read as settings, no DATABASE_URL, and an embedded server's data dir
+    (tmp_path / ".env").write_text("VISIBILITY_TIMEOUT=soon\nDATABASE_URL=mysql://nowhere/db\n")
+    env = _environment_without("DATABASE_URL", "NYLAS_API_KEY", NOVA_DATA_DIR=str(tmp_path / "data"))
+
+    # When another application imports the actors there, then sends a job
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_THEN_SEND, db_url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    # Then the import read neither the .env nor a database (nor started one), and the send used the .env's database
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "sent\n"
+    row = conn.execute("select count(*) from pgmq.q_thread_sync_jobs where message::text like '%t-lazy%'").fetchone()
+    assert row == (1,)
+
+
 @pytest.mark.processes
 def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db_url: str, tmp_path: Path) -> None:
     env = _environment_without("NYLAS_API_KEY", DATABASE_URL=db_url)
-    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "1", "--threads", "1"]
+    # Two worker processes, each of which finds the key missing: the command still says it once
+    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "2", "--threads", "1"]
 
     dramatiq_run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     nova_run = subprocess.run(
@@ -142,9 +182,11 @@ def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db
         "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
         " call Nylas with it. Set it in the environment or in .env"
     )
-    assert dramatiq_run.returncode != 0
+    assert dramatiq_run.returncode == 2, dramatiq_run.stderr
     assert dramatiq_run.stderr.splitlines().count(line) == 1, dramatiq_run.stderr
     assert "Worker process is ready" not in dramatiq_run.stderr
+    assert "exited unexpectedly" not in dramatiq_run.stderr
+    assert "Traceback" not in dramatiq_run.stderr
     assert nova_run.returncode == 2
     assert nova_run.stderr.splitlines() == [
         "nova-email: NYLAS_API_KEY is not set; the workers of thread_sync_jobs call Nylas with it. "
@@ -186,3 +228,71 @@ def test_run_without_database_url_in_an_installed_package_stops_with_one_line_be
         "nova-email: DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
     ]
     assert not (tmp_path / ".nova").exists()
+
+
+#: ``dramatiq nova_email.actors`` as an installed package runs it (no embedded server to fall back on).
+_INSTALLED_DRAMATIQ = """
+import sys
+
+import dramatiq.cli
+import nova_email.db
+
+nova_email.db.embedded_server_is_default = lambda: False
+arguments = dramatiq.cli.make_argument_parser().parse_args(["nova_email.actors", "--processes", "2", "--threads", "1"])
+sys.exit(dramatiq.cli.main(arguments))
+"""
+
+
+@pytest.mark.processes
+def test_dramatiq_workers_without_database_url_in_an_installed_package_stop_with_one_line(tmp_path: Path) -> None:
+    env = _environment_without("DATABASE_URL", "NOVA_DATA_DIR", NYLAS_API_KEY="nyk_test")
+
+    result = subprocess.run(
+        [sys.executable, "-c", _INSTALLED_DRAMATIQ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 2, result.stderr
+    line = "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
+    assert result.stderr.splitlines().count(line) == 1, result.stderr
+    assert "exited unexpectedly" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".nova").exists()
+
+
+#: A worker process's boot, then what the broker and the scheduler took from its settings.
+_BOOTED = """
+from brokers import PeriodicScheduler
+from nova_email import actors
+
+before = (actors.broker.settlement.visibility_timeout_ms, actors.broker.threads.listen)
+actors.broker.emit_after("process_boot")
+scheduler = next(m for m in actors.broker.middleware if isinstance(m, PeriodicScheduler))
+print(before)
+print((actors.broker.settlement.visibility_timeout_ms, actors.broker.threads.visibility_timeout_ms))
+print((actors.broker.settlement.poll_interval_ms, actors.broker.threads.listen))
+print(sorted((s.name, s.interval_ms) for s in scheduler.schedules.values()))
+"""
+
+
+def test_a_booting_worker_process_applies_its_settings_read_from_env_file(db_url: str, tmp_path: Path) -> None:
+    # Given settings in the worker's .env only
+    (tmp_path / ".env").write_text(
+        f"DATABASE_URL={db_url}\nVISIBILITY_TIMEOUT=7\nPOLL_INTERVAL_MS=123\nDATABASE_TRANSACTION_POOLER=true\n"
+        "COMPLETION_CHECK_INTERVAL_MS=2500\nENABLE_AUTO_RECOVERY=false\nLOG_LEVEL=warning\n"
+    )
+    env = _environment_without(
+        "DATABASE_URL", "VISIBILITY_TIMEOUT", "POLL_INTERVAL_MS", "DATABASE_TRANSACTION_POOLER", "LOG_LEVEL"
+    )
+
+    shown = subprocess.run(
+        [sys.executable, "-c", _BOOTED], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    # Then the import used the defaults, and the boot the .env's settings
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [
+        "(300000, True)",
+        "(7000, 7000)",
+        "(123, False)",
+        "[('check_completion', 2500)]",
+    ]

@@ -150,3 +150,29 @@ def test_every_function_of_these_migrations_says_what_it_does(conn: psycopg.Conn
     ).fetchall()
     assert {name for name, _ in rows} == names
     assert [name for name, comment in rows if not comment] == []
+
+
+def test_the_migrations_pause_triggers_in_one_place() -> None:
+    sql_dir = Path(__file__).resolve().parents[2] / "nova_email" / "sql"
+    pausing = [path.name for path in sorted(sql_dir.glob("*.sql")) if "DISABLE TRIGGER" in path.read_text()]
+    assert pausing == ["059_paused_triggers.sql"]
+
+
+def test_paused_triggers_leave_updated_at_alone_and_resume_unless_dropped(
+    conn: psycopg.Connection, inbox: Inbox
+) -> None:
+    before = conn.execute("select updated_at from flux_inboxes where id = %s", [inbox.id]).fetchone()
+    with conn.transaction():
+        paused = conn.execute("select * from flux_pause_triggers(array['flux_inboxes', 'no_such_table'])").fetchall()
+        conn.execute("update flux_inboxes set email = 'paused@example.com' where id = %s", [inbox.id])
+        for table, trigger in paused:
+            conn.execute("select flux_resume_trigger(%s, %s)", [table, trigger])
+    assert paused and all(table == "flux_inboxes" for table, _ in paused)
+    assert conn.execute("select updated_at from flux_inboxes where id = %s", [inbox.id]).fetchone() == before
+    enabled = conn.execute(
+        "select count(*) from pg_trigger where tgrelid = 'flux_inboxes'::regclass and not tgisinternal"
+        " and tgenabled = 'D'"
+    ).fetchone()
+    assert enabled == (0,)
+    # A trigger dropped while paused is not looked for again
+    conn.execute("select flux_resume_trigger('flux_inboxes', 'gone')")
