@@ -14,7 +14,7 @@ database logs the outage once when it starts and once when it ends.
 A fetched row is decoded only after its lease is tracked, one row at a time: a row that cannot become a message
 is dead-lettered with its reason and costs the rows fetched with it nothing. A fetch counts each lease towards
 ``max_deliveries``; the consumers of a process lease together no more messages than it has worker threads free
-(:class:`~brokers.settlement.Slots`, sized by :class:`WorkerThreads`), so every leased message starts at once and a
+(:class:`~brokers.slots.Slots`, sized by :class:`WorkerThreads`), so every leased message starts at once and a
 job that kills its process burns no count of a message that never ran.
 
 Dramatiq calls ``ack``/``nack`` from worker threads while the consumer thread iterates, so everything shared is
@@ -44,7 +44,8 @@ from .envelope import MAX_COUNT_OPTION, Undecodable, decode_body
 from .errors import DatabaseUnavailable
 from .fairness import FAIRNESS_KEY_OPTION
 from .lease import Lease
-from .settlement import Fetched, Settlement, Slots
+from .settlement import Fetched, Settlement
+from .slots import Slots
 
 __all__ = ["KEEP_ON_ACK_OPTION", "PGMQConsumer", "PGMQMessageProxy", "WorkerThreads"]
 
@@ -94,7 +95,7 @@ class PGMQConsumer(Consumer):
         queue_name: The queue.
         prefetch: Most messages held at once, buffered or running.
         timeout: Milliseconds an idle iteration waits before returning ``None``.
-        max_deliveries: Started runs without a settlement after which a message is dead-lettered as poison.
+        max_deliveries: Deliveries without a settlement after which a message is dead-lettered as poison.
         handlers: The actor of each queue that takes its foreign messages (the broker's, kept up to date).
     """
 
@@ -116,7 +117,9 @@ class PGMQConsumer(Consumer):
         self.max_deliveries = max_deliveries
         self.handlers = handlers
         self._buffer: deque[PGMQMessageProxy] = deque()
-        self._outstanding: set[int] = set()
+        #: The deliveries fetched here and not settled, as (msg_id, token): the same message leased again after its
+        #: lease lapsed is another delivery.
+        self._outstanding: set[tuple[int, datetime]] = set()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._iterating = False
@@ -145,8 +148,8 @@ class PGMQConsumer(Consumer):
     def discharge(self, lease: Lease) -> None:
         """Free the prefetch room and the thread's slot of a settled delivery this consumer fetched (once)."""
         with self._lock:
-            held = lease.msg_id in self._outstanding
-            self._outstanding.discard(lease.msg_id)
+            held = (lease.msg_id, lease.token) in self._outstanding
+            self._outstanding.discard((lease.msg_id, lease.token))
         if held:
             self.settlement.slots.give_back(1)
         self._wakeup.set()
@@ -293,15 +296,13 @@ class PGMQConsumer(Consumer):
             # Cleared before looking, so a notification or ack that lands after the fetch still wakes the wait.
             self._wakeup.clear()
             wanted = max(self.prefetch - self.outstanding_count, 0)
+            room = self.settlement.slots.take(wanted, self if self._backlog else None) if wanted else 0
             rows: list[Fetched] = []
             try:
-                with self.settlement.slots.fetching(deadline - time.monotonic()) as turn:
-                    if not turn:
-                        return None
-                    room = self.settlement.slots.free(wanted, self if self._backlog else None) if wanted else 0
-                    if room or self.state.pending_acks:
-                        rows = self.settlement.fetch(self.state, room)
-                    self.settlement.slots.hold(len(rows))
+                try:
+                    rows = self.settlement.fetch(self.state, room) if room or self.state.pending_acks else []
+                finally:
+                    self.settlement.slots.give_back(room - len(rows))
                 if room:
                     self._backlog = len(rows) >= room
                 wait_s = deadline - time.monotonic()
@@ -313,18 +314,18 @@ class PGMQConsumer(Consumer):
                 continue
             self._backoff.reset()
             if rows:
-                leased = 0
-                try:
-                    leased = self._accept(rows)
-                finally:
-                    self.settlement.slots.give_back(len(rows) - leased)
+                self._accept(rows)
                 continue
             woke = self._wakeup.wait(max(0.0, wait_s))
-            if not woke and time.monotonic() >= deadline:
-                return None
+            if not woke:
+                # Time to look again: a delayed message may be due, or a lapsed lease visible again, which no
+                # notification announces. Ask for a free thread at the next settlement if none is free now.
+                self._backlog = True
+                if time.monotonic() >= deadline:
+                    return None
 
-    def _accept(self, rows: list[Fetched]) -> int:
-        """Hand the fetched rows to the worker, each as a message or a dead letter; how many became messages."""
+    def _accept(self, rows: list[Fetched]) -> None:
+        """Hand the fetched rows to the worker, each as a message or a dead letter (which frees its slot at once)."""
         leased = [(Lease(self.queue_name, row.msg_id, _token(row), row.read_ct or 0), row) for row in rows]
         # Tracked before anything can fail, so that no fetched message is left to lapse unnoticed.
         self.settlement.track([lease for lease, _ in leased])
@@ -346,8 +347,9 @@ class PGMQConsumer(Consumer):
                 good.append(delivery)
         if good:
             with self._lock:
-                self._outstanding.update(proxy.lease.msg_id for proxy in good)
+                self._outstanding.update((proxy.lease.msg_id, proxy.lease.token) for proxy in good)
             self._buffer.extend(good)
+        self.settlement.slots.give_back(len(doomed))
         for lease, why in doomed:
             try:
                 self.settlement.dead_letter(lease, why)
@@ -362,7 +364,6 @@ class PGMQConsumer(Consumer):
                     self.queue_name,
                     why.reason,
                 )
-        return len(good)
 
     def _delivery(self, lease: Lease, row: Fetched) -> PGMQMessageProxy | DeadLetterReason:
         if lease.runs_before >= self.max_deliveries:
@@ -370,7 +371,7 @@ class PGMQConsumer(Consumer):
                 reason="max_deliveries",
                 error_type="MaxDeliveriesExceeded",
                 error_message=(
-                    f"Started {lease.runs_before} times without being settled (max_deliveries="
+                    f"Delivered {lease.runs_before} times without being settled (max_deliveries="
                     f"{self.max_deliveries}); a worker probably died while running it"
                 ),
                 attempts=lease.runs_before,

@@ -8,18 +8,13 @@ such a stale settlement is logged once, at warning, with the message id.
 Acks are deferred: they are deleted by the next fetch of a consumer of the queue in this process, so the ack path
 costs no round trip of its own while the worker is busy. The per-queue :class:`QueueState` holds them, shared by the
 queue's consumers (Dramatiq may replace a consumer while messages it fetched are still running).
-
-A fetch counts each lease towards ``max_deliveries``, so a process leases only what its worker threads can start at
-once (:class:`Slots`): a job that kills its process then costs nothing to messages fetched with it, since each of
-them was running too, and no message waits in a buffer while its count rises.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, LiteralString, Protocol
 
@@ -33,8 +28,9 @@ from .database import Database
 from .dead_letters import DeadLetterReason
 from .fairness import fair_fetch_query, is_fair
 from .lease import Lease, LeaseKeeper
+from .slots import Slots
 
-__all__ = ["Fetched", "QueueState", "Settlement", "Slots", "Waker"]
+__all__ = ["Fetched", "QueueState", "Settlement", "Waker"]
 
 log = logger.bind(component="PGMQBroker")
 
@@ -95,75 +91,8 @@ class Fetched:
     fairness_key: str | None
 
 
-class Slots:
-    """The worker threads of this process free to start a message: its consumers lease no more than that, together.
-
-    Dramatiq's worker adds its thread count when it boots (``brokers.consumer.WorkerThreads``); without a worker (a
-    consumer used on its own) only the consumer's prefetch limits a fetch. The consumers of a process fetch one at
-    a time (:meth:`fetching`), each for at most the free threads, and :meth:`hold` what they leased; each leased
-    message gives its slot back when it is settled. A consumer that wanted more than was free is woken then.
-    """
-
-    def __init__(self) -> None:
-        #: Worker threads of this process, or None without a worker.
-        self.threads: int | None = None
-        #: Messages leased by this process and not settled yet.
-        self.running = 0
-        self._waiting: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._fetch_lock = threading.Lock()
-
-    def add_threads(self, count: int) -> None:
-        with self._lock:
-            self.threads = (self.threads or 0) + count
-        self._wake_waiting()
-
-    def remove_threads(self, count: int) -> None:
-        with self._lock:
-            remaining = (self.threads or 0) - count
-            self.threads = remaining if remaining > 0 else None
-
-    @contextmanager
-    def fetching(self, timeout_s: float) -> Iterator[bool]:
-        """Hold the process's turn to fetch (False when it did not come within `timeout_s`)."""
-        acquired = self._fetch_lock.acquire(timeout=max(timeout_s, 0.0))
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                self._fetch_lock.release()
-
-    def free(self, wanted: int, waker: Waker | None) -> int:
-        """How many of `wanted` messages may be leased now; `waker` is woken at the next settlement if fewer."""
-        with self._lock:
-            granted = wanted if self.threads is None else max(0, min(wanted, self.threads - self.running))
-            if granted < wanted and waker is not None:
-                self._waiting.add(waker)
-        return granted
-
-    def hold(self, count: int) -> None:
-        """Count `count` leased messages as running (call it in :meth:`fetching`, after the fetch)."""
-        with self._lock:
-            self.running += count
-
-    def give_back(self, count: int) -> None:
-        """`count` held messages were settled (or never became messages): their threads are free again."""
-        if count <= 0:
-            return
-        with self._lock:
-            self.running -= count
-        self._wake_waiting()
-
-    def _wake_waiting(self) -> None:
-        with self._lock:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for waker in waiting:
-            waker.wake()
-
-
 class Settlement:
-    """The broker's commands that lease, start and end deliveries.
+    """The broker's commands that lease and end deliveries.
 
     The consumer holds one (the broker's) and calls it; the state of each delivery is public on its
     :class:`~brokers.lease.Lease`. ``keeper`` is this process's lease keeper, set by the broker once it consumes.
@@ -192,7 +121,7 @@ class Settlement:
         self.async_commit = async_commit
         self.keeper: LeaseKeeper | None = None
         self.states: dict[str, QueueState] = {}
-        #: The worker threads free to start a message, shared by every consumer of this process.
+        #: The worker threads free to start a message, shared by every consumer of this broker in this process.
         self.slots = Slots()
         self._lock = threading.Lock()
 

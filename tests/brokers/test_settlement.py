@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from dramatiq.middleware import Middleware
 
 from brokers import PGMQBroker
 from brokers.consumer import PGMQMessageProxy
-from brokers.settlement import Slots
+from brokers.slots import Slots
 
 from .conftest import wait_until, warnings_of
 
@@ -129,7 +130,7 @@ def test_a_worker_leases_no_more_messages_than_it_has_threads_across_its_queues(
     broker.join("slots_b", timeout=10_000)
     assert sorted(running) == sorted([f"a{n}" for n in range(10)] + [f"b{n}" for n in range(10)])
     worker.stop(timeout=10_000)
-    assert broker.settlement.slots.running == 0
+    assert broker.settlement.slots.taken == 0
 
 
 class Waiter:
@@ -147,13 +148,63 @@ def test_a_consumer_short_of_slots_is_woken_when_a_message_is_settled() -> None:
     # Given two slots, both running a message
     slots, first, second = Slots(), Waiter(), Waiter()
     slots.add_threads(2)
-    assert slots.free(2, first) == 2
-    slots.hold(2)
+    assert slots.take(2, first) == 2
 
     # When another consumer wants one, then a message is settled
-    assert slots.free(1, second) == 0
+    assert slots.take(1, second) == 0
     slots.give_back(1)
 
     # Then the waiting consumer is woken and gets the free slot, and only that one
     assert (second.woken, first.woken) == (1, 0)
-    assert slots.free(5, second) == 1
+    assert slots.take(5, second) == 1
+
+
+def test_the_same_message_leased_twice_by_one_consumer_gives_back_both_slots(
+    broker: PGMQBroker, conn: psycopg.Connection
+) -> None:
+    # Given a consumer whose delivery lapsed (another heartbeat never came) and which leased the message again
+    @dramatiq.actor(queue_name="twice", broker=broker)
+    def job() -> None: ...
+
+    broker.settlement.slots.add_threads(2)
+    job.send()
+    consumer = broker.consume("twice", prefetch=2, timeout=100)
+    first = next(consumer)
+    conn.execute("update pgmq.q_twice set vt = clock_timestamp()")
+    second = next(consumer)
+    assert isinstance(first, PGMQMessageProxy) and isinstance(second, PGMQMessageProxy)
+    assert (second.lease.msg_id, broker.settlement.slots.taken) == (first.lease.msg_id, 2)
+
+    # When both deliveries are settled (the stale one changes nothing in the database)
+    second.consumer.ack(second)
+    first.consumer.ack(first)
+
+    # Then both threads are free again
+    assert broker.settlement.slots.taken == 0
+
+
+def test_a_delayed_message_of_an_idle_queue_runs_while_another_queue_is_busy(
+    broker: PGMQBroker, make_worker: Any
+) -> None:
+    # Given one worker thread busy with a long queue of short jobs
+    order: list[str] = []
+
+    @dramatiq.actor(queue_name="busy_queue", broker=broker)
+    def busy(n: int) -> None:
+        time.sleep(0.01)
+        order.append(f"busy{n}")
+
+    @dramatiq.actor(queue_name="idle_queue", broker=broker)
+    def later() -> None:
+        order.append("later")
+
+    broker.enqueue_many([busy.message(n) for n in range(300)])
+    make_worker(broker, threads=1)
+    wait_until(lambda: len(order) >= 5, what="the busy queue running")
+
+    # When a message is sent to the idle queue, visible in 0.3 s (no notification says when it becomes visible)
+    later.send_with_options(delay=300)
+
+    # Then it runs soon after it is due, long before the busy queue is drained (300 jobs of 10 ms)
+    wait_until(lambda: "later" in order, timeout_s=30, what="the delayed message to run")
+    assert order.index("later") < 250, f"ran after {order.index('later')} busy jobs"
