@@ -118,10 +118,25 @@ declare
     i integer;
 begin
     -- The acknowledged deliveries still held are settled as pgmq_broker.fetch settles them (fenced by the lease);
-    -- the others come back as stale rows.
-    return query select f.*, null::text from pgmq_broker.fetch(
-        %3$L, p_ack_ids, p_ack_tokens, p_archive, 0, p_vt_ms, p_async_commit
-    ) f;
+    -- the others come back as stale rows. Deleting is static SQL here, planned once per session.
+    if p_async_commit then
+        perform set_config('synchronous_commit', 'off', true);
+    end if;
+    if p_archive then
+        return query select f.*, null::text from pgmq_broker.fetch(
+            %3$L, p_ack_ids, p_ack_tokens, p_archive, 0, p_vt_ms, p_async_commit
+        ) f;
+    elsif cardinality(p_ack_ids) > 0 then
+        return query
+            with settled as (
+                delete from pgmq.%1$I m using unnest(p_ack_ids, p_ack_tokens) as a(msg_id, token)
+                where m.msg_id = a.msg_id and m.last_read_at = a.token
+                returning m.msg_id
+            )
+            select a.msg_id, null::integer, null::timestamptz, null::timestamptz, null::jsonb, true, null::text
+            from unnest(p_ack_ids) as a(msg_id)
+            where not exists (select from settled where settled.msg_id = a.msg_id);
+    end if;
     if p_qty <= 0 then
         return;
     end if;
@@ -133,16 +148,35 @@ begin
     loop
         v_want := p_qty - cardinality(v_served);
         exit when v_want <= 0 or cardinality(v_tried) >= pgmq_broker.fair_max_keys_per_read(p_qty);
-        -- 1. Whose turn it is. SKIP LOCKED: a key another fetch is serving waits for its next turn.
-        select array_agg(s.key order by s.due_at, s.key), array_agg(s.tat order by s.due_at, s.key)
-        into v_keys, v_tats
-        from (
-            select k.key, k.due_at, k.tat from pgmq_broker.fair_keys k
-            where k.queue_name = %3$L and k.due_at <= v_now and k.key <> all(v_tried)
-            order by k.due_at
-            limit v_want
-            for no key update skip locked
-        ) s;
+        -- 1. Whose turn it is. SKIP LOCKED: a key another fetch is serving waits for its next turn. Without a
+        -- rate, the keys go to the back of the line at once (step 4's move, in the same statement); step 5 puts
+        -- those that serve nothing where they belong.
+        if v_interval_ms is null then
+            with s as (
+                select k.key, k.due_at, k.tat from pgmq_broker.fair_keys k
+                where k.queue_name = %3$L and k.due_at <= v_now and k.key <> all(v_tried)
+                order by k.due_at
+                limit v_want
+                for no key update skip locked
+            ), moved as (
+                update pgmq_broker.fair_keys k set due_at = clock_timestamp()
+                from s where k.queue_name = %3$L and k.key = s.key
+                returning s.key, s.due_at, s.tat
+            )
+            select array_agg(m.key order by m.due_at, m.key), array_agg(m.tat order by m.due_at, m.key)
+            into v_keys, v_tats
+            from moved m;
+        else
+            select array_agg(s.key order by s.due_at, s.key), array_agg(s.tat order by s.due_at, s.key)
+            into v_keys, v_tats
+            from (
+                select k.key, k.due_at, k.tat from pgmq_broker.fair_keys k
+                where k.queue_name = %3$L and k.due_at <= v_now and k.key <> all(v_tried)
+                order by k.due_at
+                limit v_want
+                for no key update skip locked
+            ) s;
+        end if;
         exit when v_keys is null;
         v_tried := v_tried || v_keys;
         -- 2. Each key's room: its share of the batch, within its rate (the tokens of its GCRA bucket).
@@ -210,11 +244,8 @@ begin
             return next;
         end loop;
         v_served := v_served || v_pass_served;
-        -- 4. Served keys go to the back of the line (a rate-limited key until its next token).
-        if v_interval_ms is null then
-            update pgmq_broker.fair_keys k set due_at = clock_timestamp()
-            where k.queue_name = %3$L and k.key = any(v_pass_served);
-        else
+        -- 4. Served keys of a rate-limited queue go to the back of the line until their next token.
+        if v_interval_ms is not null then
             for v_key, i in select u.key, count(*) from unnest(v_pass_served) as u(key) group by u.key loop
                 update pgmq_broker.fair_keys k
                 set tat = greatest(coalesce(k.tat, v_now), v_now) + i * v_interval_ms * interval '1 millisecond',
