@@ -266,49 +266,35 @@ def test_a_send_may_name_its_key_and_an_actor_may_derive_it_from_its_arguments(
     assert stored_keys(conn, "fair_python") == ["derived", "given", "", ""]
 
 
-def test_a_retried_message_keeps_its_key(broker: PGMQBroker, conn: psycopg.Connection, worker: Worker) -> None:
-    enable_fairness(conn, "fair_retried", key_path=["tenant"])
+@pytest.mark.parametrize(
+    ("queue", "key_option"),
+    [
+        ("fair_retried", {"fairness_key": lambda payload: payload["tenant"]}),
+        # The actor derives no key: the retry's envelope carries the key its original was fetched with.
+        ("fair_plain_retried", {}),
+    ],
+)
+def test_a_retried_plain_json_message_keeps_its_key(
+    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker, queue: str, key_option: dict[str, Any]
+) -> None:
+    enable_fairness(conn, queue, key_path=["tenant"])
     runs: list[int] = []
 
-    @dramatiq.actor(queue_name="fair_retried", queue_handler=True, fairness_key=lambda payload: payload["tenant"],
-                    min_backoff=60_000, max_retries=3)  # fmt: skip
+    @dramatiq.actor(queue_name=queue, queue_handler=True, min_backoff=60_000, max_retries=3, **key_option)
     def flaky(payload: dict[str, Any]) -> None:
         runs.append(1)
         raise RuntimeError("once")
 
-    # A plain JSON message from SQL, keyed by its path; its retry is a Dramatiq envelope, keyed by the actor option.
-    send(conn, "fair_retried", [{"tenant": "t-1"}])
+    # A plain JSON message from SQL, keyed by its path; its retry is a Dramatiq envelope, keyed by an option.
+    send(conn, queue, [{"tenant": "t-1"}])
 
     def retried() -> bool:
         # The original was read before it ran; its retry is a new message, never read.
-        fresh = conn.execute("select count(*) from pgmq.q_fair_retried where read_ct = 0").fetchone()
+        fresh = conn.execute(f"select count(*) from pgmq.q_{queue} where read_ct = 0").fetchone()  # a literal name
         return bool(runs) and fresh == (1,)
 
     wait_until(retried, what="the retry enqueued")
-    assert stored_keys(conn, "fair_retried") == ["t-1"]
-
-
-def test_a_plain_json_message_retried_by_an_actor_without_a_key_option_keeps_its_key(
-    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker
-) -> None:
-    enable_fairness(conn, "fair_plain_retried", key_path=["tenant"])
-    runs: list[int] = []
-
-    @dramatiq.actor(queue_name="fair_plain_retried", queue_handler=True, min_backoff=60_000, max_retries=3)
-    def flaky(payload: dict[str, Any]) -> None:
-        runs.append(1)
-        raise RuntimeError("once")
-
-    # A plain JSON message from SQL, keyed by its path; its retry is a Dramatiq envelope with the key as an option,
-    # though the actor derives none.
-    send(conn, "fair_plain_retried", [{"tenant": "t-2"}])
-
-    def retried() -> bool:
-        fresh = conn.execute("select count(*) from pgmq.q_fair_plain_retried where read_ct = 0").fetchone()
-        return bool(runs) and fresh == (1,)
-
-    wait_until(retried, what="the retry enqueued")
-    assert stored_keys(conn, "fair_plain_retried") == ["t-2"]
+    assert stored_keys(conn, queue) == ["t-1"]
 
 
 def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connection, fair_queue_name: str) -> None:
