@@ -134,11 +134,17 @@ _IMPORT_THEN_SEND = """
 import sys
 from pathlib import Path
 
+from loguru import logger
+
 import nova_email.actors as actors
 
+logger.remove()
+lines = []
+logger.add(lines.append, format="{message}", level="DEBUG")
 assert not Path("data").exists(), "the embedded server was started at import"
 Path(".env").write_text(f"DATABASE_URL={sys.argv[1]}\\n")
 actors.sync_thread.send({"thread_id": "t-lazy", "inbox_id": "i", "grant_id": "g", "config_id": None})
+assert lines == [], lines
 print("sent")
 """
 
@@ -161,6 +167,7 @@ def test_importing_the_actors_reads_no_setting_and_the_first_send_resolves_the_d
     )
 
     # Then the import read neither the .env nor a database (nor started one), and the send used the .env's database
+    # without writing to the application's log
     assert result.returncode == 0, result.stderr
     assert result.stdout == "sent\n"
     row = conn.execute("select count(*) from pgmq.q_thread_sync_jobs where message::text like '%t-lazy%'").fetchone()
