@@ -52,7 +52,8 @@ class WorkerBoot(Middleware):
 
     Parameters:
         configure: Applies the settings to the broker and the actors, before anything is consumed; it may raise
-            `ConfigError` or `DatabaseError` (no database to use) to refuse the start.
+            `ConfigError` or `DatabaseError` (no database to use) to refuse the start. Any other exception refuses it
+            too, with a line naming the exception.
     """
 
     def __init__(self, configure: Callable[[Settings], None]) -> None:
@@ -77,6 +78,10 @@ class WorkerBoot(Middleware):
         except (ConfigError, DatabaseError) as exc:
             # Reported at worker boot, once the dramatiq command chose the process that reports it.
             self.refusal = str(exc)
+            return
+        except Exception as exc:
+            # Anything else (an unwritable data directory) would leave the worker running on import-time defaults.
+            self.refusal = f"The worker could not configure itself: {type(exc).__name__}: {exc}"
             return
         for middleware in broker.middleware:
             if middleware not in booted:

@@ -266,6 +266,28 @@ def test_dramatiq_workers_without_database_url_in_an_installed_package_stop_with
     assert not (tmp_path / ".nova").exists()
 
 
+@pytest.mark.processes
+def test_dramatiq_workers_whose_configuration_fails_unexpectedly_stop_with_one_line_naming_the_error(
+    tmp_path: Path,
+) -> None:
+    # Given no DATABASE_URL and an embedded server's data directory that cannot be made (its parent is a file)
+    (tmp_path / "file").write_text("not a directory\n")
+    data_dir = tmp_path / "file" / "data"
+    env = _environment_without("DATABASE_URL", NYLAS_API_KEY="nyk_test", NOVA_DATA_DIR=str(data_dir))
+    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "1", "--threads", "1"]
+
+    # When the worker processes boot
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    # Then they refuse to start, with one line naming the error, rather than run on the defaults
+    assert result.returncode == 2, result.stderr
+    line = f"The worker could not configure itself: NotADirectoryError: [Errno 20] Not a directory: '{data_dir}'"
+    assert result.stderr.splitlines().count(line) == 1, result.stderr
+    assert "Worker process is ready" not in result.stderr
+    assert "exited unexpectedly" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 #: A worker process's boot, then what the broker and the scheduler took from its settings.
 _BOOTED = """
 from brokers import PeriodicScheduler
