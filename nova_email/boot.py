@@ -118,5 +118,12 @@ def _stop_command(message: str, *, report: bool) -> NoReturn:
         # To the command's own stderr, not the pipe dramatiq replaced sys.stderr with: the command may stop before it
         # copies what is in the pipe.
         print(message, file=sys.__stderr__, flush=True)
-    os.kill(os.getppid(), signal.SIGTERM)
+    # The command is the parent process under fork, forkserver and spawn alike (getppid() may be the fork server),
+    # and once it is gone nothing is left to stop (getppid() is then PID 1 or a subreaper).
+    command = multiprocessing.parent_process()
+    if command is not None and command.pid not in (None, 1) and command.is_alive():
+        # Deaf to the SIGTERM the command sends back to its workers: a spawned process exits through interpreter
+        # shutdown, which restores the default handler, and would die of it instead of exiting with status 2.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.kill(command.pid, signal.SIGTERM)
     raise SystemExit(2)

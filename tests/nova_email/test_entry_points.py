@@ -201,6 +201,48 @@ def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db
     ]
 
 
+#: ``dramatiq nova_email.actors`` with worker processes started by the method in argv[1] (forkserver is Dramatiq's
+#: default from Python 3.14: a worker's parent process is then the fork server, not the command).
+_DRAMATIQ_STARTING = """
+import multiprocessing
+import sys
+
+import dramatiq.cli
+
+multiprocessing.set_start_method(sys.argv[1])
+arguments = dramatiq.cli.make_argument_parser().parse_args(["nova_email.actors", "--processes", "2", "--threads", "1"])
+sys.exit(dramatiq.cli.main(arguments))
+"""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "dramatiq", "nova_email.actors", "--processes", "2", "--threads", "1", "--use-spawn"],
+        ["-c", _DRAMATIQ_STARTING, "forkserver"],
+    ],
+    ids=["spawn", "forkserver"],
+)
+def test_a_refused_worker_stops_the_command_whatever_starts_its_processes(
+    db_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    env = _environment_without("NYLAS_API_KEY", DATABASE_URL=db_url)
+
+    result = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    line = (
+        "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
+        " call Nylas with it. Set it in the environment or in .env"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines().count(line) == 1, result.stderr
+    assert "exited unexpectedly" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 #: ``nova-email run completion`` as an installed package runs it (no embedded server to fall back on); reaching
 #: Dramatiq's main (which forks the workers) ends the process with status 3.
 _INSTALLED_RUN = """
