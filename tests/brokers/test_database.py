@@ -57,6 +57,16 @@ def test_a_pool_whose_connections_are_all_in_use_is_busy_not_an_outage(db_url: s
         database.close()
 
 
+def _outage_warnings_of_calls(database: Database, calls: int) -> list[str]:
+    """Make `calls` calls that each raise DatabaseUnavailable (not DatabaseBusy); the outage warnings they logged."""
+    with warnings_of("database_lost") as lost:
+        for _ in range(calls):
+            with pytest.raises(DatabaseUnavailable) as unavailable:
+                database.execute("select 1")
+            assert not isinstance(unavailable.value, DatabaseBusy)
+    return lost
+
+
 @pytest.mark.parametrize("when", ["before the first connection", "after the first connection"])
 def test_a_pool_that_cannot_connect_is_an_outage_not_busy(proxy: TCPProxy, when: str) -> None:
     # Given a database behind a proxy that stops forwarding
@@ -65,13 +75,9 @@ def test_a_pool_that_cannot_connect_is_an_outage_not_busy(proxy: TCPProxy, when:
         if when == "after the first connection":
             assert database.execute("select 1") == [(1,)]
         proxy.stop()
-        with warnings_of("database_lost") as lost:
-            # When calls wait for a connection the pool cannot open
-            for _ in range(2):
-                with pytest.raises(DatabaseUnavailable) as unavailable:
-                    database.execute("select 1")
-                # Then they are told the database is unavailable, and the outage is logged once
-                assert not isinstance(unavailable.value, DatabaseBusy)
+        # When calls wait for a connection the pool cannot open
+        lost = _outage_warnings_of_calls(database, 2)
+        # Then they are told the database is unavailable, and the outage is logged once
         assert len(lost) == 1
     finally:
         database.close()
@@ -93,13 +99,9 @@ def test_a_pool_whose_connection_attempt_hangs_is_an_outage_not_busy(silent_serv
     # Given a pool of one connection whose only connection attempt never completes
     database = Database(silent_server, min_size=1, max_size=1, timeout_s=0.5)
     try:
-        with warnings_of("database_lost") as lost:
-            # When calls wait for a connection past the pool's timeout
-            for _ in range(3):
-                with pytest.raises(DatabaseUnavailable) as unavailable:
-                    database.execute("select 1")
-                # Then they are told the database is unavailable (no connection is in use), and the outage is logged
-                assert not isinstance(unavailable.value, DatabaseBusy)
+        # When calls wait for a connection past the pool's timeout
+        lost = _outage_warnings_of_calls(database, 3)
+        # Then they are told the database is unavailable (no connection is in use), and the outage is logged once
         assert len(lost) == 1
         assert database.outage.ongoing
     finally:

@@ -174,6 +174,22 @@ def test_importing_the_actors_reads_no_setting_and_the_first_send_resolves_the_d
     assert row == (1,)
 
 
+#: What a worker of every queue says without NYLAS_API_KEY.
+_NO_KEY_LINE = (
+    "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
+    " call Nylas with it. Set it in the environment or in .env"
+)
+
+
+def _assert_stopped_with_one_line(result: subprocess.CompletedProcess[str], line: str) -> None:
+    """The dramatiq command stopped with status 2, printing `line` once, before any worker was ready."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines().count(line) == 1, result.stderr
+    assert "Worker process is ready" not in result.stderr
+    assert "exited unexpectedly" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.processes
 def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db_url: str, tmp_path: Path) -> None:
     env = _environment_without("NYLAS_API_KEY", DATABASE_URL=db_url)
@@ -185,15 +201,7 @@ def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db
         [*_script(), "run", "threads"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
 
-    line = (
-        "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
-        " call Nylas with it. Set it in the environment or in .env"
-    )
-    assert dramatiq_run.returncode == 2, dramatiq_run.stderr
-    assert dramatiq_run.stderr.splitlines().count(line) == 1, dramatiq_run.stderr
-    assert "Worker process is ready" not in dramatiq_run.stderr
-    assert "exited unexpectedly" not in dramatiq_run.stderr
-    assert "Traceback" not in dramatiq_run.stderr
+    _assert_stopped_with_one_line(dramatiq_run, _NO_KEY_LINE)
     assert nova_run.returncode == 2
     assert nova_run.stderr.splitlines() == [
         "nova-email: NYLAS_API_KEY is not set; the workers of thread_sync_jobs call Nylas with it. "
@@ -233,14 +241,7 @@ def test_a_refused_worker_stops_the_command_whatever_starts_its_processes(
         [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
 
-    line = (
-        "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
-        " call Nylas with it. Set it in the environment or in .env"
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines().count(line) == 1, result.stderr
-    assert "exited unexpectedly" not in result.stderr
-    assert "Traceback" not in result.stderr
+    _assert_stopped_with_one_line(result, _NO_KEY_LINE)
 
 
 #: ``nova-email run completion`` as an installed package runs it (no embedded server to fall back on); reaching
@@ -300,11 +301,7 @@ def test_dramatiq_workers_without_database_url_in_an_installed_package_stop_with
         [sys.executable, "-c", _INSTALLED_DRAMATIQ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
 
-    assert result.returncode == 2, result.stderr
-    line = "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
-    assert result.stderr.splitlines().count(line) == 1, result.stderr
-    assert "exited unexpectedly" not in result.stderr
-    assert "Traceback" not in result.stderr
+    _assert_stopped_with_one_line(result, "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db")
     assert not (tmp_path / ".nova").exists()
 
 
@@ -322,12 +319,8 @@ def test_dramatiq_workers_whose_configuration_fails_unexpectedly_stop_with_one_l
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
     # Then they refuse to start, with one line naming the error, rather than run on the defaults
-    assert result.returncode == 2, result.stderr
     line = f"The worker could not configure itself: NotADirectoryError: [Errno 20] Not a directory: '{data_dir}'"
-    assert result.stderr.splitlines().count(line) == 1, result.stderr
-    assert "Worker process is ready" not in result.stderr
-    assert "exited unexpectedly" not in result.stderr
-    assert "Traceback" not in result.stderr
+    _assert_stopped_with_one_line(result, line)
 
 
 #: A worker process's boot, then what the broker and the scheduler took from its settings.
