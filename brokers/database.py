@@ -181,13 +181,11 @@ class Database:
         self.timeout_s = timeout_s
         self.prepare_statements = prepare_statements
         self.outage = Outage()
-        #: The pool's count of failed connection attempts at the latest wait that timed out.
-        self._connect_errors: tuple[ConnectionPool | None, int] = (None, 0)
         self._own_pool: PerProcess[ConnectionPool] = PerProcess(self._open_pool)
 
     def _open_pool(self) -> ConnectionPool:
         conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
-        return ConnectionPool(
+        return _CountingPool(
             conninfo or "",
             min_size=self.min_size,
             max_size=self.max_size,
@@ -272,12 +270,9 @@ class Database:
         return DatabaseUnavailable(msg)
 
     def _timed_out(self, exc: PoolTimeout, pool: ConnectionPool) -> DatabaseUnavailable:
-        # A wait also times out when the pool cannot open connections (the server is down): that is an outage. The
-        # pool counts its failed attempts; none since the last timed-out wait, and no outage going on, means busy.
-        errors = pool.get_stats().get("connections_errors", 0)
-        seen_pool, seen = self._connect_errors
-        self._connect_errors = (pool, errors)
-        if self.outage.ongoing or errors > (seen if seen_pool is pool else 0):
+        # A wait also times out when the pool cannot open connections: the server is down, or a connection attempt
+        # hangs (a frozen server) without failing. Only a pool whose every connection is in use is busy.
+        if self.outage.ongoing or _connections_in_use(pool) < pool.max_size:
             return self._unavailable(exc, pool)
         return self._busy(pool)
 
@@ -299,3 +294,32 @@ class Database:
         pool = self._own_pool.take()
         if pool is not None:
             pool.close()
+
+
+class _CountingPool(ConnectionPool):
+    """A pool that counts the connections it has handed out and not taken back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.in_use = 0
+        self._in_use_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        conn = super().getconn(timeout)
+        with self._in_use_lock:
+            self.in_use += 1
+        return conn
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        with self._in_use_lock:
+            self.in_use -= 1
+        super().putconn(conn)
+
+
+def _connections_in_use(pool: ConnectionPool) -> int:
+    """How many of `pool`'s connections callers hold now."""
+    if isinstance(pool, _CountingPool):
+        return pool.in_use
+    # A pool passed in: its size counts connections still being opened too, so a hanging attempt looks in use.
+    stats = pool.get_stats()
+    return stats.get("pool_size", 0) - stats.get("pool_available", 0)

@@ -16,6 +16,9 @@ differs is that no outage is logged for it.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 from dramatiq.errors import BrokerError, ConnectionClosed
 
 __all__ = ["DatabaseBusy", "DatabaseUnavailable", "InvalidQueueName", "MigrationError", "PGMQBrokerError"]
@@ -67,3 +70,7 @@ class DatabaseBusy(DatabaseUnavailable):
         super().__init__(message)
         self.max_size = max_size
         self.timeout_s = timeout_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickling calls what this returns with positional arguments only.
+        return partial(type(self), max_size=self.max_size, timeout_s=self.timeout_s), (self.message,)

@@ -52,7 +52,8 @@ class WorkerBoot(Middleware):
 
     Parameters:
         configure: Applies the settings to the broker and the actors, before anything is consumed; it may raise
-            `ConfigError` or `DatabaseError` (no database to use) to refuse the start.
+            `ConfigError` or `DatabaseError` (no database to use) to refuse the start. Any other exception refuses it
+            too, with a line naming the exception.
     """
 
     def __init__(self, configure: Callable[[Settings], None]) -> None:
@@ -77,6 +78,10 @@ class WorkerBoot(Middleware):
         except (ConfigError, DatabaseError) as exc:
             # Reported at worker boot, once the dramatiq command chose the process that reports it.
             self.refusal = str(exc)
+            return
+        except Exception as exc:
+            # Anything else (an unwritable data directory) would leave the worker running on import-time defaults.
+            self.refusal = f"The worker could not configure itself: {type(exc).__name__}: {exc}"
             return
         for middleware in broker.middleware:
             if middleware not in booted:
@@ -113,5 +118,12 @@ def _stop_command(message: str, *, report: bool) -> NoReturn:
         # To the command's own stderr, not the pipe dramatiq replaced sys.stderr with: the command may stop before it
         # copies what is in the pipe.
         print(message, file=sys.__stderr__, flush=True)
-    os.kill(os.getppid(), signal.SIGTERM)
+    # The command is the parent process under fork, forkserver and spawn alike (getppid() may be the fork server),
+    # and once it is gone nothing is left to stop (getppid() is then PID 1 or a subreaper).
+    command = multiprocessing.parent_process()
+    if command is not None and command.pid not in (None, 1) and command.is_alive():
+        # Deaf to the SIGTERM the command sends back to its workers: a spawned process exits through interpreter
+        # shutdown, which restores the default handler, and would die of it instead of exiting with status 2.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.kill(command.pid, signal.SIGTERM)
     raise SystemExit(2)

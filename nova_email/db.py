@@ -42,10 +42,11 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-def database_url(settings: Settings) -> str:
+def database_url(settings: Settings, *, announce: bool = True) -> str:
     """The URL to use: DATABASE_URL, or in the source checkout the embedded server's (started if needed).
 
-    Logs the choice once (at debug).
+    Logs the choice once (at debug), on the first call that may `announce` it: the worker and the CLI do, the pool
+    opened by another application's first send does not (its log is its own).
 
     Raises:
         ConfigError: DATABASE_URL is not set in an installed package.
@@ -58,7 +59,7 @@ def database_url(settings: Settings) -> str:
     else:
         url = embedded_server_url(settings.data_dir)
         where = f"the embedded PostgreSQL in {settings.data_dir.resolve() / 'pgdata'}"
-    if url not in _announced:
+    if announce and url not in _announced:
         _announced.add(url)
         # DEBUG: a URL (even redacted) in every process's first lines tells a log reader more than they need.
         log.debug("Using {}", where)
@@ -100,7 +101,7 @@ def _lazy_database(settings: Settings | None, max_size: int | None) -> Database:
         chosen = settings or current_settings()
         built.max_size = chosen.database_pool_size if max_size is None else max_size
         built.prepare_statements = _prepares_statements(chosen)
-        return database_url(chosen)
+        return database_url(chosen, announce=False)
 
     built = Database(resolve, name="nova_email")
     return built

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import socket
+from collections.abc import Iterator
+
 import pytest
 
 from brokers import Database, DatabaseBusy, DatabaseUnavailable
@@ -53,6 +57,16 @@ def test_a_pool_whose_connections_are_all_in_use_is_busy_not_an_outage(db_url: s
         database.close()
 
 
+def _outage_warnings_of_calls(database: Database, calls: int) -> list[str]:
+    """Make `calls` calls that each raise DatabaseUnavailable (not DatabaseBusy); the outage warnings they logged."""
+    with warnings_of("database_lost") as lost:
+        for _ in range(calls):
+            with pytest.raises(DatabaseUnavailable) as unavailable:
+                database.execute("select 1")
+            assert not isinstance(unavailable.value, DatabaseBusy)
+    return lost
+
+
 @pytest.mark.parametrize("when", ["before the first connection", "after the first connection"])
 def test_a_pool_that_cannot_connect_is_an_outage_not_busy(proxy: TCPProxy, when: str) -> None:
     # Given a database behind a proxy that stops forwarding
@@ -61,13 +75,42 @@ def test_a_pool_that_cannot_connect_is_an_outage_not_busy(proxy: TCPProxy, when:
         if when == "after the first connection":
             assert database.execute("select 1") == [(1,)]
         proxy.stop()
-        with warnings_of("database_lost") as lost:
-            # When calls wait for a connection the pool cannot open
-            for _ in range(2):
-                with pytest.raises(DatabaseUnavailable) as unavailable:
-                    database.execute("select 1")
-                # Then they are told the database is unavailable, and the outage is logged once
-                assert not isinstance(unavailable.value, DatabaseBusy)
+        # When calls wait for a connection the pool cannot open
+        lost = _outage_warnings_of_calls(database, 2)
+        # Then they are told the database is unavailable, and the outage is logged once
         assert len(lost) == 1
     finally:
         database.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """The URL of a server that accepts connections and never answers (a frozen server, a network black hole)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield f"postgresql://nobody@127.0.0.1:{server.getsockname()[1]}/none?connect_timeout=30"
+    finally:
+        server.close()
+
+
+def test_a_pool_whose_connection_attempt_hangs_is_an_outage_not_busy(silent_server: str) -> None:
+    # Given a pool of one connection whose only connection attempt never completes
+    database = Database(silent_server, min_size=1, max_size=1, timeout_s=0.5)
+    try:
+        # When calls wait for a connection past the pool's timeout
+        lost = _outage_warnings_of_calls(database, 3)
+        # Then they are told the database is unavailable (no connection is in use), and the outage is logged once
+        assert len(lost) == 1
+        assert database.outage.ongoing
+    finally:
+        database.close()
+
+
+def test_database_busy_survives_pickling() -> None:
+    busy = DatabaseBusy("All 2 connections stayed in use", max_size=2, timeout_s=0.5)
+
+    copy = pickle.loads(pickle.dumps(busy))
+
+    assert (type(copy), str(copy), copy.max_size, copy.timeout_s) == (DatabaseBusy, str(busy), 2, 0.5)

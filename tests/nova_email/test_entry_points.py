@@ -134,11 +134,17 @@ _IMPORT_THEN_SEND = """
 import sys
 from pathlib import Path
 
+from loguru import logger
+
 import nova_email.actors as actors
 
+logger.remove()
+lines = []
+logger.add(lines.append, format="{message}", level="DEBUG")
 assert not Path("data").exists(), "the embedded server was started at import"
 Path(".env").write_text(f"DATABASE_URL={sys.argv[1]}\\n")
 actors.sync_thread.send({"thread_id": "t-lazy", "inbox_id": "i", "grant_id": "g", "config_id": None})
+assert lines == [], lines
 print("sent")
 """
 
@@ -161,10 +167,27 @@ def test_importing_the_actors_reads_no_setting_and_the_first_send_resolves_the_d
     )
 
     # Then the import read neither the .env nor a database (nor started one), and the send used the .env's database
+    # without writing to the application's log
     assert result.returncode == 0, result.stderr
     assert result.stdout == "sent\n"
     row = conn.execute("select count(*) from pgmq.q_thread_sync_jobs where message::text like '%t-lazy%'").fetchone()
     assert row == (1,)
+
+
+#: What a worker of every queue says without NYLAS_API_KEY.
+_NO_KEY_LINE = (
+    "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
+    " call Nylas with it. Set it in the environment or in .env"
+)
+
+
+def _assert_stopped_with_one_line(result: subprocess.CompletedProcess[str], line: str) -> None:
+    """The dramatiq command stopped with status 2, printing `line` once, before any worker was ready."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines().count(line) == 1, result.stderr
+    assert "Worker process is ready" not in result.stderr
+    assert "exited unexpectedly" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.processes
@@ -178,20 +201,47 @@ def test_a_worker_without_nylas_api_key_stops_at_once_with_one_line_naming_it(db
         [*_script(), "run", "threads"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
 
-    line = (
-        "NYLAS_API_KEY is not set; the workers of inbox_backfill_jobs, nylas_webhook_notifications, thread_sync_jobs"
-        " call Nylas with it. Set it in the environment or in .env"
-    )
-    assert dramatiq_run.returncode == 2, dramatiq_run.stderr
-    assert dramatiq_run.stderr.splitlines().count(line) == 1, dramatiq_run.stderr
-    assert "Worker process is ready" not in dramatiq_run.stderr
-    assert "exited unexpectedly" not in dramatiq_run.stderr
-    assert "Traceback" not in dramatiq_run.stderr
+    _assert_stopped_with_one_line(dramatiq_run, _NO_KEY_LINE)
     assert nova_run.returncode == 2
     assert nova_run.stderr.splitlines() == [
         "nova-email: NYLAS_API_KEY is not set; the workers of thread_sync_jobs call Nylas with it. "
         "Set it in the environment or in .env"
     ]
+
+
+#: ``dramatiq nova_email.actors`` with worker processes started by the method in argv[1] (forkserver is Dramatiq's
+#: default from Python 3.14: a worker's parent process is then the fork server, not the command).
+_DRAMATIQ_STARTING = """
+import multiprocessing
+import sys
+
+import dramatiq.cli
+
+multiprocessing.set_start_method(sys.argv[1])
+arguments = dramatiq.cli.make_argument_parser().parse_args(["nova_email.actors", "--processes", "2", "--threads", "1"])
+sys.exit(dramatiq.cli.main(arguments))
+"""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "dramatiq", "nova_email.actors", "--processes", "2", "--threads", "1", "--use-spawn"],
+        ["-c", _DRAMATIQ_STARTING, "forkserver"],
+    ],
+    ids=["spawn", "forkserver"],
+)
+def test_a_refused_worker_stops_the_command_whatever_starts_its_processes(
+    db_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    env = _environment_without("NYLAS_API_KEY", DATABASE_URL=db_url)
+
+    result = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    _assert_stopped_with_one_line(result, _NO_KEY_LINE)
 
 
 #: ``nova-email run completion`` as an installed package runs it (no embedded server to fall back on); reaching
@@ -251,12 +301,26 @@ def test_dramatiq_workers_without_database_url_in_an_installed_package_stop_with
         [sys.executable, "-c", _INSTALLED_DRAMATIQ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
 
-    assert result.returncode == 2, result.stderr
-    line = "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db"
-    assert result.stderr.splitlines().count(line) == 1, result.stderr
-    assert "exited unexpectedly" not in result.stderr
-    assert "Traceback" not in result.stderr
+    _assert_stopped_with_one_line(result, "DATABASE_URL is not set; set it to postgresql://user:password@host:5432/db")
     assert not (tmp_path / ".nova").exists()
+
+
+@pytest.mark.processes
+def test_dramatiq_workers_whose_configuration_fails_unexpectedly_stop_with_one_line_naming_the_error(
+    tmp_path: Path,
+) -> None:
+    # Given no DATABASE_URL and an embedded server's data directory that cannot be made (its parent is a file)
+    (tmp_path / "file").write_text("not a directory\n")
+    data_dir = tmp_path / "file" / "data"
+    env = _environment_without("DATABASE_URL", NYLAS_API_KEY="nyk_test", NOVA_DATA_DIR=str(data_dir))
+    command = [sys.executable, "-m", "dramatiq", "nova_email.actors", "--processes", "1", "--threads", "1"]
+
+    # When the worker processes boot
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    # Then they refuse to start, with one line naming the error, rather than run on the defaults
+    line = f"The worker could not configure itself: NotADirectoryError: [Errno 20] Not a directory: '{data_dir}'"
+    _assert_stopped_with_one_line(result, line)
 
 
 #: A worker process's boot, then what the broker and the scheduler took from its settings.
