@@ -22,13 +22,13 @@ KILLS = 20
 @pytest.mark.slow
 @pytest.mark.processes
 def test_twenty_kill_9s_during_a_backfill_lose_and_duplicate_nothing(db_url: str, tmp_path: Path) -> None:
-    # Given a mailbox of 3,000 threads (over 2,000 in the one-year window), served with a little latency so the
+    # Given a mailbox of 3,000 threads (over 2,000 in the one-year window), served with 80 ms of latency so the
     # backfill lasts long enough for the kills, and a 5 s visibility timeout so a killed worker's messages come back
     nylas = start_in_thread(
         seed=11,
         grants=[GRANT],
         threads_per_grant=3000,
-        faults=FaultConfig(latency_ms=10, seed=11),
+        faults=FaultConfig(latency_ms=80, seed=11),
         large_body_share=0.0,
     )
     fleet: Fleet | None = None
