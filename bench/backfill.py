@@ -55,7 +55,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.processes import stop_groups  # noqa: E402
+from bench.processes import stop_groups, worker_processes  # noqa: E402
 from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
 
@@ -133,11 +133,7 @@ class Run:
         self.peak_rss: dict[int, int] = {}
 
     def sample_rss(self) -> None:
-        try:
-            children = psutil.Process(self.workers.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for child in children:
+        for child in worker_processes(self.workers):
             try:
                 rss = child.memory_info().rss
             except psutil.NoSuchProcess:

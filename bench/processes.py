@@ -1,10 +1,12 @@
-"""Stopping the benchmarks' worker commands: SIGTERM for a graceful exit, SIGKILL for one that does not come."""
+"""The benchmarks' worker commands: their processes, and stopping them (SIGTERM, then SIGKILL for one that stays)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+
+import psutil
 
 
 def stop(*processes: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -28,3 +30,11 @@ def stop_groups(*processes: subprocess.Popen[bytes], timeout_s: float) -> None:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def worker_processes(command: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The processes a running command started (none once it is gone)."""
+    try:
+        return psutil.Process(command.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []

