@@ -40,8 +40,9 @@ class Listener(BackgroundThread):
     Parameters:
         conninfo: Connection string of the database.
         connect_kwargs: Extra ``psycopg.connect`` keyword arguments.
-        on_notify: Called with the queue name on every notification, and for every subscribed queue after a
-            reconnection (notifications sent while disconnected are lost).
+        on_notify: Called with the queue name on every notification, and each time LISTEN on the queue's channel
+            is put in place (on subscribing, and again after a reconnection): an insert committed before it, while
+            subscribing or disconnected, was announced to no one.
         outage: The database's outage log: a lost LISTEN connection is part of the same outage, logged once; the
             database's next successful call ends it (a LISTEN reconnect alone proves nothing of the pool's connections).
     """
@@ -67,29 +68,21 @@ class Listener(BackgroundThread):
         self.connected = threading.Event()
 
     def subscribe(self, queue_name: str) -> None:
-        """Listen to `queue_name`'s inserts from the next wait on (within ``WAIT_S``)."""
+        """Listen to `queue_name`'s inserts from the next wait on (within ``WAIT_S``), then have it looked at again."""
         with self._lock:
             self._queues.add(queue_name)
 
     def _run(self) -> None:
         backoff = Backoff(min_s=MIN_BACKOFF_S, max_s=MAX_BACKOFF_S)
-        reconnecting = False
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, **self._connect_kwargs) as conn:
                     self._listening = set()
-                    if reconnecting:
-                        reconnecting = False
-                        with self._lock:
-                            queues = set(self._queues)
-                        for queue_name in queues:
-                            self._on_notify(queue_name)
                     backoff.reset()
                     self.connected.set()
                     self._listen_loop(conn)
             except psycopg.Error as exc:
                 self.connected.clear()
-                reconnecting = True
                 self._outage.lost(exc)
                 self._stop.wait(backoff.next_s())
 
@@ -101,6 +94,8 @@ class Listener(BackgroundThread):
             for queue_name in sorted(pending):
                 conn.execute(sql.SQL(queries.LISTEN).format(channel=sql.Identifier(channel_name(queue_name))))
                 self._listening.add(queue_name)
+                # An insert committed before this LISTEN announced itself to no one: the queue's consumers look again.
+                self._on_notify(queue_name)
             for notify in conn.notifies(timeout=WAIT_S):
                 channel = notify.channel
                 if channel.startswith(prefix) and channel.endswith(suffix):

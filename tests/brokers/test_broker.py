@@ -15,6 +15,8 @@ from dramatiq import Message, QueueJoinTimeout, Worker
 from dramatiq.middleware import CurrentMessage
 
 from brokers import InvalidQueueName, PGMQBroker, foreign_message_id
+from brokers.database import Outage
+from brokers.listener import Listener
 
 from .conftest import first_delivery, wait_until
 
@@ -535,6 +537,25 @@ def test_an_idle_worker_wakes_on_insert_notifications(
     ping.send()
     assert ran.wait(5)
     assert time.monotonic() - started < 2
+
+
+def test_a_queue_is_looked_at_again_once_its_listen_is_in_place(db_url: str) -> None:
+    # Given a listener connected for one queue, whose notifications are recorded
+    looked_at: list[str] = []
+    listener = Listener(conninfo=db_url, connect_kwargs={}, on_notify=looked_at.append, outage=Outage())
+    listener.subscribe("first")
+    listener.start()
+    try:
+        wait_until(lambda: "first" in looked_at, what="the first queue looked at")
+
+        # When a consumer of another queue subscribes (after its first fetch found the queue empty)
+        listener.subscribe("second")
+
+        # Then that queue is looked at again once LISTEN is in place, though nothing was inserted: a message sent
+        # between the consumer's fetch and the LISTEN is found now, not a poll interval later
+        wait_until(lambda: "second" in looked_at, timeout_s=5, what="the second queue looked at")
+    finally:
+        listener.stop()
 
 
 def test_polling_alone_delivers_when_listen_is_off(
