@@ -58,6 +58,7 @@ from bench.backfill import DAY_S, free_port, sim_get  # noqa: E402
 from bench.processes import stop_groups, worker_processes  # noqa: E402
 from nova_email.db import with_database  # noqa: E402
 from nova_email.migrate import migrate  # noqa: E402
+from nova_email.simulator.server import SimulatorServer  # noqa: E402
 
 #: The grant in a request path (/v3/grants/<grant>/...).
 _GRANT_PATH = re.compile(r"^/v3/grants/([^/?]+)")
@@ -112,7 +113,11 @@ def _serve_proxy(upstream: str, port: int, counts: Any) -> None:
 
         do_GET = do_POST = do_PUT = do_DELETE = _forward
 
-    ThreadingHTTPServer(("127.0.0.1", port), Forward).serve_forever()
+    class Server(ThreadingHTTPServer):
+        # As the simulator's: a burst of connections from the starting workers is not cut at the default 5.
+        request_queue_size = SimulatorServer.request_queue_size
+
+    Server(("127.0.0.1", port), Forward).serve_forever()
 
 
 # -- one run -----------------------------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ class SimulatorServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    #: Connections the kernel queues before they are accepted. The standard library's 5 drops the rest of a burst
+    #: (a worker fleet starting), and each dropped connection waits a second for the client's TCP retry.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], simulator: Simulator) -> None:
         super().__init__(address, _Handler)
