@@ -19,12 +19,20 @@ from brokers.consumer import PGMQMessageProxy
 
 from . import db
 from .config import Settings
-from .nylas.client import NylasClient
+from .nylas.client import DEFAULT_POOL_MAXSIZE, NylasClient
 from .nylas.pacing import Pacer, start_job
 from .ops.health import WorkerHeartbeat
 from .ops.metrics import add_metrics
 
-__all__ = ["GiveUpHook", "PacedJobs", "TestingMode", "build_broker", "configure_broker", "nylas_client"]
+__all__ = [
+    "GiveUpHook",
+    "PacedJobs",
+    "TestingMode",
+    "build_broker",
+    "configure_broker",
+    "nylas_client",
+    "nylas_http_connections",
+]
 
 _client_lock = threading.Lock()
 _client: PerProcess[NylasClient] | None = None
@@ -130,6 +138,15 @@ def nylas_client(settings: Settings) -> NylasClient:
     return _client.get()
 
 
+def nylas_http_connections(broker: dramatiq.Broker) -> int:
+    """HTTP connections this process's Nylas client keeps: one per worker thread, and never fewer than the default.
+
+    Read when the client is built, on a process's first job, after its worker booted and counted its threads.
+    """
+    threads = broker.settlement.slots.threads if isinstance(broker, PGMQBroker) else None
+    return max(threads or 0, DEFAULT_POOL_MAXSIZE)
+
+
 def _build_client(settings: Settings) -> NylasClient:
     pacer = None
     if settings.pacing_enabled or settings.api_delay_ms:
@@ -145,4 +162,5 @@ def _build_client(settings: Settings) -> NylasClient:
         api_uri=settings.nylas_api_uri,
         timeout_s=settings.nylas_timeout_s,
         pacer=pacer,
+        pool_maxsize=nylas_http_connections(dramatiq.get_broker()),
     )

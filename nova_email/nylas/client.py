@@ -257,6 +257,8 @@ class NylasClient:
         pacer: shared token bucket consulted before every call; ``None`` sends at once.
         session: a ready session (tests); by default one is built with ``build_session``.
         counter: where attempts are counted; by default the process-wide ``metrics.process_counter()``.
+        pool_maxsize: HTTP connections kept open for reuse: the number of threads that call at once. A caller beyond
+            it opens a connection and closes it after its call. Ignored when ``session`` is given.
     """
 
     def __init__(
@@ -269,6 +271,7 @@ class NylasClient:
         pacer: Pacer | None = None,
         session: requests.Session | None = None,
         counter: ApiCallCounter | None = None,
+        pool_maxsize: int = DEFAULT_POOL_MAXSIZE,
     ) -> None:
         self._api_key = api_key
         self._base = api_uri.rstrip("/")
@@ -276,7 +279,9 @@ class NylasClient:
         self._max_retries = max_retries
         self._pacer = pacer
         self.counter = counter or process_counter()
-        self._session = session or build_session(max_retries=max_retries, counter=self.counter)
+        self._session = session or build_session(
+            max_retries=max_retries, counter=self.counter, pool_maxsize=pool_maxsize
+        )
         self._auth = _BearerAuth(api_key)
 
     def __repr__(self) -> str:
