@@ -4,7 +4,9 @@ A backfill's listing kept each thread as Nylas listed it, so a thread job of a b
 one call for a thread of up to 200 messages. The listed copy is written only when the messages just fetched show it
 is current (the same messages, the same flags and folders); otherwise, and for jobs without a listed copy
 (``queue_thread_sync()`` callers, recovery), the thread is fetched too. Every write is versioned by when its object
-was read, so a newer copy (a webhook's) is never overwritten by the older listing.
+was read, so a newer copy (a webhook's) is never overwritten by the older listing. The messages cannot show a draft
+saved after the listing (Nylas lists drafts apart, sends no webhook for them and moves no thread date), so such a
+thread is written as listed, without it; the next backfill sees ``has_drafts`` differ and syncs it (README).
 
 Outcomes other than success are ordinary events with their own terminal state: a thread deleted
 at Nylas is *completed* with a note, an expired grant marks the inbox and fails the thread without
