@@ -6,6 +6,10 @@ one-year window that is synced, no faults, pacing off; ``dramatiq nova_email.act
 Prints threads/s and messages/s, Nylas API calls per synced thread and per 1,000 messages (by endpoint), the API
 time that many calls need at the default pacing (10 calls/s per grant), and the peak RSS of each worker process.
 
+Scenario 1a, the simulator's default mailbox (``nova-email fake-nylas`` without options: 100 threads, seed 0), pacing
+off: the issue's target of <= 180 Nylas calls per 1,000 messages is set on it. Prints calls per synced thread and per
+1,000 messages (by endpoint).
+
 Scenario 1b, default pacing: a 300-thread inbox synced at the default NYLAS_GRANT_RATE (10/s, burst 10), measured:
 the wall time a customer waits, which the calls per thread decide.
 
@@ -13,7 +17,7 @@ Scenario 1c, mailbox size: only the backfill processor (1 process x 1 thread) li
 threads and fans out their thread jobs; prints the listing time and the peak RSS of the worker, which must not grow
 with the mailbox (the thread list is never held whole).
 
-Scenarios 1 and 1b run twice in the same invocation: as the service is, and with the thread jobs' listed copies
+Scenarios 1, 1a and 1b run twice in the same invocation: as the service is, and with the thread jobs' listed copies
 ignored (a trigger in the scratch database drops ``queued_threads.listed_thread``), so every thread job also fetches
 its thread: the two calls per thread of the code before issue 12. Each figure is printed with its ratio to that peer.
 Scenario 1c prints the ratio of the peak RSS at the largest mailbox to that at the smallest (ideal: 1).
@@ -49,8 +53,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psutil
 import psycopg
+from psycopg.rows import class_row, scalar_row
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,6 +85,16 @@ create trigger bench_ignore_listed_copy before insert or update on queued_thread
 VARIANTS = (("service", False), ("two calls per thread (peer)", True))
 
 
+@attrs.frozen
+class Progress:
+    """A backfill's progress as ``get_sync_progress`` reports it."""
+
+    backfill_status: str
+    threads_total: int
+    threads_completed: int
+    threads_failed: int
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +109,7 @@ def sim_get(base: str, path: str) -> Any:
 class Run:
     """One scenario: a scratch database, a simulator process, worker processes."""
 
-    def __init__(self, server_url: str, *, threads: int, sim_args: list[str], worker_env: dict[str, str],
+    def __init__(self, server_url: str, *, threads: int | None, sim_args: list[str], worker_env: dict[str, str],
                  processes: int, worker_threads: int, queues: list[str] | None = None,
                  ignore_listed_copies: bool = False) -> None:  # fmt: skip
         self.name = f"nova_bench_{secrets.token_hex(3)}"
@@ -108,9 +124,11 @@ class Run:
                 conn.execute(IGNORE_LISTED_COPIES)
         port = free_port()
         self.sim_url = f"http://127.0.0.1:{port}"
+        # No thread count: the simulator's default mailbox (its default size and seed).
+        mailbox = [] if threads is None else ["--threads", str(threads), "--seed", "1"]
         self.sim = subprocess.Popen(
             [sys.executable, "-m", "nova_email.cli", "fake-nylas", "--port", str(port), "--grants", GRANT,
-             "--threads", str(threads), "--seed", "1", "--anchor", str(self.anchor), *sim_args],  # fmt: skip
+             *mailbox, "--anchor", str(self.anchor), *sim_args],  # fmt: skip
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 120
@@ -142,41 +160,44 @@ class Run:
 
     def backfill(
         self, timeout_s: float, *, until: tuple[str, ...] = ("completed", "failed")
-    ) -> tuple[float, dict[str, int]]:
+    ) -> tuple[float, dict[str, Any]]:
         """Queue the backfill, wait until its status is one of `until`; returns (seconds, totals)."""
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            inbox = conn.execute("insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT])
-            inbox_id = inbox.fetchone()[0]  # type: ignore[index]
+        with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor(row_factory=scalar_row) as scalar:
+            inbox_id = scalar.execute(
+                "insert into flux_inboxes (nylas_grant_id) values (%s) returning id", [GRANT]
+            ).fetchone()
             end = datetime.fromtimestamp(self.anchor, UTC) + timedelta(days=1)
             started = time.monotonic()
-            config_id = conn.execute(
+            config_id = scalar.execute(
                 "select config_id from queue_inbox_backfill(%s, null, null, %s)", [inbox_id, end]
-            ).fetchone()[0]  # type: ignore[index]
-            while True:
-                self.sample_rss()
-                row = conn.execute(
-                    "select backfill_status, threads_total, threads_completed, threads_failed, messages_synced"
-                    " from get_sync_progress(%s)",
-                    [config_id],
-                ).fetchone()
-                assert row is not None
-                if row[0] in until:
-                    break
-                if time.monotonic() - started > timeout_s:
-                    raise RuntimeError(f"backfill not done after {timeout_s} s: {row}")
-                time.sleep(0.5)
+            ).fetchone()
+            with conn.cursor(row_factory=class_row(Progress)) as cur:
+                while True:
+                    self.sample_rss()
+                    progress = cur.execute(
+                        "select backfill_status, threads_total, threads_completed, threads_failed"
+                        " from get_sync_progress(%s)",
+                        [config_id],
+                    ).fetchone()
+                    assert progress is not None
+                    if progress.backfill_status in until:
+                        break
+                    if time.monotonic() - started > timeout_s:
+                        raise RuntimeError(f"backfill not done after {timeout_s} s: {progress}")
+                    time.sleep(0.5)
             elapsed = time.monotonic() - started
-            messages = conn.execute("select count(*) from flux_email_messages").fetchone()[0]  # type: ignore[index]
-            listed = conn.execute("select count(*) from queued_threads").fetchone()[0]  # type: ignore[index]
+            messages = scalar.execute("select count(*) from flux_email_messages").fetchone()
+            listed = scalar.execute("select count(*) from queued_threads").fetchone()
             # The working time: from the request to the last thread synced (without the monitor's detection lag).
-            working = conn.execute(
+            working = scalar.execute(
                 "select extract(epoch from max(q.processed_at) - c.backfill_requested_at) from queued_threads q"
                 " join flux_inbox_configurations c on c.id = q.config_id where c.id = %s group by c.id",
                 [config_id],
             ).fetchone()
-        return elapsed, {"threads": row[1], "completed": row[2], "failed": row[3], "messages": messages,
-                         "listed": listed, "status": row[0],
-                         "working_s": float(working[0]) if working and working[0] is not None else elapsed}  # type: ignore[dict-item]  # fmt: skip
+        return elapsed, {"threads": progress.threads_total, "completed": progress.threads_completed,
+                         "failed": progress.threads_failed, "messages": messages, "listed": listed,
+                         "status": progress.backfill_status,
+                         "working_s": float(working) if working is not None else elapsed}  # fmt: skip
 
     def calls(self) -> dict[tuple[str, int], int]:
         stats = sim_get(self.sim_url, "/_sim/stats")
@@ -232,6 +253,22 @@ def throughput(server_url: str, args: argparse.Namespace) -> None:
     print(f"  ratio         calls per thread {_ratio(service['calls_per_thread'], peer['calls_per_thread'])}, "
           f"API time {_ratio(service['api_min'], peer['api_min'])}, "
           f"threads/s {_ratio(service['threads_per_s'], peer['threads_per_s'])}")  # fmt: skip
+
+
+def default_mailbox(server_url: str, args: argparse.Namespace) -> None:
+    print("\nScenario 1a: the simulator's default mailbox (`nova-email fake-nylas` without options), pacing off")
+    figures: list[float] = []
+    for name, ignore in VARIANTS:
+        run = Run(server_url, threads=None, sim_args=[], worker_env={"NYLAS_GRANT_RATE": "0"},
+                  processes=args.processes, worker_threads=args.worker_threads,
+                  ignore_listed_copies=ignore)  # fmt: skip
+        _, totals, calls = measure(run)
+        total_calls = sum(calls.values())
+        figures.append(1000 * total_calls / max(totals["messages"], 1))
+        print(f"  {name}: {totals['completed']} threads, {totals['messages']} messages in the year, {total_calls} "
+              f"calls: {total_calls / max(totals['completed'], 1):.3f} per synced thread, {figures[-1]:.0f} per "
+              f"1,000 messages; {dict(sorted(calls.items()))}")  # fmt: skip
+    print(f"  ratio         calls per 1,000 messages {_ratio(figures[0], figures[1])}")
 
 
 def default_pacing(server_url: str, args: argparse.Namespace) -> None:
@@ -302,6 +339,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="allowed calls/s per grant in scenario 2")
     parser.add_argument("--rate-threads", type=int, default=2000)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-default-mailbox", action="store_true")
     parser.add_argument("--skip-default-pacing", action="store_true")
     parser.add_argument("--skip-sizes", action="store_true")
     parser.add_argument("--skip-pacing", action="store_true")
@@ -310,6 +348,8 @@ def main() -> int:
     server_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     if not args.skip_throughput:
         throughput(server_url, args)
+    if not args.skip_default_mailbox:
+        default_mailbox(server_url, args)
     if not args.skip_default_pacing:
         default_pacing(server_url, args)
     if not args.skip_sizes:

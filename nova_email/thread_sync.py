@@ -4,7 +4,9 @@ A backfill's listing kept each thread as Nylas listed it, so a thread job of a b
 one call for a thread of up to 200 messages. The listed copy is written only when the messages just fetched show it
 is current (the same messages, the same flags and folders); otherwise, and for jobs without a listed copy
 (``queue_thread_sync()`` callers, recovery), the thread is fetched too. Every write is versioned by when its object
-was read, so a newer copy (a webhook's) is never overwritten by the older listing.
+was read, so a newer copy (a webhook's) is never overwritten by the older listing. The messages cannot show a draft
+saved after the listing (Nylas lists drafts apart, sends no webhook for them and moves no thread date), so such a
+thread is written as listed, without it; the next backfill sees ``has_drafts`` differ and syncs it (README).
 
 Outcomes other than success are ordinary events with their own terminal state: a thread deleted
 at Nylas is *completed* with a note, an expired grant marks the inbox and fails the thread without
@@ -23,7 +25,7 @@ from typing import Any
 import attrs
 import psycopg
 from loguru import logger
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 
 from . import queries
 from .errors import InvalidJob
@@ -103,23 +105,25 @@ def resolve_grant(conn: psycopg.Connection, job: ThreadSyncJob) -> tuple[str, st
     Raises:
         InvalidJob: the inbox does not exist, or has no grant.
     """
-    row = conn.execute(queries.GET_INBOX, {"inbox_id": job.inbox_id}).fetchone()
-    if row is None:
+    with conn.cursor(row_factory=class_row(queries.Inbox)) as cur:
+        inbox = cur.execute(queries.GET_INBOX, {"inbox_id": job.inbox_id}).fetchone()
+    if inbox is None:
         msg = f"Thread job for {job.thread_id!r} names inbox {job.inbox_id}, which does not exist"
         raise InvalidJob(msg)
-    grant_id = job.grant_id or row[1]
+    grant_id = job.grant_id or inbox.nylas_grant_id
     if not grant_id:
         msg = f"Thread job for {job.thread_id!r}: inbox {job.inbox_id} has no Nylas grant"
         raise InvalidJob(msg)
-    return grant_id, row[2]
+    return grant_id, inbox.status
 
 
 def mark_grant_expired(conn: psycopg.Connection, *, inbox_id: object = None, grant_id: str | None = None) -> bool:
     """Mark the inbox ``auth_expired`` (by id or grant); True when this call changed it."""
-    row = conn.execute(queries.MARK_INBOX_AUTH_EXPIRED, {"inbox_id": inbox_id, "grant_id": grant_id}).fetchone()
-    if row is not None:
-        logger.bind(component="Grants").warning("Inbox {} marked auth_expired (grant {})", row[0], grant_id)
-    return row is not None
+    with conn.cursor(row_factory=scalar_row) as cur:
+        marked = cur.execute(queries.MARK_INBOX_AUTH_EXPIRED, {"inbox_id": inbox_id, "grant_id": grant_id}).fetchone()
+    if marked is not None:
+        logger.bind(component="Grants").warning("Inbox {} marked auth_expired (grant {})", marked, grant_id)
+    return marked is not None
 
 
 def _tracked(job: ThreadSyncJob) -> dict[str, object]:

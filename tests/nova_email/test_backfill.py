@@ -422,6 +422,30 @@ def test_a_listed_thread_with_a_draft_is_fetched_since_its_messages_cannot_vouch
     assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
 
 
+def test_a_draft_saved_after_the_listing_is_mirrored_as_listed_until_the_next_backfill(
+    conn: psycopg.Connection, nylas: SimulatorHandle, client: NylasClient, inbox_id: uuid.UUID, job: BackfillJob
+) -> None:
+    # Given a listing, after which a draft is saved in a thread listed without one: Nylas sends no webhook for it,
+    # lists no draft among the thread's messages, and moves none of the thread's dates
+    backfill.run_backfill(conn, client, job)
+    drafted = sorted(in_window(nylas, job))[0]
+    nylas.simulator.add_draft(GRANT, thread_id=drafted, body="<p>saved after the listing</p>")
+
+    # When the thread jobs run
+    sync_every_queued_thread(conn, client)
+
+    # Then no thread was fetched, so that thread is mirrored as listed: the mirror lacks the draft, and only it
+    assert nylas.calls_by_endpoint().get("threads.get", 0) == 0
+    differences = mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job))
+    assert any(d.startswith(f"thread {drafted} has_drafts:") for d in differences)
+    assert all(d.startswith(f"thread {drafted} ") for d in differences)
+    # And the next backfill of the inbox brings the draft in: the mirror equals the mailbox
+    conn.execute("select complete_backfill_if_done(%s)", [job.config_id])
+    backfill.run_backfill(conn, client, queue_backfill(conn, inbox_id, end=job.end_date))
+    assert sync_every_queued_thread(conn, client) == [drafted]
+    assert mirror_differences(conn, inbox_id, nylas.export(GRANT), since=window_start(job)) == []
+
+
 @attrs.frozen
 class RunTimes:
     backfill_started_at: datetime

@@ -11,7 +11,7 @@ import pytest
 from psycopg.rows import class_row
 
 from nova_email import thread_sync
-from nova_email.jobs import ThreadSyncJob
+from nova_email.jobs import ThreadSyncJob, structure_job
 from nova_email.nylas import RateLimited
 from nova_email.nylas.client import NylasClient
 from nova_email.nylas.models import Message, Thread
@@ -164,6 +164,31 @@ def test_a_job_for_a_completed_thread_syncs_it_again_and_keeps_it_completed(
     assert mirror_differences(conn, inbox_id, export) == []
     row = queued_row(conn, config_id, thread_id)
     assert (row.status, row.messages_synced, row.attempts) == ("completed", 4, 1)
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "tracked-without-listed-copy"])
+def test_a_job_from_queue_thread_sync_without_a_listed_copy_fetches_the_thread_and_its_messages(
+    conn: psycopg.Connection, client: NylasClient, nylas: SimulatorHandle, inbox_id: uuid.UUID, tracked: bool
+) -> None:
+    # Given a thread with no copy listed by a backfill, queued through queue_thread_sync()
+    thread_id = make_thread_of(nylas, 3)
+    config_id = track(conn, inbox_id, thread_id) if tracked else None
+    conn.execute("select queue_thread_sync(%s, null, %s, %s)", [thread_id, inbox_id, config_id])
+    payload = conn.execute("select message from pgmq.q_thread_sync_jobs").fetchone()
+    assert payload is not None
+    before = nylas.calls_by_endpoint()
+
+    # When its job runs
+    result = thread_sync.sync_thread(conn, client, structure_job(payload[0], ThreadSyncJob))
+
+    # Then the thread was fetched as well as its messages, and it is stored as Nylas serves it
+    calls = nylas.calls_by_endpoint()
+    fetched = {endpoint: calls.get(endpoint, 0) - before.get(endpoint, 0) for endpoint in calls}
+    assert result.thread_fetched
+    assert (fetched.get("threads.get", 0), fetched.get("messages.list", 0)) == (1, 1)
+    export = nylas.export(GRANT)
+    export["threads"] = [t for t in export["threads"] if t["id"] == thread_id]
+    assert mirror_differences(conn, inbox_id, export) == []
 
 
 def test_the_last_failure_leaves_the_thread_failed_with_its_error(
