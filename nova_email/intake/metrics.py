@@ -1,4 +1,4 @@
-"""The intake's own metrics, in Prometheus text format: requests by route and outcome, and latency.
+"""The intake's own metrics, in Prometheus text format: requests by route, outcome and status code, and latency.
 
 Under gunicorn every worker is its own process, so the numbers live in prometheus-client's multiprocess
 files (`enable_multiprocess`, called by the server before any worker starts) and `/metrics` adds up all workers.
@@ -50,8 +50,9 @@ class IntakeMetrics:
         self._registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "nova_intake_requests",
-            "HTTP requests answered by the webhook intake, by route and outcome.",
-            ["route", "outcome"],
+            "HTTP requests answered by the webhook intake, by route, outcome (a name: accepted, unauthorized, ...; "
+            "other when the app named none) and HTTP status code.",
+            ["route", "outcome", "code"],
             registry=self._registry,
         )
         self.latency = Histogram(
@@ -62,9 +63,9 @@ class IntakeMetrics:
             registry=self._registry,
         )
 
-    def observe(self, route: str, outcome: str, seconds: float) -> None:
+    def observe(self, route: str, outcome: str, code: int, seconds: float) -> None:
         """Count one answered request and its duration."""
-        self.requests.labels(route, outcome).inc()
+        self.requests.labels(route, outcome, str(code)).inc()
         self.latency.labels(route).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
