@@ -375,7 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-host", default=DEFAULT_HOST, help=f"address of the metrics port (default {DEFAULT_HOST})"
     )
     parser.epilog = (
-        "Other gunicorn settings come from GUNICORN_CMD_ARGS, as with gunicorn itself "
+        "Other gunicorn settings come from GUNICORN_CMD_ARGS (the environment or .env), as with gunicorn itself "
         '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it. --keep-alive and --worker-class '
         "are refused there: the read deadline depends on them."
     )
