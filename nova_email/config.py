@@ -267,7 +267,7 @@ def _parse_command_arguments(name: str, raw: str) -> tuple[str, ...]:
     try:
         return tuple(shlex.split(raw))
     except ValueError as exc:
-        msg = f"{name}={raw!r} cannot be split into options ({exc}); expected e.g. {name}=\"--backlog 2048\""
+        msg = f'{name}={raw!r} cannot be split into options ({exc}); expected e.g. {name}="--backlog 2048"'
         raise ConfigError(msg) from None
 
 
