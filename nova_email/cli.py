@@ -2,7 +2,7 @@
 
 Each subcommand is a small function that loads the settings, sets up logging and calls into the
 package. Errors the user can fix (configuration, database) end the command with one clear line
-and exit status 2, not a traceback; a database error raised anywhere in a command is one of them. Such a line
+and exit status 2 (``healthcheck``: 1), not a traceback; a database error raised anywhere in a command is one of them. Such a line
 never shows a configured secret (`nova_email.masking`).
 """
 
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
     parser = argparse.ArgumentParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(error_status=2)
 
     def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -153,14 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_arguments(add("status", run_status, "queues, active backfills, webhook activity and recent failures"))
     add_backfill_arguments(add("backfill", run_backfill, "start a backfill, watch its progress, or retry it"))
     add_dead_letters_arguments(add("dead-letters", run_dead_letters, "list, show or replay dead-lettered messages"))
-    add_healthcheck_arguments(
-        add(
-            "healthcheck",
-            run_healthcheck,
-            "database reachable, schema current, queues present (--worker: this host's workers heartbeating); "
-            "exit 0 or 1 with one line",
-        )
+    healthcheck = add(
+        "healthcheck",
+        run_healthcheck,
+        "database reachable, schema current, queues present (--worker: this host's workers heartbeating); "
+        "exit 0 or 1 with one line",
     )
+    add_healthcheck_arguments(healthcheck)
+    # A probe's failure is 1 whatever the cause, a malformed setting too: Docker reserves exit status 2.
+    healthcheck.set_defaults(error_status=1)
     # Listed for --help; main() hands its arguments to the simulator's own parser.
     sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(settings, args)
     except (NovaError, psycopg.Error) as exc:
         print(command_error("nova-email", exc, settings), file=sys.stderr)
-        return 2
+        return int(args.error_status)
     except KeyboardInterrupt:
         return 130
 

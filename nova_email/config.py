@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -138,6 +139,16 @@ class Settings:
     #: Port of the workers' Prometheus endpoint; None: no metrics endpoint.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: The webhook receiver's port when ``--port`` is not given (PORT, gunicorn's and hosting platforms' name); set,
+    #: the receiver listens on every interface unless ``--host`` says otherwise, as gunicorn does.
+    port: int | None = None
+    #: The receiver's worker processes when ``--workers`` is not given (WEB_CONCURRENCY, as for gunicorn).
+    web_concurrency: int | None = None
+    #: gunicorn options of the receiver (GUNICORN_CMD_ARGS), under those of its command line.
+    gunicorn_cmd_args: tuple[str, ...] = ()
+    #: Where the receiver's workers keep their metric counts (PROMETHEUS_MULTIPROC_DIR, prometheus-client's name);
+    #: None: a temporary folder of its own, removed when it stops.
+    prometheus_multiproc_dir: Path | None = None
 
     @property
     def pacing_enabled(self) -> bool:
@@ -252,6 +263,14 @@ def _parse_port(name: str, raw: str) -> int:
     return port
 
 
+def _parse_command_arguments(name: str, raw: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        msg = f'{name}={raw!r} cannot be split into options ({exc}); expected e.g. {name}="--backlog 2048"'
+        raise ConfigError(msg) from None
+
+
 def _ms(minimum: int = 0) -> Callable[[str, str], int]:
     return lambda name, raw: _parse_int(name, raw, minimum=minimum, unit="milliseconds")
 
@@ -286,6 +305,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "METRICS_PORT": ("metrics_port", _parse_port),
     "METRICS_HOST": ("metrics_host", lambda n, r: r.strip()),
     "NOVA_DATA_DIR": ("data_dir", lambda n, r: Path(r.strip())),
+    "PORT": ("port", _parse_port),
+    "WEB_CONCURRENCY": ("web_concurrency", lambda n, r: _parse_int(n, r, minimum=1, unit="processes")),
+    "GUNICORN_CMD_ARGS": ("gunicorn_cmd_args", _parse_command_arguments),
+    "PROMETHEUS_MULTIPROC_DIR": ("prometheus_multiproc_dir", lambda n, r: Path(r.strip())),
 }
 
 

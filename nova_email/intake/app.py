@@ -45,6 +45,7 @@ __all__ = [
     "MAX_CHALLENGE_CHARS",
     "PREAUTH_INFLATION_RATIO",
     "REFUSAL_LOG_INTERVAL_S",
+    "UNNAMED_OUTCOME",
     "WEBHOOK_PATH",
     "create_app",
 ]
@@ -78,6 +79,9 @@ _READINESS_TIMEOUT_S = 1.0
 
 #: Where Nylas delivers: configure the webhook destination as ``https://<host>/webhooks/nylas``.
 WEBHOOK_PATH = "/webhooks/nylas"
+
+#: The ``outcome`` label of an answer the app named none for (the router's 404 and 405); its ``code`` says which.
+UNNAMED_OUTCOME = "other"
 
 
 Outcome = Receipt | Rejection
@@ -188,9 +192,9 @@ class _Instrumentation:
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
         resp.set_headers(_SAFE_HEADERS)
-        outcome = getattr(req.context, "outcome", None) or f"http_{resp.status_code}"
+        outcome = getattr(req.context, "outcome", None) or UNNAMED_OUTCOME
         elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
-        self._metrics.observe(req.uri_template or "unmatched", outcome, elapsed)
+        self._metrics.observe(req.uri_template or "unmatched", outcome, resp.status_code, elapsed)
 
 
 class _WebhookResource:

@@ -52,6 +52,7 @@ from .app import DEFAULT_MAX_BODY_BYTES, DEFAULT_POOL_TIMEOUT_S, WEBHOOK_PATH, c
 from .metrics import enable_multiprocess, forget_process
 
 __all__ = [
+    "ALL_INTERFACES",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DEFAULT_THREADS",
@@ -69,6 +70,8 @@ log = logger.bind(component="Intake")
 
 #: Loopback by default; a container passes ``--host 0.0.0.0`` to be reachable.
 DEFAULT_HOST = "127.0.0.1"
+#: Where the receiver listens when PORT is set and ``--host`` is not given, as gunicorn does.
+ALL_INTERFACES = "0.0.0.0"
 #: Port of ``nova-email serve-webhooks`` when none is given.
 DEFAULT_PORT = 8000
 #: Worker processes: one per core on the 2-core machines we run on.
@@ -171,20 +174,6 @@ def _serve_metrics(host: str, port: int, directory: Path) -> WSGIServer:
     return server
 
 
-def _environment_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"{name}={raw!r} is not a whole number >= 1; expected e.g. {name}={default}"
-        raise ConfigError(msg)
-    return value
-
-
 #: gunicorn settings the environment cannot change, by name, with their option: the deadline worker and its header
 #: deadline (gunicorn's keepalive; 0 would disable it).
 PINNED_SETTINGS = {"worker_class": "--worker-class", "keepalive": "--keep-alive"}
@@ -215,7 +204,7 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self._defaults.items():
             self.cfg.set(key, value)
-        from_environment = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
+        from_environment = self.cfg.parser().parse_args(list(self._settings.gunicorn_cmd_args))
         for key, value in vars(from_environment).items():
             if value is not None and key in PINNED_SETTINGS:
                 msg = (
@@ -254,8 +243,9 @@ def main(
     """Serve the intake until SIGTERM/SIGINT; returns the exit status. Blocks; call from the main thread.
 
     gunicorn's conventions hold: `host`, `port` and `workers` given here win over ``GUNICORN_CMD_ARGS``, which wins
-    over the defaults: ``DEFAULT_HOST``, port ``$PORT`` or `DEFAULT_PORT`, workers ``$WEB_CONCURRENCY`` or
-    `DEFAULT_WORKERS`.
+    over the defaults: port ``$PORT`` on every interface (`ALL_INTERFACES`, as gunicorn binds it: the platform that
+    set it must reach it), else `DEFAULT_PORT` on `DEFAULT_HOST`; workers ``$WEB_CONCURRENCY`` or `DEFAULT_WORKERS`.
+    Those variables come from `settings` (the environment over ``.env``).
 
     Parameters:
         port: 0 picks a free port; the chosen one is logged and written to `ready_file`.
@@ -269,16 +259,13 @@ def main(
         log.bind(event="secret_missing").warning(
             "NYLAS_WEBHOOK_SECRET is not set: answering Nylas's challenge only, every delivery gets 503 until it is"
         )
-    default_bind = _bind_address(host or DEFAULT_HOST, _environment_int("PORT", DEFAULT_PORT) if port is None else port)
-    default_workers = _environment_int("WEB_CONCURRENCY", DEFAULT_WORKERS)
+    default_host = host or (DEFAULT_HOST if settings.port is None else ALL_INTERFACES)
+    default_bind = _bind_address(default_host, (settings.port or DEFAULT_PORT) if port is None else port)
+    default_workers = settings.web_concurrency or DEFAULT_WORKERS
     # Resolve the database once in the parent: starting the embedded server from several workers would race.
     settings = attrs.evolve(settings, database_url=db.database_url(settings))
-    own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-    metrics_dir = (
-        Path(tempfile.mkdtemp(prefix="nova-intake-metrics-"))
-        if own_metrics_dir
-        else Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    )
+    own_metrics_dir = settings.prometheus_multiproc_dir is None
+    metrics_dir = settings.prometheus_multiproc_dir or Path(tempfile.mkdtemp(prefix="nova-intake-metrics-"))
     enable_multiprocess(metrics_dir)
 
     #: The metrics server, once the master started it (in when_ready).
@@ -347,8 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
         default=None,
-        help=f"address to listen on (default {DEFAULT_HOST}; a container passes 0.0.0.0); overrides --bind in "
-        "GUNICORN_CMD_ARGS",
+        help=f"address to listen on (default {DEFAULT_HOST}, or {ALL_INTERFACES} when $PORT is set, as gunicorn does; "
+        "a container passes 0.0.0.0); overrides --bind in GUNICORN_CMD_ARGS",
     )
     parser.add_argument(
         "--port", type=int, default=None, help=f"port to listen on (default $PORT, else {DEFAULT_PORT}; 0 picks one)"
@@ -388,7 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-host", default=DEFAULT_HOST, help=f"address of the metrics port (default {DEFAULT_HOST})"
     )
     parser.epilog = (
-        "Other gunicorn settings come from GUNICORN_CMD_ARGS, as with gunicorn itself "
+        "Other gunicorn settings come from GUNICORN_CMD_ARGS (the environment or .env), as with gunicorn itself "
         '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it. --keep-alive and --worker-class '
         "are refused there: the read deadline depends on them."
     )

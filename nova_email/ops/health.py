@@ -40,6 +40,7 @@ from psycopg.rows import scalar_row
 from .. import db
 from ..config import Settings
 from ..errors import NovaError
+from ..masking import mask, secret_values
 from ..processors import PROCESSORS
 from . import queries
 from .liveness import is_running, process_start_time
@@ -189,10 +190,11 @@ def check_health(
             with conn.cursor(row_factory=scalar_row) as cur:
                 present = set(cur.execute(queries.QUEUES_PRESENT, {"queues": queues}).fetchall())
     except NovaError as exc:
-        return Health(False, f"unhealthy: {exc}")
+        return Health(False, mask(f"unhealthy: {exc}", secret_values(settings)))
     except psycopg.Error as exc:
+        # The server's answer may quote the URL's parts (a database name, a host): a secret among them is masked.
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        return Health(False, f"unhealthy: database unreachable or refusing ({reason})")
+        return Health(False, mask(f"unhealthy: database unreachable or refusing ({reason})", secret_values(settings)))
     missing = [queue for queue in queues if queue not in present]
     if missing:
         return Health(False, f"unhealthy: queue(s) missing: {', '.join(missing)}; run nova-email migrate")

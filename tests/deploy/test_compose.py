@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from dramatiq.middleware.time_limit import TimeLimit
 
+from nova_email import actors
 from nova_email.config import VARIABLES
 
 from .conftest import ROOT, parses_as_nova_email_command
@@ -101,10 +102,17 @@ def test_every_worker_service_names_its_processes_and_threads(compose: dict[str,
         assert int(_option(command, "--threads")) >= 1, name
 
 
+def _longest_time_limit_ms() -> int:
+    """The longest time limit of any of our actors at the default settings (Dramatiq's own unless it sets one)."""
+    default_ms: int = TimeLimit().time_limit
+    declared = [actors.broker.get_actor(name) for name in actors.broker.get_declared_actors()]
+    return max(int(actor.options.get("time_limit", default_ms)) for actor in declared)
+
+
 def test_stopping_a_worker_lets_its_running_jobs_finish(compose: dict[str, Any]) -> None:
-    # A job runs at most Dramatiq's time limit (no actor of ours sets another); the worker waits that long for
-    # running jobs, and Docker waits longer still before SIGKILL (its default is 10 s).
-    longest_job_s = TimeLimit().time_limit / 1000
+    # A job runs at most its actor's time limit (a backfill slice's grows with NYLAS_TIMEOUT_S, unset here); the
+    # worker waits that long for running jobs, and Docker waits longer still before SIGKILL (its default is 10 s).
+    longest_job_s = _longest_time_limit_ms() / 1000
     for name in WORKERS:
         service = compose["services"][name]
         shutdown_s = int(_option(service["command"], "--worker-shutdown-timeout")) / 1000
@@ -189,10 +197,14 @@ def test_each_container_gets_only_the_secrets_it_uses(compose: dict[str, Any]) -
 
 def test_every_setting_of_the_service_reaches_the_processes_that_read_it(compose: dict[str, Any]) -> None:
     only_elsewhere = {"NOVA_DATA_DIR"}  # the embedded server's folder: never in a container
+    # The receiver's: PORT is moot beside its explicit --port, and its metric counts stay in its own container.
+    receivers = {"PORT", "WEB_CONCURRENCY", "GUNICORN_CMD_ARGS", "PROMETHEUS_MULTIPROC_DIR", "NYLAS_WEBHOOK_SECRET"}
     for name in WORKERS:
-        assert set(VARIABLES) - only_elsewhere - {"NYLAS_WEBHOOK_SECRET"} <= set(environment(compose, name, {}))
+        assert set(VARIABLES) - only_elsewhere - receivers <= set(environment(compose, name, {}))
     receiver = set(environment(compose, "webhooks-http", {}))
     assert {"DATABASE_URL", "NYLAS_WEBHOOK_SECRET", "LOG_LEVEL", "LOG_FORMAT"} <= receiver
+    assert {"WEB_CONCURRENCY", "GUNICORN_CMD_ARGS"} <= receiver
+    assert "--port" in compose["services"]["webhooks-http"]["command"]
     # An unset variable is passed empty, which the service reads as unset (its default).
     assert environment(compose, "threads", BUNDLED_ENV)["POLL_INTERVAL_MS"] == ""
 

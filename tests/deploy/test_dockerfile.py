@@ -82,10 +82,17 @@ def test_the_package_is_installed_from_a_built_wheel_not_editable() -> None:
 def test_the_image_runs_as_a_non_root_user_after_installing() -> None:
     _, final = _stages()
     users = [args for op, args in final if op == "USER"]
-    assert users and users[-1] not in {"root", "0"}
+    # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading the image's /etc/passwd
+    assert users and re.fullmatch(r"\d+:\d+", users[-1]), users
+    uid, gid = (int(part) for part in users[-1].split(":"))
+    assert uid != 0 and gid != 0
     last_run = max(i for i, (op, _) in enumerate(final) if op == "RUN")
     assert max(i for i, (op, _) in enumerate(final) if op == "USER") > last_run
-    assert any(op == "RUN" and "useradd" in args and users[-1] in args for op, args in final)
+    # ...and the user exists with those ids (its home, its name in ps)
+    (add_user,) = [shlex.split(args) for op, args in final if op == "RUN" and "useradd" in args]
+    assert ["--uid", str(uid)] == add_user[add_user.index("--uid") : add_user.index("--uid") + 2]
+    assert ["--gid", str(gid)] == add_user[add_user.index("--gid") : add_user.index("--gid") + 2]
+    assert ["groupadd", "--system", "--gid", str(gid)] == add_user[:4]
 
 
 def test_the_health_check_is_the_console_scripts_probe_that_fits_the_containers_command() -> None:

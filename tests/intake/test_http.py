@@ -274,11 +274,15 @@ def test_metrics_are_not_served_on_the_public_port(server: RunningIntake, http: 
     assert http.get(f"{server.url}/metrics", timeout=5).status_code == 404
 
 
-def test_metrics_count_requests_by_route_and_outcome(server: RunningIntake, http: requests.Session) -> None:
+def _requests_counted(text: str, *, code: int, outcome: str, route: str = "/webhooks/nylas") -> float:
+    prefix = f'nova_intake_requests_total{{code="{code}",outcome="{outcome}",route="{route}"}} '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+def test_metrics_count_requests_by_route_outcome_and_status_code(server: RunningIntake, http: requests.Session) -> None:
     def count(text: str, outcome: str) -> float:
-        prefix = f'nova_intake_requests_total{{outcome="{outcome}",route="/webhooks/nylas"}} '
-        lines = [line for line in text.splitlines() if line.startswith(prefix)]
-        return float(lines[0].removeprefix(prefix)) if lines else 0.0
+        return _requests_counted(text, code=401, outcome=outcome)
 
     assert server.metrics_url is not None
     before = http.get(server.metrics_url, timeout=5).text
@@ -294,6 +298,23 @@ def test_metrics_count_requests_by_route_and_outcome(server: RunningIntake, http
     readings = {count(requests.get(server.metrics_url, timeout=5).text, "unauthorized") for _ in range(6)}
     assert readings == {count(answer.text, "unauthorized")}
     assert 'nova_intake_request_duration_seconds_bucket{le="0.005",route="/webhooks/nylas"}' in answer.text
+
+
+def test_an_answer_the_app_does_not_name_is_counted_by_its_status_code(
+    server: RunningIntake, http: requests.Session
+) -> None:
+    # Given the metrics before a request for a path the intake does not serve
+    assert server.metrics_url is not None
+    before = http.get(server.metrics_url, timeout=5).text
+
+    # When it is answered (by the router, with no outcome of the app's)
+    assert http.get(f"{server.url}/no-such-path", timeout=5).status_code == 404
+
+    # Then the status code is in the code label, as in the Nylas series; the outcome label holds only names
+    after = http.get(server.metrics_url, timeout=5).text
+    counted = _requests_counted(after, code=404, outcome="other", route="unmatched")
+    assert counted - _requests_counted(before, code=404, outcome="other", route="unmatched") == 1
+    assert 'outcome="http_' not in after
 
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])

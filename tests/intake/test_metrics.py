@@ -1,4 +1,4 @@
-"""Metrics: counted per route and outcome, and summed over worker processes as gunicorn runs them."""
+"""Metrics: counted per route, outcome and status code, and summed over worker processes as gunicorn runs them."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ for worker in range(2):
     pid = os.fork()
     if pid == 0:
         for _ in range(3 + worker):
-            metrics.observe("/webhooks/nylas", "accepted", 0.002)
+            metrics.observe("/webhooks/nylas", "accepted", 200, 0.002)
         os._exit(0)
     children.append(pid)
 for pid in children:
@@ -42,7 +42,7 @@ def test_counts_from_every_worker_process_are_summed(tmp_path: Path) -> None:
         [sys.executable, "-c", _TWO_WORKERS, str(tmp_path)], capture_output=True, text=True, check=True
     ).stdout
 
-    assert 'nova_intake_requests_total{outcome="accepted",route="/webhooks/nylas"} 7.0' in output
+    assert 'nova_intake_requests_total{code="200",outcome="accepted",route="/webhooks/nylas"} 7.0' in output
     assert 'nova_intake_request_duration_seconds_count{route="/webhooks/nylas"} 7.0' in output
     assert 'nova_intake_request_duration_seconds_bucket{le="0.002",route="/webhooks/nylas"} 7.0' in output
 
@@ -50,12 +50,12 @@ def test_counts_from_every_worker_process_are_summed(tmp_path: Path) -> None:
 def test_in_a_single_process_the_counts_are_kept_in_memory() -> None:
     metrics = IntakeMetrics()
 
-    metrics.observe("/healthz", "ok", 0.0001)
-    metrics.observe("/webhooks/nylas", "unauthorized", 0.02)
+    metrics.observe("/healthz", "ok", 200, 0.0001)
+    metrics.observe("/webhooks/nylas", "unauthorized", 401, 0.02)
     text, content_type = metrics.render()
 
     assert content_type.startswith("text/plain")
-    assert b'nova_intake_requests_total{outcome="ok",route="/healthz"} 1.0' in text
+    assert b'nova_intake_requests_total{code="200",outcome="ok",route="/healthz"} 1.0' in text
     assert b'nova_intake_request_duration_seconds_bucket{le="0.01",route="/webhooks/nylas"} 0.0' in text
     assert b'nova_intake_request_duration_seconds_bucket{le="0.025",route="/webhooks/nylas"} 1.0' in text
 

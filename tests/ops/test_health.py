@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg
@@ -79,6 +80,38 @@ def test_healthcheck_is_unhealthy_when_the_database_is_unreachable() -> None:
     line = _one_line(result)
     assert line.startswith("unhealthy: database unreachable")
     assert "pw" not in line.replace("unreachable", "")
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("LOG_LEVEL", "bogus"), ("DATABASE_URL", "mysql://x@y/z")], ids=["log-level", "mysql-url"]
+)
+def test_healthcheck_is_unhealthy_in_one_line_on_a_malformed_setting(variable: str, value: str) -> None:
+    # Given a setting the service refuses
+    env = {"DATABASE_URL": "postgresql://nova@127.0.0.1:1/x", variable: value}
+
+    # When the probe runs
+    result = _nova_email("healthcheck", env=env)
+
+    # Then it is unhealthy (1: Docker reserves 2) in one line that names the setting
+    assert result.returncode == 1, result
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1 and variable in lines[0], result
+
+
+def test_healthcheck_masks_a_configured_secret_in_the_databases_error(db_url: str) -> None:
+    # Given a DATABASE_URL whose password also names its database, which does not exist
+    secret = "Hunter2" + secrets.token_hex(6)
+    parts = urlsplit(db_url)
+    broken = urlunsplit((parts.scheme, f"{parts.username}:{secret}@{parts.hostname}:{parts.port}", secret, "", ""))
+
+    # When the probe runs
+    result = _nova_email("healthcheck", env={"DATABASE_URL": broken})
+
+    # Then the server's answer is shown, the password masked
+    assert result.returncode == 1
+    line = _one_line(result)
+    assert line.startswith("unhealthy: database unreachable or refusing") and "***" in line, line
+    assert secret not in line
 
 
 def test_healthcheck_is_unhealthy_when_a_migration_is_pending_or_a_queue_is_missing(empty_db_url: str) -> None:

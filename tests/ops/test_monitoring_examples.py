@@ -51,7 +51,7 @@ def _families(db_url: str) -> list[Metric]:
     counter.record("threads.get", 200, seconds=0.2)
     families += nylas.collect()
     intake = IntakeMetrics()
-    intake.observe("/webhooks/nylas", "accepted", 0.002)
+    intake.observe("/webhooks/nylas", "accepted", 200, 0.002)
     families += [*intake.requests.collect(), *intake.latency.collect()]
     return families
 
