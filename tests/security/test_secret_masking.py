@@ -149,6 +149,9 @@ def test_the_masked_values_include_each_database_password_as_configured_and_as_e
 #: Each command with its arguments, and whether it runs until stopped (it is then stopped after a while).
 COMMANDS: list[tuple[list[str], bool]] = [
     (["migrate"], False),
+    (["migrate", "--check"], False),
+    (["migrate", "--dry-run"], False),
+    (["healthcheck"], False),
     (["db-url"], False),
     (["db-stop"], False),
     (["status"], False),
@@ -158,6 +161,7 @@ COMMANDS: list[tuple[list[str], bool]] = [
     (["dead-letters", "show", "1"], False),
     (["dead-letters", "replay", "--all"], False),
     (["backfill", "progress", "--timeout", "2", "00000000-0000-0000-0000-000000000000"], False),
+    (["backfill", "retry", "00000000-0000-0000-0000-000000000000"], False),
     (["fake-nylas", "--help"], False),
     (["serve-webhooks", "--port", "0"], True),
     # Fails to start: $PORT (set to a secret below) is not a port
@@ -165,6 +169,8 @@ COMMANDS: list[tuple[list[str], bool]] = [
     (["run", "webhooks", "--processes", "1", "--threads", "1"], True),
 ]
 RUNS_FOR_S = 12.0
+#: The start of the one line a command fails with, where it is not "nova-email: ".
+FAILURE_PREFIXES = {"serve-webhooks": "nova-email serve-webhooks: ", "healthcheck": "unhealthy: "}
 #: A log record in the text format (LOG_LEVEL=debug adds these around the command's own output).
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \| [A-Z]+ +\| ")
 
@@ -214,7 +220,7 @@ def test_no_command_shows_a_secret_with_a_working_or_an_unreachable_database(
             if (
                 status == 0
                 or len(lines) != 1
-                or not lines[0].startswith(f"nova-email{' serve-webhooks' if args[0] == 'serve-webhooks' else ''}: ")
+                or not lines[0].startswith(FAILURE_PREFIXES.get(args[0], "nova-email: "))
                 or "Traceback" in output
             ):
                 failures[name] = f"status {status}:\n{output[-2000:]}"
