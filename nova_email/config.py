@@ -24,6 +24,7 @@ import psycopg
 from dotenv import dotenv_values
 from psycopg.conninfo import conninfo_to_dict
 
+from .embedded import embedded_server_is_default
 from .errors import ConfigError
 
 __all__ = ["VARIABLES", "Settings", "current_settings", "load_settings", "redact_url"]
@@ -204,32 +205,67 @@ def _parse_http_url(name: str, raw: str) -> str:
     return value
 
 
+#: How to write a password (or user name) that libpq reads as written.
+_PERCENT_ENCODE_HINT = (
+    "percent-encode special characters in the user name and password "
+    "(% as %25, @ as %40, / as %2F, : as %3A, # as %23, ? as %3F)"
+)
+
+#: A URL's authority (user, password, hosts and ports) and its path, as libpq splits them: the path starts at the
+#: first / and ends at the query.
+_URL_PATH = re.compile(r"^[^/?]*(?P<path>/[^?]*)?")
+
+
+def _unset_for_embedded() -> str:
+    """The end of a hint about DATABASE_URL: leaving it unset, where that starts the embedded server."""
+    return ", or leave it unset to use the embedded server" if embedded_server_is_default() else ""
+
+
+def _read_otherwise(url: str, params: Mapping[str, Any]) -> bool:
+    """Whether libpq reads `url` otherwise than its author meant: an unencoded / in the password ends the
+    authority early (the password becomes a port, the rest a database name holding an @), an unencoded @ in it
+    puts part of it in the host name."""
+    match = _URL_PATH.match(url.split("://", 1)[1])
+    path = (match.group("path") if match else None) or ""
+    hosts = str(params.get("host") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    return (
+        "@" in path
+        or any(port and not port.isdigit() for port in ports)
+        or any("@" in host or ("/" in host and not host.startswith("/")) for host in hosts)
+    )
+
+
 def _parse_database_url(name: str, raw: str) -> str:
     value = raw.strip()
     if "://" not in value and "=" in value:
         # Not echoed, even redacted: a quoting mistake could leave part of the password outside `redact_url`'s reach.
         msg = (
             f"{name} looks like a key=value connection string (not shown: it may hold a password); write it as a URL, "
-            "postgresql://user:password@host:5432/db (percent-encode special characters in the password), "
-            "or leave it unset to use the embedded server"
+            f"postgresql://user:password@host:5432/db (percent-encode special characters in the password)"
+            f"{_unset_for_embedded()}"
         )
         raise ConfigError(msg)
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
     if scheme not in {"postgres", "postgresql"}:
         msg = (
-            f"{name}={redact_url(value)!r} is not a PostgreSQL URL; expected postgresql://user:password@host:5432/db, "
-            "or leave it unset to use the embedded server"
+            f"{name}={redact_url(value)!r} is not a PostgreSQL URL; expected postgresql://user:password@host:5432/db"
+            f"{_unset_for_embedded()}"
         )
         raise ConfigError(msg)
     try:
-        conninfo_to_dict(value)  # libpq's own parser, so that what passes here is what libpq will accept
+        params = conninfo_to_dict(value)  # libpq's own parser, so that what passes here is what libpq will accept
     except psycopg.Error:
         # libpq's message quotes the offending part, which may be the password: neither it nor the URL is shown.
-        msg = (
-            f"{name} is not a URL libpq can read (not shown: it holds a password); percent-encode special characters "
-            "in the user name and password (% as %25, @ as %40, / as %2F, : as %3A, # as %23, ? as %3F)"
-        )
+        msg = f"{name} is not a URL libpq can read (not shown: it holds a password); {_PERCENT_ENCODE_HINT}"
         raise ConfigError(msg) from None
+    if _read_otherwise(value, params):
+        # Neither the URL nor what libpq made of it is shown: the password is in the host, port or database name.
+        msg = (
+            f"{name} is not read by libpq as written (not shown: it holds a password; an @ or / in it would end up in "
+            f"the host, port or database name); {_PERCENT_ENCODE_HINT}"
+        )
+        raise ConfigError(msg)
     return value
 
 

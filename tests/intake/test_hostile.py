@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -17,6 +19,7 @@ from nova_email.config import Settings
 from nova_email.intake import (
     MAX_REASON_CHARS,
     PREAUTH_INFLATION_RATIO,
+    WEBHOOK_PATH,
     RunningIntake,
     serve_in_background,
     sign,
@@ -111,19 +114,39 @@ def test_a_signed_rejection_stores_and_returns_a_bounded_reason(
     assert len(row["error_message"]) <= MAX_REASON_CHARS
 
 
+def _send_raw(server: RunningIntake, request: bytes) -> bytes:
+    """Send `request` on a socket of its own and return the answer, read until the server closes."""
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as raw:
+        raw.sendall(request)
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    return answer
+
+
 @pytest.mark.processes
 def test_a_flood_of_refused_requests_logs_one_warning(
     db_url: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    canary = "canary-in-a-malformed-request"
     settings = Settings(database_url=db_url, nylas_webhook_secret=SECRET, data_dir=tmp_path, log_level="info")
     with serve_in_background(settings, workers=1, max_body_bytes=1024) as server, requests.Session() as http:
         capfd.readouterr()
         # When strangers send 40 unsigned bodies and 40 oversized ones
         answers = [http.post(server.webhook_url, data=b"{}", timeout=5).status_code for _ in range(40)]
         answers += [http.post(server.webhook_url, data=b"x" * 2048, timeout=5).status_code for _ in range(40)]
+        # And 40 requests the HTTP parser refuses: a bad request line, and a header name with a space in it
+        bad_line = f"GARBAGE {canary} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        bad_header = f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\nBad {canary}: v\r\n\r\n".encode()
+        malformed = [_send_raw(server, request) for _ in range(20) for request in (bad_line, bad_header)]
         # And one delivery that is fine, whose answer proves the refusals before it were handled
         assert post_signed(http, server, envelope("ntf_after_flood")).status_code == 200
     assert answers == [401] * 40 + [413] * 40
-    # Then the log holds one warning about them, not eighty
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line and "Refused" in line]
+    assert all(answer.startswith(b"HTTP/1.1 400 ") for answer in malformed), malformed[:2]
+    # Then the log holds one warning about them, not a hundred and twenty, and no text of theirs
+    log = capfd.readouterr().err
+    warnings = [line for line in log.splitlines() if "WARNING" in line]
     assert len(warnings) == 1, warnings
+    assert "Refused" in warnings[0]
+    assert canary not in log

@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import pytest
 from loguru import logger
 
+import nova_email.config
 from nova_email.config import Settings, load_settings, redact_url
 from nova_email.embedded import embedded_password_file
 from nova_email.errors import ConfigError
@@ -51,12 +52,54 @@ def _leaks(text: str, url: str = "") -> list[str]:
 # -- configuration and redaction -------------------------------------------------------------------------------------
 
 
-def test_a_url_libpq_cannot_read_is_a_configuration_error_that_names_the_variable_not_the_value() -> None:
+@pytest.mark.parametrize(
+    ("url", "password_parts"),
+    [
+        ("postgresql://postgres:S3cr%t!Pass@host/db", ("S3cr", "Pass")),
+        # libpq reads host "postgres", port "pa", no password, and a database named after the rest
+        ("postgresql://postgres:pa/sslongsecret@127.0.0.1:5432/postgres", ("pa/", "sslongsecret")),
+        ("postgresql://postgres:5432/sslongsecret@127.0.0.1:5432/postgres", ("5432/", "sslongsecret")),
+        # libpq reads password "Secret" and host "Part2@127.0.0.1"
+        ("postgresql://postgres:Secret@Part2@127.0.0.1:5432/postgres", ("Secret", "Part2")),
+    ],
+    ids=["bad-percent-encoding", "slash-in-password", "slash-after-digits", "at-sign-in-password"],
+)
+def test_a_url_libpq_cannot_read_is_a_configuration_error_that_names_the_variable_not_the_value(
+    url: str, password_parts: tuple[str, ...]
+) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings({"DATABASE_URL": "postgresql://postgres:S3cr%t!Pass@host/db"}, env_file=None)
+        load_settings({"DATABASE_URL": url}, env_file=None)
     message = str(caught.value)
-    assert "DATABASE_URL" in message and "percent-encode" in message
-    assert "S3cr" not in message and "Pass" not in message and caught.value.__cause__ is None
+    assert "DATABASE_URL" in message and "percent-encode" in message and "\n" not in message
+    assert [part for part in password_parts if part in message] == [] and caught.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:S3cr%40t%2FPass@127.0.0.1:5432/postgres",
+        "postgresql://postgres@/postgres?host=/var/run/postgresql",
+        "postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/postgres",
+        "postgresql://postgres@db1:5432,db2:5433/postgres",
+        "postgresql://postgres@[::1]:5432/postgres",
+    ],
+    ids=["encoded-password", "socket-in-query", "encoded-socket", "two-hosts", "ipv6"],
+)
+def test_a_url_libpq_reads_as_written_is_accepted(url: str) -> None:
+    assert load_settings({"DATABASE_URL": url}, env_file=None).database_url == url
+
+
+@pytest.mark.parametrize("url", ["mysql://nova@db/nova", "host=db password=x"], ids=["scheme", "key-value"])
+def test_a_malformed_url_suggests_the_embedded_server_only_where_there_is_one(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError) as in_checkout:
+        load_settings({"DATABASE_URL": url}, env_file=None)
+    monkeypatch.setattr(nova_email.config, "embedded_server_is_default", lambda: False)
+    with pytest.raises(ConfigError) as installed:
+        load_settings({"DATABASE_URL": url}, env_file=None)
+    assert "embedded" in str(in_checkout.value)
+    assert "embedded" not in str(installed.value) and "DATABASE_URL" in str(installed.value)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +149,9 @@ def test_the_masked_values_include_each_database_password_as_configured_and_as_e
 #: Each command with its arguments, and whether it runs until stopped (it is then stopped after a while).
 COMMANDS: list[tuple[list[str], bool]] = [
     (["migrate"], False),
+    (["migrate", "--check"], False),
+    (["migrate", "--dry-run"], False),
+    (["healthcheck"], False),
     (["db-url"], False),
     (["db-stop"], False),
     (["status"], False),
@@ -115,6 +161,7 @@ COMMANDS: list[tuple[list[str], bool]] = [
     (["dead-letters", "show", "1"], False),
     (["dead-letters", "replay", "--all"], False),
     (["backfill", "progress", "--timeout", "2", "00000000-0000-0000-0000-000000000000"], False),
+    (["backfill", "retry", "00000000-0000-0000-0000-000000000000"], False),
     (["fake-nylas", "--help"], False),
     (["serve-webhooks", "--port", "0"], True),
     # Fails to start: $PORT (set to a secret below) is not a port
@@ -122,6 +169,8 @@ COMMANDS: list[tuple[list[str], bool]] = [
     (["run", "webhooks", "--processes", "1", "--threads", "1"], True),
 ]
 RUNS_FOR_S = 12.0
+#: The start of the one line a command fails with, where it is not "nova-email: ".
+FAILURE_PREFIXES = {"serve-webhooks": "nova-email serve-webhooks: ", "healthcheck": "unhealthy: "}
 #: A log record in the text format (LOG_LEVEL=debug adds these around the command's own output).
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \| [A-Z]+ +\| ")
 
@@ -171,7 +220,7 @@ def test_no_command_shows_a_secret_with_a_working_or_an_unreachable_database(
             if (
                 status == 0
                 or len(lines) != 1
-                or not lines[0].startswith(f"nova-email{' serve-webhooks' if args[0] == 'serve-webhooks' else ''}: ")
+                or not lines[0].startswith(FAILURE_PREFIXES.get(args[0], "nova-email: "))
                 or "Traceback" in output
             ):
                 failures[name] = f"status {status}:\n{output[-2000:]}"
