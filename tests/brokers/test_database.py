@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import socket
 from collections.abc import Iterator
 
@@ -106,11 +105,3 @@ def test_a_pool_whose_connection_attempt_hangs_is_an_outage_not_busy(silent_serv
         assert database.outage.ongoing
     finally:
         database.close()
-
-
-def test_database_busy_survives_pickling() -> None:
-    busy = DatabaseBusy("All 2 connections stayed in use", max_size=2, timeout_s=0.5)
-
-    copy = pickle.loads(pickle.dumps(busy))
-
-    assert (type(copy), str(copy), copy.max_size, copy.timeout_s) == (DatabaseBusy, str(busy), 2, 0.5)
