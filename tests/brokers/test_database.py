@@ -5,9 +5,11 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from brokers import Database, DatabaseBusy, DatabaseUnavailable
+from brokers.database import fetch_scalar
 
 from .conftest import warnings_of
 from .proxy import TCPProxy
@@ -105,3 +107,9 @@ def test_a_pool_whose_connection_attempt_hangs_is_an_outage_not_busy(silent_serv
         assert database.outage.ongoing
     finally:
         database.close()
+
+
+def test_fetch_scalar_reads_the_first_column_of_the_first_row_and_none_without_one(conn: psycopg.Connection) -> None:
+    assert fetch_scalar(conn, "select n, 'other' from generate_series(7, 9) as n order by n") == 7
+    assert fetch_scalar(conn, "select %(n)s::int", {"n": 3}) == 3
+    assert fetch_scalar(conn, "select 1 where false") is None
