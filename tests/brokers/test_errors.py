@@ -1,12 +1,11 @@
-"""The broker's errors survive pickling: Dramatiq's result backends and multiprocessing send them across processes."""
+"""The broker's errors survive pickling, keyword-only attributes included (``queue_name``, ``max_size``)."""
 
 from __future__ import annotations
-
-import pickle
 
 import pytest
 
 from brokers import errors
+from tests.pickling import assert_unpickles_unchanged
 
 #: One instance of each error of `brokers.errors`, with every keyword-only argument its class takes.
 INSTANCES = [
@@ -24,9 +23,4 @@ def test_every_error_of_the_module_is_checked() -> None:
 
 @pytest.mark.parametrize("exc", INSTANCES, ids=lambda exc: type(exc).__name__)
 def test_an_error_unpickles_with_its_message_and_attributes(exc: errors.PGMQBrokerError) -> None:
-    copy = pickle.loads(pickle.dumps(exc))
-
-    assert type(copy) is type(exc)
-    assert str(copy) == str(exc)
-    assert copy.args == exc.args
-    assert vars(copy) == vars(exc)
+    assert_unpickles_unchanged(exc)
