@@ -28,11 +28,12 @@ from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 from loguru import logger
 from psycopg import sql
+from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from . import dead_letters, queries
 from .consumer import PGMQConsumer, PGMQMessageProxy, WorkerThreads
-from .database import DEFAULT_POOL_MAX_SIZE, DEFAULT_POOL_TIMEOUT_S, Database
+from .database import DEFAULT_POOL_MAX_SIZE, DEFAULT_POOL_TIMEOUT_S, Database, fetch_scalar
 from .dead_letters import DeadLetter
 from .envelope import QueueHandlerOption
 from .errors import DatabaseUnavailable
@@ -354,8 +355,8 @@ class PGMQBroker(Broker):
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
             with self.database.connection() as conn:
-                row = conn.execute(query).fetchone()
-            if row is not None and row[0] == 0:
+                size = fetch_scalar(conn, query)
+            if size == 0:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
@@ -364,17 +365,11 @@ class PGMQBroker(Broker):
     def metrics(self, queue_name: str) -> QueueMetrics:
         """Depth, delayed, in-flight, oldest age and dead-letter count of a queue, in one query."""
         self.create_queue(queue_name)
-        with self.database.connection() as conn:
-            row = conn.execute(queries.QUEUE_METRICS, {"queue": queue_name}).fetchone()
-        queued, delayed, in_flight, oldest_age_ms, dead = row or (0, 0, 0, 0.0, 0)
-        return QueueMetrics(
-            queue_name=queue_name,
-            queued=queued,
-            delayed=delayed,
-            in_flight=in_flight,
-            oldest_age_ms=float(oldest_age_ms),
-            dead_lettered=dead,
+        rows: list[QueueMetrics] = self.database.execute(
+            queries.QUEUE_METRICS, {"queue": queue_name}, row_factory=class_row(QueueMetrics)
         )
+        [metrics] = rows  # aggregates: always one row
+        return metrics
 
     def enable_notify(self, queue_name: str) -> None:
         """Create the queue if needed and wake idle workers on its inserts. For set-up code, like a migration.
@@ -401,8 +396,7 @@ class PGMQBroker(Broker):
         """Delete archived messages older than `older_than_s` (default: the retention); returns how many."""
         older = self.archive_retention_s if older_than_s is None else older_than_s
         with self.database.connection() as conn:
-            row = conn.execute(queries.PURGE_ARCHIVE, {"queue": queue_name, "older_than_s": older}).fetchone()
-        return int(row[0]) if row else 0
+            return int(fetch_scalar(conn, queries.PURGE_ARCHIVE, {"queue": queue_name, "older_than_s": older}))
 
     # -- dead letters -----------------------------------------------------------------------------------------
 

@@ -20,12 +20,13 @@ from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
 from loguru import logger
-from psycopg.rows import RowFactory
+from psycopg.abc import QueryNoTemplate
+from psycopg.rows import RowFactory, scalar_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import DatabaseBusy, DatabaseUnavailable
 
-__all__ = ["Backoff", "Database", "Outage", "PerProcess"]
+__all__ = ["Backoff", "Database", "Outage", "PerProcess", "fetch_scalar"]
 
 log = logger.bind(component="Database")
 
@@ -294,6 +295,12 @@ class Database:
         pool = self._own_pool.take()
         if pool is not None:
             pool.close()
+
+
+def fetch_scalar(conn: psycopg.Connection[Any], query: QueryNoTemplate, params: Mapping[str, Any] | None = None) -> Any:
+    """Run `query` on `conn` and return the first column of its first row (None without a row, or for a null)."""
+    with conn.cursor(row_factory=scalar_row) as cursor:
+        return cursor.execute(query, params).fetchone()
 
 
 class _CountingPool(ConnectionPool):

@@ -22,6 +22,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from . import queries
+from .database import fetch_scalar
 
 __all__ = [
     "DeadLetter",
@@ -99,7 +100,8 @@ def dead_letter(
     envelope to keep (None keeps the body as it is in the queue). Returns False, recording nothing, when that
     delivery no longer holds the message (its lease lapsed and another worker took it, or it is gone).
     """
-    row = conn.execute(
+    recorded = fetch_scalar(
+        conn,
         queries.DEAD_LETTER,
         {
             "queue": queue_name,
@@ -114,8 +116,8 @@ def dead_letter(
             "traceback": why.traceback,
             "attempts": why.attempts,
         },
-    ).fetchone()
-    return bool(row and row[0])
+    )
+    return bool(recorded)
 
 
 def list_dead_letters(conn: psycopg.Connection, *, queue_name: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -126,8 +128,7 @@ def list_dead_letters(conn: psycopg.Connection, *, queue_name: str | None = None
 
 def count_dead_letters(conn: psycopg.Connection, *, queue_name: str | None = None) -> int:
     """How many dead letters there are, of one queue or of all."""
-    row = conn.execute(queries.COUNT_DEAD_LETTERS, {"queue": queue_name}).fetchone()
-    return int(row[0]) if row else 0
+    return int(fetch_scalar(conn, queries.COUNT_DEAD_LETTERS, {"queue": queue_name}))
 
 
 def purge_dead_letters(
@@ -149,5 +150,4 @@ def replay_dead_letters(
     Use it once the cause is fixed (a deployed bug fix, a restored dependency). The messages keep their
     message ids; ``options.retries`` and ``options.traceback`` are cleared.
     """
-    row = conn.execute(queries.REPLAY_DEAD_LETTERS, {"queue": queue_name, "ids": ids, "limit": limit}).fetchone()
-    return int(row[0]) if row else 0
+    return int(fetch_scalar(conn, queries.REPLAY_DEAD_LETTERS, {"queue": queue_name, "ids": ids, "limit": limit}))

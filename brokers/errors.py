@@ -16,7 +16,6 @@ differs is that no outage is logged for it.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from dramatiq.errors import BrokerError, ConnectionClosed
@@ -29,6 +28,11 @@ class PGMQBrokerError(BrokerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)  # type: ignore[no-untyped-call]  # dramatiq's errors are untyped
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce unpickles by calling the class with `args`, which cannot carry a keyword-only
+        # argument (``queue_name=``). Unpickle as any object instead: made without __init__, attributes restored.
+        return _uninitialised, (type(self), *self.args), self.__dict__
 
 
 class MigrationError(PGMQBrokerError):
@@ -71,6 +75,7 @@ class DatabaseBusy(DatabaseUnavailable):
         self.max_size = max_size
         self.timeout_s = timeout_s
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Unpickling calls what this returns with positional arguments only.
-        return partial(type(self), max_size=self.max_size, timeout_s=self.timeout_s), (self.message,)
+
+def _uninitialised(cls: type[PGMQBrokerError], *args: Any) -> PGMQBrokerError:
+    """An error of `cls` with `args` but no attributes yet: unpickling restores them next."""
+    return cls.__new__(cls, *args)

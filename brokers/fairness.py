@@ -33,9 +33,10 @@ from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware
 from loguru import logger
 from psycopg import sql
-from psycopg.rows import class_row, scalar_row
+from psycopg.rows import class_row
 
 from . import queries
+from .database import fetch_scalar
 
 __all__ = [
     "FAIRNESS_KEY_OPTION",
@@ -110,9 +111,7 @@ def disable_fairness(conn: psycopg.Connection[Any], queue_name: str) -> None:
 
 def is_fair(conn: psycopg.Connection[Any], queue_name: str) -> bool:
     """Whether `queue_name` is in fairness mode."""
-    with conn.cursor(row_factory=scalar_row) as cursor:
-        fair = cursor.execute(queries.IS_FAIR, {"queue": queue_name}).fetchone()
-    return fair is True
+    return fetch_scalar(conn, queries.IS_FAIR, {"queue": queue_name}) is True
 
 
 def fair_queue(conn: psycopg.Connection[Any], queue_name: str) -> FairQueue | None:

@@ -19,6 +19,7 @@ from datetime import datetime
 
 import attrs
 from loguru import logger
+from psycopg.rows import scalar_row
 
 from . import queries
 from .background import BackgroundThread
@@ -166,10 +167,10 @@ class LeaseKeeper(BackgroundThread):
                 "async_commit": self._async_commit,
             }
             try:
-                rows = self._database.execute(queries.EXTEND, params)
+                rows = self._database.execute(queries.EXTEND, params, row_factory=scalar_row)
             except DatabaseUnavailable:
                 continue  # the database logged the outage once; the next round tries again
-            extended = {row[0] for row in rows}
+            extended = set(rows)
             held_count += len(extended)
             lost = [lease for lease in leases if lease.msg_id not in extended and self.is_tracked(lease)]
             if lost:

@@ -39,11 +39,12 @@ import dramatiq
 import psycopg
 from dramatiq.middleware import Middleware, SkipMessage
 from loguru import logger
+from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from . import queries
 from .broker import PGMQBroker
-from .database import Database
+from .database import Database, fetch_scalar
 from .errors import DatabaseUnavailable
 
 __all__ = ["PeriodicScheduler", "Schedule"]
@@ -74,6 +75,16 @@ class Schedule:
 class _Run:
     name: str
     token: int
+
+
+@attrs.frozen(kw_only=True)
+class _Claim:
+    """One row of ``pgmq_broker.schedule_claim_due``: a slot taken, and what became of the tick before it."""
+
+    name: str
+    slot_ms: int
+    slots_missed: int
+    lost_state: str | None
 
 
 class PeriodicScheduler(Middleware):
@@ -210,13 +221,12 @@ class PeriodicScheduler(Middleware):
         slot_ms = message.options.get(SLOT_OPTION)
         try:
             with self.database.connection() as conn:
-                row = conn.execute(queries.SCHEDULE_START, {"name": name, "slot_ms": slot_ms}).fetchone()
+                token = fetch_scalar(conn, queries.SCHEDULE_START, {"name": name, "slot_ms": slot_ms})
         except (psycopg.Error, DatabaseUnavailable) as exc:
             # Running without a lease could overlap another tick; skipping costs one slot.
             log.bind(event="tick_not_started", schedule=name).warning("Skipped a tick of {}: {}", name, exc)
             msg = f"cannot start the tick of {name!r}: {exc}"
             raise SkipMessage(msg) from exc
-        token = row[0] if row else None
         if token is None:
             log.bind(event="stale_tick", schedule=name).info(
                 "Skipped the tick of {} for slot {}: a newer tick was sent or another run holds the lease",
@@ -249,10 +259,10 @@ class PeriodicScheduler(Middleware):
         if run is None:
             return
         with self.database.connection() as conn:
-            row = conn.execute(
-                queries.SCHEDULE_FINISH, {"name": run.name, "token": run.token, "error": error}
-            ).fetchone()
-        if not (row and row[0]):
+            finished = fetch_scalar(
+                conn, queries.SCHEDULE_FINISH, {"name": run.name, "token": run.token, "error": error}
+            )
+        if not finished:
             log.bind(event="tick_lease_lost", schedule=run.name).warning(
                 "The tick of {} finished after losing its lease; a later tick may have overlapped it", run.name
             )
@@ -282,19 +292,22 @@ class PeriodicScheduler(Middleware):
         pgmq_broker = self._broker
         assert pgmq_broker is not None
         with self.database.connection() as conn, conn.transaction():
-            claimed = conn.execute(queries.SCHEDULE_CLAIM_DUE, {"names": self._active}).fetchall()
-            for name, slot_ms, slots_missed, lost_state in claimed:
-                schedule = self.schedules[name]
-                actor = broker.get_actor(schedule.actor_name)
-                message = actor.message_with_options(**{SCHEDULE_OPTION: name, SLOT_OPTION: slot_ms, "max_retries": 0})
-                pgmq_broker.enqueue(message, connection=conn)
-                if lost_state is not None:
+            with conn.cursor(row_factory=class_row(_Claim)) as cursor:
+                claimed = cursor.execute(queries.SCHEDULE_CLAIM_DUE, {"names": self._active}).fetchall()
+            for claim in claimed:
+                name = claim.name
+                actor = broker.get_actor(self.schedules[name].actor_name)
+                options: dict[str, Any] = {SCHEDULE_OPTION: name, SLOT_OPTION: claim.slot_ms, "max_retries": 0}
+                pgmq_broker.enqueue(actor.message_with_options(**options), connection=conn)
+                if claim.lost_state is not None:
                     log.bind(event="tick_lost", schedule=name).warning(
-                        "The previous tick of {} was {} but its lease ran out; sending a new one", name, lost_state
+                        "The previous tick of {} was {} but its lease ran out; sending a new one",
+                        name,
+                        claim.lost_state,
                     )
-                if slots_missed:
+                if claim.slots_missed:
                     log.bind(event="slots_missed", schedule=name).debug(
-                        "Skipped {} slots of {} that had no tick", slots_missed, name
+                        "Skipped {} slots of {} that had no tick", claim.slots_missed, name
                     )
 
     @property

@@ -95,9 +95,10 @@ FLUSH_QUEUE: LiteralString = "select pgmq_broker.flush(%(queue)s)"
 #: Messages still in a queue, visible or not (what join waits on).
 QUEUE_SIZE: LiteralString = "select count(*) from pgmq.{table}"
 
-#: Depth, delayed, in flight, oldest age and dead letters of a queue.
+#: Depth, delayed, in flight, oldest age and dead letters of a queue (the fields of ``brokers.queues.QueueMetrics``).
 QUEUE_METRICS: LiteralString = (
-    "select queued, delayed, in_flight, oldest_age_ms, dead_lettered from pgmq_broker.queue_metrics(%(queue)s)"
+    "select %(queue)s::text as queue_name, queued, delayed, in_flight, oldest_age_ms, dead_lettered"
+    " from pgmq_broker.queue_metrics(%(queue)s)"
 )
 
 #: Delete archived messages older than the retention.

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, LiteralString
 
 import dramatiq
-import psycopg
 from dramatiq.common import compute_backoff
 from dramatiq.errors import RateLimitExceeded
 from dramatiq.middleware import Retries
@@ -37,7 +36,7 @@ from loguru import logger
 from psycopg_pool import ConnectionPool
 
 from . import queries
-from .database import Database
+from .database import Database, fetch_scalar
 
 __all__ = ["PostgresBackend", "RateLimitRetries", "RetryAfter", "use_rate_limit_retries"]
 
@@ -146,7 +145,7 @@ class PostgresBackend(RateLimiterBackend):
                 # LISTEN before the first check, so an event published in between still wakes us.
                 conn.execute(queries.RATE_LIMIT_LISTEN)
                 while True:
-                    if _fetch_bool(conn, queries.RATE_LIMIT_EVENT_EXISTS, {"key": key}):
+                    if fetch_scalar(conn, queries.RATE_LIMIT_EVENT_EXISTS, {"key": key}):
                         return True
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -169,8 +168,7 @@ class PostgresBackend(RateLimiterBackend):
     def sweep(self, *, limit: int = DEFAULT_SWEEP_LIMIT) -> int:
         """Delete up to ``limit`` expired rows and return how many. Runs by itself every ``sweep_interval_ms``."""
         with self.database.connection() as conn:
-            row = conn.execute(queries.RATE_LIMIT_SWEEP, {"limit": limit}).fetchone()
-        return int(row[0]) if row else 0
+            return int(fetch_scalar(conn, queries.RATE_LIMIT_SWEEP, {"limit": limit}))
 
     def close(self) -> None:
         """Close the pool this backend opened from a conninfo (a pool or database passed in is left to its owner)."""
@@ -179,7 +177,7 @@ class PostgresBackend(RateLimiterBackend):
 
     def _call(self, query: LiteralString, params: dict[str, Any]) -> bool:
         with self.database.connection() as conn:
-            result = _fetch_bool(conn, query, params)
+            result = bool(fetch_scalar(conn, query, params))
         self._maybe_sweep()
         return result
 
@@ -191,11 +189,6 @@ class PostgresBackend(RateLimiterBackend):
         deleted = self.sweep()
         if deleted:
             log.debug("Deleted {} expired rate-limit rows", deleted)
-
-
-def _fetch_bool(conn: psycopg.Connection[Any], query: LiteralString, params: dict[str, Any]) -> bool:
-    row = conn.execute(query, params).fetchone()
-    return bool(row and row[0])
 
 
 class RetryAfter(RateLimitExceeded):

@@ -24,8 +24,10 @@ from pathlib import Path
 import attrs
 import psycopg
 from loguru import logger
+from psycopg.rows import class_row
 
 from . import queries
+from .database import fetch_scalar
 from .errors import MigrationError
 
 __all__ = [
@@ -68,6 +70,23 @@ class Migration:
         return frozenset(_REPLACES.findall(self.sql))
 
 
+@attrs.frozen(kw_only=True)
+class _Applied:
+    """One row of ``pgmq_broker.schema_migrations``, as ``queries.MIGRATION_CHECKSUMS`` reads it."""
+
+    version: int
+    checksum: str
+
+
+@attrs.frozen(kw_only=True)
+class _PgmqState:
+    """How PGMQ is present (``queries.PGMQ_STATE``): as the server's extension, as a plain schema, or creatable."""
+
+    extension: bool
+    schema: bool
+    available: bool
+
+
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
     """Read every ``NNN_name.sql`` file of `directory`, sorted by version.
 
@@ -92,9 +111,11 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
 
 def applied_checksums(conn: psycopg.Connection, namespace: str) -> dict[int, str]:
     """Version -> checksum of every migration of `namespace` applied so far (empty before the first); reads only."""
-    if conn.execute(queries.MIGRATIONS_TABLE_EXISTS).fetchone() != (True,):
+    if fetch_scalar(conn, queries.MIGRATIONS_TABLE_EXISTS) is not True:
         return {}
-    return dict(conn.execute(queries.MIGRATION_CHECKSUMS, {"namespace": namespace}).fetchall())
+    with conn.cursor(row_factory=class_row(_Applied)) as cursor:
+        applied = cursor.execute(queries.MIGRATION_CHECKSUMS, {"namespace": namespace}).fetchall()
+    return {row.version: row.checksum for row in applied}
 
 
 def _check_idle(conn: psycopg.Connection) -> None:
@@ -116,14 +137,14 @@ def _apply_one(conn: psycopg.Connection, namespace: str, migration: Migration) -
     params = {"namespace": namespace, "version": migration.version}
     with conn.transaction():
         conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
-        row = conn.execute(queries.MIGRATION_CHECKSUM, params).fetchone()
-        if row is not None:
-            if row[0] in migration.replaces:
+        checksum = fetch_scalar(conn, queries.MIGRATION_CHECKSUM, params)
+        if checksum is not None:
+            if checksum in migration.replaces:
                 conn.execute(
                     queries.MIGRATION_RERECORD, {**params, "name": migration.name, "checksum": migration.checksum}
                 )
                 log.info("Recorded {}/{:03d}_{} under its edited text", namespace, migration.version, migration.name)
-            elif row[0] != migration.checksum:
+            elif checksum != migration.checksum:
                 log.warning(
                     "{}/{:03d}_{} changed after it was applied; migrations are append-only, add a new file instead",
                     namespace,
@@ -182,10 +203,16 @@ def pending_migrations(
 
 def pending_install(conn: psycopg.Connection) -> list[str]:
     """What `install` would do (PGMQ, the broker's migrations), as names, without changing anything."""
-    extension, schema, _ = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
-    pending = [] if extension or schema else ["pgmq"]
+    state = _pgmq_state(conn)
+    pending = [] if state.extension or state.schema else ["pgmq"]
     broker = pending_migrations(conn, namespace="brokers", migrations=files("brokers").joinpath("sql"))
     return pending + [f"brokers/{m.version:03d}_{m.name}" for m in broker]
+
+
+def _pgmq_state(conn: psycopg.Connection) -> _PgmqState:
+    with conn.cursor(row_factory=class_row(_PgmqState)) as cursor:
+        state = cursor.execute(queries.PGMQ_STATE).fetchone()
+    return state or _PgmqState(extension=False, schema=False, available=False)
 
 
 def _bundled_pgmq() -> Migration:
@@ -207,13 +234,13 @@ def install_pgmq(conn: psycopg.Connection) -> str:
     create_migrations_table(conn)
     with conn.transaction():
         conn.execute(queries.MIGRATIONS_LOCK, {"key": MIGRATION_LOCK_KEY})
-        extension, schema, available = conn.execute(queries.PGMQ_STATE).fetchone() or (False, False, False)
-        recorded = conn.execute(queries.MIGRATION_CHECKSUM, {"namespace": "pgmq", "version": 1}).fetchone() is not None
-        if extension:
+        state = _pgmq_state(conn)
+        recorded = fetch_scalar(conn, queries.MIGRATION_CHECKSUM, {"namespace": "pgmq", "version": 1}) is not None
+        if state.extension:
             return "extension"
-        if schema:
+        if state.schema:
             return "sql" if recorded else "external"
-        if available:
+        if state.available:
             conn.execute(queries.PGMQ_CREATE_EXTENSION)
             log.info("Installed PGMQ with CREATE EXTENSION")
             return "extension"

@@ -21,10 +21,10 @@ from typing import Any, LiteralString, Protocol
 import attrs
 import psycopg
 from loguru import logger
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 
 from . import dead_letters, queries
-from .database import Database
+from .database import Database, fetch_scalar
 from .dead_letters import DeadLetterReason
 from .fairness import fair_fetch_query, is_fair
 from .lease import Lease, LeaseKeeper
@@ -189,7 +189,7 @@ class Settlement:
     def idle_wait_s(self, queue_name: str) -> float:
         """How long an idle consumer may wait: until the next delayed message is due, at most the poll interval."""
         wait_s = self.poll_interval_ms / 1000
-        [(due_in_ms,)] = self.database.execute(queries.NEXT_VISIBLE_IN_MS, {"queue": queue_name})
+        [due_in_ms] = self.database.execute(queries.NEXT_VISIBLE_IN_MS, {"queue": queue_name}, row_factory=scalar_row)
         if due_in_ms is not None:
             wait_s = min(wait_s, max(due_in_ms / 1000, 0.0))
         return max(wait_s, MIN_IDLE_WAIT_S)
@@ -229,7 +229,7 @@ class Settlement:
                 "delay_ms": delay_ms,
                 "uncount": uncount,
             }
-            released = {msg_id for (msg_id,) in self.database.execute(queries.RELEASE, params)}
+            released = set(self.database.execute(queries.RELEASE, params, row_factory=scalar_row))
             for lease in group:
                 if lease.msg_id not in released:
                     log_stale(settlement, lease)
@@ -271,11 +271,11 @@ class Settlement:
         lease.settling = True
         params = {**params, "old_queue": lease.queue_name, "old_msg_id": lease.msg_id, "old_token": lease.token}
         if connection is not None:
-            row = connection.execute(queries.RESEND, params).fetchone()
+            sent = fetch_scalar(connection, queries.RESEND, params)
         else:
-            [row] = self.database.execute(queries.RESEND, params)
+            [sent] = self.database.execute(queries.RESEND, params, row_factory=scalar_row)
         self.forget([lease])
-        if row is None or row[0] is None:
+        if sent is None:
             log_stale("retry", lease)
             return False
         return True

@@ -20,6 +20,8 @@ Messages never contain the API key: the client never puts it in any text it buil
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BadRequest",
     "GrantExpired",
@@ -38,6 +40,11 @@ __all__ = [
 
 class NylasError(Exception):
     """Base class of every error the Nylas client raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce unpickles by calling the class with `args`, which cannot carry a keyword-only
+        # argument (``status=``). Unpickle as any object instead: made without __init__, attributes restored.
+        return _uninitialised, (type(self), *self.args), self.__dict__
 
 
 class InvalidObjectId(NylasError, ValueError):
@@ -142,3 +149,8 @@ class PacingLimitReached(RateLimited):
 
 class ServerError(NylasHTTPError):
     """Nylas or the provider failed (5xx) and the transport retries were used up. Retry later with a backoff."""
+
+
+def _uninitialised(cls: type[NylasError], *args: Any) -> NylasError:
+    """An error of `cls` with `args` but no attributes yet: unpickling restores them next."""
+    return cls.__new__(cls, *args)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import pickle
 import socket
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from brokers import Database, DatabaseBusy, DatabaseUnavailable
+from brokers.database import fetch_scalar
 
 from .conftest import warnings_of
 from .proxy import TCPProxy
@@ -108,9 +109,7 @@ def test_a_pool_whose_connection_attempt_hangs_is_an_outage_not_busy(silent_serv
         database.close()
 
 
-def test_database_busy_survives_pickling() -> None:
-    busy = DatabaseBusy("All 2 connections stayed in use", max_size=2, timeout_s=0.5)
-
-    copy = pickle.loads(pickle.dumps(busy))
-
-    assert (type(copy), str(copy), copy.max_size, copy.timeout_s) == (DatabaseBusy, str(busy), 2, 0.5)
+def test_fetch_scalar_reads_the_first_column_of_the_first_row_and_none_without_one(conn: psycopg.Connection) -> None:
+    assert fetch_scalar(conn, "select n, 'other' from generate_series(7, 9) as n order by n") == 7
+    assert fetch_scalar(conn, "select %(n)s::int", {"n": 3}) == 3
+    assert fetch_scalar(conn, "select 1 where false") is None
