@@ -134,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
     add_demo_arguments(add("demo", _demo, "run the whole service on a generated mailbox and show it working"))
-    # main() runs it as a process of its own (nova_email.serve_webhooks), which parses the same options.
-    from .intake.server import add_arguments as add_intake_arguments
-
-    add_intake_arguments(
-        sub.add_parser("serve-webhooks", help="receive Nylas webhooks over HTTP into the webhook queue")
+    # Listed for --help; main() runs it as a process of its own (nova_email.serve_webhooks), which parses its
+    # options. Not imported here: gunicorn reads WEB_CONCURRENCY when imported, before any setting is checked.
+    sub.add_parser(
+        "serve-webhooks",
+        help="receive Nylas webhooks over HTTP into the webhook queue (nova-email serve-webhooks --help)",
     )
     from .ops import (
         add_backfill_arguments,

@@ -14,6 +14,7 @@ from gevent import monkey
 monkey.patch_all(os=False, signal=False, subprocess=False)
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,6 @@ import psycopg
 
 from nova_email.config import Settings, load_settings
 from nova_email.errors import NovaError
-from nova_email.intake.server import add_arguments, run_from_arguments
 from nova_email.log import setup_logging
 from nova_email.masking import command_error
 
@@ -30,18 +30,30 @@ __all__ = ["run"]
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Parse the options, load the settings from the environment and serve until stopped."""
-    parser = argparse.ArgumentParser(
-        prog="nova-email serve-webhooks", description="Receive Nylas webhooks over HTTP into the webhook queue."
-    )
-    add_arguments(parser)
-    parser.add_argument(
-        "--ready-file", type=Path, default=None, help='write "<host> <port> <metrics port or ->" here once listening'
-    )
-    args = parser.parse_args(argv)
+    """Load the settings from the environment, parse the options and serve until stopped.
+
+    The settings come first: gunicorn reads ``WEB_CONCURRENCY`` with ``int()`` when it is imported, so a malformed
+    value must be reported as the setting it is (one line) before anything imports gunicorn, and an empty one, which
+    is unset for the settings as for every variable, is removed from the environment.
+    """
     settings: Settings | None = None
     try:
         settings = load_settings()
+        if not os.environ.get("WEB_CONCURRENCY", "unset").strip():
+            del os.environ["WEB_CONCURRENCY"]
+        from nova_email.intake.server import add_arguments, run_from_arguments
+
+        parser = argparse.ArgumentParser(
+            prog="nova-email serve-webhooks", description="Receive Nylas webhooks over HTTP into the webhook queue."
+        )
+        add_arguments(parser)
+        parser.add_argument(
+            "--ready-file",
+            type=Path,
+            default=None,
+            help='write "<host> <port> <metrics port or ->" here once listening',
+        )
+        args = parser.parse_args(argv)
         setup_logging(settings)
         return run_from_arguments(settings, args, args.ready_file)
     except (NovaError, psycopg.Error) as exc:

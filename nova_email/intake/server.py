@@ -39,7 +39,16 @@ import gevent.monkey
 from gunicorn import glogging, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.http.body import Body
-from gunicorn.http.errors import ConfigurationProblem, InvalidResponseHeader, InvalidResponseHeaderName, ParseException
+from gunicorn.http.errors import (
+    ExpectationFailed,
+    ForbiddenProxyRequest,
+    InvalidResponseHeader,
+    InvalidResponseHeaderName,
+    LimitRequestHeaders,
+    LimitRequestLine,
+    ParseException,
+    UnsupportedTransferCoding,
+)
 from gunicorn.workers.ggevent import GeventWorker
 from loguru import logger
 from prometheus_client import CollectorRegistry, start_http_server
@@ -107,13 +116,31 @@ class _GunicornLogger(glogging.Logger):  # type: ignore[misc]
         self.error_log.addHandler(handler)
 
 
-#: gunicorn's parse errors that are the server's fault, not the client's: left to gunicorn, which answers 500.
-_SERVER_SIDE_PARSE_ERRORS = (ConfigurationProblem, InvalidResponseHeader, InvalidResponseHeaderName)
+#: gunicorn's parse errors about the app's answer, not the client's request: left to gunicorn, which answers 500.
+_SERVER_SIDE_PARSE_ERRORS = (InvalidResponseHeader, InvalidResponseHeaderName)
+
+#: The answer to a request gunicorn's parser refuses, by the error's kind, as gunicorn gives it; others get 400. A
+#: path outside a SCRIPT_NAME (a header any local proxy may pass) is the client's request too: 400, not gunicorn's 500.
+_MALFORMED_ANSWERS: tuple[tuple[type[ParseException], int, str], ...] = (
+    (LimitRequestLine, 414, "URI Too Long"),
+    (LimitRequestHeaders, 431, "Request Header Fields Too Large"),
+    (UnsupportedTransferCoding, 501, "Not Implemented"),
+    (ExpectationFailed, 417, "Expectation Failed"),
+    (ForbiddenProxyRequest, 403, "Forbidden"),
+)
 
 
 def _refused_as_malformed(exc: BaseException) -> bool:
     """Whether gunicorn's HTTP parser raised `exc` for a request it cannot read: the client's fault."""
     return isinstance(exc, ParseException) and not isinstance(exc, _SERVER_SIDE_PARSE_ERRORS)
+
+
+def _malformed_answer(exc: BaseException) -> tuple[int, str]:
+    """The status and reason a request refused by gunicorn's parser with `exc` gets."""
+    for kind, status, reason in _MALFORMED_ANSWERS:
+        if isinstance(exc, kind):
+            return status, reason
+    return 400, "Bad Request"
 
 
 _REQUEST_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -139,7 +166,8 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
     another `REQUEST_READ_TIMEOUT_S`: it is read here, before the app runs, and a client that is too slow gets 408 and
     is disconnected. A body over the limit is not read past it, and its connection is closed after the answer.
 
-    A request gunicorn's parser refuses (a bad request line, a bad header name...) gets 400 and goes to the app's
+    A request gunicorn's parser refuses (a bad request line, a bad header name...) gets 400 (or the status gunicorn
+    gives its kind: 414, 431, 417...) and goes to the app's
     `RefusalLog`, rate-limited with the app's own refusals and named by its kind only; gunicorn would log one
     warning per request quoting the client's text.
     """
@@ -176,7 +204,7 @@ class DeadlineWorker(GeventWorker):  # type: ignore[misc]
         refusals: RefusalLog = self.app.refusals
         refusals.refused(addr[0] if addr else None, f"a malformed request ({type(exc).__name__})")
         try:
-            util.write_error(client, 400, "Bad Request", "")
+            util.write_error(client, *_malformed_answer(exc), "")
         except OSError:
             log.debug("Could not answer a malformed request: the client is gone")
 

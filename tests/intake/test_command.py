@@ -119,14 +119,21 @@ def test_serve_webhooks_listens_on_loopback_unless_port_or_host_says_otherwise(d
     assert f"Listening on http://127.0.0.1:{port}/webhooks/nylas" in log
 
 
-@pytest.mark.parametrize(
-    "variable, value", [("PORT", "eighty"), ("WEB_CONCURRENCY", "0"), ("GUNICORN_CMD_ARGS", "--backlog '37")]
-)
-def test_a_malformed_gunicorn_variable_stops_the_receiver_in_one_line(
-    db_url: str, tmp_path: Path, variable: str, value: str
+MALFORMED_GUNICORN_VARIABLES = [
+    ("PORT", "eighty"),
+    ("WEB_CONCURRENCY", "0"),
+    ("WEB_CONCURRENCY", "abc"),
+    ("GUNICORN_CMD_ARGS", "--backlog '37"),
+]
+
+
+@pytest.mark.parametrize("variable, value", MALFORMED_GUNICORN_VARIABLES)
+@pytest.mark.parametrize("command", [["serve-webhooks"], ["migrate", "--check"]])
+def test_a_malformed_gunicorn_variable_stops_any_command_in_one_line(
+    db_url: str, tmp_path: Path, variable: str, value: str, command: list[str]
 ) -> None:
     done = subprocess.run(
-        [NOVA_EMAIL, "serve-webhooks"],
+        [NOVA_EMAIL, *command],
         env=_environment(DATABASE_URL=db_url, NYLAS_WEBHOOK_SECRET="s" * 32, **{variable: value}),
         capture_output=True,
         text=True,
@@ -137,6 +144,17 @@ def test_a_malformed_gunicorn_variable_stops_the_receiver_in_one_line(
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert variable in line
+
+
+def test_an_empty_web_concurrency_is_unset(db_url: str, tmp_path: Path) -> None:
+    # Given WEB_CONCURRENCY set to nothing, as compose passes a variable that .env leaves out
+    env = _environment(DATABASE_URL=db_url, WEB_CONCURRENCY="")
+
+    # When the receiver's help is asked for and another command runs, each succeeds as if it were unset
+    for command in (["serve-webhooks", "--help"], ["migrate", "--check"]):
+        done = subprocess.run([NOVA_EMAIL, *command], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode in (0, 1), done.stderr
+        assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("cmd_args", ["--keep-alive 0", "--keep-alive 300", "--worker-class sync", "-k gthread"])

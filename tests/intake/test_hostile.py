@@ -140,11 +140,19 @@ def test_a_flood_of_refused_requests_logs_one_warning(
         bad_line = f"GARBAGE {canary} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         bad_header = f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\nBad {canary}: v\r\n\r\n".encode()
         malformed = [_send_raw(server, request) for _ in range(20) for request in (bad_line, bad_header)]
+        # And requests refused for their size, and a path outside the SCRIPT_NAME a local client claims
+        too_long = f"GET /{canary}{'x' * 4200} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        outside = f"GET /{canary} HTTP/1.1\r\nHost: x\r\nSCRIPT_NAME: /elsewhere\r\n\r\n".encode()
+        sized = [_send_raw(server, too_long) for _ in range(5)]
+        misplaced = [_send_raw(server, outside) for _ in range(5)]
         # And one delivery that is fine, whose answer proves the refusals before it were handled
         assert post_signed(http, server, envelope("ntf_after_flood")).status_code == 200
     assert answers == [401] * 40 + [413] * 40
     assert all(answer.startswith(b"HTTP/1.1 400 ") for answer in malformed), malformed[:2]
-    # Then the log holds one warning about them, not a hundred and twenty, and no text of theirs
+    # Each answered with the status that names what was wrong, as gunicorn would
+    assert all(answer.startswith(b"HTTP/1.1 414 ") for answer in sized), sized[:1]
+    assert all(answer.startswith(b"HTTP/1.1 400 ") for answer in misplaced), misplaced[:1]
+    # Then the log holds one warning about them, not a hundred and thirty, and no text of theirs
     log = capfd.readouterr().err
     warnings = [line for line in log.splitlines() if "WARNING" in line]
     assert len(warnings) == 1, warnings
