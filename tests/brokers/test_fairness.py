@@ -3,11 +3,14 @@ stored, migrated, put to sleep and woken (brokers/sql/060_fairness.sql)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import threading
 import time
 from collections import Counter
 from datetime import datetime
+from importlib.resources import files
 from typing import Any
 
 import dramatiq
@@ -18,6 +21,7 @@ from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
 from brokers import PGMQBroker
+from brokers.schema import apply_migrations, install_pgmq, load_migrations
 from brokers.fairness import disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
 
 from .conftest import wait_until
@@ -113,6 +117,48 @@ def test_the_key_comes_from_the_option_then_the_path_else_the_unkeyed_group(
 
     assert [row[0] for row in stored] == ["from-path", "from-option", ""]
     assert sorted(fetch_keys(conn, fair_queue_name, 3)) == ["", "from-option", "from-path"]
+
+
+def digest_of(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_a_key_longer_than_an_index_row_is_kept_as_its_digest_from_sql_and_python_producers(
+    broker: PGMQBroker, conn: psycopg.Connection, fair_queue_name: str
+) -> None:
+    # 6 kB that do not compress: more than a btree index row may hold (2,704 bytes). A key of 1,024 bytes is kept as it is.
+    huge, largest_kept = secrets.token_hex(3000), "k" * 1024
+
+    @dramatiq.actor(queue_name=fair_queue_name)
+    def keyed(n: int) -> None:
+        pass
+
+    conn.execute("select pgmq.send(%(q)s, %(m)s)", {"q": fair_queue_name, "m": Jsonb({"tenant": huge})})
+    keyed.send_with_options(args=(1,), fairness_key=huge)
+    send(conn, fair_queue_name, [{"tenant": largest_kept}])
+
+    assert stored_keys(conn, fair_queue_name) == [digest_of(huge), digest_of(huge), largest_kept]
+    assert sorted(fetch_keys(conn, fair_queue_name, 3)) == sorted([digest_of(huge), digest_of(huge), largest_kept])
+
+
+def test_a_queue_in_fairness_mode_before_keys_were_bounded_is_migrated(empty_db_url: str) -> None:
+    migrations = load_migrations(files("brokers").joinpath("sql"))
+    huge = secrets.token_hex(3000)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        install_pgmq(conn)
+        apply_migrations(conn, namespace="brokers", migrations=[m for m in migrations if m.version < 63])
+        enable_fairness(conn, "fair_before", key_path=["tenant"], max_in_flight=2)
+        send(conn, "fair_before", tenants(("early", 3)))
+
+        apply_migrations(conn, namespace="brokers", migrations=migrations)
+        send(conn, "fair_before", [{"tenant": huge}])
+
+        assert stored_keys(conn, "fair_before") == ["early"] * 3 + [digest_of(huge)]
+        assert sorted(fetch_keys(conn, "fair_before", 3)) == sorted(["early", "early", digest_of(huge)])
+        # The in-flight cap's index came back with the new column: "early" has 2 leased, its cap.
+        assert fetch_keys(conn, "fair_before", 3) == []
+        indexes = conn.execute("select indexname from pg_indexes where tablename = 'q_fair_before'").fetchall()
+        assert {"q_fair_before_fair_idx", "q_fair_before_fair_leased_idx"} <= {row[0] for row in indexes}
 
 
 def test_a_capped_key_never_exceeds_its_cap_across_two_concurrent_fetchers(
