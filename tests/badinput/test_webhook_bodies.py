@@ -141,7 +141,11 @@ def test_a_webhook_whose_grant_id_is_6_kb_is_queued_and_ends_with_the_reason_of_
 ) -> None:
     # 6 kB that do not compress, more than a btree index row may hold: the webhook queue keys it by its digest, and the body is queued as any
     # other whose grant is unknown.
-    body = {"id": f"big-{uuid.uuid4()}", "type": "message.created", "data": {"object": {"grant_id": secrets.token_hex(3000)}}}
+    body = {
+        "id": f"big-{uuid.uuid4()}",
+        "type": "message.created",
+        "data": {"object": {"grant_id": secrets.token_hex(3000)}},
+    }
 
     receipt = receive(conn, json.dumps(body).encode())
 

@@ -21,8 +21,15 @@ from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
 from brokers import PGMQBroker
+from brokers.fairness import (
+    disable_fairness,
+    enable_fairness,
+    fair_fetch_query,
+    fair_queue,
+    is_fair,
+    set_fairness_weight,
+)
 from brokers.schema import apply_migrations, install_pgmq, load_migrations
-from brokers.fairness import disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
 
 from .conftest import wait_until
 
@@ -159,6 +166,35 @@ def test_a_queue_in_fairness_mode_before_keys_were_bounded_is_migrated(empty_db_
         assert fetch_keys(conn, "fair_before", 3) == []
         indexes = conn.execute("select indexname from pg_indexes where tablename = 'q_fair_before'").fetchall()
         assert {"q_fair_before_fair_idx", "q_fair_before_fair_leased_idx"} <= {row[0] for row in indexes}
+
+
+@pytest.mark.parametrize("declared_first", [True, False], ids=["declared-before-any-message", "declared-later"])
+@pytest.mark.parametrize("qty", [1, 8])
+def test_a_key_of_weight_3_gets_three_times_the_share_of_a_key_of_weight_1(
+    conn: psycopg.Connection, fair_queue_name: str, qty: int, declared_first: bool
+) -> None:
+    # A weight declared before the key has any message is kept; one declared later applies to the key's row.
+    if declared_first:
+        set_fairness_weight(conn, fair_queue_name, "heavy", 3)
+    send(conn, fair_queue_name, tenants(("heavy", 200), ("light", 200)))
+    if not declared_first:
+        set_fairness_weight(conn, fair_queue_name, "heavy", 3)
+
+    first_forty = Counter(key for _ in range(40 // qty) for key in fetch_keys(conn, fair_queue_name, qty))
+
+    # Equal shares would be 20 and 20.
+    assert 27 <= first_forty["heavy"] <= 33
+    assert first_forty["heavy"] + first_forty["light"] == 40
+
+
+def test_a_weight_below_1_is_refused_with_a_clear_error(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    for weight in (0, -2):
+        with pytest.raises(ValueError, match="a weight is a whole number of at least 1"):
+            set_fairness_weight(conn, fair_queue_name, "k", weight)
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="a weight is a whole number of at least 1"):
+            conn.execute("select pgmq_broker.set_fairness_weight(%s, 'k', %s)", [fair_queue_name, weight])
+    with pytest.raises(psycopg.errors.UndefinedObject, match="not in fairness mode"):
+        conn.execute("select pgmq_broker.set_fairness_weight('fair_nowhere', 'k', 2)")
 
 
 def test_a_capped_key_never_exceeds_its_cap_across_two_concurrent_fetchers(
@@ -351,3 +387,4 @@ def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connecti
 
     assert len(rows) == 2
     assert {json.loads(row[4])["tenant"] for row in rows} == {"a", "b"}
+
