@@ -30,6 +30,7 @@ from brokers.fairness import (
     set_fairness_weight,
 )
 from brokers.schema import apply_migrations, install_pgmq, load_migrations
+from brokers.settlement import FAIRNESS_RECHECK_S
 
 from .conftest import wait_until
 
@@ -388,3 +389,50 @@ def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connecti
     assert len(rows) == 2
     assert {json.loads(row[4])["tenant"] for row in rows} == {"a", "b"}
 
+
+# -- a running consumer follows its queue into and out of fairness mode -------------------------------------------
+
+
+def test_a_running_consumer_keeps_fetching_after_its_queue_leaves_fairness_mode(
+    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker
+) -> None:
+    queue = "fair_left_while_running"
+    enable_fairness(conn, queue, key_path=["tenant"])
+    runs: list[str] = []
+
+    @dramatiq.actor(queue_name=queue, queue_handler=True)
+    def handle(payload: dict[str, Any]) -> None:
+        runs.append(payload["tenant"])
+
+    send(conn, queue, [{"tenant": "before"}])
+    wait_until(lambda: runs == ["before"], what="the message sent in fairness mode to run")
+
+    disable_fairness(conn, queue)  # drops the queue's own fetch, which the consumer was using
+    send(conn, queue, [{"tenant": "after"}])
+
+    wait_until(lambda: runs == ["before", "after"], what="the message sent after fairness mode was left to run")
+
+
+def test_a_running_consumer_takes_up_fairness_mode_within_the_recheck_interval(
+    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker
+) -> None:
+    queue = "fair_entered_while_running"
+    conn.execute("select pgmq.create(%(q)s)", {"q": queue})
+    runs: list[str] = []
+
+    @dramatiq.actor(queue_name=queue, queue_handler=True)
+    def handle(payload: dict[str, Any]) -> None:
+        runs.append(payload["tenant"])
+
+    send(conn, queue, [{"tenant": "before"}])
+    wait_until(lambda: runs == ["before"], what="the message sent to the plain queue to run")
+
+    enable_fairness(conn, queue, key_path=["tenant"])
+    send(conn, queue, [{"tenant": "after"}])
+    wait_until(lambda: runs == ["before", "after"], what="the message sent in fairness mode to run")
+
+    # Only the queue's fair fetch maintains its key rows: it deletes the key once it has no message left.
+    def keys_left() -> list[str]:
+        return [row[0] for row in conn.execute(KEYS_DUE, {"queue": queue}).fetchall()]
+
+    wait_until(lambda: keys_left() == [], timeout_s=FAIRNESS_RECHECK_S + 10, what="the fair fetch to take over")
