@@ -29,6 +29,20 @@ TERMINAL = {"processed", "ignored", "error", "rejected"}
 SENT = [0]
 
 
+def wait_for_status(conn: psycopg.Connection[Any], receipt: Receipt, status: str, *, what: str) -> None:
+    """Wait until the audit row of `receipt` has `status`."""
+    wait_for(
+        lambda: (
+            conn.execute(
+                "select status from flux_webhook_notifications where id = %s", [receipt.notification_id]
+            ).fetchone()
+            == (status,)
+        ),
+        timeout_s=20,
+        what=what,
+    )
+
+
 def envelopes(target: Target) -> st.SearchStrategy[dict[str, Any]]:
     """CloudEvents envelopes whose parts range from right to hostile."""
     object_id = st.one_of(
@@ -122,16 +136,8 @@ def test_any_webhook_body_ends_in_a_terminal_audit_row_with_a_reason(
         "data": {"object": {"id": message_id, "grant_id": GRANT}},
     }
     receipt = receive(conn, json.dumps(good).encode())
-    wait_for(
-        lambda: (
-            conn.execute(
-                "select status from flux_webhook_notifications where id = %s", [receipt.notification_id]
-            ).fetchone()
-            == ("processed",)
-        ),
-        timeout_s=20,
-        what="the good webhook after the bad ones",
-    )
+    assert isinstance(receipt, Receipt)
+    wait_for_status(conn, receipt, "processed", what="the good webhook after the bad ones")
     print(f"\n[badinput] webhook bodies delivered: {SENT[0]}")
 
 
@@ -139,8 +145,8 @@ def test_any_webhook_body_ends_in_a_terminal_audit_row_with_a_reason(
 def test_a_webhook_whose_grant_id_is_6_kb_is_queued_and_ends_with_the_reason_of_an_unknown_grant(
     conn: psycopg.Connection[Any], target: Target, inbox: uuid.UUID
 ) -> None:
-    # 6 kB that do not compress, more than a btree index row may hold: the webhook queue keys it by its digest, and the body is queued as any
-    # other whose grant is unknown.
+    # 6 kB that do not compress, more than a btree index row may hold: the webhook queue keys it by its digest, and
+    # the body is queued as any other whose grant is unknown.
     body = {
         "id": f"big-{uuid.uuid4()}",
         "type": "message.created",
@@ -150,16 +156,7 @@ def test_a_webhook_whose_grant_id_is_6_kb_is_queued_and_ends_with_the_reason_of_
     receipt = receive(conn, json.dumps(body).encode())
 
     assert isinstance(receipt, Receipt)
-    wait_for(
-        lambda: (
-            conn.execute(
-                "select status from flux_webhook_notifications where id = %s", [receipt.notification_id]
-            ).fetchone()
-            == ("ignored",)
-        ),
-        timeout_s=20,
-        what="the webhook of a 6 kB grant id to end",
-    )
+    wait_for_status(conn, receipt, "ignored", what="the webhook of a 6 kB grant id to end")
     [error] = conn.execute(
         "select error_message from flux_webhook_notifications where id = %s", [receipt.notification_id]
     ).fetchone()
