@@ -12,11 +12,16 @@
 -- Weights are declared per queue and key in fair_weights (kept while the key has no messages) and copied into the
 -- key's row when the row is created, so a fetch reads nothing more than before. Default 1.
 
+-- The digest of a long key. The database's encoding never changes, so converting to it is as immutable as the rest.
+create or replace function pgmq_broker.fair_key_digest(p_key text) returns text
+language sql immutable parallel safe as $$
+    select 'sha256:' || encode(sha256(convert_to(p_key, 'UTF8')), 'hex')
+$$;
+
+-- Its body calls immutable functions only, so PostgreSQL inlines it into the generated column (no call per row).
 create or replace function pgmq_broker.fair_key_of(p_key text) returns text
 language sql immutable parallel safe as $$
-    -- The database's encoding never changes, so converting to it is as immutable as the rest.
-    select case when octet_length(p_key) <= 1024 then p_key
-                else 'sha256:' || encode(sha256(convert_to(p_key, 'UTF8')), 'hex') end
+    select case when octet_length(p_key) <= 1024 then p_key else pgmq_broker.fair_key_digest(p_key) end
 $$;
 
 create table if not exists pgmq_broker.fair_weights (
@@ -210,16 +215,18 @@ begin
         exit when v_keys is null;
         v_tried := v_tried || v_keys;
         -- 2. Each key's room: its share of the batch by weight, within its rate (the tokens of its GCRA bucket).
-        v_rooms := array_fill(0, array[cardinality(v_keys)]);
-        for i in 1 .. cardinality(v_keys) loop
-            v_rooms[i] := ceil(v_want::numeric * v_weights[i] / v_weight_sum);
-            if v_interval_ms is not null then
-                v_rooms[i] := least(v_rooms[i], greatest(0, floor(
-                    (v_tolerance_ms - extract(epoch from greatest(coalesce(v_tats[i], v_now), v_now) - v_now) * 1000)
-                    / v_interval_ms
-                )::integer + 1));
-            end if;
-        end loop;
+        v_rooms := array_fill(ceil(v_want::numeric / cardinality(v_keys))::integer, array[cardinality(v_keys)]);
+        if v_weight_sum > cardinality(v_keys) or v_interval_ms is not null then
+            for i in 1 .. cardinality(v_keys) loop
+                v_rooms[i] := ceil(v_want::numeric * v_weights[i] / v_weight_sum);
+                if v_interval_ms is not null then
+                    v_rooms[i] := least(v_rooms[i], greatest(0, floor(
+                        (v_tolerance_ms - extract(epoch from greatest(coalesce(v_tats[i], v_now), v_now) - v_now)
+                                          * 1000) / v_interval_ms
+                    )::integer + 1));
+                end if;
+            end loop;
+        end if;
         -- 3. Lease. A new statement, so its snapshot includes every lease committed before the key locks were
         -- granted: the in-flight count below is exact for the keys this fetch holds. When the rooms add up to more
         -- than is wanted, each key's n-th message ranks at (n - 1) / weight.

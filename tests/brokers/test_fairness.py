@@ -426,6 +426,11 @@ def test_a_running_consumer_takes_up_fairness_mode_within_the_recheck_interval(
 
     send(conn, queue, [{"tenant": "before"}])
     wait_until(lambda: runs == ["before"], what="the message sent to the plain queue to run")
+    # Its ack deleted (by the next fetch), so that enabling finds no message to make a key row of.
+    wait_until(
+        lambda: conn.execute(f"select count(*) from pgmq.q_{queue}").fetchone() == (0,),  # a literal name
+        what="the message to be acknowledged",
+    )
 
     enable_fairness(conn, queue, key_path=["tenant"])
     send(conn, queue, [{"tenant": "after"}])
