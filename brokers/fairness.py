@@ -19,6 +19,10 @@ of the same name, a callable that receives the actor's arguments::
 :class:`FairnessKeys` (added by ``PGMQBroker``) applies that actor option on every enqueue, retries included, so a
 retried or delayed message keeps its key; a foreign message retried as a Dramatiq envelope gets its key back from
 its payload the same way.
+
+A key longer than 1,024 bytes is stored as its digest, ``sha256:<hex>`` (``pgmq_broker.fair_key_of``, the one
+definition). A key may be given a weight (:func:`set_fairness_weight`): while both have visible messages, a key of
+weight 3 is served about three times as often as a key of weight 1.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "enable_fairness",
     "fair_fetch_query",
     "is_fair",
+    "set_fairness_weight",
 ]
 
 log = logger.bind(component="PGMQBroker")
@@ -107,6 +112,23 @@ def enable_fairness(
 def disable_fairness(conn: psycopg.Connection[Any], queue_name: str) -> None:
     """Take `queue_name` out of fairness mode: fetches take its oldest messages again."""
     conn.execute(queries.DISABLE_FAIRNESS, {"queue": queue_name})
+
+
+def set_fairness_weight(conn: psycopg.Connection[Any], queue_name: str, key: str, weight: int) -> None:
+    """Give `key` of `queue_name` (in fairness mode) `weight`: about `weight` times the share of a key of weight 1.
+
+    Kept whether or not the key has messages, until changed (1 is the default) or the queue leaves fairness mode.
+
+    Raises:
+        ValueError: `weight` is not a whole number of at least 1.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        msg = (
+            f"fairness weight {weight!r} of key {key[:100]!r} on queue {queue_name!r} refused:"
+            " a weight is a whole number of at least 1"
+        )
+        raise ValueError(msg)
+    conn.execute(queries.SET_FAIRNESS_WEIGHT, {"queue": queue_name, "key": key, "weight": weight})
 
 
 def is_fair(conn: psycopg.Connection[Any], queue_name: str) -> bool:

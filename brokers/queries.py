@@ -119,6 +119,8 @@ ENABLE_FAIRNESS: LiteralString = (
 )
 #: Take a queue out of fairness mode.
 DISABLE_FAIRNESS: LiteralString = "select pgmq_broker.disable_fairness(%(queue)s)"
+#: Give a key of a fair queue a weight (1: the default).
+SET_FAIRNESS_WEIGHT: LiteralString = "select pgmq_broker.set_fairness_weight(%(queue)s, %(key)s, %(weight)s::integer)"
 #: Whether a queue is in fairness mode.
 IS_FAIR: LiteralString = "select pgmq_broker.is_fair(%(queue)s)"
 #: ``FETCH`` for a queue in fairness mode, same parameters, on the queue's own function

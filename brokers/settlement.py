@@ -13,6 +13,7 @@ queue's consumers (Dramatiq may replace a consumer while messages it fetched are
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -33,6 +34,9 @@ from .slots import Slots
 __all__ = ["Fetched", "QueueState", "Settlement", "Waker"]
 
 log = logger.bind(component="PGMQBroker")
+
+#: How often, in seconds, a consumer asks again whether its queue is in fairness mode (to take up a change).
+FAIRNESS_RECHECK_S = 5.0
 
 #: The shortest idle wait, in seconds: stops a consumer from spinning on a visible message another reader holds.
 MIN_IDLE_WAIT_S = 0.005
@@ -55,8 +59,11 @@ class QueueState:
     pending_acks: list[Lease] = attrs.field(factory=list)
     consumers: weakref.WeakSet[Any] = attrs.field(factory=weakref.WeakSet)
     lock: threading.Lock = attrs.field(factory=threading.Lock)
-    #: The statement that fetches from this queue: ``queries.FETCH``, or its own in fairness mode (asked once).
+    #: The statement that fetches from this queue: ``queries.FETCH``, or its own in fairness mode (asked again
+    #: every ``FAIRNESS_RECHECK_S``, and at once when the queue's own fetch is gone).
     fetch_query: LiteralString | bytes | None = None
+    #: When `fetch_query` was chosen (``time.monotonic()``).
+    fetch_query_at: float = 0.0
 
     def add_ack(self, lease: Lease) -> None:
         with self.lock:
@@ -159,8 +166,7 @@ class Settlement:
             "async_commit": self.async_commit,
         }
         try:
-            query = state.fetch_query or self._fetch_query(state)
-            rows: list[Fetched] = self.database.execute(query, params, row_factory=class_row(Fetched))
+            rows = self._fetch_rows(state, params)
         except BaseException:
             state.return_acks(acks)
             raise
@@ -175,10 +181,25 @@ class Settlement:
                 log_stale("ack", lease)
         return [row for row in rows if not row.stale]
 
-    def _fetch_query(self, state: QueueState) -> LiteralString | bytes:
+    def _fetch_rows(self, state: QueueState, params: dict[str, Any]) -> list[Fetched]:
+        query = self._fetch_query(state, recheck=False)
+        try:
+            return self.database.execute(query, params, row_factory=class_row(Fetched))
+        except psycopg.errors.UndefinedFunction:
+            if query is queries.FETCH:
+                raise
+            # The queue left fairness mode (disable_fairness drops its own fetch): nothing was fetched or settled.
+            log.info("Queue {!r} left fairness mode; its consumers fetch its oldest messages", state.name)
+            return self.database.execute(self._fetch_query(state, recheck=True), params, row_factory=class_row(Fetched))
+
+    def _fetch_query(self, state: QueueState, *, recheck: bool) -> LiteralString | bytes:
+        now = time.monotonic()
+        if not recheck and state.fetch_query is not None and now - state.fetch_query_at < FAIRNESS_RECHECK_S:
+            return state.fetch_query
         with self.database.connection() as conn:
             fair = is_fair(conn, state.name)
         state.fetch_query = fair_fetch_query(state.name) if fair else queries.FETCH
+        state.fetch_query_at = now
         return state.fetch_query
 
     def flush_acks(self, state: QueueState) -> None:

@@ -9,6 +9,7 @@ strings, deep nesting, and each of them delivered twice.
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nova_email.intake.receiver import receive
+from nova_email.intake.receiver import Receipt, receive
 from tests.badinput.conftest import GRANT, Target
 from tests.badinput.strategies import WEBHOOK_TYPES, hostile_text, json_value
 from tests.chaos.scenario import queue_depths
@@ -26,6 +27,20 @@ from tests.processes import wait_for
 TERMINAL = {"processed", "ignored", "error", "rejected"}
 #: Bodies sent across the module's examples.
 SENT = [0]
+
+
+def wait_for_status(conn: psycopg.Connection[Any], receipt: Receipt, status: str, *, what: str) -> None:
+    """Wait until the audit row of `receipt` has `status`."""
+    wait_for(
+        lambda: (
+            conn.execute(
+                "select status from flux_webhook_notifications where id = %s", [receipt.notification_id]
+            ).fetchone()
+            == (status,)
+        ),
+        timeout_s=20,
+        what=what,
+    )
 
 
 def envelopes(target: Target) -> st.SearchStrategy[dict[str, Any]]:
@@ -121,14 +136,28 @@ def test_any_webhook_body_ends_in_a_terminal_audit_row_with_a_reason(
         "data": {"object": {"id": message_id, "grant_id": GRANT}},
     }
     receipt = receive(conn, json.dumps(good).encode())
-    wait_for(
-        lambda: (
-            conn.execute(
-                "select status from flux_webhook_notifications where id = %s", [receipt.notification_id]
-            ).fetchone()
-            == ("processed",)
-        ),
-        timeout_s=20,
-        what="the good webhook after the bad ones",
-    )
+    assert isinstance(receipt, Receipt)
+    wait_for_status(conn, receipt, "processed", what="the good webhook after the bad ones")
     print(f"\n[badinput] webhook bodies delivered: {SENT[0]}")
+
+
+@pytest.mark.processes
+def test_a_webhook_whose_grant_id_is_6_kb_is_queued_and_ends_with_the_reason_of_an_unknown_grant(
+    conn: psycopg.Connection[Any], target: Target, inbox: uuid.UUID
+) -> None:
+    # 6 kB that do not compress, more than a btree index row may hold: the webhook queue keys it by its digest, and
+    # the body is queued as any other whose grant is unknown.
+    body = {
+        "id": f"big-{uuid.uuid4()}",
+        "type": "message.created",
+        "data": {"object": {"grant_id": secrets.token_hex(3000)}},
+    }
+
+    receipt = receive(conn, json.dumps(body).encode())
+
+    assert isinstance(receipt, Receipt)
+    wait_for_status(conn, receipt, "ignored", what="the webhook of a 6 kB grant id to end")
+    [error] = conn.execute(
+        "select error_message from flux_webhook_notifications where id = %s", [receipt.notification_id]
+    ).fetchone()
+    assert "no inbox has grant" in error

@@ -3,11 +3,14 @@ stored, migrated, put to sleep and woken (brokers/sql/060_fairness.sql)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import threading
 import time
 from collections import Counter
 from datetime import datetime
+from importlib.resources import files
 from typing import Any
 
 import dramatiq
@@ -18,7 +21,16 @@ from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
 from brokers import PGMQBroker
-from brokers.fairness import disable_fairness, enable_fairness, fair_fetch_query, fair_queue, is_fair
+from brokers.fairness import (
+    disable_fairness,
+    enable_fairness,
+    fair_fetch_query,
+    fair_queue,
+    is_fair,
+    set_fairness_weight,
+)
+from brokers.schema import apply_migrations, install_pgmq, load_migrations
+from brokers.settlement import FAIRNESS_RECHECK_S
 
 from .conftest import wait_until
 
@@ -113,6 +125,77 @@ def test_the_key_comes_from_the_option_then_the_path_else_the_unkeyed_group(
 
     assert [row[0] for row in stored] == ["from-path", "from-option", ""]
     assert sorted(fetch_keys(conn, fair_queue_name, 3)) == ["", "from-option", "from-path"]
+
+
+def digest_of(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_a_key_longer_than_an_index_row_is_kept_as_its_digest_from_sql_and_python_producers(
+    broker: PGMQBroker, conn: psycopg.Connection, fair_queue_name: str
+) -> None:
+    # 6 kB that do not compress: more than a btree index row may hold (2,704 bytes). A key of 1,024 bytes is kept as it is.
+    huge, largest_kept = secrets.token_hex(3000), "k" * 1024
+
+    @dramatiq.actor(queue_name=fair_queue_name)
+    def keyed(n: int) -> None:
+        pass
+
+    conn.execute("select pgmq.send(%(q)s, %(m)s)", {"q": fair_queue_name, "m": Jsonb({"tenant": huge})})
+    keyed.send_with_options(args=(1,), fairness_key=huge)
+    send(conn, fair_queue_name, [{"tenant": largest_kept}])
+
+    assert stored_keys(conn, fair_queue_name) == [digest_of(huge), digest_of(huge), largest_kept]
+    assert sorted(fetch_keys(conn, fair_queue_name, 3)) == sorted([digest_of(huge), digest_of(huge), largest_kept])
+
+
+def test_a_queue_in_fairness_mode_before_keys_were_bounded_is_migrated(empty_db_url: str) -> None:
+    migrations = load_migrations(files("brokers").joinpath("sql"))
+    huge = secrets.token_hex(3000)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        install_pgmq(conn)
+        apply_migrations(conn, namespace="brokers", migrations=[m for m in migrations if m.version < 63])
+        enable_fairness(conn, "fair_before", key_path=["tenant"], max_in_flight=2)
+        send(conn, "fair_before", tenants(("early", 3)))
+
+        apply_migrations(conn, namespace="brokers", migrations=migrations)
+        send(conn, "fair_before", [{"tenant": huge}])
+
+        assert stored_keys(conn, "fair_before") == ["early"] * 3 + [digest_of(huge)]
+        assert sorted(fetch_keys(conn, "fair_before", 3)) == sorted(["early", "early", digest_of(huge)])
+        # The in-flight cap's index came back with the new column: "early" has 2 leased, its cap.
+        assert fetch_keys(conn, "fair_before", 3) == []
+        indexes = conn.execute("select indexname from pg_indexes where tablename = 'q_fair_before'").fetchall()
+        assert {"q_fair_before_fair_idx", "q_fair_before_fair_leased_idx"} <= {row[0] for row in indexes}
+
+
+@pytest.mark.parametrize("declared_first", [True, False], ids=["declared-before-any-message", "declared-later"])
+@pytest.mark.parametrize("qty", [1, 8])
+def test_a_key_of_weight_3_gets_three_times_the_share_of_a_key_of_weight_1(
+    conn: psycopg.Connection, fair_queue_name: str, qty: int, declared_first: bool
+) -> None:
+    # A weight declared before the key has any message is kept; one declared later applies to the key's row.
+    if declared_first:
+        set_fairness_weight(conn, fair_queue_name, "heavy", 3)
+    send(conn, fair_queue_name, tenants(("heavy", 200), ("light", 200)))
+    if not declared_first:
+        set_fairness_weight(conn, fair_queue_name, "heavy", 3)
+
+    first_forty = Counter(key for _ in range(40 // qty) for key in fetch_keys(conn, fair_queue_name, qty))
+
+    # Equal shares would be 20 and 20.
+    assert 27 <= first_forty["heavy"] <= 33
+    assert first_forty["heavy"] + first_forty["light"] == 40
+
+
+def test_a_weight_below_1_is_refused_with_a_clear_error(conn: psycopg.Connection, fair_queue_name: str) -> None:
+    for weight in (0, -2):
+        with pytest.raises(ValueError, match="a weight is a whole number of at least 1"):
+            set_fairness_weight(conn, fair_queue_name, "k", weight)
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="a weight is a whole number of at least 1"):
+            conn.execute("select pgmq_broker.set_fairness_weight(%s, 'k', %s)", [fair_queue_name, weight])
+    with pytest.raises(psycopg.errors.UndefinedObject, match="not in fairness mode"):
+        conn.execute("select pgmq_broker.set_fairness_weight('fair_nowhere', 'k', 2)")
 
 
 def test_a_capped_key_never_exceeds_its_cap_across_two_concurrent_fetchers(
@@ -305,3 +388,56 @@ def test_the_brokers_statement_calls_the_queues_own_fetch(conn: psycopg.Connecti
 
     assert len(rows) == 2
     assert {json.loads(row[4])["tenant"] for row in rows} == {"a", "b"}
+
+
+# -- a running consumer follows its queue into and out of fairness mode -------------------------------------------
+
+
+def test_a_running_consumer_keeps_fetching_after_its_queue_leaves_fairness_mode(
+    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker
+) -> None:
+    queue = "fair_left_while_running"
+    enable_fairness(conn, queue, key_path=["tenant"])
+    runs: list[str] = []
+
+    @dramatiq.actor(queue_name=queue, queue_handler=True)
+    def handle(payload: dict[str, Any]) -> None:
+        runs.append(payload["tenant"])
+
+    send(conn, queue, [{"tenant": "before"}])
+    wait_until(lambda: runs == ["before"], what="the message sent in fairness mode to run")
+
+    disable_fairness(conn, queue)  # drops the queue's own fetch, which the consumer was using
+    send(conn, queue, [{"tenant": "after"}])
+
+    wait_until(lambda: runs == ["before", "after"], what="the message sent after fairness mode was left to run")
+
+
+def test_a_running_consumer_takes_up_fairness_mode_within_the_recheck_interval(
+    broker: PGMQBroker, conn: psycopg.Connection, worker: Worker
+) -> None:
+    queue = "fair_entered_while_running"
+    conn.execute("select pgmq.create(%(q)s)", {"q": queue})
+    runs: list[str] = []
+
+    @dramatiq.actor(queue_name=queue, queue_handler=True)
+    def handle(payload: dict[str, Any]) -> None:
+        runs.append(payload["tenant"])
+
+    send(conn, queue, [{"tenant": "before"}])
+    wait_until(lambda: runs == ["before"], what="the message sent to the plain queue to run")
+    # Its ack deleted (by the next fetch), so that enabling finds no message to make a key row of.
+    wait_until(
+        lambda: conn.execute(f"select count(*) from pgmq.q_{queue}").fetchone() == (0,),  # a literal name
+        what="the message to be acknowledged",
+    )
+
+    enable_fairness(conn, queue, key_path=["tenant"])
+    send(conn, queue, [{"tenant": "after"}])
+    wait_until(lambda: runs == ["before", "after"], what="the message sent in fairness mode to run")
+
+    # Only the queue's fair fetch maintains its key rows: it deletes the key once it has no message left.
+    def keys_left() -> list[str]:
+        return [row[0] for row in conn.execute(KEYS_DUE, {"queue": queue}).fetchall()]
+
+    wait_until(lambda: keys_left() == [], timeout_s=FAIRNESS_RECHECK_S + 10, what="the fair fetch to take over")

@@ -3,10 +3,13 @@ services call key their messages without knowing it, and fetches rotate across g
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import uuid
 from collections.abc import Callable
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from .conftest import Inbox
 
@@ -45,3 +48,17 @@ def test_thread_jobs_of_a_second_grant_are_fetched_before_the_first_grants_backl
     rows = conn.execute("select fairness_key from pgmq_broker.fair_read('thread_sync_jobs', 2, 30000)").fetchall()
 
     assert sorted(row[0] for row in rows) == sorted([inbox.grant_id, late.grant_id])
+
+
+def test_a_grant_id_longer_than_an_index_row_is_queued_by_every_producer(
+    conn: psycopg.Connection, inbox: Inbox
+) -> None:
+    # 6 kB that do not compress: more than a btree index row may hold; the queues key it by its digest instead.
+    huge = secrets.token_hex(3000)
+    digest = "sha256:" + hashlib.sha256(huge.encode()).hexdigest()
+
+    conn.execute("select pgmq.send('thread_sync_jobs', %s)", [Jsonb({"grant_id": huge})])
+    conn.execute("select * from queue_nylas_webhook_notification('wh-big', 'message.created', %s, '{}'::jsonb)", [huge])
+
+    assert keys(conn, "q_thread_sync_jobs") == [digest]
+    assert keys(conn, "q_nylas_webhook_notifications") == [digest]
