@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .embedded import embedded_server_is_default
 from .errors import ConfigError
 
-__all__ = ["VARIABLES", "Settings", "current_settings", "load_settings", "redact_url"]
+__all__ = ["VARIABLES", "Settings", "configured_variables", "current_settings", "load_settings", "redact_url"]
 
 T = TypeVar("T")
 
@@ -352,6 +352,17 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
 VARIABLES: tuple[str, ...] = tuple(_VARIABLES)
 
 
+def configured_variables(
+    environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")
+) -> dict[str, str]:
+    """The variables as given, unparsed: `environ` (default: the process environment) over an optional ``.env``."""
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return merged
+
+
 def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")) -> Settings:
     """Read the settings from `environ` (default: the process environment) over an optional ``.env`` file.
 
@@ -360,10 +371,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, env_file: Path | 
     Raises:
         ConfigError: the first malformed variable, named with its problem and expected form.
     """
-    merged: dict[str, str] = {}
-    if env_file is not None and env_file.is_file():
-        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    merged.update(os.environ if environ is None else environ)
+    merged = configured_variables(environ, env_file=env_file)
     values: dict[str, Any] = {}
     for variable, (field, parse) in _VARIABLES.items():
         raw = merged.get(variable)

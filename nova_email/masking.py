@@ -16,12 +16,21 @@ from urllib.parse import quote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from .config import configured_variables
 from .embedded import embedded_password_file
 
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["MASK", "MaskingStream", "command_error", "database_passwords", "mask", "secret_values"]
+__all__ = [
+    "MASK",
+    "MaskingStream",
+    "command_error",
+    "database_passwords",
+    "given_secret_values",
+    "mask",
+    "secret_values",
+]
 
 #: What a secret value is replaced with.
 MASK = "***"
@@ -47,6 +56,20 @@ def secret_values(settings: Settings) -> list[str]:
     else:
         with contextlib.suppress(OSError):  # no embedded server yet: it gets its password after this set-up
             values.add(embedded_password_file(settings.data_dir).read_text().strip())
+    return _with_encodings(values)
+
+
+def given_secret_values() -> list[str]:
+    """The secrets as the environment and ``.env`` give them, for an error raised before the settings were read (a
+    malformed setting's message quotes its value, which may be a secret put in the wrong variable)."""
+    given = configured_variables()
+    values = {given.get("NYLAS_API_KEY", "").strip(), given.get("NYLAS_WEBHOOK_SECRET", "").strip()}
+    values.update(database_passwords(given.get("DATABASE_URL", "").strip()))
+    return _with_encodings(values)
+
+
+def _with_encodings(values: set[str]) -> list[str]:
+    """`values`, each also percent-encoded as it may appear inside a URL; longest first, short ones left out."""
     values |= {quote(value, safe="") for value in values} | {quote(value) for value in values}
     return sorted((value for value in values if len(value) >= _MIN_SECRET_CHARS), key=len, reverse=True)
 
@@ -60,7 +83,7 @@ def command_error(program: str, exc: Exception, settings: Settings | None) -> st
     text = str(exc).strip()
     if isinstance(exc, psycopg.Error):
         text = f"database error ({type(exc).__name__}): {text.splitlines()[0] if text else type(exc).__name__}"
-    return f"{program}: {mask(text, secret_values(settings)) if settings else text}"
+    return f"{program}: {mask(text, secret_values(settings) if settings else given_secret_values())}"
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:

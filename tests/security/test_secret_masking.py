@@ -146,27 +146,29 @@ def test_the_masked_values_include_each_database_password_as_configured_and_as_e
 
 # -- every command, end to end ---------------------------------------------------------------------------------------
 
-#: Each command with its arguments, and whether it runs until stopped (it is then stopped after a while).
-COMMANDS: list[tuple[list[str], bool]] = [
-    (["migrate"], False),
-    (["migrate", "--check"], False),
-    (["migrate", "--dry-run"], False),
-    (["healthcheck"], False),
-    (["db-url"], False),
-    (["db-stop"], False),
-    (["status"], False),
-    (["status", "--json"], False),
-    (["backfill", "start", "grant-masking"], False),
-    (["dead-letters", "list"], False),
-    (["dead-letters", "show", "1"], False),
-    (["dead-letters", "replay", "--all"], False),
-    (["backfill", "progress", "--timeout", "2", "00000000-0000-0000-0000-000000000000"], False),
-    (["backfill", "retry", "00000000-0000-0000-0000-000000000000"], False),
-    (["fake-nylas", "--help"], False),
-    (["serve-webhooks", "--port", "0"], True),
-    # Fails to start: $PORT (set to a secret below) is not a port
-    (["serve-webhooks"], False),
-    (["run", "webhooks", "--processes", "1", "--threads", "1"], True),
+#: Each command with its arguments, whether it runs until stopped (it is then stopped after a while), and variables
+#: of its own.
+COMMANDS: list[tuple[list[str], bool, dict[str, str]]] = [
+    (["migrate"], False, {}),
+    (["migrate", "--check"], False, {}),
+    (["migrate", "--dry-run"], False, {}),
+    (["healthcheck"], False, {}),
+    (["db-url"], False, {}),
+    (["db-stop"], False, {}),
+    (["status"], False, {}),
+    (["status", "--json"], False, {}),
+    (["backfill", "start", "grant-masking"], False, {}),
+    (["dead-letters", "list"], False, {}),
+    (["dead-letters", "show", "1"], False, {}),
+    (["dead-letters", "replay", "--all"], False, {}),
+    (["backfill", "progress", "--timeout", "2", "00000000-0000-0000-0000-000000000000"], False, {}),
+    (["backfill", "retry", "00000000-0000-0000-0000-000000000000"], False, {}),
+    (["fake-nylas", "--help"], False, {}),
+    (["serve-webhooks", "--port", "0"], True, {}),
+    # Fails to start, as any command does: a secret put in the wrong variable (PORT) is not a port
+    (["serve-webhooks"], False, {"PORT": WEBHOOK_SECRET}),
+    (["migrate"], False, {"PORT": WEBHOOK_SECRET}),
+    (["run", "webhooks", "--processes", "1", "--threads", "1"], True, {}),
 ]
 RUNS_FOR_S = 12.0
 #: The start of the one line a command fails with, where it is not "nova-email: ".
@@ -206,13 +208,12 @@ def test_no_command_shows_a_secret_with_a_working_or_an_unreachable_database(
         "NYLAS_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "LOG_LEVEL": "debug",
         "NOVA_DATA_DIR": str(tmp_path / "data"),
-        "PORT": WEBHOOK_SECRET,
     }
     failures: dict[str, str] = {}
-    for args, long_running in COMMANDS:
+    for args, long_running, own_env in COMMANDS:
         # When each command runs (or runs for a while and is stopped)
-        status, output = _run(args, long_running, env, tmp_path)
-        name = " ".join(args)
+        status, output = _run(args, long_running, {**env, **own_env}, tmp_path)
+        name = " ".join([*(f"{k}=..." for k in own_env), *args])
         assert _leaks(output, url) == [], f"{name} showed a secret:\n{output[-3000:]}"
         # Then against an unreachable database each short command fails with one line and a non-zero status
         if database == "unreachable" and not long_running and args[0] not in {"db-url", "db-stop", "fake-nylas"}:
