@@ -18,11 +18,17 @@ language sql immutable parallel safe as $$
     select 'sha256:' || encode(sha256(convert_to(p_key, 'UTF8')), 'hex')
 $$;
 
--- Its body calls immutable functions only, so PostgreSQL inlines it into the generated column (no call per row).
+-- Its body calls immutable functions only, so PostgreSQL inlines it into the generated column (no call per row). The
+-- body is SQL-standard (parsed here, once): inlining a body kept as a string would parse it again under the role
+-- that inserts, which then needed USAGE on this schema to name fair_key_digest.
 create or replace function pgmq_broker.fair_key_of(p_key text) returns text
-language sql immutable parallel safe as $$
-    select case when octet_length(p_key) <= 1024 then p_key else pgmq_broker.fair_key_digest(p_key) end
-$$;
+language sql immutable parallel safe
+return case when octet_length(p_key) <= 1024 then p_key else pgmq_broker.fair_key_digest(p_key) end;
+
+-- Every insert into a fair queue calls them, under the role that inserts, whoever it is: both are pure functions of
+-- their argument, so every role may call them. A deployment that revokes EXECUTE in this schema from PUBLIC after
+-- this migration grants them back (as nova_email/sql/096 does).
+grant execute on function pgmq_broker.fair_key_of(text), pgmq_broker.fair_key_digest(text) to public;
 
 create table if not exists pgmq_broker.fair_weights (
     queue_name text not null,
