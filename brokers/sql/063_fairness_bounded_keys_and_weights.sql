@@ -396,12 +396,17 @@ end;
 $$;
 
 -- The queues already in fairness mode: bounded keys (a new column, its index and key rows) and the new fetch. The
--- column's drop takes the in-flight cap's index with it; it is made again as enable_fairness makes it.
+-- column's drop takes the in-flight cap's index with it; it is made again as enable_fairness makes it. A queue
+-- dropped with pgmq.drop_queue while in fairness mode left its rows here (and its fetch): it leaves fairness mode.
 do $$
 declare
     v_queue pgmq_broker.fair_queues;
 begin
     for v_queue in select * from pgmq_broker.fair_queues order by queue_name loop
+        if to_regclass(format('pgmq.%I', pgmq.format_table_name(v_queue.queue_name, 'q'))) is null then
+            perform pgmq_broker.disable_fairness(v_queue.queue_name);
+            continue;
+        end if;
         perform pgmq_broker.fair_key_column(v_queue.queue_name, v_queue.key_path);
         if v_queue.max_in_flight is not null then
             execute format(

@@ -169,6 +169,30 @@ def test_a_queue_in_fairness_mode_before_keys_were_bounded_is_migrated(empty_db_
         assert {"q_fair_before_fair_idx", "q_fair_before_fair_leased_idx"} <= {row[0] for row in indexes}
 
 
+def test_a_fair_queue_dropped_without_leaving_fairness_mode_does_not_stop_the_migration(empty_db_url: str) -> None:
+    migrations = load_migrations(files("brokers").joinpath("sql"))
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        install_pgmq(conn)
+        apply_migrations(conn, namespace="brokers", migrations=[m for m in migrations if m.version < 63])
+        # Given a queue in fairness mode that was dropped with pgmq.drop_queue, which leaves its fairness rows
+        enable_fairness(conn, "fair_gone", key_path=["tenant"])
+        send(conn, "fair_gone", tenants(("t", 1)))
+        conn.execute("select pgmq.drop_queue('fair_gone')")
+
+        # When the later migrations run, they pass over it and forget it
+        apply_migrations(conn, namespace="brokers", migrations=migrations)
+
+        left = conn.execute(
+            "select (select count(*) from pgmq_broker.fair_queues), (select count(*) from pgmq_broker.fair_keys),"
+            " to_regproc('pgmq_broker.fair_fetch_fair_gone')"
+        ).fetchone()
+        assert left == (0, 0, None)
+        # and the name may be used again
+        enable_fairness(conn, "fair_gone", key_path=["tenant"])
+        send(conn, "fair_gone", tenants(("again", 1)))
+        assert fetch_keys(conn, "fair_gone", 1) == ["again"]
+
+
 @pytest.mark.parametrize("declared_first", [True, False], ids=["declared-before-any-message", "declared-later"])
 @pytest.mark.parametrize("qty", [1, 8])
 def test_a_key_of_weight_3_gets_three_times_the_share_of_a_key_of_weight_1(
