@@ -6,11 +6,19 @@
 -- 'sha256:<64 hex digits>' (71 bytes, so applying it again changes nothing). It is the one definition: the queues'
 -- generated column and set_fairness_weight call it. Existing fair queues get the new column, index and key rows here.
 --
--- Weights. A key of weight w gets about w times the share of a weight-1 key while both have visible messages, in every
--- process: it keeps its place at the front of the line for w messages served (fair_keys.served counts them) before
--- it goes to the back, and a fetch that serves several keys at once gives each a room in proportion to its weight.
--- Weights are declared per queue and key in fair_weights (kept while the key has no messages) and copied into the
--- key's row when the row is created, so a fetch reads nothing more than before. Default 1.
+-- Weights. A key's weight w (default 1) shapes two things, the same in every process: the order of keys across
+-- consecutive fetches (a key keeps its place at the front of the line for w messages served, which fair_keys.served
+-- counts, before it goes to the back), and the shares within one fetch's batch (each key it serves gets a room in
+-- proportion to its weight). So while both have visible messages, successive fetches serve a key of weight 3 about
+-- three times as often as a key of weight 1, whether they take one message each or batches. Fetches that run at the
+-- same time are different: a key one fetch is serving is locked, and the others skip it (SKIP LOCKED), so concurrent
+-- fetches that each take one message spread over distinct keys. With few keys and many concurrent single-message
+-- fetches the shares even out (two such fetchers interleaved served keys of weight 3 and 1 equally).
+-- Weights are declared per queue and key in fair_weights (kept while the key has no messages). A key's row takes its
+-- weight from there when the row is created and again whenever the key's turn ends (one primary-key lookup per key
+-- whose turn ends), so a weight declared while a producer is still creating the key's row applies from the key's next
+-- turn; set_fairness_weight also updates an existing row at once. Fetching roles need SELECT on fair_weights: it is
+-- granted below to the roles that may update fair_keys.
 
 -- The digest of a long key. The database's encoding never changes, so converting to it is as immutable as the rest.
 create or replace function pgmq_broker.fair_key_digest(p_key text) returns text
@@ -38,11 +46,27 @@ create table if not exists pgmq_broker.fair_weights (
 );
 comment on table pgmq_broker.fair_weights is
     'Fairness weights other than 1, per queue and (stored) key: kept whether or not the key has messages.';
+-- A fetch reads a key's weight here when the key's turn ends: the roles that may update fair_keys (those that fetch)
+-- may read it.
+do $$
+declare
+    v_grantee text;
+begin
+    for v_grantee in
+        select distinct case when a.grantee = 0 then 'public' else a.grantee::regrole::text end
+        from pg_class c, aclexplode(c.relacl) a
+        where c.oid = 'pgmq_broker.fair_keys'::regclass and a.privilege_type = 'UPDATE' and a.grantee <> c.relowner
+    loop
+        execute format('grant select on pgmq_broker.fair_weights to %s', v_grantee);
+    end loop;
+end;
+$$;
 
 alter table pgmq_broker.fair_keys
     add column if not exists weight integer not null default 1 check (weight > 0),
     add column if not exists served integer not null default 0;
-comment on column pgmq_broker.fair_keys.weight is 'The key''s weight (fair_weights), copied when the row is created.';
+comment on column pgmq_broker.fair_keys.weight is
+    'The key''s weight (fair_weights), copied when the row is created and whenever the key''s turn ends.';
 comment on column pgmq_broker.fair_keys.served is 'Messages served in the key''s current turn (weights above 1).';
 
 -- Declare the weight of a key on a queue in fairness mode (1: the default). Takes effect at the key's next turn.
@@ -191,6 +215,8 @@ begin
         -- 1. Whose turn it is. SKIP LOCKED: a key another fetch is serving waits for its next turn. Without a
         -- rate, keys of weight 1 go to the back of the line at once (in the same statement); weighted keys after
         -- step 3, once they have served their weight; step 5 puts those that serve nothing where they belong.
+        -- Wherever a key's turn ends, its weight is read again from fair_weights (one primary-key lookup), so a
+        -- weight set while a producer was creating the key's row takes effect by the key's next turn.
         if v_interval_ms is null then
             with s as (
                 select k.key, k.due_at, k.tat, k.weight from pgmq_broker.fair_keys k
@@ -199,7 +225,7 @@ begin
                 limit v_want
                 for no key update skip locked
             ), moved as (
-                update pgmq_broker.fair_keys k set due_at = clock_timestamp()
+                update pgmq_broker.fair_keys k set due_at = clock_timestamp(), weight = %4$s
                 from s where k.queue_name = %3$L and k.key = s.key and s.weight = 1
             )
             select array_agg(s.key order by s.due_at, s.key), array_agg(s.tat order by s.due_at, s.key),
@@ -298,6 +324,7 @@ begin
                 update pgmq_broker.fair_keys k
                 set tat = greatest(coalesce(k.tat, v_now), v_now) + i * v_interval_ms * interval '1 millisecond',
                     served = case when k.served + i < k.weight then k.served + i else 0 end,
+                    weight = case when k.served + i < k.weight then k.weight else %4$s end,
                     due_at = case
                         when k.served + i < k.weight
                              and greatest(coalesce(k.tat, v_now), v_now)
@@ -311,9 +338,12 @@ begin
         elsif v_weight_sum > cardinality(v_keys) then
             update pgmq_broker.fair_keys k
             set served = case when k.served + c.n < k.weight then k.served + c.n else 0 end,
-                due_at = case when k.served + c.n < k.weight then k.due_at else clock_timestamp() end
+                due_at = case when k.served + c.n < k.weight then k.due_at else clock_timestamp() end,
+                weight = case when k.served + c.n < k.weight then k.weight else %4$s end
             from (select u.key, count(*)::integer as n from unnest(v_pass_served) as u(key) group by u.key) c
-            where k.queue_name = %3$L and k.key = c.key and k.weight > 1;
+            -- The keys weighted when this pass took them (step 1 may have just given a weight-1 key a new weight).
+            join unnest(v_keys, v_weights) as t(key, weight) on t.key = c.key and t.weight > 1
+            where k.queue_name = %3$L and k.key = c.key;
         end if;
         -- 5. Keys that served nothing: capped or out of tokens (their turn passes), or with nothing visible
         -- (deleted when empty, else asleep until their next message is due). Only keys that no producer is
@@ -331,18 +361,26 @@ begin
                 update pgmq_broker.fair_keys k
                 set due_at = greatest(clock_timestamp(), coalesce(k.tat, v_now)
                                       - coalesce(v_tolerance_ms, 0) * interval '1 millisecond'),
-                    served = 0
+                    served = 0, weight = %4$s
                 where k.queue_name = %3$L and k.key = v_key;
             else
                 update pgmq_broker.fair_keys k
-                set due_at = least(v_next, clock_timestamp() + pgmq_broker.fair_recheck()), served = 0
+                set due_at = least(v_next, clock_timestamp() + pgmq_broker.fair_recheck()), served = 0,
+                    weight = %4$s
                 where k.queue_name = %3$L and k.key = v_key;
             end if;
         end loop;
     end loop;
 end;
 $fetch$
-$template$, pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'fair_fetch'), p_queue);
+$template$,
+        pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'fair_fetch'), p_queue,
+        -- The weight of the key row k as declared now.
+        format(
+            'coalesce((select w.weight from pgmq_broker.fair_weights w where w.queue_name = %L and w.key = k.key), 1)',
+            p_queue
+        )
+    );
     -- Whoever may call pgmq_broker.fetch may call the queue's own fetch (see 060).
     v_function := format(
         'pgmq_broker.%I(bigint[], timestamptz[], boolean, integer, integer, boolean)',

@@ -3,3 +3,5 @@
 -- (SECURITY INVOKER) and every other system that produces onto the queues (docs/sql-api.md). Both are pure
 -- functions of their argument; 091 took PUBLIC's EXECUTE in pgmq_broker away, so it is given back for these two.
 GRANT EXECUTE ON FUNCTION pgmq_broker.fair_key_of(text), pgmq_broker.fair_key_digest(text) TO PUBLIC, nova_worker;
+-- The workers' fetches read a key's weight when its turn ends.
+GRANT SELECT ON pgmq_broker.fair_weights TO nova_worker;
