@@ -21,8 +21,12 @@ retried or delayed message keeps its key; a foreign message retried as a Dramati
 its payload the same way.
 
 A key longer than 1,024 bytes is stored as its digest, ``sha256:<hex>`` (``pgmq_broker.fair_key_of``, the one
-definition). A key may be given a weight (:func:`set_fairness_weight`): while both have visible messages, a key of
-weight 3 is served about three times as often as a key of weight 1.
+definition). A key may be given a weight (:func:`set_fairness_weight`). Weights shape the order of keys across
+consecutive fetches (a key of weight 3 keeps its turn for 3 messages) and the shares within one fetch's batch (rooms
+in proportion to the weights): while both have visible messages, successive fetches serve a key of weight 3 about
+three times as often as a key of weight 1, one message or a batch at a time. Fetches running at the same time skip
+the keys another fetch is serving, so concurrent fetches that each take one message spread over distinct keys: with
+few keys and many concurrent single-message fetches (many worker threads each asking for one), the shares even out.
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def disable_fairness(conn: psycopg.Connection[Any], queue_name: str) -> None:
 
 
 def set_fairness_weight(conn: psycopg.Connection[Any], queue_name: str, key: str, weight: int) -> None:
-    """Give `key` of `queue_name` (in fairness mode) `weight`: about `weight` times the share of a key of weight 1.
+    """Give `key` of `queue_name` (in fairness mode) `weight`: about `weight` times the share of a key of weight 1
+    across consecutive fetches (see the module's docstring for concurrent ones), from the key's next turn at the latest.
 
     Kept whether or not the key has messages, until changed (1 is the default) or the queue leaves fairness mode.
 

@@ -6,11 +6,19 @@
 -- 'sha256:<64 hex digits>' (71 bytes, so applying it again changes nothing). It is the one definition: the queues'
 -- generated column and set_fairness_weight call it. Existing fair queues get the new column, index and key rows here.
 --
--- Weights. A key of weight w gets about w times the share of a weight-1 key while both have visible messages, in every
--- process: it keeps its place at the front of the line for w messages served (fair_keys.served counts them) before
--- it goes to the back, and a fetch that serves several keys at once gives each a room in proportion to its weight.
--- Weights are declared per queue and key in fair_weights (kept while the key has no messages) and copied into the
--- key's row when the row is created, so a fetch reads nothing more than before. Default 1.
+-- Weights. A key's weight w (default 1) shapes two things, the same in every process: the order of keys across
+-- consecutive fetches (a key keeps its place at the front of the line for w messages served, which fair_keys.served
+-- counts, before it goes to the back), and the shares within one fetch's batch (each key it serves gets a room in
+-- proportion to its weight). So while both have visible messages, successive fetches serve a key of weight 3 about
+-- three times as often as a key of weight 1, whether they take one message each or batches. Fetches that run at the
+-- same time are different: a key one fetch is serving is locked, and the others skip it (SKIP LOCKED), so concurrent
+-- fetches that each take one message spread over distinct keys. With few keys and many concurrent single-message
+-- fetches the shares even out (two such fetchers interleaved served keys of weight 3 and 1 equally).
+-- Weights are declared per queue and key in fair_weights (kept while the key has no messages). A key's row takes its
+-- weight from there when the row is created and again whenever the key's turn ends (one primary-key lookup per key
+-- whose turn ends), so a weight declared while a producer is still creating the key's row applies from the key's next
+-- turn; set_fairness_weight also updates an existing row at once. Fetching roles need SELECT on fair_weights: it is
+-- granted below to the roles that may update fair_keys.
 
 -- The digest of a long key. The database's encoding never changes, so converting to it is as immutable as the rest.
 create or replace function pgmq_broker.fair_key_digest(p_key text) returns text
@@ -18,11 +26,17 @@ language sql immutable parallel safe as $$
     select 'sha256:' || encode(sha256(convert_to(p_key, 'UTF8')), 'hex')
 $$;
 
--- Its body calls immutable functions only, so PostgreSQL inlines it into the generated column (no call per row).
+-- Its body calls immutable functions only, so PostgreSQL inlines it into the generated column (no call per row). The
+-- body is SQL-standard (parsed here, once): inlining a body kept as a string would parse it again under the role
+-- that inserts, which then needed USAGE on this schema to name fair_key_digest.
 create or replace function pgmq_broker.fair_key_of(p_key text) returns text
-language sql immutable parallel safe as $$
-    select case when octet_length(p_key) <= 1024 then p_key else pgmq_broker.fair_key_digest(p_key) end
-$$;
+language sql immutable parallel safe
+return case when octet_length(p_key) <= 1024 then p_key else pgmq_broker.fair_key_digest(p_key) end;
+
+-- Every insert into a fair queue calls them, under the role that inserts, whoever it is: both are pure functions of
+-- their argument, so every role may call them. A deployment that revokes EXECUTE in this schema from PUBLIC after
+-- this migration grants them back (as nova_email/sql/096 does).
+grant execute on function pgmq_broker.fair_key_of(text), pgmq_broker.fair_key_digest(text) to public;
 
 create table if not exists pgmq_broker.fair_weights (
     queue_name text not null,
@@ -32,11 +46,27 @@ create table if not exists pgmq_broker.fair_weights (
 );
 comment on table pgmq_broker.fair_weights is
     'Fairness weights other than 1, per queue and (stored) key: kept whether or not the key has messages.';
+-- A fetch reads a key's weight here when the key's turn ends: the roles that may update fair_keys (those that fetch)
+-- may read it.
+do $$
+declare
+    v_grantee text;
+begin
+    for v_grantee in
+        select distinct case when a.grantee = 0 then 'public' else a.grantee::regrole::text end
+        from pg_class c, aclexplode(c.relacl) a
+        where c.oid = 'pgmq_broker.fair_keys'::regclass and a.privilege_type = 'UPDATE' and a.grantee <> c.relowner
+    loop
+        execute format('grant select on pgmq_broker.fair_weights to %s', v_grantee);
+    end loop;
+end;
+$$;
 
 alter table pgmq_broker.fair_keys
     add column if not exists weight integer not null default 1 check (weight > 0),
     add column if not exists served integer not null default 0;
-comment on column pgmq_broker.fair_keys.weight is 'The key''s weight (fair_weights), copied when the row is created.';
+comment on column pgmq_broker.fair_keys.weight is
+    'The key''s weight (fair_weights), copied when the row is created and whenever the key''s turn ends.';
 comment on column pgmq_broker.fair_keys.served is 'Messages served in the key''s current turn (weights above 1).';
 
 -- Declare the weight of a key on a queue in fairness mode (1: the default). Takes effect at the key's next turn.
@@ -185,6 +215,8 @@ begin
         -- 1. Whose turn it is. SKIP LOCKED: a key another fetch is serving waits for its next turn. Without a
         -- rate, keys of weight 1 go to the back of the line at once (in the same statement); weighted keys after
         -- step 3, once they have served their weight; step 5 puts those that serve nothing where they belong.
+        -- Wherever a key's turn ends, its weight is read again from fair_weights (one primary-key lookup), so a
+        -- weight set while a producer was creating the key's row takes effect by the key's next turn.
         if v_interval_ms is null then
             with s as (
                 select k.key, k.due_at, k.tat, k.weight from pgmq_broker.fair_keys k
@@ -193,7 +225,7 @@ begin
                 limit v_want
                 for no key update skip locked
             ), moved as (
-                update pgmq_broker.fair_keys k set due_at = clock_timestamp()
+                update pgmq_broker.fair_keys k set due_at = clock_timestamp(), weight = %4$s
                 from s where k.queue_name = %3$L and k.key = s.key and s.weight = 1
             )
             select array_agg(s.key order by s.due_at, s.key), array_agg(s.tat order by s.due_at, s.key),
@@ -292,6 +324,7 @@ begin
                 update pgmq_broker.fair_keys k
                 set tat = greatest(coalesce(k.tat, v_now), v_now) + i * v_interval_ms * interval '1 millisecond',
                     served = case when k.served + i < k.weight then k.served + i else 0 end,
+                    weight = case when k.served + i < k.weight then k.weight else %4$s end,
                     due_at = case
                         when k.served + i < k.weight
                              and greatest(coalesce(k.tat, v_now), v_now)
@@ -305,9 +338,12 @@ begin
         elsif v_weight_sum > cardinality(v_keys) then
             update pgmq_broker.fair_keys k
             set served = case when k.served + c.n < k.weight then k.served + c.n else 0 end,
-                due_at = case when k.served + c.n < k.weight then k.due_at else clock_timestamp() end
+                due_at = case when k.served + c.n < k.weight then k.due_at else clock_timestamp() end,
+                weight = case when k.served + c.n < k.weight then k.weight else %4$s end
             from (select u.key, count(*)::integer as n from unnest(v_pass_served) as u(key) group by u.key) c
-            where k.queue_name = %3$L and k.key = c.key and k.weight > 1;
+            -- The keys weighted when this pass took them (step 1 may have just given a weight-1 key a new weight).
+            join unnest(v_keys, v_weights) as t(key, weight) on t.key = c.key and t.weight > 1
+            where k.queue_name = %3$L and k.key = c.key;
         end if;
         -- 5. Keys that served nothing: capped or out of tokens (their turn passes), or with nothing visible
         -- (deleted when empty, else asleep until their next message is due). Only keys that no producer is
@@ -325,18 +361,26 @@ begin
                 update pgmq_broker.fair_keys k
                 set due_at = greatest(clock_timestamp(), coalesce(k.tat, v_now)
                                       - coalesce(v_tolerance_ms, 0) * interval '1 millisecond'),
-                    served = 0
+                    served = 0, weight = %4$s
                 where k.queue_name = %3$L and k.key = v_key;
             else
                 update pgmq_broker.fair_keys k
-                set due_at = least(v_next, clock_timestamp() + pgmq_broker.fair_recheck()), served = 0
+                set due_at = least(v_next, clock_timestamp() + pgmq_broker.fair_recheck()), served = 0,
+                    weight = %4$s
                 where k.queue_name = %3$L and k.key = v_key;
             end if;
         end loop;
     end loop;
 end;
 $fetch$
-$template$, pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'fair_fetch'), p_queue);
+$template$,
+        pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'fair_fetch'), p_queue,
+        -- The weight of the key row k as declared now.
+        format(
+            'coalesce((select w.weight from pgmq_broker.fair_weights w where w.queue_name = %L and w.key = k.key), 1)',
+            p_queue
+        )
+    );
     -- Whoever may call pgmq_broker.fetch may call the queue's own fetch (see 060).
     v_function := format(
         'pgmq_broker.%I(bigint[], timestamptz[], boolean, integer, integer, boolean)',
@@ -390,12 +434,17 @@ end;
 $$;
 
 -- The queues already in fairness mode: bounded keys (a new column, its index and key rows) and the new fetch. The
--- column's drop takes the in-flight cap's index with it; it is made again as enable_fairness makes it.
+-- column's drop takes the in-flight cap's index with it; it is made again as enable_fairness makes it. A queue
+-- dropped with pgmq.drop_queue while in fairness mode left its rows here (and its fetch): it leaves fairness mode.
 do $$
 declare
     v_queue pgmq_broker.fair_queues;
 begin
     for v_queue in select * from pgmq_broker.fair_queues order by queue_name loop
+        if to_regclass(format('pgmq.%I', pgmq.format_table_name(v_queue.queue_name, 'q'))) is null then
+            perform pgmq_broker.disable_fairness(v_queue.queue_name);
+            continue;
+        end if;
         perform pgmq_broker.fair_key_column(v_queue.queue_name, v_queue.key_path);
         if v_queue.max_in_flight is not null then
             execute format(

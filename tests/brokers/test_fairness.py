@@ -17,6 +17,7 @@ import dramatiq
 import psycopg
 import pytest
 from dramatiq import Worker
+from psycopg import sql
 from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
@@ -169,6 +170,54 @@ def test_a_queue_in_fairness_mode_before_keys_were_bounded_is_migrated(empty_db_
         assert {"q_fair_before_fair_idx", "q_fair_before_fair_leased_idx"} <= {row[0] for row in indexes}
 
 
+def test_a_role_that_fetched_before_weights_existed_may_read_them(empty_db_url: str) -> None:
+    migrations = load_migrations(files("brokers").joinpath("sql"))
+    name = f"fair_fetcher_{secrets.token_hex(4)}"
+    fetcher = sql.Identifier(name)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        install_pgmq(conn)
+        apply_migrations(conn, namespace="brokers", migrations=[m for m in migrations if m.version < 63])
+        # Given a role that fetches from fair queues, granted what it needs table by table (it updates the key rows)
+        conn.execute(sql.SQL("create role {} nologin").format(fetcher))
+        try:
+            conn.execute(sql.SQL("grant select, update, delete on pgmq_broker.fair_keys to {}").format(fetcher))
+
+            apply_migrations(conn, namespace="brokers", migrations=migrations)
+
+            # Then it may read the weights its fetches now read
+            readable = conn.execute(
+                "select has_table_privilege(%s, 'pgmq_broker.fair_weights', 'select')", [name]
+            ).fetchone()
+            assert readable == (True,)
+        finally:
+            conn.execute(sql.SQL("drop owned by {}").format(fetcher))
+            conn.execute(sql.SQL("drop role {}").format(fetcher))
+
+
+def test_a_fair_queue_dropped_without_leaving_fairness_mode_does_not_stop_the_migration(empty_db_url: str) -> None:
+    migrations = load_migrations(files("brokers").joinpath("sql"))
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        install_pgmq(conn)
+        apply_migrations(conn, namespace="brokers", migrations=[m for m in migrations if m.version < 63])
+        # Given a queue in fairness mode that was dropped with pgmq.drop_queue, which leaves its fairness rows
+        enable_fairness(conn, "fair_gone", key_path=["tenant"])
+        send(conn, "fair_gone", tenants(("t", 1)))
+        conn.execute("select pgmq.drop_queue('fair_gone')")
+
+        # When the later migrations run, they pass over it and forget it
+        apply_migrations(conn, namespace="brokers", migrations=migrations)
+
+        left = conn.execute(
+            "select (select count(*) from pgmq_broker.fair_queues), (select count(*) from pgmq_broker.fair_keys),"
+            " to_regproc('pgmq_broker.fair_fetch_fair_gone')"
+        ).fetchone()
+        assert left == (0, 0, None)
+        # and the name may be used again
+        enable_fairness(conn, "fair_gone", key_path=["tenant"])
+        send(conn, "fair_gone", tenants(("again", 1)))
+        assert fetch_keys(conn, "fair_gone", 1) == ["again"]
+
+
 @pytest.mark.parametrize("declared_first", [True, False], ids=["declared-before-any-message", "declared-later"])
 @pytest.mark.parametrize("qty", [1, 8])
 def test_a_key_of_weight_3_gets_three_times_the_share_of_a_key_of_weight_1(
@@ -186,6 +235,24 @@ def test_a_key_of_weight_3_gets_three_times_the_share_of_a_key_of_weight_1(
     # Equal shares would be 20 and 20.
     assert 27 <= first_forty["heavy"] <= 33
     assert first_forty["heavy"] + first_forty["light"] == 40
+
+
+def test_a_weight_set_while_a_producer_creates_the_keys_row_takes_effect_by_the_keys_next_turn(
+    db_url: str, conn: psycopg.Connection, fair_queue_name: str
+) -> None:
+    # Given a producer whose transaction created the key's row (weight 1, from fair_weights as it then was) and has
+    # not committed while the weight is set
+    with psycopg.connect(db_url) as producer:
+        send(producer, fair_queue_name, tenants(("heavy", 20)))
+        set_fairness_weight(conn, fair_queue_name, "heavy", 3)
+        producer.commit()
+    send(conn, fair_queue_name, tenants(("light", 20)))
+
+    # When fetches take one message each
+    order = [key for _ in range(10) for key in fetch_keys(conn, fair_queue_name, 1)]
+
+    # Then the key's first turn is a weight-1 turn, and every later one serves 3
+    assert order == ["heavy", "light"] + ["heavy"] * 3 + ["light"] + ["heavy"] * 3 + ["light"]
 
 
 def test_a_weight_below_1_is_refused_with_a_clear_error(conn: psycopg.Connection, fair_queue_name: str) -> None:
