@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import psycopg
 from loguru import logger
@@ -101,9 +102,25 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, args)
 
 
+#: Commands whose every failure, a mistaken command line included, exits 1: probes (Docker reserves 2).
+PROBES = frozenset({"healthcheck"})
+
+
+class _CommandLineParser(argparse.ArgumentParser):
+    """Reports a mistaken command line in one line, pointing at the command's help; a probe's exits 1, others 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split()[1:2]
+        self.exit(_mistake_status(command), f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _mistake_status(command: Sequence[str]) -> int:
+    return 1 if set(command) & PROBES else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
-    parser = argparse.ArgumentParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
+    parser = _CommandLineParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.set_defaults(error_status=2)
 
@@ -180,7 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A fresh interpreter, so that gevent patches the standard library before psycopg is imported (see
         # nova_email.serve_webhooks); exec, so that signals reach the gunicorn master directly.
         os.execv(sys.executable, [sys.executable, "-m", "nova_email.serve_webhooks", *argv[1:]])
-    args = build_parser().parse_args(argv)
+    args, unrecognized = build_parser().parse_known_args(argv)
+    if unrecognized:
+        print(
+            f"nova-email {args.command}: error: unrecognized arguments: {' '.join(unrecognized)} "
+            f"(see nova-email {args.command} --help)",
+            file=sys.stderr,
+        )
+        return _mistake_status([args.command])
     settings: Settings | None = None
     try:
         settings = load_settings()

@@ -98,6 +98,16 @@ def test_healthcheck_is_unhealthy_in_one_line_on_a_malformed_setting(variable: s
     assert len(lines) == 1 and variable in lines[0], result
 
 
+def test_healthcheck_given_an_option_it_does_not_know_is_unhealthy_in_one_line() -> None:
+    # When the probe is configured with a mistyped option
+    result = _nova_email("healthcheck", "--wroker", env={"DATABASE_URL": "postgresql://nova@127.0.0.1:1/x"})
+
+    # Then it fails as a probe does (1: Docker reserves 2), in one line naming the option
+    assert result.returncode == 1, result
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1 and "--wroker" in lines[0], result
+
+
 def test_healthcheck_masks_a_configured_secret_in_the_databases_error(db_url: str) -> None:
     # Given a DATABASE_URL whose password also names its database, which does not exist
     secret = "Hunter2" + secrets.token_hex(6)
