@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import psycopg
 
@@ -47,12 +46,6 @@ def run(argv: Sequence[str] | None = None) -> int:
             prog="nova-email serve-webhooks", description="Receive Nylas webhooks over HTTP into the webhook queue."
         )
         add_arguments(parser)
-        parser.add_argument(
-            "--ready-file",
-            type=Path,
-            default=None,
-            help='write "<host> <port> <metrics port or ->" here once listening',
-        )
         args = parser.parse_args(argv)
         setup_logging(settings)
         return run_from_arguments(settings, args, args.ready_file)

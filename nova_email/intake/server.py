@@ -431,6 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-host", default=DEFAULT_HOST, help=f"address of the metrics port (default {DEFAULT_HOST})"
     )
+    parser.add_argument(
+        "--ready-file", type=Path, default=None, help='write "<host> <port> <metrics port or ->" here once listening'
+    )
     parser.epilog = (
         "Other gunicorn settings come from GUNICORN_CMD_ARGS (the environment or .env), as with gunicorn itself "
         '(e.g. GUNICORN_CMD_ARGS="--backlog 4096"); options given here win over it. --keep-alive and --worker-class '

@@ -3,6 +3,7 @@ entry point runs."""
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,21 @@ import pytest
 import yaml
 
 from nova_email.cli import build_parser
+from nova_email.intake.server import add_arguments as add_intake_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def parses_as_nova_email_command(argv: list[str]) -> bool:
     """Whether `argv` (without the program name) is a command the ``nova-email`` script accepts."""
+    parser = build_parser()
+    if argv[:1] == ["serve-webhooks"]:
+        # The receiver parses its own options, in a process of its own (nova_email.serve_webhooks).
+        parser = argparse.ArgumentParser(prog="nova-email serve-webhooks")
+        add_intake_arguments(parser)
+        argv = argv[1:]
     try:
-        build_parser().parse_args(argv)
+        parser.parse_args(argv)
     except SystemExit:
         return False
     return True
