@@ -109,10 +109,12 @@ def test_healthcheck_given_an_option_it_does_not_know_is_unhealthy_in_one_line()
 
 
 def test_healthcheck_masks_a_configured_secret_in_the_databases_error(db_url: str) -> None:
-    # Given a DATABASE_URL whose password also names its database, which does not exist
-    secret = "Hunter2" + secrets.token_hex(6)
+    # Given a DATABASE_URL whose password also names its database, which does not exist (a server that checks
+    # passwords, such as the embedded one over its socket, gets its own, which then names the database)
     parts = urlsplit(db_url)
-    broken = urlunsplit((parts.scheme, f"{parts.username}:{secret}@{parts.hostname}:{parts.port}", secret, "", ""))
+    secret = parts.password or "Hunter2" + secrets.token_hex(6)
+    address = f"{parts.hostname}:{parts.port}" if parts.hostname else ""
+    broken = urlunsplit((parts.scheme, f"{parts.username}:{secret}@{address}", secret, parts.query, ""))
 
     # When the probe runs
     result = _nova_email("healthcheck", env={"DATABASE_URL": broken})
