@@ -102,7 +102,8 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, args)
 
 
-#: Commands whose every failure, a mistaken command line included, exits 1: probes (Docker reserves 2).
+#: Commands whose every failure (a mistaken command line, a malformed setting, a database error) exits 1: probes,
+#: since Docker reserves 2. Other commands fail with 2.
 PROBES = frozenset({"healthcheck"})
 
 
@@ -111,18 +112,20 @@ class _CommandLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.split()[1:2]
-        self.exit(_mistake_status(command), f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(
+            _failure_status(command[0] if command else None),
+            f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+        )
 
 
-def _mistake_status(command: Sequence[str]) -> int:
-    return 1 if set(command) & PROBES else 2
+def _failure_status(command: str | None) -> int:
+    return 1 if command in PROBES else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
     parser = _CommandLineParser(prog="nova-email", description="Nova Email: Nylas mailboxes synced into Postgres.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parser.set_defaults(error_status=2)
 
     def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -178,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
         "exit 0 or 1 with one line",
     )
     add_healthcheck_arguments(healthcheck)
-    # A probe's failure is 1 whatever the cause, a malformed setting too: Docker reserves exit status 2.
-    healthcheck.set_defaults(error_status=1)
     # Listed for --help; main() hands its arguments to the simulator's own parser.
     sub.add_parser("fake-nylas", help="run the local Nylas v3 simulator (nova-email fake-nylas --help)")
     return parser
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(see nova-email {args.command} --help)",
             file=sys.stderr,
         )
-        return _mistake_status([args.command])
+        return _failure_status(args.command)
     settings: Settings | None = None
     try:
         settings = load_settings()
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(settings, args)
     except (NovaError, psycopg.Error) as exc:
         print(command_error("nova-email", exc, settings), file=sys.stderr)
-        return int(args.error_status)
+        return _failure_status(args.command)
     except KeyboardInterrupt:
         return 130
 
